@@ -1,0 +1,7 @@
+"""difflab: diffusion models end to end on PyTorch.
+
+Layers (imports point down): process -> parameterization -> networks -> losses -> samplers ->
+training -> cli. See the README for a tour.
+"""
+
+__version__ = "0.1.0"

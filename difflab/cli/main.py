@@ -1,0 +1,36 @@
+"""The ``difflab`` command: sub-commands train and sample."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..data import DataError
+from .sample import add_sample_parser
+from .train import add_train_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="difflab",
+        description="Diffusion models end to end: train on images, sample from checkpoints. "
+                    "Run 'difflab COMMAND --help' for a command's options.")
+    p.add_argument("--version", action="version", version=f"difflab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_train_parser(sub)
+    add_sample_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Load a folder of image files into memory as one :class:`ImageData`.
+
+Layout rules (decided by the *immediate* sub-folders of ``root``):
+
+- **Labelled**: if any immediate sub-folder of ``root`` contains image files (at any depth),
+  each such sub-folder is a class named after it; ``class_names`` are sorted and every image
+  below ``root/<class>/`` (recursively) gets that class. Sub-folders without images are ignored.
+  Image files lying directly in ``root`` next to class sub-folders are ambiguous and raise
+  :class:`DataError` (move them into a class folder or elsewhere).
+- **Unlabelled**: if no sub-folder holds images, the image files directly in ``root`` form the
+  data set, with ``labels=None`` and ``class_names=[]``.
+
+Files and folders whose names start with "." are skipped, symbolic links to folders below the
+class level are not followed, and files are matched by extension (case-insensitive). Files are
+read in sorted path order, so the result is deterministic.
+
+Every image is converted to "L" or "RGB" (see :func:`difflab.data.images.pil_to_mode`), its
+shorter side resized to ``resolution`` (bicubic, antialiased), then centre-cropped to
+``resolution x resolution``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .base import DataError, ImageData, from_uint8
+from .images import WHITE, _check_channels, pil_to_mode, pil_to_uint8
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
+PROGRESS_THRESHOLD = 500
+_MAX_LISTED = 20
+
+
+def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    exts = tuple(sorted({e.lower().lstrip(".") for e in extensions if e.strip(". ")}))
+    if not exts:
+        raise DataError(f"invalid extensions={extensions!r}: no file extensions given")
+    return exts
+
+
+def _is_image(name: str, exts: tuple[str, ...]) -> bool:
+    if name.startswith("."):
+        return False
+    _, dot, ext = name.rpartition(".")
+    return bool(dot) and ext.lower() in exts
+
+
+def _images_under(folder: Path, exts: tuple[str, ...]) -> list[Path]:
+    """Image files anywhere below ``folder`` (hidden entries skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if _is_image(f, exts))
+    return sorted(found)
+
+
+def _describe(paths: Sequence[object]) -> str:
+    shown = "\n  ".join(str(p) for p in paths[:_MAX_LISTED])
+    more = f"\n  ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
+    return f"\n  {shown}{more}"
+
+
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is ``resolution`` (bicubic, antialiased), then take the
+    centred ``resolution x resolution`` crop."""
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    if (nw, nh) != (resolution, resolution):
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return img
+
+
+def _load_one(
+    path: Path, resolution: int, channels: int, background: tuple[int, int, int]
+) -> torch.Tensor | str:
+    """uint8 ``[C, R, R]`` for a good file, or the error text for a bad one."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            out = resize_center_crop(pil_to_mode(img, channels, background), resolution)
+        return pil_to_uint8(out)
+    except Exception as exc:  # Pillow raises many exception types for bad files
+        return f"{type(exc).__name__}: {exc}"
+
+
+def load_image_folder(
+    root: str | os.PathLike[str],
+    resolution: int,
+    channels: int = 3,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    *,
+    background: tuple[int, int, int] = WHITE,
+    num_workers: int | None = None,
+) -> ImageData:
+    """Load every image under ``root`` as ``[N, channels, resolution, resolution]`` in [-1, 1].
+
+    See the module docstring for the labelled / unlabelled layout rules.
+
+    Args:
+        root: the image folder.
+        resolution: output side length (>= 1); shorter side resized, then centre-cropped.
+        channels: 1 (greyscale "L") or 3 ("RGB").
+        extensions: file extensions to load (case-insensitive, with or without the dot).
+        background: colour that transparent pixels are composited over.
+        num_workers: decoding threads (default ``min(8, cpu_count)``; 0 or 1 = no threads).
+
+    Returns:
+        :class:`ImageData`; labels/class_names from the class sub-folders, or None/[].
+
+    Raises:
+        DataError: ``root`` missing or not a directory, no images found, image files both in
+            ``root`` and in class sub-folders, invalid options, or unreadable image files (all
+            of them listed in one error).
+    """
+    root = Path(root).expanduser()
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise DataError(f"invalid resolution={resolution!r} for image folder {root}: must be >= 1")
+    _check_channels(channels)
+    exts = _normalise_extensions(extensions)
+    if not root.exists():
+        raise DataError(f"image folder does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"image folder path is not a directory: {root}")
+
+    top_files, class_files = [], {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            files = _images_under(Path(entry.path), exts)
+            if files:
+                class_files[entry.name] = files
+        elif entry.is_file() and _is_image(entry.name, exts):
+            top_files.append(Path(entry.path))
+
+    if class_files and top_files:
+        raise DataError(
+            f"image folder {root} mixes {len(top_files)} image file(s) at its top level with "
+            f"class sub-folders {sorted(class_files)}; move the top-level files into a class "
+            f"sub-folder (or elsewhere):{_describe(top_files)}"
+        )
+    if class_files:
+        class_names = sorted(class_files)
+        paths = [p for name in class_names for p in class_files[name]]
+        labels = torch.tensor(
+            [i for i, name in enumerate(class_names) for _ in class_files[name]],
+            dtype=torch.int64,
+        )
+    elif top_files:
+        class_names, paths, labels = [], top_files, None
+    else:
+        raise DataError(
+            f"no image files found in {root} (looked for extensions: {', '.join(exts)})"
+        )
+
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else int(num_workers)
+    bar = tqdm(
+        total=len(paths), desc=f"loading {root.name or root}", unit="img",
+        disable=len(paths) <= PROGRESS_THRESHOLD,
+    )
+    out = torch.empty((len(paths), channels, resolution, resolution), dtype=torch.uint8)
+    bad: list[str] = []
+
+    def job(path: Path) -> torch.Tensor | str:
+        return _load_one(path, resolution, channels, background)
+
+    try:
+        if workers > 1 and len(paths) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results: Iterable[torch.Tensor | str] = pool.map(job, paths)
+                for i, res in enumerate(results):
+                    _store(out, i, res, paths[i], bad)
+                    bar.update()
+        else:
+            for i, path in enumerate(paths):
+                _store(out, i, job(path), path, bad)
+                bar.update()
+    finally:
+        bar.close()
+
+    if bad:
+        raise DataError(
+            f"{len(bad)} unreadable image file(s) in image folder {root}:{_describe(bad)}"
+        )
+    return ImageData(from_uint8(out), labels, class_names)
+
+
+def _store(out: torch.Tensor, i: int, res: torch.Tensor | str, path: Path, bad: list[str]) -> None:
+    if isinstance(res, str):
+        bad.append(f"{path} ({res})")
+    else:
+        out[i] = res

@@ -1,0 +1,59 @@
+"""Training objectives over a Denoiser: the simple losses of DDPM in eps, x0 or v space.
+
+``L_simple`` (Ho et al. 2020, eq. 14) is E_{t, x0, eps} |eps - eps_hat(x_t, t)|^2 with
+t ~ U{1..T}. The same regression can be measured on x0 or on v = alpha eps - sigma x0
+(Salimans & Ho 2022); because every prediction type converts to (x0_hat, eps_hat), the loss
+space is independent of what the network outputs. Losses are returned unreduced, one value per
+example, so that weightings and importance sampling can be applied outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .parameterization import (
+    Denoiser,
+    Prediction,
+    output_from_prediction,
+    prediction_from_output,
+)
+from .process import q_sample
+
+LossSpace = Literal["eps", "x0", "v"]
+LOSS_SPACES: tuple[str, ...] = ("eps", "x0", "v")
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor   # [B] unreduced
+    t: Tensor      # [B] sampled times
+
+
+def simple_loss(denoiser: Denoiser, x0: Tensor, cond: Any = None,
+                generator: torch.Generator | None = None, space: LossSpace | None = None,
+                t: Tensor | None = None, noise: Tensor | None = None) -> LossOutput:
+    """Mean squared error in ``space`` (default: the network's own prediction type) at
+    t ~ process.sample_t and eps ~ N(0, I), both drawn from ``generator`` unless given."""
+    space = space or denoiser.prediction
+    if space not in LOSS_SPACES:
+        raise ValueError(f"unknown loss space {space!r}; choose from {LOSS_SPACES}")
+    process = denoiser.process
+    if t is None:
+        t = process.sample_t(x0.shape[0], generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    x_t = q_sample(process, x0, t, noise)
+    alpha, sigma = process.alpha_sigma(t)
+    out = denoiser.raw(x_t, t, cond)
+    if space == denoiser.prediction:  # regress the raw output directly: no division by alpha
+        target = output_from_prediction(Prediction(x0=x0, eps=noise), alpha, sigma, space)
+        err = out - target
+    else:
+        pred = prediction_from_output(out, x_t, alpha, sigma, denoiser.prediction)
+        err = (output_from_prediction(pred, alpha, sigma, space)
+               - output_from_prediction(Prediction(x0=x0, eps=noise), alpha, sigma, space))
+    return LossOutput(loss=err.pow(2).flatten(1).mean(1), t=t)

@@ -1,0 +1,51 @@
+"""Denoiser networks and a name -> (class, config) registry."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from torch import nn
+
+from difflab.networks.embeddings import timestep_embedding
+from difflab.networks.mlp import MLPConfig, MLPDenoiser
+from difflab.networks.unet import UNet, UNetConfig
+
+__all__ = [
+    "NETWORKS",
+    "MLPConfig",
+    "MLPDenoiser",
+    "UNet",
+    "UNetConfig",
+    "build_network",
+    "count_parameters",
+    "timestep_embedding",
+]
+
+#: name -> (network class, config dataclass); each class takes its config as sole argument.
+NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
+    "unet": (UNet, UNetConfig),
+    "mlp": (MLPDenoiser, MLPConfig),
+}
+
+
+def build_network(name: str, config: dict[str, Any]) -> nn.Module:
+    """Build a registered network from a plain config dict (e.g. loaded from JSON).
+
+    Raises:
+        ValueError: unknown ``name`` (lists valid names), unknown config keys (lists valid
+            fields), or invalid config values.
+    """
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; valid names: {sorted(NETWORKS)}")
+    cls, config_cls = NETWORKS[name]
+    valid = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(config) - valid)
+    if unknown:
+        raise ValueError(f"unknown {name} config keys {unknown}; valid keys: {sorted(valid)}")
+    return cls(config_cls(**config))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Total number of parameter elements in ``module`` (shared tensors counted once)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,98 @@
+"""The Gaussian forward process as one interface: alpha(t), sigma(t), log-SNR lambda(t).
+
+Notation map (code name -> paper symbol):
+
+- ``alpha``   -> sqrt(alpha_bar_t) in DDPM (Ho et al. 2020), alpha_t in VDM (Kingma et al. 2021),
+  the "signal rate" in the Keras DDIM example;
+- ``sigma``   -> sqrt(1 - alpha_bar_t), sigma_t in VDM, the "noise rate";
+- ``log_snr`` -> lambda_t = log(alpha_t^2 / sigma_t^2).
+
+Every process here is variance preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes
+both rates: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda). Working through lambda keeps
+the endpoints exact: lambda = +inf gives clean data (alpha = 1, sigma = 0) and lambda = -inf
+pure noise, with no 0/0 on the way.
+
+Time runs from ``t_min`` (least noise) to ``t_max`` (most noise). Discrete schedules use the
+DDPM step index t in [0, T] (0 = data); continuous processes use t in [0, 1].
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def as_time(t: Tensor | float, like: Tensor | None = None) -> Tensor:
+    """Return ``t`` as a float64 tensor (schedules are evaluated in double precision)."""
+    device = like.device if like is not None else None
+    return torch.as_tensor(t, dtype=torch.float64, device=device)
+
+
+def expand_like(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-example value [B] (or a scalar) to broadcast against x [B, ...]."""
+    v = v.to(dtype=x.dtype, device=x.device)
+    if v.ndim == 0:
+        return v
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+class Process(ABC):
+    """A variance-preserving Gaussian process q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)."""
+
+    t_min: float = 0.0
+    t_max: float = 1.0
+    is_discrete: bool = False
+
+    @abstractmethod
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        """lambda(t) = log(alpha_t^2 / sigma_t^2), float64, decreasing in t."""
+
+    @abstractmethod
+    def to_config(self) -> dict[str, Any]:
+        """A JSON-serialisable dict from which ``make_process`` rebuilds this process."""
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) in float64, exact at lambda = +-inf."""
+        lam = self.log_snr(t)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return self.alpha_sigma(t)[0]
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self.alpha_sigma(t)[1]
+
+    def snr(self, t: Tensor | float) -> Tensor:
+        return self.log_snr(t).exp()
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        """The time value fed to the network, scaled to [0, 1000] whatever the time units."""
+        span = self.t_max - self.t_min
+        return (as_time(t) - self.t_min) * (1000.0 / span)
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+        """Training times t ~ U(t_min, t_max) (integers 1..T for discrete processes)."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+        # Keep clear of t_min where sigma may be 0 and the target carries no signal.
+        eps = 1e-5 * (self.t_max - self.t_min)
+        return self.t_min + eps + u * (self.t_max - self.t_min - eps)
+
+    def t_from_log_snr(self, lam: Tensor | float, iters: int = 80) -> Tensor:
+        """Invert lambda(t) by bisection (lambda is monotone); subclasses give closed forms."""
+        lam = as_time(lam)
+        lo = torch.full_like(lam, self.t_min)
+        hi = torch.full_like(lam, self.t_max)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > lam  # still too little noise: go later
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_config().items())
+        return f"{type(self).__name__}({args})"

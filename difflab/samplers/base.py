@@ -1,0 +1,64 @@
+"""What every sampler shares: the signature, argument checks, the callback and noise draws.
+
+Signature (DESIGN.md): ``sampler(denoiser, x, ts, generator=None, callback=None, *, cond=None,
+**options) -> x0``, where ``x`` is the initial state at ``ts[0]`` and ``ts`` a decreasing grid
+whose last entry is the end time. The last step always returns the denoised x0_hat of the last
+network evaluation, with no residual noise: for grids ending at clean data this is what the
+exact update gives anyway, and for processes whose t_min still has noise it is the usual
+"final denoising step".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..parameterization import Prediction
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Passed to the callback after each step."""
+
+    i: int          # step index, 0..N-1
+    t: Tensor       # time of the network evaluation
+    x: Tensor       # state after the step
+    x0: Tensor      # denoised estimate at t
+
+
+Callback = Callable[[StepInfo], None]
+
+
+def check_grid(ts: Tensor) -> Tensor:
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"time grid must be 1-D with at least 2 entries, got shape "
+                         f"{tuple(ts.shape)}")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError("time grid must be strictly decreasing")
+    return ts
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Gaussian noise of x's shape, dtype and device from ``generator``.
+
+    A sequence of generators, one per example, draws each example's noise from its own
+    generator: an image then depends only on its seed, not on the batch it was drawn in.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype,
+                                        device=x.device) for g in generator])
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def report(callback: Callback | None, i: int, t: Tensor, x: Tensor, pred: Prediction) -> None:
+    if callback is not None:
+        callback(StepInfo(i=i, t=t, x=x, x0=pred.x0))

@@ -1,0 +1,132 @@
+"""Checkpoints as safetensors (tensors) plus JSON (configuration), written atomically.
+
+A checkpoint of step k is two files in the run's ``checkpoints/`` folder:
+
+- ``step_{k:08d}.safetensors``: weights (``model.*``), EMA weights (``ema.*``), optimizer state
+  (``optim.{param index}.{name}``) and RNG states (``rng.*``), no pickled objects;
+- ``step_{k:08d}.json``: the full run config, the step, and the optimizer's hyperparameters.
+
+Each file is written to a temporary name in the same folder and renamed into place; the JSON is
+written last, so a checkpoint counts only once both exist. Nothing already saved is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_RE = re.compile(r"step_(\d{8})\.json$")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename tmp_path to ``path`` (same folder: atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write(Path(path), write)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors and JSON-able hyperparameters."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).clone()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> Path:
+    """Write ``step_{step}.safetensors`` then ``step_{step}.json``; returns the JSON path."""
+    folder = Path(folder)
+    stem = folder / f"step_{step:08d}"
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+    write_json(stem.with_suffix(".json"), {**meta, "step": step})
+    return stem.with_suffix(".json")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints (JSON and safetensors both present), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.with_suffix(".safetensors").exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run folder, its ``checkpoints/`` folder, or a checkpoint's .json/.safetensors;
+    return the checkpoint's JSON path (the latest one for folders)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        found = list_checkpoints(folder)
+        if not found:
+            raise FileNotFoundError(f"no complete checkpoint (step_*.json + .safetensors) "
+                                    f"in {folder}")
+        return found[-1]
+    if p.suffix == ".safetensors":
+        p = p.with_suffix(".json")
+    if p.suffix != ".json" or not p.exists() or not p.with_suffix(".safetensors").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (need both "
+                                f"{p.with_suffix('.json').name} and "
+                                f"{p.with_suffix('.safetensors').name})")
+    return p
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (tensors, meta) of the checkpoint at ``path`` (see ``resolve_checkpoint``)."""
+    p = resolve_checkpoint(path)
+    meta = json.loads(p.read_text())
+    return load_file(str(p.with_suffix(".safetensors"))), meta
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return
+    for p in list_checkpoints(folder)[:-keep]:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
+def sub_dict(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix.`` with the prefix removed."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

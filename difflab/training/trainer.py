@@ -1,0 +1,222 @@
+"""The training loop: AdamW, gradient clipping, EMA, label dropout, logging, checkpoints, resume.
+
+Reproducibility: the network is initialised from ``seed``; the batch order is a stateless
+function of (seed, step) (one permutation per epoch); the noise, times and label dropout come
+from one ``torch.Generator`` whose state is saved in every checkpoint together with PyTorch's
+global RNG (used by dropout layers). A run resumed at step k therefore continues exactly as if
+it had not stopped (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import ImageData, load_dataset, save_grid
+from ..losses import simple_loss
+from ..networks import UNet, UNetConfig
+from ..parameterization import ClippedDenoiser, Denoiser
+from ..process import make_process
+from ..samplers import ddim
+from ..samplers.generate import generate
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+    sub_dict,
+    write_json,
+)
+from .config import TrainConfig
+from .ema import EMA
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; no checkpoint is written for that step."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer, data and RNG of one run; ``run()`` trains it."""
+
+    def __init__(self, config: TrainConfig, data: ImageData | None = None):
+        self.config = c = config
+        self.device = pick_device(c.device)
+        self.data = data if data is not None else load_dataset(c.dataset, c.resolution,
+                                                               c.channels)
+        self.images = self.data.images.to(self.device)
+        self.labels = None
+        if c.class_conditional and self.data.labels is not None:
+            self.labels = self.data.labels.to(self.device)
+        self.num_classes = self.data.num_classes if self.labels is not None else None
+        torch.manual_seed(c.seed)
+        self.net_config = UNetConfig(in_channels=self.images.shape[1],
+                                     num_classes=self.num_classes, **c.model_config())
+        self.net = UNet(self.net_config).to(self.device)
+        self.process = make_process(c.schedule, zero_terminal_snr=c.zero_terminal_snr, T=c.T)
+        self.denoiser = Denoiser(self.net, self.process, c.prediction)
+        self.ema = EMA(self.net, c.ema_decay)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr,
+                                     weight_decay=c.weight_decay)
+        self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
+        self.step = 0
+        self.out_dir = Path(c.out_dir)
+
+    # -- data ---------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Indices of the batch at ``step``: positions step*B .. step*B+B-1 of the epoch-wise
+        shuffled stream (permutation of epoch e seeded by (seed, e))."""
+        n, b = len(self.images), self.config.batch_size
+        pos = torch.arange(step * b, (step + 1) * b)
+        out = torch.empty(b, dtype=torch.long)
+        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g)
+            sel = pos // n == epoch
+            out[sel] = perm[pos[sel] % n]
+        return out.to(self.device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = self.batch_indices(step)
+        x = self.images[idx]
+        if self.labels is None:
+            return x, None
+        y = self.labels[idx]
+        drop = torch.rand(len(y), generator=self.generator, device=self.device)
+        return x, torch.where(drop < self.config.p_uncond, self.num_classes, y)
+
+    # -- one step ------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        w = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / w) if w > 0 else self.config.lr
+
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the (detached) mean loss without syncing."""
+        self.net.train()
+        x, y = self.batch(self.step)
+        loss = simple_loss(self.denoiser, x, y, self.generator,
+                           space=self.config.loss_space).loss.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.step()
+        self.ema.update(self.net)
+        self.step += 1
+        return loss.detach()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {
+            "difflab_version": __version__,
+            "config": self.config.to_dict(),
+            "network": {"name": "unet", "config": asdict(self.net_config)},
+            "process": self.process.to_config(),
+            "prediction": self.config.prediction,
+            "data_range": [-1.0, 1.0],
+            "class_names": list(self.data.class_names) if self.num_classes else [],
+            "ema_updates": self.ema.updates,
+        }
+
+    def save(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_tensors(self.opt)
+        tensors |= opt_tensors
+        tensors["rng.generator"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        folder = self.out_dir / "checkpoints"
+        path = save_checkpoint(folder, self.step, tensors, {**self.meta(), "optimizer": opt_meta})
+        prune_checkpoints(folder, self.config.keep_checkpoints)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Restore weights, EMA, optimizer, RNG states and step from a checkpoint."""
+        tensors, meta = load_checkpoint(path)
+        self.net.load_state_dict(sub_dict(tensors, "model"))
+        self.ema.load_state_dict(sub_dict(tensors, "ema"), meta["ema_updates"])
+        load_optimizer(self.opt, tensors, meta["optimizer"])
+        self.generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step = int(meta["step"])
+
+    def latest_checkpoint(self) -> Path | None:
+        found = list_checkpoints(self.out_dir / "checkpoints")
+        return found[-1] if found else None
+
+    # -- samples ----------------------------------------------------------------------------
+    def sample_grid(self, per_class: int = 10, seed: int = 0) -> Path:
+        """DDIM samples from the EMA model: one row per class (or a square grid)."""
+        k = self.num_classes or 1
+        n = per_class * k
+        labels = torch.arange(k).repeat_interleave(per_class) if self.num_classes else None
+        den = ClippedDenoiser(Denoiser(self.ema.model, self.process, self.config.prediction))
+        x = generate(den, ddim, self.images.shape[1:], list(range(seed, seed + n)),
+                     labels=labels, steps=self.config.sample_steps, device=self.device,
+                     progress=False)
+        scale = max(1, 64 // self.config.resolution)
+        return save_grid(x, self.out_dir / "samples" / f"step_{self.step:08d}.png",
+                         nrow=per_class, scale=scale)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+        """Train until ``steps`` (default: config.steps) total steps; returns a summary."""
+        c = self.config
+        total = c.steps if steps is None else steps
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / "config.json", self.meta())
+        log_path = self.out_dir / "metrics.jsonl"
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step",
+                   disable=not progress)
+        losses, t0, images, last = [], time.perf_counter(), 0, {}
+        while self.step < total:
+            losses.append(self.train_step())
+            images += c.batch_size
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == total:
+                last = self._log(log_path, losses, images, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
+                losses, t0, images = [], time.perf_counter(), 0
+            if c.sample_every > 0 and self.step % c.sample_every == 0:
+                self.sample_grid()
+            if c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        ckpt = self.latest_checkpoint()
+        if ckpt is None or not ckpt.name.startswith(f"step_{self.step:08d}"):
+            ckpt = self.save()
+        return {"step": self.step, "checkpoint": str(ckpt), "metrics": str(log_path), **last}
+
+    def _log(self, path: Path, losses: list[torch.Tensor], images: int,
+             seconds: float) -> dict[str, Any]:
+        loss = float(torch.stack(losses).mean())  # the only host sync, once per interval
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss} by step {self.step}; not saving this state. Last good "
+                f"checkpoint: {self.latest_checkpoint()}. Try a lower --lr or --grad-clip.")
+        row = {"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
+               "images_per_s": images / max(seconds, 1e-9), "time": time.time()}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
