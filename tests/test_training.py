@@ -177,3 +177,17 @@ def test_cli_errors_name_the_cause(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "x.toml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_toy_2d_training_uses_the_mlp_and_samples_a_scatter(tmp_path, capsys):
+    assert main(["train", "--dataset", "toy:moons", "--toy-points", "512", "--steps", "3",
+                 "--batch-size", "64", "--base-channels", "32", "--sample-steps", "3",
+                 "--out-dir", str(tmp_path / "toy"), "--no-progress", "--device", "cpu"]) == 0
+    meta = json.loads((tmp_path / "toy" / "config.json").read_text())
+    assert meta["network"]["name"] == "mlp" and meta["data_range"] is None
+    out = tmp_path / "moons.png"
+    assert main(["sample", "--checkpoint", str(tmp_path / "toy"), "--n", "50", "--steps", "4",
+                 "--out", str(out), "--save-npz", str(tmp_path / "m.npz"),
+                 "--no-progress"]) == 0
+    assert np.load(tmp_path / "m.npz")["images"].shape == (50, 2)
+    assert Image.open(out).size == (384, 384)

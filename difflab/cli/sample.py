@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import save_grid, to_uint8
+from ..data import save_grid, save_scatter, to_uint8
+from ..io import atomic_write
 from ..samplers import SAMPLERS, SPACINGS, get_sampler
 from ..samplers.generate import generate
 from ..training import pick_device
-from ..training.checkpoint import atomic_write
 from .loading import load_denoiser
 
 
@@ -78,7 +78,9 @@ def run_sample(args: argparse.Namespace) -> int:
     labels, nrow = parse_labels(args.label, args.n, meta.get("class_names", []))
     n = len(labels) if labels is not None else (args.n or 64)
     cfg = meta["network"]["config"]
-    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    is_2d = meta["network"]["name"] == "mlp"
+    shape = (cfg["dim"],) if is_2d else (cfg["in_channels"], cfg["image_size"],
+                                          cfg["image_size"])
     sampler = get_sampler(args.sampler)
     opts = {k: v for k, v in (("eta", args.eta), ("variance", args.variance))
             if k in inspect.signature(sampler).parameters}
@@ -86,11 +88,14 @@ def run_sample(args: argparse.Namespace) -> int:
                  labels=labels, steps=args.steps, spacing=args.spacing,
                  batch_size=args.batch_size, device=device, progress=not args.no_progress,
                  **opts)
-    path = save_grid(x, args.out, nrow=nrow, scale=max(1, 64 // shape[-1]))
+    if is_2d:
+        path = save_scatter(x, args.out)
+    else:
+        path = save_grid(x, args.out, nrow=nrow, scale=max(1, 64 // shape[-1]))
     print(f"wrote {n} samples ({args.sampler}, {args.steps} steps) to {path}")
     if args.save_npz:
         out = Path(args.save_npz)
-        arrays = {"images": to_uint8(x).permute(0, 2, 3, 1).numpy(),
+        arrays = {"images": x.numpy() if is_2d else to_uint8(x).permute(0, 2, 3, 1).numpy(),
                   "labels": (labels if labels is not None else torch.full((n,), -1)).numpy(),
                   "seeds": np.arange(args.seed, args.seed + n)}
         atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))

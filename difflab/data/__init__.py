@@ -19,7 +19,7 @@ from .base import (
 )
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, load_image_folder
-from .images import load_png, save_grid, save_images
+from .images import load_png, save_grid, save_images, save_scatter
 from .toy2d import (
     TOY_DATASETS,
     checkerboard,
@@ -48,6 +48,7 @@ __all__ = [
     "sample_toy",
     "save_grid",
     "save_images",
+    "save_scatter",
     "split_data",
     "split_indices",
     "swiss_roll",

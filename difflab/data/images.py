@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
+from ..io import atomic_write
 from .base import DataError, from_uint8, to_uint8
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -84,22 +84,7 @@ def _uint8_to_pil(image: Tensor) -> Image.Image:
 
 def _atomic_save_png(img: Image.Image, path: Path) -> Path:
     """Write ``img`` as PNG to ``path`` via a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _as_batch(images: Tensor, what: str) -> Tensor:
@@ -211,3 +196,27 @@ def load_png(path: str | os.PathLike[str], channels: int = 3) -> Tensor:
     except Exception as exc:  # Pillow raises many types for bad files
         raise DataError(f"cannot read image file {path}: {exc}") from exc
     return from_uint8(pil_to_uint8(converted))
+
+
+def save_scatter(points: Tensor, path: str | os.PathLike[str], size: int = 384,
+                 extent: float | None = None) -> Path:
+    """Write 2-D points ``[N, 2]`` as a PNG scatter plot (black dots on white), atomically.
+
+    The square view spans ``[-extent, extent]`` on both axes (default: the 99.5th percentile of
+    ``|points|`` plus a margin), with y pointing up.
+    """
+    pts = torch.as_tensor(points).detach().float().cpu()
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise DataError(f"save_scatter needs points of shape [N, 2], got {tuple(pts.shape)}")
+    if extent is None:
+        extent = float(pts.abs().flatten().quantile(0.995)) * 1.1 if len(pts) else 1.0
+    extent = max(extent, 1e-6)
+    pix = ((pts / extent + 1) / 2 * (size - 1)).round()
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    draw.line([(size // 2, 0), (size // 2, size)], fill=220)
+    draw.line([(0, size // 2), (size, size // 2)], fill=220)
+    for x, y in pix.tolist():
+        if 0 <= x < size and 0 <= y < size:
+            draw.point((x, size - 1 - y), fill=0)
+    return _atomic_save_png(img, Path(path))

@@ -21,11 +21,11 @@ from ..parameterization import DenoiserFn
 from .base import Callback, Generators, check_grid, randn_like, report
 
 
-def _rates(denoiser: DenoiserFn, t: Tensor, s: Tensor):
-    a_t, s_t = denoiser.process.alpha_sigma(t)
-    a_s, s_s = denoiser.process.alpha_sigma(s)
-    var_ts = (s_t**2 - (a_t / a_s) ** 2 * s_s**2).clamp(min=0)  # sigma_{t|s}^2
-    return a_t, s_t, a_s, s_s, var_ts
+def _rates(denoiser: DenoiserFn, ts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha and sigma on the whole grid (computed once), and sigma_{t|s}^2 per step."""
+    a, s = denoiser.process.alpha_sigma(ts)
+    var_ts = (s[:-1] ** 2 - (a[:-1] / a[1:]) ** 2 * s[1:] ** 2).clamp(min=0)
+    return a, s, var_ts
 
 
 @torch.no_grad()
@@ -37,15 +37,16 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
     ts = check_grid(ts)
+    a, sig, var_ts = _rates(denoiser, ts)
     for i in range(len(ts) - 1):
-        t, s = ts[i], ts[i + 1]
+        t = ts[i]
         pred = denoiser(x, t, cond)
         if i == len(ts) - 2:
             x = pred.x0
         else:
-            a_t, s_t, a_s, s_s, var_ts = _rates(denoiser, t, s)
-            mean = (a_s * var_ts / s_t**2) * pred.x0 + (a_t / a_s * s_s**2 / s_t**2) * x
-            var = var_ts * s_s**2 / s_t**2 if variance == "beta_tilde" else var_ts
+            a_t, s_t, a_s, s_s, v = a[i], sig[i], a[i + 1], sig[i + 1], var_ts[i]
+            mean = (a_s * v / s_t**2) * pred.x0 + (a_t / a_s * s_s**2 / s_t**2) * x
+            var = v * s_s**2 / s_t**2 if variance == "beta_tilde" else v
             x = mean + var.sqrt().to(x.dtype) * randn_like(x, generator)
         report(callback, i, t, x, pred)
     return x
@@ -57,14 +58,15 @@ def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
     c^2 = eta^2 beta_tilde; eta = 0 is deterministic, eta = 1 is DDPM with beta_tilde."""
     ts = check_grid(ts)
+    a, sig, var_ts = _rates(denoiser, ts)
     for i in range(len(ts) - 1):
-        t, s = ts[i], ts[i + 1]
+        t = ts[i]
         pred = denoiser(x, t, cond)
         if i == len(ts) - 2:
             x = pred.x0
         else:
-            _, s_t, a_s, s_s, var_ts = _rates(denoiser, t, s)
-            c2 = eta**2 * var_ts * s_s**2 / s_t**2
+            s_t, a_s, s_s = sig[i], a[i + 1], sig[i + 1]
+            c2 = eta**2 * var_ts[i] * s_s**2 / s_t**2
             x = a_s * pred.x0 + (s_s**2 - c2).clamp(min=0).sqrt() * pred.eps
             if eta > 0:
                 x = x + c2.sqrt().to(x.dtype) * randn_like(x, generator)

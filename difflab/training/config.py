@@ -19,10 +19,15 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on. Defaults: the digits job of the README."""
+    """Everything a training run depends on. Defaults: the digits job of the README.
+
+    Image data trains a U-Net (``model_size`` and the fields after it); a 2-D toy data set
+    (``dataset="toy:moons"``, ...) trains an ``MLPDenoiser`` (``base_channels`` sets its width).
+    """
 
     # data
-    dataset: str = "digits"            # "digits" or an image folder path
+    dataset: str = "digits"            # "digits", an image folder path, or "toy:NAME" (2-D)
+    toy_points: int = 20000            # size of a 2-D toy data set
     resolution: int = 8
     channels: int | None = None        # None: 1 for digits, 3 for folders
     class_conditional: bool = True     # use folder / dataset labels when there are any

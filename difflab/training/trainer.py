@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import ImageData, load_dataset, save_grid
+from ..data import ImageData, load_dataset, sample_toy, save_grid, save_scatter
 from ..losses import simple_loss
-from ..networks import UNet, UNetConfig
+from ..networks import MLPConfig, UNetConfig, build_network
 from ..parameterization import ClippedDenoiser, Denoiser
 from ..process import make_process
 from ..samplers import ddim
@@ -39,6 +39,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .ema import EMA
+
+TOY_PREFIX = "toy:"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,17 +59,23 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: ImageData | None = None):
         self.config = c = config
         self.device = pick_device(c.device)
-        self.data = data if data is not None else load_dataset(c.dataset, c.resolution,
-                                                               c.channels)
-        self.images = self.data.images.to(self.device)
+        self.is_toy = data is None and c.dataset.startswith(TOY_PREFIX)
+        if self.is_toy:  # 2-D points [N, 2], unlabelled
+            g = torch.Generator().manual_seed(c.seed)
+            points = sample_toy(c.dataset[len(TOY_PREFIX):], c.toy_points, g)
+            self.data = ImageData(points[:, :, None, None])  # container only: [N, 2, 1, 1]
+            self.images = points.to(self.device)
+        else:
+            self.data = data if data is not None else load_dataset(c.dataset, c.resolution,
+                                                                   c.channels)
+            self.images = self.data.images.to(self.device)
         self.labels = None
         if c.class_conditional and self.data.labels is not None:
             self.labels = self.data.labels.to(self.device)
         self.num_classes = self.data.num_classes if self.labels is not None else None
         torch.manual_seed(c.seed)
-        self.net_config = UNetConfig(in_channels=self.images.shape[1],
-                                     num_classes=self.num_classes, **c.model_config())
-        self.net = UNet(self.net_config).to(self.device)
+        self.net_name, self.net_config = self._network_config()
+        self.net = build_network(self.net_name, asdict(self.net_config)).to(self.device)
         self.process = make_process(c.schedule, zero_terminal_snr=c.zero_terminal_snr, T=c.T)
         self.denoiser = Denoiser(self.net, self.process, c.prediction)
         self.ema = EMA(self.net, c.ema_decay)
@@ -76,6 +84,15 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
         self.step = 0
         self.out_dir = Path(c.out_dir)
+
+    def _network_config(self) -> tuple[str, Any]:
+        """("mlp", MLPConfig) for 2-D points, ("unet", UNetConfig) for images."""
+        c = self.config
+        if self.images.ndim == 2:
+            return "mlp", MLPConfig(dim=self.images.shape[1], hidden=c.base_channels or 256,
+                                    num_classes=self.num_classes)
+        return "unet", UNetConfig(in_channels=self.images.shape[1],
+                                  num_classes=self.num_classes, **c.model_config())
 
     # -- data ---------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
@@ -127,10 +144,10 @@ class Trainer:
         return {
             "difflab_version": __version__,
             "config": self.config.to_dict(),
-            "network": {"name": "unet", "config": asdict(self.net_config)},
+            "network": {"name": self.net_name, "config": asdict(self.net_config)},
             "process": self.process.to_config(),
             "prediction": self.config.prediction,
-            "data_range": [-1.0, 1.0],
+            "data_range": None if self.is_toy else [-1.0, 1.0],
             "class_names": list(self.data.class_names) if self.num_classes else [],
             "ema_updates": self.ema.updates,
         }
@@ -167,17 +184,19 @@ class Trainer:
 
     # -- samples ----------------------------------------------------------------------------
     def sample_grid(self, per_class: int = 10, seed: int = 0) -> Path:
-        """DDIM samples from the EMA model: one row per class (or a square grid)."""
+        """DDIM samples from the EMA model: one row per class (or a square grid); for 2-D
+        data a scatter plot of 2000 points."""
         k = self.num_classes or 1
-        n = per_class * k
+        n = 2000 if self.is_toy else per_class * k
         labels = torch.arange(k).repeat_interleave(per_class) if self.num_classes else None
-        den = ClippedDenoiser(Denoiser(self.ema.model, self.process, self.config.prediction))
-        x = generate(den, ddim, self.images.shape[1:], list(range(seed, seed + n)),
-                     labels=labels, steps=self.config.sample_steps, device=self.device,
-                     progress=False)
-        scale = max(1, 64 // self.config.resolution)
-        return save_grid(x, self.out_dir / "samples" / f"step_{self.step:08d}.png",
-                         nrow=per_class, scale=scale)
+        den = Denoiser(self.ema.model, self.process, self.config.prediction)
+        x = generate(den if self.is_toy else ClippedDenoiser(den), ddim, self.images.shape[1:],
+                     list(range(seed, seed + n)), labels=labels,
+                     steps=self.config.sample_steps, device=self.device, progress=False)
+        path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+        if self.is_toy:
+            return save_scatter(x, path)
+        return save_grid(x, path, nrow=per_class, scale=max(1, 64 // self.config.resolution))
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
