@@ -44,14 +44,24 @@ def test_ddim_converges_to_exact_probability_flow(name, spacing):
     assert -1.3 < slope < -0.7, (errs, slope)
 
 
-def test_ddim_eta_one_equals_ddpm_beta_tilde():
+@pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
+def test_ddpm_step_is_ho_et_al_posterior(variance):
+    """One DDPM step t -> t-1 is mu_tilde(x_t, x0_hat) + sigma z with Ho et al. eq. 7."""
     process = make_process("linear")
     data = gaussian(process)
-    ts = time_grid(process, 20)
-    x_T = start_noise(process)
-    a = ddim(data, x_T, ts, torch.Generator().manual_seed(3), eta=1.0)
-    b = ddpm(data, x_T, ts, torch.Generator().manual_seed(3), variance="beta_tilde")
-    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    t = 600
+    x_t = start_noise(process, n=8)
+    seen = []
+    ddpm(data, x_t, torch.tensor([t, t - 1, 0.0], dtype=torch.float64),
+         torch.Generator().manual_seed(3), seen.append, variance=variance)
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ab, beta = process.alpha_bar, process.betas
+    ab_t, ab_prev, b_t = ab[t - 1], ab[t - 2], beta[t - 1]
+    x0 = data(x_t, float(t)).x0
+    mean = (ab_prev.sqrt() * b_t / (1 - ab_t)) * x0 + ((1 - b_t).sqrt() * (1 - ab_prev)
+                                                        / (1 - ab_t)) * x_t
+    var = b_t if variance == "beta" else (1 - ab_prev) / (1 - ab_t) * b_t
+    torch.testing.assert_close(seen[0].x, mean + var.sqrt() * z, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("sampler,steps,opts", [(ddpm, 1000, {"variance": "beta_tilde"}),

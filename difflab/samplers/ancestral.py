@@ -21,11 +21,29 @@ from ..parameterization import DenoiserFn
 from .base import Callback, Generators, check_grid, randn_like, report
 
 
-def _rates(denoiser: DenoiserFn, ts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """alpha and sigma on the whole grid (computed once), and sigma_{t|s}^2 per step."""
+def _beta_tilde(denoiser: DenoiserFn, ts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """alpha and sigma on the whole grid (computed once), and per step the posterior variances
+    beta = sigma_{t|s}^2 and beta_tilde = sigma_{t|s}^2 sigma_s^2 / sigma_t^2."""
     a, s = denoiser.process.alpha_sigma(ts)
-    var_ts = (s[:-1] ** 2 - (a[:-1] / a[1:]) ** 2 * s[1:] ** 2).clamp(min=0)
-    return a, s, var_ts
+    beta = (s[:-1] ** 2 - (a[:-1] / a[1:]) ** 2 * s[1:] ** 2).clamp(min=0)
+    return a, s, beta, beta * s[1:] ** 2 / s[:-1] ** 2
+
+
+def _posterior_steps(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
+                     callback: Callback | None, cond: Any, a: Tensor, sig: Tensor,
+                     c2: Tensor, noise_var: Tensor) -> Tensor:
+    """x_s = alpha_s x0 + sqrt(sigma_s^2 - c2) eps + sqrt(noise_var) z for each step (the
+    generalised DDIM update, Song et al. 2021 eq. 12); the last step returns x0."""
+    for i in range(len(ts) - 1):
+        pred = denoiser(x, ts[i], cond)
+        if i == len(ts) - 2:
+            x = pred.x0
+        else:
+            x = a[i + 1] * pred.x0 + (sig[i + 1] ** 2 - c2[i]).clamp(min=0).sqrt() * pred.eps
+            if noise_var[i] > 0:
+                x = x + noise_var[i].sqrt().to(x.dtype) * randn_like(x, generator)
+        report(callback, i, ts[i], x, pred)
+    return x
 
 
 @torch.no_grad()
@@ -33,23 +51,17 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
          callback: Callback | None = None, *, cond: Any = None,
          variance: Literal["beta", "beta_tilde"] = "beta_tilde") -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) with sigma_t^2 = beta_t or
-    beta_tilde_t; on a respaced grid beta_t is the respaced one (Nichol & Dhariwal 2021)."""
+    beta_tilde_t; on a respaced grid beta_t is the respaced one (Nichol & Dhariwal 2021).
+
+    The mean is the posterior mean mu(x_t, x0_hat), which is DDIM's update with c2 = beta_tilde.
+    """
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
     ts = check_grid(ts)
-    a, sig, var_ts = _rates(denoiser, ts)
-    for i in range(len(ts) - 1):
-        t = ts[i]
-        pred = denoiser(x, t, cond)
-        if i == len(ts) - 2:
-            x = pred.x0
-        else:
-            a_t, s_t, a_s, s_s, v = a[i], sig[i], a[i + 1], sig[i + 1], var_ts[i]
-            mean = (a_s * v / s_t**2) * pred.x0 + (a_t / a_s * s_s**2 / s_t**2) * x
-            var = v * s_s**2 / s_t**2 if variance == "beta_tilde" else v
-            x = mean + var.sqrt().to(x.dtype) * randn_like(x, generator)
-        report(callback, i, t, x, pred)
-    return x
+    a, sig, beta, beta_tilde = _beta_tilde(denoiser, ts)
+    noise_var = beta_tilde if variance == "beta_tilde" else beta
+    return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, beta_tilde,
+                            noise_var)
 
 
 @torch.no_grad()
@@ -58,20 +70,9 @@ def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
     c^2 = eta^2 beta_tilde; eta = 0 is deterministic, eta = 1 is DDPM with beta_tilde."""
     ts = check_grid(ts)
-    a, sig, var_ts = _rates(denoiser, ts)
-    for i in range(len(ts) - 1):
-        t = ts[i]
-        pred = denoiser(x, t, cond)
-        if i == len(ts) - 2:
-            x = pred.x0
-        else:
-            s_t, a_s, s_s = sig[i], a[i + 1], sig[i + 1]
-            c2 = eta**2 * var_ts[i] * s_s**2 / s_t**2
-            x = a_s * pred.x0 + (s_s**2 - c2).clamp(min=0).sqrt() * pred.eps
-            if eta > 0:
-                x = x + c2.sqrt().to(x.dtype) * randn_like(x, generator)
-        report(callback, i, t, x, pred)
-    return x
+    a, sig, _, beta_tilde = _beta_tilde(denoiser, ts)
+    c2 = eta**2 * beta_tilde
+    return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, c2, c2)
 
 
 __all__ = ["ddim", "ddpm"]
