@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .base import DataError, ImageData, from_uint8
-from .images import WHITE, _check_channels, pil_to_mode, pil_to_uint8
+from .images import WHITE, _check_channels, pil_to_mode, pil_to_uint8, resize_center_crop
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
 PROGRESS_THRESHOLD = 500
@@ -67,20 +67,6 @@ def _describe(paths: Sequence[object]) -> str:
     shown = "\n  ".join(str(p) for p in paths[:_MAX_LISTED])
     more = f"\n  ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
     return f"\n  {shown}{more}"
-
-
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the shorter side is ``resolution`` (bicubic, antialiased), then take the
-    centred ``resolution x resolution`` crop."""
-    w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    if (nw, nh) != (resolution, resolution):
-        img = img.crop((left, top, left + resolution, top + resolution))
-    return img
 
 
 def _load_one(

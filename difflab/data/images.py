@@ -178,9 +178,25 @@ def save_images(
     ]
 
 
-def load_png(path: str | os.PathLike[str], channels: int = 3) -> Tensor:
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is ``resolution`` (bicubic, antialiased), then take the
+    centred ``resolution x resolution`` crop."""
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    if (nw, nh) != (resolution, resolution):
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return img
+
+
+def load_png(path: str | os.PathLike[str], channels: int = 3,
+             resolution: int | None = None) -> Tensor:
     """Load one image file (PNG or any format Pillow reads) as ``[channels, H, W]`` in
     ``[-1, 1]``; ``channels`` is 1 (grey) or 3 (RGB), converted as in :func:`pil_to_mode`.
+    With ``resolution``, resized and center-cropped to it as the folder loader does.
 
     Raises:
         DataError: the file is missing or cannot be decoded (the message names the path).
@@ -193,6 +209,8 @@ def load_png(path: str | os.PathLike[str], channels: int = 3) -> Tensor:
         with Image.open(path) as img:
             img.load()
             converted = pil_to_mode(img, channels)
+            if resolution is not None:
+                converted = resize_center_crop(converted, resolution)
     except Exception as exc:  # Pillow raises many types for bad files
         raise DataError(f"cannot read image file {path}: {exc}") from exc
     return from_uint8(pil_to_uint8(converted))

@@ -17,14 +17,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..parameterization import DenoiserFn
+from ..parameterization import DenoiserFn, Prediction
+from ..process import Process
 from .base import Callback, Generators, check_grid, randn_like, report
 
 
-def _beta_tilde(denoiser: DenoiserFn, ts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def posterior_step(pred: Prediction, x: Tensor, alpha_s: Tensor, sigma_s: Tensor, c2: Tensor,
+                   noise_var: Tensor, generator: Generators) -> Tensor:
+    """x_s = alpha_s x0 + sqrt(sigma_s^2 - c2) eps + sqrt(noise_var) z (Song et al. 2021,
+    eq. 12). c2 = noise_var = 0: DDIM; c2 = noise_var = beta_tilde: DDPM's posterior."""
+    x = alpha_s * pred.x0 + (sigma_s**2 - c2).clamp(min=0).sqrt() * pred.eps
+    if noise_var > 0:
+        x = x + noise_var.sqrt().to(x.dtype) * randn_like(x, generator)
+    return x
+
+
+def posterior_variances(process: Process, ts: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """alpha and sigma on the whole grid (computed once), and per step the posterior variances
     beta = sigma_{t|s}^2 and beta_tilde = sigma_{t|s}^2 sigma_s^2 / sigma_t^2."""
-    a, s = denoiser.process.alpha_sigma(ts)
+    a, s = process.alpha_sigma(ts)
     beta = (s[:-1] ** 2 - (a[:-1] / a[1:]) ** 2 * s[1:] ** 2).clamp(min=0)
     return a, s, beta, beta * s[1:] ** 2 / s[:-1] ** 2
 
@@ -39,9 +51,7 @@ def _posterior_steps(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
         if i == len(ts) - 2:
             x = pred.x0
         else:
-            x = a[i + 1] * pred.x0 + (sig[i + 1] ** 2 - c2[i]).clamp(min=0).sqrt() * pred.eps
-            if noise_var[i] > 0:
-                x = x + noise_var[i].sqrt().to(x.dtype) * randn_like(x, generator)
+            x = posterior_step(pred, x, a[i + 1], sig[i + 1], c2[i], noise_var[i], generator)
         report(callback, i, ts[i], x, pred)
     return x
 
@@ -58,7 +68,7 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
     ts = check_grid(ts)
-    a, sig, beta, beta_tilde = _beta_tilde(denoiser, ts)
+    a, sig, beta, beta_tilde = posterior_variances(denoiser.process, ts)
     noise_var = beta_tilde if variance == "beta_tilde" else beta
     return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, beta_tilde,
                             noise_var)
@@ -70,9 +80,9 @@ def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
     c^2 = eta^2 beta_tilde; eta = 0 is deterministic, eta = 1 is DDPM with beta_tilde."""
     ts = check_grid(ts)
-    a, sig, _, beta_tilde = _beta_tilde(denoiser, ts)
+    a, sig, _, beta_tilde = posterior_variances(denoiser.process, ts)
     c2 = eta**2 * beta_tilde
     return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, c2, c2)
 
 
-__all__ = ["ddim", "ddpm"]
+__all__ = ["ddim", "ddpm", "posterior_step", "posterior_variances"]

@@ -1,0 +1,13 @@
+"""Editing with any trained model: SDEdit, inpainting, inversion, interpolation, variations.
+
+All of it drives the same samplers and denoisers as plain sampling: an edit chooses a start
+time, a start point, a mask or a path through the grid.
+"""
+
+from .inpaint import inpaint, repaint_path
+from .interpolation import interpolate, interpolate_coarse_to_fine, slerp
+from .inversion import ddim_invert, reconstruct
+from .sdedit import sdedit, truncated_grid, variations
+
+__all__ = ["ddim_invert", "inpaint", "interpolate", "interpolate_coarse_to_fine", "reconstruct",
+           "repaint_path", "sdedit", "slerp", "truncated_grid", "variations"]
