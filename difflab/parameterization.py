@@ -71,6 +71,13 @@ def output_from_prediction(pred: Prediction, alpha: Tensor, sigma: Tensor,
     raise ValueError(f"unknown prediction type {kind!r}; choose from {PREDICTION_TYPES}")
 
 
+def broadcast_cond(cond: Any, n: int) -> Any:
+    """Repeat a one-example condition (a [1] label tensor) to a batch of n; else unchanged."""
+    if torch.is_tensor(cond) and cond.ndim >= 1 and len(cond) == 1 and n != 1:
+        return cond.expand(n, *cond.shape[1:])
+    return cond
+
+
 class DenoiserFn(Protocol):
     """What samplers, guidance and editing rely on."""
 

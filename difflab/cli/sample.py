@@ -49,6 +49,18 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_sample)
 
 
+def class_index(label: str, class_names: list[str]) -> int:
+    """``--class`` given as a class name or index -> the index, with a clear error."""
+    k = len(class_names)
+    if k == 0:
+        raise ValueError("--class given but the model is unconditional")
+    if label in class_names:
+        return class_names.index(label)
+    if label.lstrip("-").isdigit() and 0 <= int(label) < k:
+        return int(label)
+    raise ValueError(f"unknown --class {label!r}; classes are 0..{k - 1}: {class_names}")
+
+
 def parse_labels(label: str, n: int | None, class_names: list[str]) -> tuple[torch.Tensor | None,
                                                                             int]:
     """Per-image labels for ``--class`` (None for an unconditional model) and the row length."""
@@ -61,12 +73,7 @@ def parse_labels(label: str, n: int | None, class_names: list[str]) -> tuple[tor
         n = n or 10 * k
         return torch.arange(n) % k if n < k else torch.arange(k).repeat_interleave(
             -(-n // k))[:n], -(-n // k)
-    if label in class_names:
-        idx = class_names.index(label)
-    elif label.lstrip("-").isdigit() and 0 <= int(label) < k:
-        idx = int(label)
-    else:
-        raise ValueError(f"unknown --class {label!r}; classes are 0..{k - 1}: {class_names}")
+    idx = class_index(label, class_names)
     n = n or 64
     return torch.full((n,), idx), 8
 

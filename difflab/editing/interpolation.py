@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..parameterization import DenoiserFn
+from ..parameterization import DenoiserFn, broadcast_cond
 from ..process import q_sample
 from ..samplers import ddpm
 from ..samplers.base import Generators, randn_like
@@ -38,9 +38,9 @@ def interpolate(denoiser: DenoiserFn, x_a: Tensor, x_b: Tensor, lams: Tensor, ts
                 cond: Any = None) -> Tensor:
     """Images along slerp(invert(x_a), invert(x_b), lam) for each lam; x_a, x_b: [1, ...].
     Returns [len(lams), ...]; lam = 0 and 1 give the reconstructions of the inputs."""
-    z = ddim_invert(denoiser, torch.cat([x_a, x_b]), ts, cond=cond)
+    z = ddim_invert(denoiser, torch.cat([x_a, x_b]), ts, cond=broadcast_cond(cond, 2))
     zs = torch.cat([slerp(z[:1], z[1:], float(lam)) for lam in lams])
-    return reconstruct(denoiser, zs, ts, cond=cond)
+    return reconstruct(denoiser, zs, ts, cond=broadcast_cond(cond, len(zs)))
 
 
 @torch.no_grad()
@@ -52,4 +52,4 @@ def interpolate_coarse_to_fine(denoiser: DenoiserFn, x_a: Tensor, x_b: Tensor, l
     noise = randn_like(x_a, generator)
     za, zb = (q_sample(denoiser.process, x, ts[0], noise) for x in (x_a, x_b))
     mixed = torch.cat([(1 - float(lam)) * za + float(lam) * zb for lam in lams])
-    return ddpm(denoiser, mixed, ts, generator, cond=cond)
+    return ddpm(denoiser, mixed, ts, generator, cond=broadcast_cond(cond, len(mixed)))

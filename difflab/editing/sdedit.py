@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..parameterization import DenoiserFn
+from ..parameterization import DenoiserFn, broadcast_cond
 from ..process import Process, q_sample
 from ..samplers import ddim, time_grid
 from ..samplers.base import Generators, randn_like
@@ -54,7 +54,6 @@ def variations(denoiser: DenoiserFn, x0: Tensor, seeds: list[int], strength: flo
     generator seeded seeds[i] (so each variation is reproducible on its own)."""
     gens = [torch.Generator(device=x0.device).manual_seed(int(s)) for s in seeds]
     xs = x0.expand(len(seeds), *x0.shape[1:]).clone()
-    if cond is not None and torch.is_tensor(cond) and cond.ndim == 1 and len(cond) == 1:
-        cond = cond.expand(len(seeds))
-    return sdedit(denoiser, xs, strength, sampler, steps, gens, cond=cond, spacing=spacing,
+    return sdedit(denoiser, xs, strength, sampler, steps, gens,
+                  cond=broadcast_cond(cond, len(seeds)), spacing=spacing,
                   **options)
