@@ -119,3 +119,32 @@ def test_slerp_and_interpolation_end_points():
     out = interpolate(data, xa, xb, torch.tensor([0.0, 0.5, 1.0]), ts)
     torch.testing.assert_close(out[0:1], reconstruct(data, ddim_invert(data, xa, ts), ts))
     assert out.shape == (3, DIM)
+
+
+class ExactNet(torch.nn.Module):
+    """The exact Gaussian denoiser exposed as a raw network of a given prediction type."""
+
+    def __init__(self, data, kind):
+        super().__init__()
+        self.data, self.kind = data, kind
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x, c_noise, labels=None):
+        from difflab.parameterization import output_from_prediction
+        p = self.data.process
+        t = c_noise.double() * (p.t_max - p.t_min) / 1000 + p.t_min
+        alpha, sigma = p.alpha_sigma(t)
+        return output_from_prediction(self.data(x, t), alpha, sigma, self.kind)
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_inversion_works_for_every_prediction_type(kind):
+    from difflab.parameterization import Denoiser
+    data = gaussian("linear")
+    den = Denoiser(ExactNet(data, kind), data.process, kind)
+    x0 = data_points(data, n=16)
+    ts = time_grid(data.process, 100)
+    ref = reconstruct(data, ddim_invert(data, x0, ts), ts)
+    rec = reconstruct(den, ddim_invert(den, x0, ts), ts)
+    torch.testing.assert_close(rec, ref, rtol=1e-6, atol=1e-6)
+    assert float((rec - x0).pow(2).mean().sqrt()) < 0.05
