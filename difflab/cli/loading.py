@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..networks import build_network
 from ..parameterization import ClippedDenoiser, Denoiser, DenoiserFn
-from ..process import process_from_config
+from ..process import Process, process_from_config
 from ..training.checkpoint import load_checkpoint, sub_dict
 
 
@@ -26,6 +27,45 @@ def load_denoiser(path: str | Path, ema: bool = True, device: str | torch.device
     net.load_state_dict(weights)
     net.to(device).eval().requires_grad_(False)
     den: DenoiserFn = Denoiser(net, process_from_config(meta["process"]), meta["prediction"])
+    if clip and meta.get("data_range"):
+        den = ClippedDenoiser(den, *meta["data_range"])
+    return den, meta
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[torch.nn.Module, Process, dict[str, Any]]:
+    """A noisy classifier checkpoint (``difflab train-classifier``) and its process."""
+    tensors, meta = load_checkpoint(path)
+    if meta["network"]["name"] != "classifier":
+        raise ValueError(f"{path} is a {meta['network']['name']!r} checkpoint, not a "
+                         "classifier (train one with 'difflab train-classifier')")
+    net = build_network("classifier", meta["network"]["config"])
+    net.load_state_dict(sub_dict(tensors, "model"))
+    return net.to(device).eval().requires_grad_(False), process_from_config(meta["process"]), meta
+
+
+def guided_denoiser(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
+                    clip: bool = True, guidance: float | None = None,
+                    guidance_interval: tuple[float, float] | None = None,
+                    guidance_rescale: float = 0.0, classifier: str | None = None,
+                    classifier_scale: float = 1.0) -> tuple[DenoiserFn, dict[str, Any]]:
+    """``load_denoiser`` plus classifier-free guidance (``guidance`` = gamma) and/or classifier
+    guidance, then clipping to the data range (clipping acts on the guided x0_hat)."""
+    den, meta = load_denoiser(path, ema=ema, device=device, clip=False)
+    class_names = meta.get("class_names", [])
+    if guidance is not None and guidance != 1.0:
+        if not class_names:
+            raise ValueError("--guidance needs a class-conditional model; this one is not")
+        den = ClassifierFreeGuidance(den, guidance, null_label=len(class_names),
+                                     interval=guidance_interval, rescale=guidance_rescale)
+    if classifier:
+        clf, clf_process, clf_meta = load_classifier(classifier, device)
+        if class_names and clf_meta["class_names"] != class_names:
+            raise ValueError(f"classifier classes {clf_meta['class_names']} differ from the "
+                             f"model's {class_names}")
+        meta = {**meta, "class_names": class_names or clf_meta["class_names"]}
+        den = ClassifierGuidance(den, clf, classifier_scale, clf_process,
+                                 condition_inner=bool(class_names))
     if clip and meta.get("data_range"):
         den = ClippedDenoiser(den, *meta["data_range"])
     return den, meta

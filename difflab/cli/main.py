@@ -9,7 +9,7 @@ from .. import __version__
 from ..data import DataError
 from .edit import add_edit_parser
 from .sample import add_sample_parser
-from .train import add_train_parser
+from .train import add_train_classifier_parser, add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_parser(sub)
+    add_train_classifier_parser(sub)
     add_sample_parser(sub)
     add_edit_parser(sub)
     return p

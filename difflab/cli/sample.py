@@ -14,7 +14,7 @@ from ..io import atomic_write
 from ..samplers import SAMPLERS, SPACINGS, get_sampler
 from ..samplers.generate import generate
 from ..training import pick_device
-from .loading import load_denoiser
+from .loading import guided_denoiser
 
 
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,24 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not clip the denoised estimate to the data range")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    add_guidance_options(p)
     p.set_defaults(func=run_sample)
+
+
+def add_guidance_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guidance")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale gamma: eps(null) + gamma (eps(y) - "
+                        "eps(null)); 1 = conditional model, 0 = unconditional")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=None,
+                   metavar=("T_LO", "T_HI"), help="guide only for times in [T_LO, T_HI]")
+    g.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="CFG rescale phi in [0, 1] (Lin et al. 2024)")
+    g.add_argument("--classifier", default=None,
+                   help="noisy classifier checkpoint (difflab train-classifier) for "
+                        "classifier guidance")
+    g.add_argument("--classifier-scale", type=float, default=1.0,
+                   help="classifier guidance scale s")
 
 
 def class_index(label: str, class_names: list[str]) -> int:
@@ -80,8 +97,11 @@ def parse_labels(label: str, n: int | None, class_names: list[str]) -> tuple[tor
 
 def run_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    denoiser, meta = load_denoiser(args.checkpoint, ema=not args.no_ema, device=device,
-                                   clip=not args.no_clip)
+    denoiser, meta = guided_denoiser(
+        args.checkpoint, ema=not args.no_ema, device=device, clip=not args.no_clip,
+        guidance=args.guidance, guidance_interval=args.guidance_interval,
+        guidance_rescale=args.guidance_rescale, classifier=args.classifier,
+        classifier_scale=args.classifier_scale)
     labels, nrow = parse_labels(args.label, args.n, meta.get("class_names", []))
     n = len(labels) if labels is not None else (args.n or 64)
     cfg = meta["network"]["config"]

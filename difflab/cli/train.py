@@ -14,6 +14,7 @@ from ..parameterization import PREDICTION_TYPES
 from ..process import PROCESS_NAMES
 from ..training import MODEL_SIZES, TrainConfig, Trainer, read_config_file, resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
+from ..training.classifier import ClassifierTrainConfig, train_classifier
 
 HELP: dict[str, str] = {
     "dataset": "'digits' (scikit-learn's 8x8 digits, built in), a folder of images "
@@ -85,19 +86,12 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a diffusion model",
-                       description="Train a diffusion model. With no options: a class-"
-                                   "conditional U-Net on the built-in digits. Precedence: "
-                                   "defaults < --config file < command-line options.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="JSON or TOML file with TrainConfig keys")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from a checkpoint path, or from the latest one in --out-dir")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
+def add_dataclass_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` option per dataclass field, typed from its annotation, with help
+    from ``HELP`` and choices from ``CHOICES``; unset options stay absent from the namespace."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
         tp, nargs = _arg_type(hints[f.name])
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "nargs": nargs,
                                   "help": f"{HELP[f.name]} (default: "
@@ -108,7 +102,40 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         aliases = ["--out"] if f.name == "out_dir" else []
         p.add_argument(flag, *aliases, dest=f.name, metavar=f.name.upper(), **kwargs)
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a diffusion model",
+                       description="Train a diffusion model. With no options: a class-"
+                                   "conditional U-Net on the built-in digits. Precedence: "
+                                   "defaults < --config file < command-line options.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON or TOML file with TrainConfig keys")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint path, or from the latest one in --out-dir")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=run_train)
+
+
+def add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-classifier", help="train a noisy classifier for guidance",
+                       description="Train p(y | x_t, t) on noised labelled images, for "
+                                   "classifier guidance (difflab sample --classifier).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_dataclass_options(p, ClassifierTrainConfig)
+    p.set_defaults(func=run_train_classifier)
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(ClassifierTrainConfig)}
+    config = ClassifierTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    print("config:", json.dumps(dataclasses.asdict(config), sort_keys=True))
+    result = train_classifier(config, progress=not args.no_progress)
+    print(f"classifier checkpoint: {result['checkpoint']}\n"
+          f"accuracy on noised training images: {result['accuracy']}")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:

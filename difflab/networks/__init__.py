@@ -7,12 +7,15 @@ from typing import Any
 
 from torch import nn
 
+from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.unet import UNet, UNetConfig
 
 __all__ = [
     "NETWORKS",
+    "ClassifierConfig",
+    "NoisyClassifier",
     "MLPConfig",
     "MLPDenoiser",
     "UNet",
@@ -26,6 +29,7 @@ __all__ = [
 NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "unet": (UNet, UNetConfig),
     "mlp": (MLPDenoiser, MLPConfig),
+    "classifier": (NoisyClassifier, ClassifierConfig),
 }
 
 
