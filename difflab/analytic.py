@@ -103,14 +103,14 @@ class GaussianMixture:
     def __call__(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         """The exact denoiser E[x0 | x_t] and noise estimate E[eps | x_t]."""
         a, s, m2, r, logp = self._components(x, t)
-        w = logp.softmax(-1)[..., None]                     # [B, K, 1]
+        w = (logp - logp.logsumexp(-1, keepdim=True)).exp()[..., None]  # [B, K, 1]
         x0 = (w * (self.mu + a * self.std**2 / m2 * r)).sum(1)
         eps = (w * (s * r / m2)).sum(1)
         return Prediction(x0=x0, eps=eps)
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         a, s, m2, r, logp = self._components(x, t)
-        return -(logp.softmax(-1)[..., None] * r / m2).sum(1)
+        return -((logp - logp.logsumexp(-1, keepdim=True)).exp()[..., None] * r / m2).sum(1)
 
     def ode_solution(self, x: Tensor, t_from: float, t_to: float, rtol: float = 1e-11,
                      atol: float = 1e-11) -> Tensor:

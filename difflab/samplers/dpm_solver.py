@@ -85,21 +85,19 @@ def dpmpp_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
 
 
 def _singlestep_plan(denoiser: DenoiserFn, lam: Tensor, order: int
-                     ) -> list[tuple[float, list[float], Tensor]]:
-    """Per step: h, the stage fractions r (lambda_i + r h), and their times."""
+                     ) -> list[tuple[float, list[float], list[tuple[Tensor, float, float]]]]:
+    """Per step: h, the stage fractions r (at lambda_i + r h) and each stage's (t, alpha, sigma).
+    """
     process = denoiser.process
     rs = {1: [], 2: [0.5], 3: [1 / 3, 2 / 3]}[order]
     plan = []
     for i in range(len(lam) - 2):
         h = float(lam[i + 1] - lam[i])
         lam_stage = torch.tensor([float(lam[i]) + r * h for r in rs], dtype=torch.float64)
-        plan.append((h, rs, process.t_from_log_snr(2 * lam_stage) if rs else lam_stage))
+        t_stage = process.t_from_log_snr(2 * lam_stage) if rs else lam_stage
+        a, s = process.alpha_sigma(t_stage)
+        plan.append((h, rs, [(t_stage[j], float(a[j]), float(s[j])) for j in range(len(rs))]))
     return plan
-
-
-def _ab(process, t: Tensor) -> tuple[float, float]:
-    a, s = process.alpha_sigma(t)
-    return float(a), float(s)
 
 
 @torch.no_grad()
@@ -112,43 +110,40 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
     ts = check_grid(ts)
-    process = denoiser.process
-    lam, a, s = half_log_snr_grid(process, ts)
+    lam, a, s = half_log_snr_grid(denoiser.process, ts)
     plan = _singlestep_plan(denoiser, lam, order)
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
         if i == len(ts) - 2:
             return final_step(callback, i, ts[i], pred)
-        h, rs, t_stage = plan[i]
+        h, rs, stages = plan[i]
         a0, a1, s1 = float(a[i]), float(a[i + 1]), float(s[i + 1])
         e0 = pred.eps
         # eq. 3.7, first-order part: alpha_t/alpha_s x - sigma_t (e^h - 1) eps
         x_new = (a1 / a0) * x - s1 * math.expm1(h) * e0
         if order == 2:
-            am, sm = _ab(process, t_stage[0])
+            tm, am, sm = stages[0]
             u = (am / a0) * x - sm * math.expm1(rs[0] * h) * e0
-            d = denoiser(u, t_stage[0], cond).eps - e0
+            d = denoiser(u, tm, cond).eps - e0
             x_new = x_new - s1 / (2 * rs[0]) * math.expm1(h) * d
         elif order == 3:
-            x_new = _dpm3_correction(denoiser, x, x_new, e0, h, rs, t_stage, a0, s1, cond)
+            x_new = _dpm3_correction(denoiser, x, x_new, e0, h, rs, stages, a0, s1, cond)
         x = x_new
         report(callback, i, ts[i], x, pred)
     return x
 
 
 def _dpm3_correction(denoiser: DenoiserFn, x: Tensor, x1: Tensor, e0: Tensor, h: float,
-                     rs: list[float], t_stage: Tensor, a0: float, s1: float, cond: Any
-                     ) -> Tensor:
+                     rs: list[float], stages: list[tuple[Tensor, float, float]], a0: float,
+                     s1: float, cond: Any) -> Tensor:
     """The two extra stages of DPM-Solver-3 (Lu et al. 2022, Alg. 2)."""
-    process = denoiser.process
     r1, r2 = rs
-    am1, sm1 = _ab(process, t_stage[0])
-    am2, sm2 = _ab(process, t_stage[1])
+    (t1, am1, sm1), (t2, am2, sm2) = stages
     u1 = (am1 / a0) * x - sm1 * math.expm1(r1 * h) * e0
-    d1 = denoiser(u1, t_stage[0], cond).eps - e0
+    d1 = denoiser(u1, t1, cond).eps - e0
     phi2_r2 = math.expm1(r2 * h) / (r2 * h) - 1  # = r2 h phi_2(r2 h)
     u2 = (am2 / a0) * x - sm2 * math.expm1(r2 * h) * e0 - sm2 * (r2 / r1) * phi2_r2 * d1
-    d2 = denoiser(u2, t_stage[1], cond).eps - e0
+    d2 = denoiser(u2, t2, cond).eps - e0
     return x1 - s1 / r2 * (math.expm1(h) / h - 1) * d2
 
 

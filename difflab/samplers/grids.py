@@ -69,8 +69,10 @@ def noise_level_grid(process: Process, n: int, spacing: str, rho: float = 7.0,
         raise ValueError(f"spacing {spacing!r} needs a finite noise level at t_max")
     s_max = math.exp(-0.5 * lam_max)
     s_min = sigma_min if sigma_min is not None else default_sigma_min(process)
-    if not 0 < s_min < s_max:
-        raise ValueError(f"need 0 < sigma_min < {s_max:.4g}, got {s_min}")
+    s_floor = math.exp(-0.5 * float(process.log_snr(process.t_min)))
+    if not s_floor < s_min < s_max:
+        raise ValueError(f"need {s_floor:.4g} < sigma_min < {s_max:.4g} (sigma~ at t_min and "
+                         f"t_max), got {s_min}")
     if n == 1:
         return torch.tensor([process.t_max, process.t_min], dtype=torch.float64)
     u = torch.linspace(0, 1, n, dtype=torch.float64)
