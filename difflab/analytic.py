@@ -137,3 +137,16 @@ class GaussianMixture:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
         a1 = 1 / math.sqrt(1 + math.exp(2 * u1))  # alpha = 1 / sqrt(1 + sigma~^2)
         return a1 * torch.from_numpy(sol.y[:, -1]).reshape(shape)
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, n_proj: int = 256,
+                       generator: torch.Generator | None = None) -> float:
+    """Sliced 2-Wasserstein distance between two equal-size sample sets [N, D] (Rabin et al.
+    2012): the root mean over random unit directions of the 1-D W2^2 of sorted projections."""
+    if a.shape != b.shape:
+        raise ValueError(f"sample sets must have the same shape, got {a.shape} and {b.shape}")
+    a, b = a.flatten(1).to(torch.float64), b.flatten(1).to(torch.float64)
+    d = torch.randn(a.shape[1], n_proj, generator=generator, dtype=torch.float64)
+    d = d / d.norm(dim=0, keepdim=True)
+    pa, pb = (a @ d).sort(0).values, (b @ d).sort(0).values
+    return float((pa - pb).pow(2).mean().sqrt())

@@ -3,7 +3,9 @@
 - ``pc``: predictor-corrector sampling (Song et al. 2021, Alg. 1 and Alg. 5 for VP): before
   each ancestral (DDPM posterior) predictor step, ``n_corrector`` Langevin steps
   x <- x + e s + sqrt(2 e) z with the step size set from the signal-to-noise ratio r,
-  e = 2 alpha_{t|s}^2 (r ||z|| / ||s||)^2 (per example), s = -eps_hat / sigma the score.
+  e = 2 alpha_{t|s}^2 (r ||z|| / ||s||)^2, s = -eps_hat / sigma the score. As in the paper's
+  code the norms are batch means of per-example norms (a per-example ratio explodes where
+  the score vanishes), so this one sampler couples the examples of a batch.
 - ``annealed_langevin``: annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) in the
   variance-exploding coordinates y = x / alpha with noise level sigma~ = sigma / alpha, where a
   VP marginal is the data blurred by N(0, sigma~^2) as in NCSN: at every level ``n_steps``
@@ -21,16 +23,14 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from ..process import expand_like
 from .base import Callback, Generators, check_grid, final_step, randn_like, report
 
 
 def _langevin_step(x: Tensor, score: Tensor, z: Tensor, snr: float, a_ratio2: float) -> Tensor:
-    """Song et al. 2021, Alg. 5 lines 6-8, with per-example norms."""
-    g = score.flatten(1).norm(dim=1)
-    n = z.flatten(1).norm(dim=1)
+    """Song et al. 2021, Alg. 5 lines 6-8 (norms averaged over the batch)."""
+    g = score.flatten(1).norm(dim=1).mean()
+    n = z.flatten(1).norm(dim=1).mean()
     e = 2 * a_ratio2 * (snr * n / g.clamp(min=1e-30)) ** 2
-    e = expand_like(e, x)
     return x + e * score + (2 * e).sqrt() * z
 
 
@@ -63,7 +63,7 @@ def pc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None
 @torch.no_grad()
 def annealed_langevin(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                       callback: Callback | None = None, *, cond: Any = None,
-                      n_steps: int = 10, eps: float = 0.1) -> Tensor:
+                      n_steps: int = 10, eps: float = 0.2) -> Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the noise levels of the
     grid (but the last); ``n_steps`` evaluations per level. ``eps`` is the step at the
     smallest level in units of its variance (NCSN's eps / sigma_L^2)."""
