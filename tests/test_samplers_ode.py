@@ -149,3 +149,20 @@ def test_prediction_type_does_not_matter(prediction):
     ref = unipc_bh2(data, x_T, ts)
     out = unipc_bh2(Denoiser(net, process, prediction), x_T, ts)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_optimised_grid_beats_its_start_on_new_noise():
+    """optimize_grid fitted on one noise draw lowers the error on another."""
+    from difflab.samplers import optimize_grid, reference_solution
+
+    process, data, x_T, _ = problem("linear")
+    g = torch.Generator().manual_seed(5)
+    x_train = torch.randn(16, DIM, generator=g, dtype=torch.float64)
+    start = time_grid(process, 5, "trailing")
+    ts = optimize_grid(data, unipc_bh2, start, x_train, reference_solution(data, x_train),
+                       max_evals=150)
+    assert bool((ts[1:] < ts[:-1]).all()) and ts[0] == start[0] and ts[-1] == start[-1]
+    ref = reference_solution(data, x_T)
+    before = float((unipc_bh2(data, x_T, start) - ref).pow(2).mean().sqrt())
+    after = float((unipc_bh2(data, x_T, ts) - ref).pow(2).mean().sqrt())
+    assert after < 0.8 * before, (before, after)

@@ -15,6 +15,7 @@ from .grids import SPACINGS, default_sigma_min, discrete_timesteps, time_grid
 from .heun import heun
 from .langevin import annealed_langevin, pc
 from .multistep import lms, plms
+from .optimize import optimize_grid, reference_solution
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
 from .unipc import unipc, unipc_bh1, unipc_bh2
@@ -37,5 +38,6 @@ def get_sampler(name: str) -> Callable:
 __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_langevin",
            "check_grid", "ddim", "ddpm", "default_sigma_min", "discrete_timesteps",
            "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler_maruyama", "euler_ode",
-           "get_sampler", "heun", "lms", "pc", "plms", "rk45", "time_grid", "unipc",
+           "get_sampler", "heun", "lms", "optimize_grid", "pc", "plms", "reference_solution",
+           "rk45", "time_grid", "unipc",
            "unipc_bh1", "unipc_bh2"]
