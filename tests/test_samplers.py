@@ -119,3 +119,40 @@ def test_bad_grids_and_names():
         time_grid(make_process("vpsde"), 5, "leading")
     with pytest.raises(ValueError, match=r"in \[1, 1000\]"):
         discrete_timesteps(1000, 0)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "vpsde", "cosine_rates"])
+def test_logsnr_and_karras_grids(name):
+    process = make_process(name)
+    st_max = float((-0.5 * process.log_snr(process.t_max)).exp())
+    for n in (1, 2, 7, 30):
+        for spacing in ("logsnr", "karras", "uniform"):
+            ts = time_grid(process, n, spacing)
+            assert len(ts) == n + 1 and ts[0] == process.t_max and ts[-1] == process.t_min
+            assert bool((ts[1:] < ts[:-1]).all())
+    ts = time_grid(process, 10, "logsnr", sigma_min=0.5)
+    lam = process.log_snr(ts[:-1])
+    torch.testing.assert_close(lam.diff(), torch.full((9,), float(lam[1] - lam[0]),
+                                                      dtype=torch.float64))
+    assert abs(float(lam[-1]) - (-2 * math.log(0.5))) < 1e-9
+    ts = time_grid(process, 10, "karras", rho=3.0, sigma_min=0.5)
+    st = (-0.5 * process.log_snr(ts[:-1])).exp() ** (1 / 3)
+    torch.testing.assert_close(st.diff(), torch.full((9,), float(st[1] - st[0]),
+                                                     dtype=torch.float64))
+    assert abs(float(st[0]) ** 3 - st_max) < 1e-6 * st_max
+    with pytest.raises(ValueError, match="sigma_min"):
+        time_grid(process, 10, "karras", sigma_min=2 * st_max)
+
+
+def test_every_sampler_is_registered_and_ends_denoised():
+    from difflab.samplers import SAMPLERS
+
+    process = make_process("linear")
+    data = gaussian(process)
+    x_T = start_noise(process, n=4)
+    ts = time_grid(process, 6, "karras")
+    for name, sampler in SAMPLERS.items():
+        seen = []
+        out = sampler(data, x_T, ts, torch.Generator().manual_seed(0), callback=seen.append)
+        assert torch.equal(out, seen[-1].x0) and torch.equal(seen[-1].x, out), name
+        assert torch.isfinite(out).all(), name

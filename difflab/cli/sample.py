@@ -34,6 +34,9 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: ODE)")
     p.add_argument("--variance", default="beta_tilde", choices=["beta", "beta_tilde"],
                    help="DDPM reverse variance")
+    p.add_argument("--order", type=int, default=None,
+                   help="solver order (dpm_solver, unipc_*, lms, dpmpp_sde; default: theirs)")
+    p.add_argument("--churn", type=float, default=None, help="Heun churn (0: deterministic)")
     p.add_argument("--class", dest="label", default="all",
                    help="class index or name to sample, or 'all' for rows of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
@@ -109,8 +112,10 @@ def run_sample(args: argparse.Namespace) -> int:
     shape = (cfg["dim"],) if is_2d else (cfg["in_channels"], cfg["image_size"],
                                           cfg["image_size"])
     sampler = get_sampler(args.sampler)
-    opts = {k: v for k, v in (("eta", args.eta), ("variance", args.variance))
-            if k in inspect.signature(sampler).parameters}
+    given = (("eta", args.eta), ("variance", args.variance), ("order", args.order),
+             ("churn", args.churn))
+    opts = {k: v for k, v in given
+            if v is not None and k in inspect.signature(sampler).parameters}
     x = generate(denoiser, sampler, shape, list(range(args.seed, args.seed + n)),
                  labels=labels, steps=args.steps, spacing=args.spacing,
                  batch_size=args.batch_size, device=device, progress=not args.no_progress,

@@ -137,8 +137,22 @@ class DiscreteProcess(Process):
         return torch.where(exact, lam_tab[t.round().long()], lam)
 
     def t_from_log_snr(self, lam: Tensor | float, iters: int = 80) -> Tensor:
-        """Exact inverse of the interpolation above (bisection on the monotone map)."""
-        return super().t_from_log_snr(lam, iters)
+        """Exact inverse of the interpolation above: in closed form (a table search and the
+        inverse of each piece), or by bisection where alpha is interpolated (zero terminal SNR).
+        """
+        if self.zero_terminal_snr:
+            return super().t_from_log_snr(lam, iters)
+        lam = as_time(lam)
+        table = self._lam.to(lam.device)
+        desc = -table[1:]  # -lambda_t for t = 1..T, increasing
+        k = torch.searchsorted(desc, -lam.clamp(max=float(table[1])).contiguous()).clamp(
+            1, self.T - 1)  # lambda_{k+1} <= lam <= lambda_k with k >= 1
+        lo, hi = table[k], table[k + 1]
+        t = k + (lo - lam) / (lo - hi)
+        # On [0, 1]: alpha_bar(t) = alpha_bar_1^t, so t = log sigmoid(lam) / log alpha_bar_1.
+        t_first = torch.nn.functional.logsigmoid(lam) / torch.log(self.alpha_bar[0])
+        t = torch.where(lam >= table[1], t_first, t)
+        return t.clamp(0.0, self.t_max)
 
     def sample_t(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:

@@ -1,14 +1,31 @@
-"""Samplers: stateless functions over a denoiser and a decreasing time grid."""
+"""Samplers: stateless functions over a denoiser and a decreasing time grid.
+
+Every entry of ``SAMPLERS`` has the signature ``(denoiser, x, ts, generator=None,
+callback=None, *, cond=None, **options)`` and returns x0_hat after its last step.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from .ancestral import ddim, ddpm
-from .base import StepInfo, check_grid
-from .grids import SPACINGS, discrete_timesteps, time_grid
+from .base import CountingDenoiser, StepInfo, check_grid
+from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
+from .grids import SPACINGS, default_sigma_min, discrete_timesteps, time_grid
+from .heun import heun
+from .langevin import annealed_langevin, pc
+from .multistep import lms, plms
+from .optimize import optimize_grid, reference_solution
+from .rk import rk45
+from .sde import euler_maruyama, euler_ode
+from .unipc import unipc, unipc_bh1, unipc_bh2
 
-SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim}
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": ddpm, "ddim": ddim, "euler_maruyama": euler_maruyama, "euler_ode": euler_ode,
+    "heun": heun, "rk45": rk45, "plms": plms, "lms": lms, "dpm_solver": dpm_solver,
+    "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "dpmpp_sde": dpmpp_sde, "unipc_bh1": unipc_bh1,
+    "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
+}
 
 
 def get_sampler(name: str) -> Callable:
@@ -18,5 +35,9 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "SPACINGS", "StepInfo", "check_grid", "ddim", "ddpm",
-           "discrete_timesteps", "get_sampler", "time_grid"]
+__all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_langevin",
+           "check_grid", "ddim", "ddpm", "default_sigma_min", "discrete_timesteps",
+           "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler_maruyama", "euler_ode",
+           "get_sampler", "heun", "lms", "optimize_grid", "pc", "plms", "reference_solution",
+           "rk45", "time_grid", "unipc",
+           "unipc_bh1", "unipc_bh2"]

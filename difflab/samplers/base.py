@@ -62,3 +62,21 @@ def randn_like(x: Tensor, generator: Generators) -> Tensor:
 def report(callback: Callback | None, i: int, t: Tensor, x: Tensor, pred: Prediction) -> None:
     if callback is not None:
         callback(StepInfo(i=i, t=t, x=x, x0=pred.x0))
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations (NFE): ``nfe`` after a sampler call is the
+    number of network evaluations it used; adaptive solvers (``rk45``) are read this way."""
+
+    def __init__(self, denoiser):
+        self.inner, self.process, self.nfe = denoiser, denoiser.process, 0
+
+    def __call__(self, x: Tensor, t: Tensor | float, cond=None) -> Prediction:
+        self.nfe += 1
+        return self.inner(x, t, cond)
+
+
+def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction) -> Tensor:
+    """The shared last step: return the denoised x0_hat (no residual noise) and report it."""
+    report(callback, i, t, pred.x0, pred)
+    return pred.x0

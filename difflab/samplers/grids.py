@@ -7,11 +7,23 @@ Discrete spacings pick N of the T training steps (DDPM indices 1..T) and end at 
 - ``leading``:  1, 1 + T//N, 1 + 2 T//N, ...   (starts at the first step, misses t = T);
 - ``trailing``: round(T, T - T/N, ..., T/N)    (always includes t = T).
 
-For continuous processes ``uniform`` splits [t_min, t_max] evenly.
+Any process (discrete ones through their log-SNR interpolation):
+
+- ``uniform``: [t_max, t_min] split evenly in t (Song et al. 2021);
+- ``logsnr``:  N - 1 steps evenly spaced in lambda from lambda(t_max) down to the smallest
+  noise level sigma~_min, then t_min (Lu et al. 2022, "logSNR" steps);
+- ``karras``:  sigma~_i = (sigma~_max^(1/rho) + i / (N - 1) (sigma~_min^(1/rho) -
+  sigma~_max^(1/rho)))^rho in sigma~ = sigma / alpha = exp(-lambda / 2), then t_min
+  (Karras et al. 2022, eq. 5, rho = 7).
+
+sigma~_min defaults to the first training step for discrete processes and to t_min + 1e-3
+(t_max - t_min) for continuous ones (Song et al. 2021's epsilon); the last step of every
+sampler goes from there to t_min by returning x0_hat.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -19,8 +31,8 @@ from torch import Tensor
 
 from ..process import Process
 
-Spacing = Literal["linspace", "leading", "trailing", "uniform"]
-SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "uniform")
+Spacing = Literal["linspace", "leading", "trailing", "uniform", "logsnr", "karras"]
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "uniform", "logsnr", "karras")
 
 
 def discrete_timesteps(T: int, n: int, spacing: Spacing = "trailing") -> Tensor:
@@ -42,17 +54,54 @@ def discrete_timesteps(T: int, n: int, spacing: Spacing = "trailing") -> Tensor:
     return steps.flip(0)
 
 
-def time_grid(process: Process, n: int, spacing: Spacing | None = None) -> Tensor:
+def default_sigma_min(process: Process) -> float:
+    """sigma~ = sigma / alpha of the least noisy level a sampler should visit."""
+    t = process.t_min + (1.0 if process.is_discrete else 1e-3 * (process.t_max - process.t_min))
+    return float((-0.5 * process.log_snr(t)).exp())
+
+
+def noise_level_grid(process: Process, n: int, spacing: str, rho: float = 7.0,
+                     sigma_min: float | None = None) -> Tensor:
+    """N + 1 times: N levels from t_max to sigma~_min spaced in log-SNR or Karras-style, then
+    t_min."""
+    lam_max = float(process.log_snr(process.t_max))
+    if not math.isfinite(lam_max):
+        raise ValueError(f"spacing {spacing!r} needs a finite noise level at t_max")
+    s_max = math.exp(-0.5 * lam_max)
+    s_min = sigma_min if sigma_min is not None else default_sigma_min(process)
+    s_floor = math.exp(-0.5 * float(process.log_snr(process.t_min)))
+    if not s_floor < s_min < s_max:
+        raise ValueError(f"need {s_floor:.4g} < sigma_min < {s_max:.4g} (sigma~ at t_min and "
+                         f"t_max), got {s_min}")
+    if n == 1:
+        return torch.tensor([process.t_max, process.t_min], dtype=torch.float64)
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    if spacing == "logsnr":
+        lam = lam_max + u * (-2 * math.log(s_min) - lam_max)
+    else:
+        st = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        lam = -2 * st.log()
+    ts = process.t_from_log_snr(lam)
+    ts[0] = process.t_max
+    return torch.cat([ts, torch.tensor([process.t_min], dtype=torch.float64)])
+
+
+def time_grid(process: Process, n: int, spacing: Spacing | None = None, *, rho: float = 7.0,
+              sigma_min: float | None = None) -> Tensor:
     """A float64 grid of N + 1 decreasing times ending at ``process.t_min``: N sampler steps.
 
-    ``spacing`` defaults to ``trailing`` for discrete processes and ``uniform`` otherwise.
+    ``spacing`` defaults to ``trailing`` for discrete processes and ``uniform`` otherwise;
+    ``rho`` and ``sigma_min`` (in sigma~ = sigma / alpha) apply to ``karras`` / ``logsnr``.
     """
     if n < 1:
         raise ValueError(f"number of steps must be at least 1, got {n}")
     spacing = spacing or ("trailing" if process.is_discrete else "uniform")
     if spacing == "uniform":
         return torch.linspace(process.t_max, process.t_min, n + 1, dtype=torch.float64)
+    if spacing in ("logsnr", "karras"):
+        return noise_level_grid(process, n, spacing, rho, sigma_min)
     if not process.is_discrete:
-        raise ValueError(f"spacing {spacing!r} needs a discrete schedule; use 'uniform'")
+        raise ValueError(f"spacing {spacing!r} needs a discrete schedule; use 'uniform', "
+                         "'logsnr' or 'karras'")
     steps = discrete_timesteps(int(process.t_max), n, spacing).to(torch.float64)
     return torch.cat([steps, torch.tensor([process.t_min], dtype=torch.float64)])

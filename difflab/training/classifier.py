@@ -90,7 +90,7 @@ def train_classifier(config: ClassifierTrainConfig, data: ImageData | None = Non
         loss.backward()
         opt.step()
         if step % c.log_every == 0:
-            log.append({"step": step, "loss": float(loss)})
+            log.append({"step": step, "loss": float(loss.detach())})
     net.eval()
     acc = {f"t={t:g}": noisy_accuracy(net, process, data, t)
            for t in (0.1 * process.t_max, 0.5 * process.t_max, 0.8 * process.t_max)}

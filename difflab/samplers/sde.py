@@ -1,0 +1,60 @@
+"""Score-SDE samplers (Song et al. 2021): reverse-SDE Euler-Maruyama and probability-flow ODE
+Euler, written in log-SNR lambda so they work for every VP process.
+
+For a VP process with lambda(t): f(t) = (1/2) sigma^2 lambda'(t), g(t)^2 = -sigma^2 lambda'(t)
+(from alpha^2 = sigmoid(lambda)). With the score -eps/sigma and h = lambda_{i+1} - lambda_i > 0
+(time runs backwards), eq. 6 (reverse SDE) and eq. 13 (probability flow) become
+
+  reverse SDE:  dx = (1/2) sigma^2 x dlambda - sigma eps dlambda + sigma dW_lambda,
+  PF ODE:       dx = (1/2) (sigma^2 x - sigma eps) dlambda,
+
+which Euler(-Maruyama) steps with dlambda = h. The last step returns x0_hat (``final_step``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..parameterization import DenoiserFn
+from .base import Callback, Generators, check_grid, final_step, randn_like, report
+
+
+@torch.no_grad()
+def _euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
+           callback: Callback | None, cond: Any, stochastic: bool) -> Tensor:
+    ts = check_grid(ts)
+    lam = denoiser.process.log_snr(ts)
+    s = denoiser.process.sigma(ts)
+    h = (lam[1:] - lam[:-1]).tolist()
+    sig = s.tolist()
+    for i in range(len(ts) - 1):
+        pred = denoiser(x, ts[i], cond)
+        if i == len(ts) - 2:
+            return final_step(callback, i, ts[i], pred)
+        si, hi = sig[i], h[i]
+        if stochastic:
+            x = (1 + 0.5 * si**2 * hi) * x - si * hi * pred.eps
+            x = x + si * math.sqrt(hi) * randn_like(x, generator)
+        else:
+            x = (1 + 0.5 * si**2 * hi) * x - 0.5 * si * hi * pred.eps
+        report(callback, i, ts[i], x, pred)
+    return x
+
+
+def euler_maruyama(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
+                   callback: Callback | None = None, *, cond: Any = None) -> Tensor:
+    """Reverse-SDE Euler-Maruyama (Song et al. 2021, eq. 6), step dlambda. Weak order 1."""
+    return _euler(denoiser, x, ts, generator, callback, cond, stochastic=True)
+
+
+def euler_ode(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
+              callback: Callback | None = None, *, cond: Any = None) -> Tensor:
+    """Probability-flow ODE Euler (Song et al. 2021, eq. 13), step dlambda. Order 1."""
+    return _euler(denoiser, x, ts, generator, callback, cond, stochastic=False)
+
+
+__all__ = ["euler_maruyama", "euler_ode"]
