@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.analytic import GaussianData
+from difflab.analytic import GaussianData, GaussianMixture
 from difflab.editing import (
     ddim_invert,
     inpaint,
@@ -31,13 +31,21 @@ def gaussian(name="cosine"):
     return GaussianData(process, mu, std)
 
 
+def mixture(name="cosine"):
+    """Three well-separated components: the denoiser and the ODE flow are non-linear."""
+    g = torch.Generator().manual_seed(7)
+    mu = 1.5 * torch.randn(3, DIM, generator=g, dtype=torch.float64)
+    return GaussianMixture(make_process(name), mu, torch.tensor([0.2, 0.3, 0.25]))
+
+
 def data_points(data, n=32, seed=0):
     return data.sample(n, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", ["linear", "vpsde"])
-def test_inversion_then_reconstruction_converges_at_first_order(name):
-    data = gaussian(name)
+@pytest.mark.parametrize("make", [gaussian, mixture])
+def test_inversion_then_reconstruction_converges_at_first_order(name, make):
+    data = make(name)
     x0 = data_points(data)
     steps, errs = [25, 50, 100, 200], []
     for n in steps:
@@ -45,7 +53,7 @@ def test_inversion_then_reconstruction_converges_at_first_order(name):
         errs.append(float((reconstruct(data, ddim_invert(data, x0, ts), ts) - x0)
                           .pow(2).mean().sqrt()))
     slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
-    assert errs[-1] < 0.02 and -1.3 < slope < -0.7, (errs, slope)
+    assert errs[-1] < 0.05 and -1.3 < slope < -0.7, (errs, slope)
 
 
 def test_inverted_noise_is_standard_normal():
@@ -148,3 +156,14 @@ def test_inversion_works_for_every_prediction_type(kind):
     rec = reconstruct(den, ddim_invert(den, x0, ts), ts)
     torch.testing.assert_close(rec, ref, rtol=1e-6, atol=1e-6)
     assert float((rec - x0).pow(2).mean().sqrt()) < 0.05
+
+
+def test_inpainting_a_mixture_keeps_known_pixels_exactly():
+    data = mixture()
+    x_known = data_points(data, n=64, seed=4)
+    mask = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.float64)
+    out = inpaint(data, x_known, mask, time_grid(data.process, 20),
+                  torch.Generator().manual_seed(0), jump_length=5, jump_n_sample=2)
+    assert torch.equal(out[:, mask == 0], x_known[:, mask == 0])
+    assert torch.isfinite(out).all() and not torch.equal(out[:, mask == 1],
+                                                         x_known[:, mask == 1])
