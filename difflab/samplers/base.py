@@ -76,7 +76,20 @@ class CountingDenoiser:
         return self.inner(x, t, cond)
 
 
-def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction) -> Tensor:
-    """The shared last step: return the denoised x0_hat (no residual noise) and report it."""
-    report(callback, i, t, pred.x0, pred)
-    return pred.x0
+def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction,
+               x: Tensor | None = None, alpha: float = 1.0, sigma_tilde: list[float] | None = None,
+               eps_hist: list[Tensor] | None = None) -> Tensor:
+    """The shared last step: return the denoised x0_hat (no residual noise) and report it.
+
+    Given the state x at the last noisy level, sigma~ = sigma / alpha on the grid (ending at 0)
+    and more than one recent eps_hat (newest first), the step to sigma~ = 0 is instead the
+    Adams-Bashforth step in sigma~ through them (with one it is exactly x0_hat): still clean
+    data, but of higher order than x0_hat of the last evaluation alone."""
+    out = pred.x0
+    if eps_hist is not None and len(eps_hist) > 1 and sigma_tilde and sigma_tilde[-1] == 0:
+        from .multistep import final_sigma_step
+
+        out = final_sigma_step(x, alpha, sigma_tilde, eps_hist, len(eps_hist))
+        pred = Prediction(x0=out, eps=pred.eps)
+    report(callback, i, t, out, pred)
+    return out
