@@ -5,7 +5,9 @@ Signature (DESIGN.md): ``sampler(denoiser, x, ts, generator=None, callback=None,
 whose last entry is the end time. The last step always returns the denoised x0_hat of the last
 network evaluation, with no residual noise: for grids ending at clean data this is what the
 exact update gives anyway, and for processes whose t_min still has noise it is the usual
-"final denoising step".
+"final denoising step". Multistep samplers may instead end with a higher-order step to clean
+data (``final_step`` with an eps_hat history; ``lms``/``plms`` by default, DPM-Solver++ and
+UniPC with ``final_order``): the result is still noise-free and is reported as x and x0.
 """
 
 from __future__ import annotations
