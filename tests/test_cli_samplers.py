@@ -18,8 +18,7 @@ def toy_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler,extra", [("unipc_bh2", ["--order", "3"]),
                                            ("heun", ["--churn", "2", "--spacing", "karras"]),
-                                           ("dpm_solver", ["--order", "2", "--spacing", "logsnr"]),
-                                           ("rk45", [])])
+                                           ("dpm_solver", ["--order", "2", "--spacing", "logsnr"])])
 def test_cli_samples_with_new_samplers(toy_run, tmp_path, sampler, extra):
     assert sampler in SAMPLERS
     npz = tmp_path / "s.npz"

@@ -5,7 +5,9 @@ Signature (DESIGN.md): ``sampler(denoiser, x, ts, generator=None, callback=None,
 whose last entry is the end time. The last step always returns the denoised x0_hat of the last
 network evaluation, with no residual noise: for grids ending at clean data this is what the
 exact update gives anyway, and for processes whose t_min still has noise it is the usual
-"final denoising step".
+"final denoising step". Multistep samplers may instead end with a higher-order step to clean
+data (``final_step`` with an eps_hat history; ``lms``/``plms`` by default, DPM-Solver++ and
+UniPC with ``final_order``): the result is still noise-free and is reported as x and x0.
 """
 
 from __future__ import annotations
@@ -76,7 +78,20 @@ class CountingDenoiser:
         return self.inner(x, t, cond)
 
 
-def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction) -> Tensor:
-    """The shared last step: return the denoised x0_hat (no residual noise) and report it."""
-    report(callback, i, t, pred.x0, pred)
-    return pred.x0
+def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction,
+               x: Tensor | None = None, alpha: float = 1.0, sigma_tilde: list[float] | None = None,
+               eps_hist: list[Tensor] | None = None) -> Tensor:
+    """The shared last step: return the denoised x0_hat (no residual noise) and report it.
+
+    Given the state x at the last noisy level, sigma~ = sigma / alpha on the grid (ending at 0)
+    and more than one recent eps_hat (newest first), the step to sigma~ = 0 is instead the
+    Adams-Bashforth step in sigma~ through them (with one it is exactly x0_hat): still clean
+    data, but of higher order than x0_hat of the last evaluation alone."""
+    out = pred.x0
+    if eps_hist is not None and len(eps_hist) > 1 and sigma_tilde and sigma_tilde[-1] == 0:
+        from .multistep import final_sigma_step
+
+        out = final_sigma_step(x, alpha, sigma_tilde, eps_hist, len(eps_hist))
+        pred = Prediction(x0=out, eps=pred.eps)
+    report(callback, i, t, out, pred)
+    return out

@@ -39,16 +39,20 @@ def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float
 
 @torch.no_grad()
 def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
-                     callback: Callback | None, cond: Any, order: int, sde: bool) -> Tensor:
+                     callback: Callback | None, cond: Any, order: int, sde: bool,
+                     final_order: int = 1) -> Tensor:
     ts = check_grid(ts)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 2.0 if sde else 1.0
     plan = _multistep_plan(lam, a, s, order, c)
     history: list[Tensor] = []
+    eps_hist: list[Tensor] = []
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
+        eps_hist = [pred.eps, *eps_hist][:final_order]
         if i == len(ts) - 2:
-            return final_step(callback, i, ts[i], pred)
+            return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
+                              eps_hist)
         history = [pred.x0, *history][:order]
         cx, w = plan[i]
         x_new = cx * x
@@ -64,17 +68,20 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
 
 
 def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-             callback: Callback | None = None, *, cond: Any = None) -> Tensor:
+             callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
+             ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), the linear interpolant of x0_hat in lambda
-    integrated exactly (phi_2 form); first step first order. Order 2."""
-    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, sde=False)
+    integrated exactly (phi_2 form); first step first order. Order 2. ``final_order`` > 1
+    replaces the last x0_hat step by an Adams-Bashforth step to sigma~ = 0 (``multistep``)."""
+    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, False, final_order)
 
 
 def dpmpp_3m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-             callback: Callback | None = None, *, cond: Any = None) -> Tensor:
+             callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
+             ) -> Tensor:
     """DPM-Solver++(3M): quadratic interpolant through three x0_hat, integrated exactly
-    (Lu et al. 2022b, Appendix; phi_3 form). Order 3."""
-    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 3, sde=False)
+    (Lu et al. 2022b, Appendix; phi_3 form). Order 3. ``final_order`` as in ``dpmpp_2m``."""
+    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 3, False, final_order)
 
 
 def dpmpp_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,

@@ -54,26 +54,31 @@ def _plan(lam: Tensor, order: int, variant: str) -> list[tuple[list[float], list
 @torch.no_grad()
 def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
           callback: Callback | None = None, *, cond: Any = None, order: int = 2,
-          variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True) -> Tensor:
+          variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
+          final_order: int = 1) -> Tensor:
     """UniPC-p (Zhao et al. 2023): UniP-``order`` predictor and UniC corrector (order + 1);
-    ``corrector=False`` gives the plain UniP multistep predictor."""
+    ``corrector=False`` gives the plain UniP multistep predictor; ``final_order`` > 1 makes the
+    last step an Adams-Bashforth step in sigma~ to clean data (``base.final_step``)."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     ts = check_grid(ts)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     plan = _plan(lam, order, variant)
     hist: list[Tensor] = []
+    eps_hist: list[Tensor] = []
     x_prev = None
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
-        if i == len(ts) - 2:
-            return final_step(callback, i, ts[i], pred)
+        eps_hist = [pred.eps, *eps_hist][:final_order]
         if corrector and i > 0:  # UniC on the step i-1 -> i, reusing m_i
             scale = float(a[i] * (lam[i] - lam[i - 1]))
             cw = plan[i - 1][1]
             x = float(s[i] / s[i - 1]) * x_prev
             for wj, mj in zip(cw, [pred.x0, *hist], strict=False):
                 x = x + scale * wj * mj
+        if i == len(ts) - 2:
+            return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
+                              eps_hist)
         hist = [pred.x0, *hist][:order]
         pw = plan[i][0]
         scale = float(a[i + 1] * (lam[i + 1] - lam[i]))
@@ -86,15 +91,19 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
 
 
 def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-              callback: Callback | None = None, *, cond: Any = None, order: int = 3) -> Tensor:
+              callback: Callback | None = None, *, cond: Any = None, order: int = 3,
+              final_order: int = 1) -> Tensor:
     """UniPC with B(h) = h (Zhao et al. 2023, eq. 8); recommended for few steps."""
-    return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh1")
+    return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh1",
+                 final_order=final_order)
 
 
 def unipc_bh2(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-              callback: Callback | None = None, *, cond: Any = None, order: int = 2) -> Tensor:
+              callback: Callback | None = None, *, cond: Any = None, order: int = 2,
+              final_order: int = 1) -> Tensor:
     """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, eq. 9)."""
-    return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh2")
+    return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh2",
+                 final_order=final_order)
 
 
 __all__ = ["unipc", "unipc_bh1", "unipc_bh2"]
