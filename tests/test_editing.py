@@ -11,6 +11,7 @@ from difflab.editing import (
     ddim_invert,
     inpaint,
     interpolate,
+    ode_invert,
     reconstruct,
     repaint_path,
     sdedit,
@@ -54,6 +55,36 @@ def test_inversion_then_reconstruction_converges_at_first_order(name, make):
                           .pow(2).mean().sqrt()))
     slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert errs[-1] < 0.05 and -1.3 < slope < -0.7, (errs, slope)
+
+
+@pytest.mark.parametrize("method,order,steps", [("ddim", 1, [50, 100, 200, 400]),
+                                                ("heun", 2, [40, 80, 160, 320])])
+def test_every_inversion_method_converges_at_its_order(method, order, steps):
+    """Round-trip error falls at least at the solver's order (Heun's forward and backward
+    errors cancel at leading order, so its round trip falls faster, about h^3)."""
+    data = mixture("vpsde")
+    x0 = data_points(data, n=16)
+    errs = []
+    for n in steps:
+        ts = time_grid(data.process, n, "logsnr")
+        z = ode_invert(data, x0, ts, method)
+        errs.append(float((reconstruct(data, z, ts, method) - x0).pow(2).mean().sqrt()))
+    slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert slope < -order + 0.3, (errs, slope)
+    if order == 1:
+        assert slope > -1.3, (errs, slope)
+
+
+def test_rk45_inversion_round_trip_is_within_tolerance():
+    data = mixture("vpsde")
+    x0 = data_points(data, n=8)
+    ts = time_grid(data.process, 200, "logsnr")
+    z = ode_invert(data, x0, ts, "rk45", rtol=1e-7, atol=1e-7)
+    rec = reconstruct(data, z, ts, "rk45", rtol=1e-7, atol=1e-7)
+    # the only first-order parts are the two end steps on the fine end of the grid
+    assert float((rec - x0).pow(2).mean().sqrt()) < 1e-3
+    with pytest.raises(ValueError, match="unknown inversion method"):
+        ode_invert(data, x0, ts, "plms")
 
 
 def test_inverted_noise_is_standard_normal():

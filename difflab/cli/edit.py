@@ -51,6 +51,8 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="edit.png", help="output PNG grid (input first)")
     p.add_argument("--save-npz", default=None, help="invert: also save the noise here")
+    p.add_argument("--inversion", default="ddim", choices=editing.METHODS,
+                   help="invert: ODE solver run backwards (and forwards to reconstruct)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_edit)
 
@@ -99,11 +101,11 @@ def run_edit(args: argparse.Namespace) -> int:
                               jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
         x = torch.cat([x, torch.where(mask.bool(), -1.0, x)])  # show input and kept part
     elif args.kind == "invert":
-        z = editing.ddim_invert(den, x, ts, cond=cond)
-        out = editing.reconstruct(den, z, ts, cond=cond)
+        z = editing.ode_invert(den, x, ts, args.inversion, cond=cond)
+        out = editing.reconstruct(den, z, ts, args.inversion, cond=cond)
         rmse = float((out - x).pow(2).mean().sqrt())
-        print(f"inversion + reconstruction with {args.steps} DDIM steps: RMSE {rmse:.5f} "
-              f"(data range [-1, 1])")
+        print(f"inversion + reconstruction with {args.steps} {args.inversion} steps: RMSE "
+              f"{rmse:.5f} (data range [-1, 1])")
         if args.save_npz:
             arr = z.cpu().numpy()
             atomic_write(Path(args.save_npz), lambda tmp: np.savez(open(tmp, "wb"), noise=arr))

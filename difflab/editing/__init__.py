@@ -6,8 +6,9 @@ time, a start point, a mask or a path through the grid.
 
 from .inpaint import inpaint, repaint_path
 from .interpolation import interpolate, interpolate_coarse_to_fine, slerp
-from .inversion import ddim_invert, reconstruct
+from .inversion import METHODS, ddim_invert, ode_invert, reconstruct
 from .sdedit import sdedit, truncated_grid, variations
 
-__all__ = ["ddim_invert", "inpaint", "interpolate", "interpolate_coarse_to_fine", "reconstruct",
-           "repaint_path", "sdedit", "slerp", "truncated_grid", "variations"]
+__all__ = ["METHODS", "ddim_invert", "inpaint", "interpolate", "interpolate_coarse_to_fine",
+           "ode_invert", "reconstruct", "repaint_path", "sdedit", "slerp", "truncated_grid",
+           "variations"]
