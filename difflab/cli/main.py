@@ -7,6 +7,7 @@ import sys
 
 from .. import __version__
 from ..data import DataError
+from .evaluate import add_eval_parsers
 from .sample import add_sample_parser
 from .train import add_train_parser
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_eval_parsers(sub)
     return p
 
 
