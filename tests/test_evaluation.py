@@ -166,7 +166,12 @@ def test_inception_loads_standard_fid_weight_names(tmp_path):
 def classifier_file(tmp_path_factory):
     train = load_digits(8, split="train")
     config = ClassifierConfig(width=8, feature_dim=32, class_names=train.class_names)
-    model = train_classifier(train, steps=100, batch_size=32, lr=5e-3, seed=0, config=config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny CNN trains fastest on one thread, above all on a busy CPU
+    try:
+        model = train_classifier(train, steps=100, batch_size=32, lr=5e-3, seed=0, config=config)
+    finally:
+        torch.set_num_threads(threads)
     acc = accuracy(model, load_digits(8, split="test"))
     path = save_classifier(model, tmp_path_factory.mktemp("clf") / "digits_classifier",
                            {"test_accuracy": acc})

@@ -50,11 +50,26 @@ class FeatureClassifier(nn.Module):
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, c.feature_dim),
                                       nn.ReLU())
         self.head = nn.Linear(c.feature_dim, c.num_classes)
+        # per-feature mean and std on the training data (set by train_classifier): features
+        # are reported standardised so that kernel metrics (KID's (x.y / D + 1)^3) see O(1)
+        # values, as they do for Inception features
+        self.register_buffer("feature_mean", torch.zeros(c.feature_dim))
+        self.register_buffer("feature_std", torch.ones(c.feature_dim))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """[-1, 1] images [B, C, H, W] -> (features [B, feature_dim], logits [B, K])."""
+        """[-1, 1] images [B, C, H, W] -> (standardised features [B, feature_dim], logits
+        [B, K])."""
         f = self.features(self.convs(images.float()))
-        return f, self.head(f)
+        return (f - self.feature_mean) / self.feature_std, self.head(f)
+
+    @torch.no_grad()
+    def set_feature_scale(self, images: Tensor, batch_size: int = 512) -> None:
+        """Fit ``feature_mean`` / ``feature_std`` to the raw features of ``images``."""
+        dev = self.feature_mean.device
+        f = torch.cat([self.features(self.convs(images[s:s + batch_size].to(dev).float()))
+                       for s in range(0, len(images), batch_size)])
+        self.feature_mean.copy_(f.mean(0))
+        self.feature_std.copy_(f.std(0).clamp(min=1e-3))
 
 
 @torch.no_grad()
@@ -69,32 +84,36 @@ def accuracy(model: FeatureClassifier, data: ImageData, batch_size: int = 512) -
 
 def train_classifier(train: ImageData, steps: int = 1500, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0, noise: float = 0.1,
-                     config: ClassifierConfig | None = None) -> FeatureClassifier:
-    """Train with AdamW and cross-entropy on ``train`` (labels required). Small Gaussian input
-    noise and random one-pixel shifts make the features less brittle on generated images."""
+                     config: ClassifierConfig | None = None,
+                     device: str | torch.device = "cpu") -> FeatureClassifier:
+    """Train with AdamW and cross-entropy on ``train`` (labels required); returns the model on
+    the CPU. Small Gaussian input noise and random one-pixel shifts make the features less
+    brittle on generated images."""
     if train.labels is None:
         raise ValueError("the feature classifier needs a labelled data set")
     torch.manual_seed(seed)
     config = config or ClassifierConfig(in_channels=train.channels,
                                         num_classes=int(train.num_classes or 0),
                                         class_names=list(train.class_names))
-    model = FeatureClassifier(config)
+    model = FeatureClassifier(config).to(device)
+    images, labels = train.images.to(device), train.labels.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(train), (batch_size,), generator=g)
-        x = train.images[idx]
+        x = images[idx.to(device)]
         dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
         x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-        x = x + noise * torch.randn(x.shape, generator=g)
-        loss = F.cross_entropy(model(x)[1], train.labels[idx])
+        x = x + noise * torch.randn(x.shape, generator=g).to(device)
+        loss = F.cross_entropy(model(x)[1], labels[idx.to(device)])
         for group in opt.param_groups:  # cosine decay
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model.eval().requires_grad_(False)
+    model.eval().set_feature_scale(images)
+    return model.cpu().requires_grad_(False)
 
 
 def save_classifier(model: FeatureClassifier, path: str | Path,

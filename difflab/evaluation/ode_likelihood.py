@@ -40,23 +40,49 @@ Trace = Literal["hutchinson", "exact"]
 Probe = Literal["rademacher", "gaussian"]
 
 
-def pf_ode_drift(denoiser: DenoiserFn, x: Tensor, lam: float, cond: Any = None) -> Tensor:
+class TimeOfLogSNR:
+    """t(lambda) by interpolation in a dense table of the process's log-SNR (built once per
+    solve; calling the process's own bisection at every ODE step costs more than the network).
+    The table holds a uniform grid, a log-spaced grid near t_min where lambda -> +inf, and, for
+    discrete processes, every integer step, between which lambda is linear in t."""
+
+    def __init__(self, process: Any, n: int = 20001):
+        t0, t1 = process.t_min, process.t_max
+        span = t1 - t0
+        grids = [torch.linspace(t0, t1, n, dtype=torch.float64),
+                 t0 + span * torch.logspace(-9, 0, 2000, dtype=torch.float64)]
+        if process.is_discrete:
+            grids.append(torch.arange(0, int(t1) + 1, dtype=torch.float64))
+        ts = torch.unique(torch.cat(grids))
+        lam = process.log_snr(ts)
+        keep = torch.isfinite(lam)
+        # lambda decreases in t; np.interp needs increasing abscissae
+        self.lam = lam[keep].flip(0).numpy()
+        self.ts = ts[keep].flip(0).numpy()
+
+    def __call__(self, lam: float) -> Tensor:
+        return torch.tensor(float(np.interp(lam, self.lam, self.ts)), dtype=torch.float64)
+
+
+def pf_ode_drift(denoiser: DenoiserFn, x: Tensor, lam: float, cond: Any = None,
+                 time_of: TimeOfLogSNR | None = None) -> Tensor:
     """F(x, lambda) = sigma^2 / 2 x - sigma / 2 eps_hat(x, t(lambda)) (see module docstring)."""
     process = denoiser.process
     lam_t = torch.tensor(lam, dtype=torch.float64)
-    t = process.t_from_log_snr(lam_t)
+    t = process.t_from_log_snr(lam_t) if time_of is None else time_of(lam)
     sigma2 = float(torch.sigmoid(-lam_t))
     eps = denoiser(x, t.expand(x.shape[0]), cond).eps
     return 0.5 * sigma2 * x - 0.5 * math.sqrt(sigma2) * eps
 
 
 def drift_and_divergence(denoiser: DenoiserFn, x: Tensor, lam: float, cond: Any,
-                         probes: Tensor | None) -> tuple[Tensor, Tensor]:
+                         probes: Tensor | None, time_of: TimeOfLogSNR | None = None
+                         ) -> tuple[Tensor, Tensor]:
     """F(x, lambda) [B, ...] and div_x F [B]: exact when ``probes`` is None, else Hutchinson's
     z^T (dF/dx) z with one probe per example."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        f = pf_ode_drift(denoiser, x, lam, cond)
+        f = pf_ode_drift(denoiser, x, lam, cond, time_of)
         if probes is not None:
             (vjp,) = torch.autograd.grad(f, x, probes)
             return f.detach(), (vjp * probes).flatten(1).sum(1)
@@ -123,13 +149,14 @@ def ode_nll(denoiser: DenoiserFn, x: Tensor, cond: Any = None, *, trace: Trace =
         raise ValueError(f"trace must be 'hutchinson' or 'exact', got {trace!r}")
     probes = None if probes is None else probes.to(x.device)
     lam0, lam1 = lambda_range(denoiser.process, t_start)
+    time_of = TimeOfLogSNR(denoiser.process)
     nfe = 0
 
     def rhs(lam: float, y: np.ndarray) -> np.ndarray:
         nonlocal nfe
         nfe += 1
         xs = torch.from_numpy(y[:B * D]).reshape(shape).to(x.device)
-        f, div = drift_and_divergence(denoiser, xs, lam, cond, probes)
+        f, div = drift_and_divergence(denoiser, xs, lam, cond, probes, time_of)
         return np.concatenate([f.reshape(-1).cpu().numpy(), div.cpu().numpy()])
 
     y0 = np.concatenate([x.reshape(-1).cpu().numpy(), np.zeros(B)])
@@ -166,6 +193,6 @@ def ode_bits_per_dim(denoiser: DenoiserFn, x: Tensor, cond: Any = None, *,
     return bits_per_dim_dequantized(res.nll, res.dims)
 
 
-__all__ = ["BIN_WIDTH", "ODEResult", "bits_per_dim_dequantized", "dequantize",
+__all__ = ["BIN_WIDTH", "ODEResult", "TimeOfLogSNR", "bits_per_dim_dequantized", "dequantize",
            "drift_and_divergence", "lambda_range", "make_probes", "ode_bits_per_dim",
            "ode_nll", "pf_ode_drift"]
