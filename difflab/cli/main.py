@@ -8,6 +8,7 @@ import sys
 from .. import __version__
 from ..data import DataError
 from .edit import add_edit_parser
+from .evaluate import add_eval_parsers
 from .sample import add_sample_parser
 from .train import add_train_classifier_parser, add_train_parser
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_classifier_parser(sub)
     add_sample_parser(sub)
     add_edit_parser(sub)
+    add_eval_parsers(sub)
     return p
 
 

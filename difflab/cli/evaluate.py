@@ -1,0 +1,188 @@
+"""``difflab eval`` (FID / KID / IS / precision-recall of a sample set) and ``difflab nll``
+(bits/dim of a trained model by the variational bound or the probability-flow ODE)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import from_uint8
+from ..evaluation import (
+    METRICS,
+    extract,
+    format_table,
+    load_extractor,
+    load_reference,
+    load_sample_set,
+    ode_nll,
+    sample_metrics,
+    save_reference,
+    vlb,
+)
+from ..evaluation.ode_likelihood import bits_per_dim_dequantized, dequantize
+from ..evaluation.reference import is_reference_file
+from ..evaluation.report import parse_metrics
+from ..training import pick_device
+from ..training.checkpoint import write_json
+from .loading import load_denoiser
+
+
+def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval`` and ``nll``."""
+    p = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a sample set",
+                       description="Compare a sample set with a reference in the feature space "
+                                   "of an extractor; prints a table, writes JSON with --out.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--samples", required=True,
+                   help="folder of images, .npz from 'difflab sample --save-npz', or a data set "
+                        "(digits, digits:test, digits:train, folder:PATH)")
+    p.add_argument("--reference", default=None,
+                   help="the same kinds as --samples, or a statistics .npz from "
+                        "--save-reference")
+    p.add_argument("--features", required=True,
+                   help="inception:PATH (FID weights pt_inception-2015-12-05-6726825d.pth from "
+                        "pytorch-fid's releases; never downloaded) or classifier:PATH (a "
+                        "difflab feature classifier .json)")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of "
+                   f"{','.join(METRICS)}")
+    p.add_argument("--save-reference", default=None,
+                   help="write the --samples features' statistics (.npz) for later use")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="resolution for data-set names (default: that of --samples)")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall")
+    p.add_argument("--is-splits", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.set_defaults(func=run_eval)
+    add_nll_parser(sub)
+
+
+def _reference_features(args: argparse.Namespace, extractor: Any, shape: tuple[int, ...]
+                        ) -> tuple[np.ndarray | None, Any, str]:
+    """(features or None, FeatureStats or None, description) of --reference."""
+    if is_reference_file(args.reference):
+        ref = load_reference(args.reference)
+        if ref.extractor != extractor.name:
+            print(f"warning: {args.reference} was computed with {ref.extractor!r}, not "
+                  f"{extractor.name!r}")
+        return ref.features, ref.stats, f"{args.reference} (statistics)"
+    ref_set = load_sample_set(args.reference, args.resolution or shape[1], shape[3])
+    return extract(extractor, ref_set.images, args.batch_size).features, None, ref_set.source
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    metrics = parse_metrics(args.metrics)
+    extractor = load_extractor(args.features, pick_device(args.device))
+    samples = load_sample_set(args.samples, args.resolution)
+    fake = extract(extractor, samples.images, args.batch_size)
+    if args.save_reference:
+        path = save_reference(args.save_reference, fake.features, extractor.name)
+        print(f"wrote reference statistics of {len(fake.features)} images ({extractor.name}) "
+              f"to {path}")
+        if args.reference is None:
+            return 0
+    if args.reference is None and metrics != ["is"]:
+        raise ValueError("--reference is needed for fid, kid and pr (or use --metrics is)")
+    real, real_stats, ref_name = (None, None, None) if args.reference is None else \
+        _reference_features(args, extractor, samples.images.shape)
+    report = {"samples": samples.source, "reference": ref_name, "extractor": extractor.name,
+              **sample_metrics(fake.features, real, metrics=metrics, fake_probs=fake.probs,
+                               real_stats=real_stats, kid_subsets=args.kid_subsets,
+                               kid_subset_size=args.kid_subset_size, k=args.k,
+                               is_splits=args.is_splits, seed=args.seed)}
+    cols = [c for c in ("n_samples", "fid", "kid_mean", "kid_std", "is_mean", "is_std",
+                        "precision", "recall") if c in report]
+    print(f"features: {extractor.name}\n" + format_table([report], cols))
+    if args.out:
+        write_json(Path(args.out), report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_nll_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("nll", help="bits/dim of a trained model (VLB or probability-flow ODE)",
+                       description="Negative log-likelihood in bits per dimension of held-out "
+                                   "data under a checkpoint: the variational bound (discrete "
+                                   "processes) or the exact probability-flow ODE likelihood.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--method", default="vlb", choices=["vlb", "ode"])
+    p.add_argument("--data", default=None, help="images to score (default: the checkpoint's "
+                   "data set, test split, e.g. digits:test); any --samples kind of eval")
+    p.add_argument("--n", type=int, default=None, help="score only the first N images")
+    p.add_argument("--variance", default="beta_tilde", choices=["beta", "beta_tilde"],
+                   help="VLB: fixed reverse variance")
+    p.add_argument("--steps", type=int, default=None,
+                   help="VLB: evaluate a stratified sample of this many terms (default all)")
+    p.add_argument("--trace", default="hutchinson", choices=["hutchinson", "exact"])
+    p.add_argument("--probe", default="rademacher", choices=["rademacher", "gaussian"])
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--unconditional", action="store_true",
+                   help="score with the null label instead of the data's labels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.set_defaults(func=run_nll)
+
+
+def model_bits_per_dim(denoiser: Any, images: torch.Tensor, labels: torch.Tensor | None,
+                       method: str, batch_size: int = 256, seed: int = 0,
+                       device: str | torch.device = "cpu", **options: Any) -> dict[str, Any]:
+    """Mean bits/dim (and its standard error) of images [N, C, H, W] on the 8-bit grid of
+    [-1, 1]: the VLB with the discretized decoder, or the dequantized ODE likelihood."""
+    g = torch.Generator().manual_seed(seed)
+    per, extra = [], {}
+    for s in range(0, len(images), batch_size):
+        x = images[s:s + batch_size].to(device)
+        y = None if labels is None else labels[s:s + batch_size].to(device)
+        if method == "vlb":
+            r = vlb(denoiser, x, y, generator=g, **options)
+            per.append(r.bits_per_dim.cpu())
+        else:
+            r = ode_nll(denoiser, dequantize(x, g), y, generator=g, **options)
+            per.append(bits_per_dim_dequantized(r.nll, r.dims))
+            extra["nfe"] = extra.get("nfe", 0) + r.nfe
+    bpd = torch.cat(per).double()
+    return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / len(bpd) ** 0.5)
+            if len(bpd) > 1 else None, "n": len(bpd), **extra}
+
+
+def run_nll(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    # the ODE needs gradients through x0_hat: no clipping there
+    denoiser, meta = load_denoiser(args.checkpoint, ema=not args.no_ema, device=device,
+                                   clip=args.method == "vlb")
+    cfg = meta["config"]
+    if meta["network"]["name"] == "mlp" or meta.get("data_range") is None:
+        raise ValueError("difflab nll scores 8-bit images; this checkpoint models 2-D points")
+    spec = args.data or f"{cfg['dataset']}:test"
+    data = load_sample_set(spec, cfg["resolution"], meta["network"]["config"]["in_channels"])
+    images = from_uint8(torch.as_tensor(data.images[:args.n])).permute(0, 3, 1, 2)
+    labels = None
+    if meta.get("class_names") and data.labels is not None and not args.unconditional:
+        labels = torch.as_tensor(data.labels[:args.n]).long()
+    if args.method == "vlb":
+        options: dict[str, Any] = {"variance": args.variance, "steps": args.steps}
+    else:
+        options = {"trace": args.trace, "probe": args.probe, "rtol": args.rtol,
+                   "atol": args.atol}
+    result = {"checkpoint": str(args.checkpoint), "data": spec, "method": args.method,
+              "conditional": labels is not None, **{k: v for k, v in options.items()},
+              **model_bits_per_dim(denoiser, images, labels, args.method, args.batch_size,
+                                   args.seed, device, **options)}
+    print(format_table([result], ["data", "method", "n", "bits_per_dim", "stderr"]))
+    if args.out:
+        write_json(Path(args.out), result)
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,52 @@
+"""Evaluation: sample-set metrics over pluggable features, and likelihood in bits/dim.
+
+- :mod:`.metrics`: Fréchet distance / FID, KID, inception score, improved precision/recall.
+- :mod:`.inception`: the FID InceptionV3 (weights from a local file only).
+- :mod:`.classifier`: a small classifier trained on labelled data, used as the extractor on
+  small domains.
+- :mod:`.features`: the extractor interface and ``extract``.
+- :mod:`.reference`: sample sets (PNG folders, ``--save-npz`` files) and reference stats.
+- :mod:`.likelihood`: the variational bound (DDPM) with the discretized Gaussian decoder.
+- :mod:`.ode_likelihood`: exact likelihood through the probability-flow ODE.
+"""
+
+from .classifier import (
+    ClassifierConfig,
+    FeatureClassifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from .features import Extracted, FeatureExtractor, ModuleExtractor, extract, load_extractor
+from .inception import FIDInceptionV3, load_fid_inception
+from .likelihood import (
+    VLBResult,
+    discretized_gaussian_log_likelihood,
+    gaussian_log_likelihood,
+    normal_kl,
+    vlb,
+)
+from .metrics import (
+    FeatureStats,
+    feature_stats,
+    fid,
+    frechet_distance,
+    inception_score,
+    kid,
+    mmd2_unbiased,
+    precision_recall,
+)
+from .ode_likelihood import ODEResult, dequantize, ode_bits_per_dim, ode_nll
+from .reference import load_reference, load_sample_set, save_reference
+from .report import METRICS, format_table, sample_metrics
+
+__all__ = [
+    "METRICS", "ClassifierConfig", "Extracted", "FIDInceptionV3", "FeatureClassifier",
+    "FeatureExtractor", "FeatureStats", "ModuleExtractor", "ODEResult", "VLBResult",
+    "dequantize", "discretized_gaussian_log_likelihood", "extract", "feature_stats", "fid",
+    "format_table", "frechet_distance", "gaussian_log_likelihood", "inception_score", "kid",
+    "load_classifier", "load_extractor", "load_fid_inception", "load_reference",
+    "load_sample_set", "mmd2_unbiased", "normal_kl", "ode_bits_per_dim", "ode_nll",
+    "precision_recall", "sample_metrics", "save_classifier", "save_reference",
+    "train_classifier", "vlb",
+]
