@@ -59,6 +59,8 @@ HELP: dict[str, str] = {
     "precision": "fp32, bf16 (autocast; CUDA or a CPU with bf16 units) or fp16 (CUDA, with "
                  "loss scaling); weights and checkpoints stay fp32",
     "compile": "torch.compile the network for the training step (first steps are slow)",
+    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
+                    "max-autotune",
     "channels_last": "NHWC memory layout for images and convolution weights",
     "grad_checkpointing": "recompute activations in the backward pass (less memory)",
 }
@@ -71,6 +73,8 @@ CHOICES: dict[str, list[str]] = {
     "prediction": list(PREDICTION_TYPES),
     "loss_space": list(LOSS_SPACES),
     "precision": list(PRECISIONS),
+    "compile_mode": ["default", "reduce-overhead", "max-autotune",
+                     "max-autotune-no-cudagraphs"],
 }
 
 
@@ -137,7 +141,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
         # a resumed run keeps its saved config; only these may change on resume
         changeable = {"steps", "log_every", "sample_every", "checkpoint_every",
                       "keep_checkpoints", "device", "out_dir", "precision", "compile",
-                      "channels_last", "grad_checkpointing"}
+                      "compile_mode", "channels_last", "grad_checkpointing"}
         clash = {k for k in set(values) | set(cli) if k not in changeable
                  and (cli | values)[k] != saved.get(k)}
         if clash:

@@ -109,6 +109,8 @@ class Trainer:
                                      weight_decay=c.weight_decay, foreach=True)
         self.scaler = grad_scaler(c.precision, self.device)
         self._train_denoiser = Denoiser(self._step_module(), self.process, c.prediction)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
         self._seed_dropout(0)
         self._perms: dict[int, torch.Tensor] = {}
@@ -135,7 +137,7 @@ class Trainer:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=ids, gradient_as_bucket_view=True)
         if self.config.compile:
-            module = torch.compile(module)
+            module = torch.compile(module, mode=self.config.compile_mode)
         return module
 
     def _seed_dropout(self, step: int) -> None:
@@ -156,21 +158,25 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch at ``step``: positions step*B .. step*B+B-1 of the epoch-wise
-        shuffled stream (permutation of epoch e seeded by (seed, e))."""
+        shuffled stream (permutation of epoch e seeded by (seed, e)). Computed on the device
+        from per-epoch permutations copied there once, so a step never copies from host."""
         n, b = len(self.images), self.config.batch_size
-        pos = torch.arange(step * b, (step + 1) * b)
-        out = torch.empty(b, dtype=torch.long)
-        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
-            sel = pos // n == epoch
-            out[sel] = self._epoch_perm(epoch)[pos[sel] % n]
+        first, last = step * b // n, ((step + 1) * b - 1) // n
+        pos = torch.arange(step * b, (step + 1) * b, device=self.device)
+        out = self._epoch_perm(first)[pos % n]
+        for epoch in range(first + 1, last + 1):  # a batch that spans epoch boundaries
+            out = torch.where(pos // n == epoch, self._epoch_perm(epoch)[pos % n], out)
         return out
 
     def _epoch_perm(self, epoch: int) -> torch.Tensor:
-        """The permutation of ``epoch`` (seeded by (seed, epoch)); the last two are cached."""
+        """The permutation of ``epoch`` (seeded by (seed, epoch)) on the device; cached."""
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            perm = torch.randperm(len(self.images), generator=g)
+            if self.device.type == "cuda":
+                perm = perm.pin_memory()
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(len(self.images), generator=g)
+            self._perms[epoch] = perm.to(self.device, non_blocking=True)
         return self._perms[epoch]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
@@ -182,7 +188,7 @@ class Trainer:
         c, g, dev = self.config, self.generator, self.device
         idx = self.batch_indices(step)
         b, sl = len(idx), local_slice(len(idx), self.dist)
-        idx = idx[sl].to(dev, non_blocking=True)
+        idx = idx[sl]
         x = self.images[idx]
         y = None
         if self.labels is not None:
