@@ -65,7 +65,8 @@ def parse_seeds(text: str) -> tuple[int, int]:
     try:
         a, b = int(first), int(last or first)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds expects A-B, e.g. 0-49999; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--seeds expects A-B, e.g. 0-49999; got {text!r}") from None
     if a < 0 or b < a:
         raise argparse.ArgumentTypeError(f"--seeds needs 0 <= A <= B; got {text!r}")
     return a, b
