@@ -176,11 +176,11 @@ def run_size(size: int, args: argparse.Namespace) -> list[str]:
     rows = []
     for c in cases:
         ips = args.batch / med[c.name]
-        ratio = med["diffusers"] / med[c.name] if "diffusers" in med else float("nan")
+        ratio = f"{med['diffusers'] / med[c.name]:.2f}x" if "diffusers" in med else "-"
         mfu = f"{100 * flops / med[c.name] / (args.peak_tflops * 1e12):.1f}%" if flops else "-"
         spread = f"{min(times[c.name]) * 1e3:.0f}-{max(times[c.name]) * 1e3:.0f}"
         rows.append(f"| {c.name} | {size} | {args.batch} | {c.params / 1e6:.2f}M | "
-                    f"{med[c.name] * 1e3:.1f} ({spread}) | {ips:.1f} | {ratio:.2f}x | {mfu} |")
+                    f"{med[c.name] * 1e3:.1f} ({spread}) | {ips:.1f} | {ratio} | {mfu} |")
     return rows
 
 
