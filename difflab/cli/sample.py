@@ -9,11 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import save_grid, save_scatter, to_uint8
+from ..data import from_uint8, save_grid, save_scatter, to_uint8
 from ..io import atomic_write
 from ..samplers import SAMPLERS, SPACINGS, get_sampler
 from ..samplers.generate import generate
 from ..training import pick_device
+from ..training.distributed import (
+    DistInfo,
+    gather_to_main,
+    init_distributed,
+    local_slice,
+    shutdown,
+)
 from .loading import guided_denoiser
 
 
@@ -40,6 +47,9 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="label", default="all",
                    help="class index or name to sample, or 'all' for rows of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--seeds", type=parse_seeds, default=None, metavar="A-B",
+                   help="seed range, inclusive (image i uses seed A + i); sets --seed and, "
+                        "if not given, --n. Under torchrun the seeds are split across ranks")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default="samples.png", help="output PNG grid")
     p.add_argument("--save-npz", default=None,
@@ -81,6 +91,19 @@ def class_index(label: str, class_names: list[str]) -> int:
     raise ValueError(f"unknown --class {label!r}; classes are 0..{k - 1}: {class_names}")
 
 
+def parse_seeds(text: str) -> tuple[int, int]:
+    """``"A-B"`` (inclusive, A <= B) or ``"A"`` -> (A, B)."""
+    first, _, last = text.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds expects A-B, e.g. 0-49999; got {text!r}") from None
+    if a < 0 or b < a:
+        raise argparse.ArgumentTypeError(f"--seeds needs 0 <= A <= B; got {text!r}")
+    return a, b
+
+
 def parse_labels(label: str, n: int | None, class_names: list[str]) -> tuple[torch.Tensor | None,
                                                                             int]:
     """Per-image labels for ``--class`` (None for an unconditional model) and the row length."""
@@ -98,38 +121,74 @@ def parse_labels(label: str, n: int | None, class_names: list[str]) -> tuple[tor
     return torch.full((n,), idx), 8
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    denoiser, meta = guided_denoiser(
-        args.checkpoint, ema=not args.no_ema, device=device, clip=not args.no_clip,
-        guidance=args.guidance, guidance_interval=args.guidance_interval,
-        guidance_rescale=args.guidance_rescale, classifier=args.classifier,
-        classifier_scale=args.classifier_scale)
-    labels, nrow = parse_labels(args.label, args.n, meta.get("class_names", []))
-    n = len(labels) if labels is not None else (args.n or 64)
-    cfg = meta["network"]["config"]
-    is_2d = meta["network"]["name"] == "mlp"
-    shape = (cfg["dim"],) if is_2d else (cfg["in_channels"], cfg["image_size"],
-                                          cfg["image_size"])
+def resolve_seed_range(args: argparse.Namespace) -> None:
+    """Fold ``--seeds A-B`` into ``--seed`` and ``--n`` (they must agree if both given)."""
+    if args.seeds is None:
+        return
+    a, b = args.seeds
+    if args.n is not None and args.n != b - a + 1:
+        raise ValueError(f"--n {args.n} disagrees with --seeds {a}-{b} ({b - a + 1} seeds)")
+    args.seed, args.n = a, b - a + 1
+
+
+def sample_shard(args: argparse.Namespace, denoiser, shape: tuple[int, ...],
+                 labels: torch.Tensor | None, n: int, info: DistInfo,
+                 device: torch.device) -> torch.Tensor:
+    """This rank's contiguous share of the n images (all of them for one process), as
+    uint8 NCHW for images (what the files hold) or float for 2-D points."""
     sampler = get_sampler(args.sampler)
     given = (("eta", args.eta), ("variance", args.variance), ("order", args.order),
              ("churn", args.churn))
     opts = {k: v for k, v in given
             if v is not None and k in inspect.signature(sampler).parameters}
-    x = generate(denoiser, sampler, shape, list(range(args.seed, args.seed + n)),
-                 labels=labels, steps=args.steps, spacing=args.spacing,
-                 batch_size=args.batch_size, device=device, progress=not args.no_progress,
-                 **opts)
+    part = local_slice(n, info)
+    seeds = list(range(args.seed, args.seed + n))[part]
+    x = generate(denoiser, sampler, shape, seeds,
+                 labels=None if labels is None else labels[part], steps=args.steps,
+                 spacing=args.spacing, batch_size=args.batch_size, device=device,
+                 progress=not args.no_progress and info.is_main, **opts)
+    return x if len(shape) == 1 else to_uint8(x)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Sample; under torchrun each rank draws its shard of the seeds and rank 0 writes."""
+    resolve_seed_range(args)
+    info, device = init_distributed(pick_device(args.device))
+    try:
+        denoiser, meta = guided_denoiser(
+            args.checkpoint, ema=not args.no_ema, device=device, clip=not args.no_clip,
+            guidance=args.guidance, guidance_interval=args.guidance_interval,
+            guidance_rescale=args.guidance_rescale, classifier=args.classifier,
+            classifier_scale=args.classifier_scale)
+        labels, nrow = parse_labels(args.label, args.n, meta.get("class_names", []))
+        n = len(labels) if labels is not None else (args.n or 64)
+        cfg = meta["network"]["config"]
+        is_2d = meta["network"]["name"] == "mlp"
+        shape = (cfg["dim"],) if is_2d else (cfg["in_channels"], cfg["image_size"],
+                                              cfg["image_size"])
+        shard = sample_shard(args, denoiser, shape, labels, n, info, device)
+        shards = gather_to_main(shard, info)
+    finally:
+        shutdown()
+    if shards is None:  # ranks > 0: rank 0 writes
+        return 0
+    x = torch.cat(shards)
+    write_outputs(args, x, labels, n, nrow, is_2d)
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, x: torch.Tensor, labels: torch.Tensor | None,
+                  n: int, nrow: int, is_2d: bool) -> None:
+    """The PNG grid (or scatter plot) and the optional .npz of all n samples."""
     if is_2d:
         path = save_scatter(x, args.out)
     else:
-        path = save_grid(x, args.out, nrow=nrow, scale=max(1, 64 // shape[-1]))
+        path = save_grid(from_uint8(x), args.out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
     print(f"wrote {n} samples ({args.sampler}, {args.steps} steps) to {path}")
     if args.save_npz:
         out = Path(args.save_npz)
-        arrays = {"images": x.numpy() if is_2d else to_uint8(x).permute(0, 2, 3, 1).numpy(),
+        arrays = {"images": x.numpy() if is_2d else x.permute(0, 2, 3, 1).numpy(),
                   "labels": (labels if labels is not None else torch.full((n,), -1)).numpy(),
                   "seeds": np.arange(args.seed, args.seed + n)}
         atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
         print(f"wrote arrays to {out}")
-    return 0

@@ -15,6 +15,8 @@ from ..process import PROCESS_NAMES
 from ..training import MODEL_SIZES, TrainConfig, Trainer, read_config_file, resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
 from ..training.classifier import ClassifierTrainConfig, train_classifier
+from ..training.distributed import env_info, shutdown
+from ..training.precision import PRECISIONS
 
 HELP: dict[str, str] = {
     "dataset": "'digits' (scikit-learn's 8x8 digits, built in), a folder of images "
@@ -55,6 +57,13 @@ HELP: dict[str, str] = {
     "keep_checkpoints": "how many recent checkpoints to keep (0: all)",
     "sample_steps": "DDIM steps for the periodic sample grids",
     "device": "auto, cpu, cuda, cuda:N",
+    "precision": "fp32, bf16 (autocast; CUDA or a CPU with bf16 units) or fp16 (CUDA, with "
+                 "loss scaling); weights and checkpoints stay fp32",
+    "compile": "torch.compile the network for the training step (first steps are slow)",
+    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
+                    "max-autotune",
+    "channels_last": "NHWC memory layout for images and convolution weights",
+    "grad_checkpointing": "recompute activations in the backward pass (less memory)",
 }
 
 
@@ -64,6 +73,9 @@ CHOICES: dict[str, list[str]] = {
     "schedule": PROCESS_NAMES,
     "prediction": list(PREDICTION_TYPES),
     "loss_space": list(LOSS_SPACES),
+    "precision": list(PRECISIONS),
+    "compile_mode": ["default", "reduce-overhead", "max-autotune",
+                     "max-autotune-no-cudagraphs"],
 }
 
 
@@ -97,6 +109,8 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls: type) -> None:
                                   "help": f"{HELP[f.name]} (default: "
                                           f"{getattr(defaults, f.name)})"}
         kwargs["type"] = _parse_bool if tp is bool else tp
+        if tp is bool:  # "--compile" alone means true; "--compile false" still works
+            kwargs |= {"nargs": "?", "const": True}
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
         flag = "--" + f.name.replace("_", "-")
@@ -153,7 +167,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
         saved = meta["config"]
         # a resumed run keeps its saved config; only these may change on resume
         changeable = {"steps", "log_every", "sample_every", "checkpoint_every",
-                      "keep_checkpoints", "device", "out_dir"}
+                      "keep_checkpoints", "device", "out_dir", "precision", "compile",
+                      "compile_mode", "channels_last", "grad_checkpointing"}
         clash = {k for k in set(values) | set(cli) if k not in changeable
                  and (cli | values)[k] != saved.get(k)}
         if clash:
@@ -164,13 +179,22 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Train (under torchrun: as one rank of a DDP job; rank 0 prints and writes)."""
     config, ckpt = resolve_config(args)
-    print("config:", json.dumps(config.to_dict(), indent=1, sort_keys=True))
-    trainer = Trainer(config)
-    if ckpt is not None:
-        trainer.resume(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}")
-    result = trainer.run(progress=not args.no_progress)
+    main = env_info().is_main
+    if main:
+        print("config:", json.dumps(config.to_dict(), indent=1, sort_keys=True))
+    try:
+        trainer = Trainer(config)
+        if ckpt is not None:
+            trainer.resume(ckpt)
+            if main:
+                print(f"resumed from {ckpt} at step {trainer.step}")
+        result = trainer.run(progress=not args.no_progress)
+    finally:
+        shutdown()
+    if not main:
+        return 0
     grid = trainer.sample_grid()
     out = Path(config.out_dir)
     print(f"run folder:  {out}\n  config:      {out / 'config.json'}\n"

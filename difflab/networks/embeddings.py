@@ -57,12 +57,16 @@ def broadcast_c_noise(c_noise: Tensor, batch: int) -> Tensor:
 
 
 def resolve_labels(
-    labels: Tensor | None, batch: int, num_classes: int, device: torch.device
+    labels: Tensor | None, batch: int, num_classes: int, device: torch.device,
+    check_range: bool = True,
 ) -> Tensor:
     """Validate class labels for an embedding with a reserved null row.
 
     Valid labels are ``0..num_classes - 1`` (classes) and ``num_classes`` (the null label
     of classifier-free guidance, Ho & Salimans 2022).  ``None`` means "all null".
+
+    ``check_range=False`` skips the range check (it waits for the device), for labels
+    known to be valid, such as a data set's in the training loop.
 
     Returns:
         ``[batch]`` long tensor.
@@ -77,8 +81,8 @@ def resolve_labels(
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     # The range check syncs with the device; skip it while tracing for torch.compile.
-    tracing = torch.compiler.is_compiling()
-    if batch and not tracing and bool(((labels < 0) | (labels > num_classes)).any()):
+    check = batch and check_range and not torch.compiler.is_compiling()
+    if check and bool(((labels < 0) | (labels > num_classes)).any()):
         raise ValueError(
             f"labels must be in [0, {num_classes}] (0..{num_classes - 1} are classes, "
             f"{num_classes} is the null label); got min={int(labels.min())}, "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 
@@ -267,6 +268,10 @@ class UNet(nn.Module):
         cfg = UNetConfig() if config is None else config
         self.config = cfg
         self.out_channels = cfg.resolved_out_channels
+        #: validate label ranges on every call (a host sync; the trainer turns it off)
+        self.check_labels = True
+        #: recompute each block's activations in backward (less memory, ~30% more compute)
+        self.grad_checkpointing = False
         emb_dim = 4 * cfg.base_channels
         self._build_embeddings(cfg, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
@@ -347,7 +352,8 @@ class UNet(nn.Module):
         c_noise = broadcast_c_noise(c_noise, batch)
         emb = self.time_mlp(timestep_embedding(c_noise, self.config.base_channels))
         if self.label_emb is not None:
-            labels = resolve_labels(labels, batch, self.config.num_classes, c_noise.device)
+            labels = resolve_labels(labels, batch, self.config.num_classes, c_noise.device,
+                                    check_range=self.check_labels)
             emb = emb + self.label_emb(labels)
         elif labels is not None:
             raise ValueError("labels given to a model built without num_classes")
@@ -371,12 +377,18 @@ class UNet(nn.Module):
         h = self.conv_in(x)  # [B, base, H, W]
         skips = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             skips.append(h)
-        h = self.middle(h, emb)  # [B, base * mult[-1], H / 2**(L-1), W / 2**(L-1)]
+        h = self._run(self.middle, h, emb)  # [B, base * mult[-1], H / 2**(L-1), W / 2**(L-1)]
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)  # [B, out_channels, H, W]
+
+    def _run(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        """``block(h, emb)``, through activation checkpointing when it is on and training."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
     def _check_input(self, x: Tensor) -> None:
         cfg = self.config

@@ -112,6 +112,15 @@ class DiscreteProcess(Process):
         lam = torch.log(ab) - torch.log1p(-ab)
         self._lam = torch.cat([torch.tensor([math.inf], dtype=torch.float64), lam])
         self._sqrt_ab = torch.cat([torch.ones(1, dtype=torch.float64), ab.sqrt()])
+        self._device_tables: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The (lambda, sqrt(alpha_bar)) knots on ``device``, copied once: a copy from host
+        memory makes the host wait for the device, which would stall every training step."""
+        key = str(device)
+        if key not in self._device_tables:
+            self._device_tables[key] = (self._lam.to(device), self._sqrt_ab.to(device))
+        return self._device_tables[key]
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": "discrete", "schedule": self.schedule, "T": self.T,
@@ -119,7 +128,7 @@ class DiscreteProcess(Process):
 
     def log_snr(self, t: Tensor | float) -> Tensor:
         t = as_time(t).clamp(0.0, self.t_max)
-        lam_tab, a_tab = self._lam.to(t.device), self._sqrt_ab.to(t.device)
+        lam_tab, a_tab = self._tables(t.device)
         k = t.floor().long().clamp(max=self.T - 1)
         frac = t - k
         lo, hi = lam_tab[k], lam_tab[k + 1]

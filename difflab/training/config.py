@@ -64,6 +64,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_steps: int = 50
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:1", ...
+    # speed
+    precision: str = "fp32"            # "fp32", "bf16" (CUDA or CPU) or "fp16" (CUDA)
+    compile: bool = False              # torch.compile the training step's network
+    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead, ...
+    channels_last: bool = True         # NHWC memory layout for images and conv weights
+    grad_checkpointing: bool = False   # recompute activations in backward to save memory
 
     def model_config(self) -> dict[str, Any]:
         """Resolved U-Net architecture (preset plus explicit overrides)."""

@@ -4,7 +4,15 @@ Reproducibility: the network is initialised from ``seed``; the batch order is a 
 function of (seed, step) (one permutation per epoch); the noise, times and label dropout come
 from one ``torch.Generator`` whose state is saved in every checkpoint together with PyTorch's
 global RNG (used by dropout layers). A run resumed at step k therefore continues exactly as if
-it had not stopped (bitwise on CPU).
+it had not stopped (bitwise on CPU in fp32).
+
+Speed: the step runs under autocast at ``precision`` (with loss scaling for fp16), on
+channels-last images and weights, optionally through ``torch.compile`` and with gradient
+checkpointing; it never waits for the device except when a metric line is logged.
+
+Scale: under ``torchrun`` the network is wrapped in DDP. Every rank draws the same global
+batch positions, times and noise and trains on its own contiguous slice, so the all-reduced
+gradient is that of the single-process global batch; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -38,7 +46,14 @@ from .checkpoint import (
     write_json,
 )
 from .config import TrainConfig
+from .distributed import (
+    check_divisible,
+    init_distributed,
+    local_slice,
+    mean_over_ranks,
+)
 from .ema import EMA
+from .precision import autocast, check_precision, grad_scaler
 
 TOY_PREFIX = "toy:"
 
@@ -53,12 +68,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_label_checks(net: torch.nn.Module, on: bool) -> None:
+    """Turn a network's per-call label range check (a host sync) on or off, if it has one."""
+    if hasattr(net, "check_labels"):
+        net.check_labels = on
+
+
 class Trainer:
     """Owns the model, EMA, optimizer, data and RNG of one run; ``run()`` trains it."""
 
     def __init__(self, config: TrainConfig, data: ImageData | None = None):
         self.config = c = config
-        self.device = pick_device(c.device)
+        self.dist, self.device = init_distributed(pick_device(c.device))
+        check_precision(c.precision, self.device)
+        check_divisible(c.batch_size, self.dist)
         self.is_toy = data is None and c.dataset.startswith(TOY_PREFIX)
         if self.is_toy:  # 2-D points [N, 2], unlabelled
             g = torch.Generator().manual_seed(c.seed)
@@ -75,15 +98,53 @@ class Trainer:
         self.num_classes = self.data.num_classes if self.labels is not None else None
         torch.manual_seed(c.seed)
         self.net_name, self.net_config = self._network_config()
-        self.net = build_network(self.net_name, asdict(self.net_config)).to(self.device)
+        self.net = self._build_net()
         self.process = make_process(c.schedule, zero_terminal_snr=c.zero_terminal_snr, T=c.T)
         self.denoiser = Denoiser(self.net, self.process, c.prediction)
         self.ema = EMA(self.net, c.ema_decay)
+        # The EMA samples like a loaded checkpoint: NCHW weights, user labels checked.
+        self.ema.model.to(memory_format=torch.contiguous_format)
+        set_label_checks(self.ema.model, True)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr,
-                                     weight_decay=c.weight_decay)
+                                     weight_decay=c.weight_decay, foreach=True)
+        self.scaler = grad_scaler(c.precision, self.device)
+        self._train_denoiser = Denoiser(self._step_module(), self.process, c.prediction)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
+        self._seed_dropout(0)
+        self._perms: dict[int, torch.Tensor] = {}
         self.step = 0
         self.out_dir = Path(c.out_dir)
+
+    def _build_net(self) -> torch.nn.Module:
+        """The network on the device; channels-last for images, label checks off (the data
+        set's labels are valid by construction, and checking them would sync every step)."""
+        c = self.config
+        net = build_network(self.net_name, asdict(self.net_config)).to(self.device)
+        if self.images.ndim == 4 and c.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if hasattr(net, "grad_checkpointing"):
+            net.grad_checkpointing = c.grad_checkpointing
+        set_label_checks(net, False)
+        return net
+
+    def _step_module(self) -> torch.nn.Module:
+        """What the training step calls: the network, wrapped in DDP and/or compiled."""
+        module: torch.nn.Module = self.net
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=ids, gradient_as_bucket_view=True)
+        if self.config.compile:
+            module = torch.compile(module, mode=self.config.compile_mode)
+        return module
+
+    def _seed_dropout(self, step: int) -> None:
+        """Give ranks > 0 their own global RNG stream (dropout masks); rank 0 keeps the
+        single-process stream."""
+        if self.dist.rank > 0:
+            torch.manual_seed((self.config.seed * 1_000_003 + step) * 1009 + self.dist.rank)
 
     def _network_config(self) -> tuple[str, Any]:
         """("mlp", MLPConfig) for 2-D points, ("unet", UNetConfig) for images."""
@@ -97,25 +158,48 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch at ``step``: positions step*B .. step*B+B-1 of the epoch-wise
-        shuffled stream (permutation of epoch e seeded by (seed, e))."""
+        shuffled stream (permutation of epoch e seeded by (seed, e)). Computed on the device
+        from per-epoch permutations copied there once, so a step never copies from host."""
         n, b = len(self.images), self.config.batch_size
-        pos = torch.arange(step * b, (step + 1) * b)
-        out = torch.empty(b, dtype=torch.long)
-        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
-            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=g)
-            sel = pos // n == epoch
-            out[sel] = perm[pos[sel] % n]
-        return out.to(self.device)
+        first, last = step * b // n, ((step + 1) * b - 1) // n
+        pos = torch.arange(step * b, (step + 1) * b, device=self.device)
+        out = self._epoch_perm(first)[pos % n]
+        for epoch in range(first + 1, last + 1):  # a batch that spans epoch boundaries
+            out = torch.where(pos // n == epoch, self._epoch_perm(epoch)[pos % n], out)
+        return out
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+        """The permutation of ``epoch`` (seeded by (seed, epoch)) on the device; cached."""
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            perm = torch.randperm(len(self.images), generator=g)
+            if self.device.type == "cuda":
+                perm = perm.pin_memory()
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm.to(self.device, non_blocking=True)
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                         torch.Tensor]:
+        """This rank's slice of the global batch at ``step``: (x0, labels, t, noise).
+
+        Label dropout, times and noise are drawn for the whole global batch (in that order,
+        from the one generator) and sliced, so they do not depend on the number of ranks."""
+        c, g, dev = self.config, self.generator, self.device
         idx = self.batch_indices(step)
+        b, sl = len(idx), local_slice(len(idx), self.dist)
+        idx = idx[sl]
         x = self.images[idx]
-        if self.labels is None:
-            return x, None
-        y = self.labels[idx]
-        drop = torch.rand(len(y), generator=self.generator, device=self.device)
-        return x, torch.where(drop < self.config.p_uncond, self.num_classes, y)
+        y = None
+        if self.labels is not None:
+            drop = torch.rand(b, generator=g, device=dev)[sl]
+            y = torch.where(drop < c.p_uncond, self.num_classes, self.labels[idx])
+        t = self.process.sample_t(b, g, device=dev)[sl]
+        noise = torch.randn((b, *x.shape[1:]), generator=g, dtype=x.dtype, device=dev)[sl]
+        if x.ndim == 4 and c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        return x, y, t, noise
 
     # -- one step ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -124,17 +208,21 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimisation step; returns the (detached) mean loss without syncing."""
+        c = self.config
         self.net.train()
-        x, y = self.batch(self.step)
-        loss = simple_loss(self.denoiser, x, y, self.generator,
-                           space=self.config.loss_space).loss.mean()
+        x, y, t, noise = self.batch(self.step)
+        with autocast(c.precision, self.device):
+            loss = simple_loss(self._train_denoiser, x, y, t=t, noise=noise,
+                               space=c.loss_space).loss.mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        self.scaler.scale(loss).backward()
+        if c.grad_clip > 0:  # returns the norm as a tensor: no sync
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), c.grad_clip, foreach=True)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        self.opt.step()
+        self.scaler.step(self.opt)  # fp16 only: checks for inf gradients (a sync)
+        self.scaler.update()
         self.ema.update(self.net)
         self.step += 1
         return loss.detach()
@@ -172,11 +260,12 @@ class Trainer:
         self.net.load_state_dict(sub_dict(tensors, "model"))
         self.ema.load_state_dict(sub_dict(tensors, "ema"), meta["ema_updates"])
         load_optimizer(self.opt, tensors, meta["optimizer"])
-        self.generator.set_state(tensors["rng.generator"])
+        self.generator.set_state(tensors["rng.generator"].to("cpu"))
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(meta["step"])
+        self._seed_dropout(self.step)
 
     def latest_checkpoint(self) -> Path | None:
         found = list_checkpoints(self.out_dir / "checkpoints")
@@ -200,14 +289,17 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-        """Train until ``steps`` (default: config.steps) total steps; returns a summary."""
-        c = self.config
+        """Train until ``steps`` (default: config.steps) total steps; returns a summary.
+
+        Under torchrun every rank runs this; only rank 0 writes files or shows progress."""
+        c, main = self.config, self.dist.is_main
         total = c.steps if steps is None else steps
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / "config.json", self.meta())
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.out_dir / "config.json", self.meta())
         log_path = self.out_dir / "metrics.jsonl"
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step",
-                   disable=not progress)
+                   disable=not (progress and main))
         losses, t0, images, last = [], time.perf_counter(), 0, {}
         while self.step < total:
             losses.append(self.train_step())
@@ -217,25 +309,27 @@ class Trainer:
                 last = self._log(log_path, losses, images, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
                 losses, t0, images = [], time.perf_counter(), 0
-            if c.sample_every > 0 and self.step % c.sample_every == 0:
+            if main and c.sample_every > 0 and self.step % c.sample_every == 0:
                 self.sample_grid()
-            if c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0:
+            if main and c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0:
                 self.save()
         bar.close()
-        ckpt = self.latest_checkpoint()
-        if ckpt is None or not ckpt.name.startswith(f"step_{self.step:08d}"):
+        ckpt = self.out_dir / "checkpoints" / f"step_{self.step:08d}.json"
+        if main and not ckpt.exists():
             ckpt = self.save()
         return {"step": self.step, "checkpoint": str(ckpt), "metrics": str(log_path), **last}
 
     def _log(self, path: Path, losses: list[torch.Tensor], images: int,
              seconds: float) -> dict[str, Any]:
-        loss = float(torch.stack(losses).mean())  # the only host sync, once per interval
+        # the only host sync, once per interval (and the only collective outside DDP)
+        loss = float(mean_over_ranks(torch.stack(losses).mean(), self.dist))
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss} by step {self.step}; not saving this state. Last good "
                 f"checkpoint: {self.latest_checkpoint()}. Try a lower --lr or --grad-clip.")
         row = {"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
                "images_per_s": images / max(seconds, 1e-9), "time": time.time()}
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.dist.is_main:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         return row

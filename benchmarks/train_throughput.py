@@ -1,0 +1,227 @@
+"""Training throughput: difflab's training step vs diffusers' ``UNet2DModel``.
+
+Both networks are built to the same architecture (widths, depth, attention resolutions,
+dropout, scale-shift time conditioning; parameter counts printed) and trained with the same
+step: DDPM noise at t ~ U{1..T}, MSE on eps, AdamW, gradient clipping at 1, EMA. The two
+are timed interleaved in the same process (A, B, A, B, ...) and the medians compared, so
+load from other processes on a shared machine hits both alike.
+
+    python benchmarks/train_throughput.py                      # CPU, 32 and 64 px, batch 32
+    python benchmarks/train_throughput.py --device cuda --config cifar --precision bf16 \\
+        --compile --sizes 32 --batch 128
+
+On CUDA the table also gives model FLOPs utilisation: FLOPs of one training step (forward
+and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``) times steps per
+second, over ``--peak-tflops`` (default 989, the H100 SXM dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from difflab.data import ImageData
+from difflab.training import TrainConfig, Trainer
+
+#: Architectures: CIFAR-10 DDPM (35.7M parameters) and a narrower one for CPU timings.
+CONFIGS = {
+    "cifar": dict(base_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
+                  attention_resolutions=[16], dropout=0.1, num_heads=4,
+                  time_conditioning="add"),
+    "cpu": dict(base_channels=32, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
+                attention_resolutions=[16], dropout=0.1, num_heads=1),
+}
+
+
+@dataclass
+class Case:
+    """One timed training step and its network's parameter count."""
+
+    name: str
+    step: Callable[[], None]
+    params: int
+
+
+def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace) -> Case:
+    """difflab's own Trainer.train_step on random images (unconditional)."""
+    n = max(4 * batch, 256)
+    data = ImageData(torch.rand(n, 3, size, size) * 2 - 1)
+    cfg = TrainConfig(dataset="bench", resolution=size, channels=3, batch_size=batch,
+                      lr=1e-4, warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
+                      schedule="linear", device=args.device, precision=args.precision,
+                      compile=args.compile, compile_mode=args.compile_mode,
+                      channels_last=not args.no_channels_last,
+                      out_dir="/tmp/difflab-bench", **arch)
+    tr = Trainer(cfg, data=data)
+    nparams = sum(p.numel() for p in tr.net.parameters())
+    return Case("difflab", lambda: tr.train_step(), nparams)
+
+
+def diffusers_model(arch: dict, size: int) -> torch.nn.Module:
+    """``UNet2DModel`` with difflab's architecture: attention where the feature map is in
+    ``attention_resolutions``, scale-shift conditioning, the same head width."""
+    from diffusers import UNet2DModel
+
+    mult, base = arch["channel_mult"], arch["base_channels"]
+    res = [size // 2**i for i in range(len(mult))]
+    attn = [r in arch["attention_resolutions"] for r in res]
+    head_dim = base * mult[-1] // arch["num_heads"]
+    return UNet2DModel(
+        sample_size=size, in_channels=3, out_channels=3,
+        layers_per_block=arch["num_res_blocks"],
+        block_out_channels=tuple(base * m for m in mult),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=head_dim, norm_num_groups=32, dropout=arch["dropout"],
+        add_attention=True,
+        resnet_time_scale_shift="default" if arch.get("time_conditioning") == "add"
+        else "scale_shift")
+
+
+def diffusers_case(arch: dict, size: int, batch: int, args: argparse.Namespace) -> Case:
+    """The textbook diffusers training step (as in its train_unconditional example)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    dev = torch.device(args.device)
+    model = diffusers_model(arch, size).to(dev).train()
+    if args.compile:
+        model = torch.compile(model, mode=args.compile_mode)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+    ema = EMAModel(model.parameters(), decay=0.9999, foreach=True)
+    images = torch.rand(max(4 * batch, 256), 3, size, size, device=dev) * 2 - 1
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    g = torch.Generator(device=dev).manual_seed(0)
+    state = {"k": 0}
+
+    def step() -> None:
+        k0 = state["k"] * batch
+        state["k"] += 1
+        x0 = images[torch.arange(k0, k0 + batch, device=dev) % len(images)]  # no host copy
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        t = torch.randint(0, 1000, (batch,), generator=g, device=dev)
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            pred = model(sched.add_noise(x0, noise, t), t).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.step(model.parameters())
+
+    return Case("diffusers", step, sum(p.numel() for p in model.parameters()))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(cases: list[Case], steps: int, repeats: int, device: str,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per step of each case: ``repeats`` rounds of ``steps`` steps, interleaved.
+
+    ``clock=time.process_time`` counts this process's CPU seconds instead of wall seconds:
+    on a CPU shared with other jobs it measures the work of a step, not the queueing."""
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    for _ in range(repeats):
+        for c in cases:
+            sync(device)
+            t0 = clock()
+            for _ in range(steps):
+                c.step()
+            sync(device)
+            times[c.name].append((clock() - t0) / steps)
+    return times
+
+
+def step_flops(arch: dict, size: int, batch: int, args: argparse.Namespace) -> float:
+    """FLOPs of one forward+backward of difflab's network at this batch (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from difflab.networks import UNet, UNetConfig
+
+    net = UNet(UNetConfig(in_channels=3, image_size=size, **arch)).to(args.device)
+    x = torch.randn(batch, 3, size, size, device=args.device)
+    t = torch.rand(batch, device=args.device) * 1000
+    with FlopCounterMode(display=False) as counter:
+        net(x, t).square().mean().backward()
+    return float(counter.get_total_flops())
+
+
+def run_size(size: int, args: argparse.Namespace) -> list[str]:
+    """Benchmark one resolution; returns markdown table rows."""
+    arch = CONFIGS[args.config]
+    cases = [difflab_case(arch, size, args.batch, args)]
+    if not args.no_diffusers:
+        try:
+            cases.append(diffusers_case(arch, size, args.batch, args))
+        except ImportError as e:  # e.g. a GPU machine without diffusers
+            print(f"diffusers unavailable ({e}); timing difflab alone")
+    for c in cases:  # warm-up (compilation, allocator, oneDNN primitive caches)
+        for _ in range(args.warmup):
+            c.step()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = time_interleaved(cases, args.steps, args.repeats, args.device, clock)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    flops = step_flops(arch, size, args.batch, args) if args.device.startswith("cuda") else 0
+    rows = []
+    for c in cases:
+        ips = args.batch / med[c.name]
+        ratio = f"{med['diffusers'] / med[c.name]:.2f}x" if "diffusers" in med else "-"
+        mfu = f"{100 * flops / med[c.name] / (args.peak_tflops * 1e12):.1f}%" if flops else "-"
+        spread = f"{min(times[c.name]) * 1e3:.0f}-{max(times[c.name]) * 1e3:.0f}"
+        rows.append(f"| {c.name} | {size} | {args.batch} | {c.params / 1e6:.2f}M | "
+                    f"{med[c.name] * 1e3:.1f} ({spread}) | {ips:.1f} | {ratio} | {mfu} |")
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--no-channels-last", action="store_true", help="difflab in NCHW")
+    p.add_argument("--no-diffusers", action="store_true", help="time difflab alone")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per network")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall seconds, or this process's CPU seconds (for a busy shared CPU; "
+                        "with --threads 1 it is the work of a step)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 peak of the device for MFU (H100 SXM: 989)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"# {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, config "
+          f"{args.config}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"{args.clock} clock")
+    print("| network | px | batch | params | ms/step (min-max) | images/s | vs diffusers "
+          "| MFU |\n|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        print("\n".join(run_size(size, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
