@@ -11,7 +11,7 @@ import torch
 
 from ..data import save_grid, save_scatter, to_uint8
 from ..io import atomic_write
-from ..samplers import SAMPLERS, SPACINGS, get_sampler
+from ..samplers import SAMPLERS, SPACINGS, get_sampler, load_time_grid
 from ..samplers.generate import generate
 from ..training import pick_device
 from .loading import guided_denoiser
@@ -31,6 +31,10 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (network evaluations)")
     p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid (default: trailing for discrete schedules, else uniform)")
+    p.add_argument("--grid", default=None,
+                   help="JSON time grid (samplers.save_time_grid, or a list of times), e.g. "
+                        "one fitted by optimize_grid and saved with the model; replaces --steps "
+                        "and --spacing")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: ODE)")
     p.add_argument("--variance", default="beta_tilde", choices=["beta", "beta_tilde"],
                    help="DDPM reverse variance")
@@ -116,15 +120,17 @@ def run_sample(args: argparse.Namespace) -> int:
              ("churn", args.churn))
     opts = {k: v for k, v in given
             if v is not None and k in inspect.signature(sampler).parameters}
+    ts = load_time_grid(args.grid) if args.grid else None
     x = generate(denoiser, sampler, shape, list(range(args.seed, args.seed + n)),
-                 labels=labels, steps=args.steps, spacing=args.spacing,
+                 labels=labels, steps=args.steps, spacing=args.spacing, ts=ts,
                  batch_size=args.batch_size, device=device, progress=not args.no_progress,
                  **opts)
     if is_2d:
         path = save_scatter(x, args.out)
     else:
         path = save_grid(x, args.out, nrow=nrow, scale=max(1, 64 // shape[-1]))
-    print(f"wrote {n} samples ({args.sampler}, {args.steps} steps) to {path}")
+    steps = args.steps if ts is None else len(ts) - 1
+    print(f"wrote {n} samples ({args.sampler}, {steps} steps) to {path}")
     if args.save_npz:
         out = Path(args.save_npz)
         arrays = {"images": x.numpy() if is_2d else to_uint8(x).permute(0, 2, 3, 1).numpy(),
