@@ -341,10 +341,18 @@ the same error as diffusers (ratios 0.92-1.00: ddim, heun, lms, dpmpp_2m/3m, uni
 higher-order last step (Adams-Bashforth in sigma~ to clean data instead of x0_hat at the last
 level: `plms`/`lms` default, `final_order=3`) buys up to 2x at 8-15 NFE; fitting the grid to
 the model's own trajectories (`optimize_grid`) buys another 1.3-2x at 5-10 NFE but can overfit
-its 200 training draws at 20 NFE (plms). Not reached: difflab's singlestep `dpm_solver` (order
-3, stages at lambda fractions 1/3, 2/3 as in the paper, trailing outer grid) is 2-3x worse
-than diffusers' DPMSolverSinglestep, which spreads its stages over the whole timestep grid;
-diffusers' UniPC bh1 returns NaN here, so that pair has no comparison.
+its 200 training draws at 20 NFE (plms). Singlestep `dpm_solver` spends one evaluation per
+grid point like diffusers' DPMSolverSinglestep: the grid's first N - 1 intervals are grouped
+into order-3 steps whose stages are the interior grid points (``singlestep_orders``, remainder
+as one lower-order step first), instead of N steps of 3 evaluations with stages at lambda
+fractions 1/3, 2/3, which left the last noisy level at t ~ 250 for NFE 10 (2-3x worse than
+diffusers before); its data-prediction form (``data_prediction=True``, DPM-Solver++ singlestep,
+diffusers' default) is compared with DPMSolverSinglestep 3, the noise-prediction form with
+diffusers' ``algorithm_type="dpmsolver"`` (difflab's noise form loses only at 15 NFE, 1.38,
+where diffusers' noise form is unusually good: its error is not monotone in NFE). Fitting
+grids in a 2-parameter family (Karras sigma_min, rho) did not beat the plateau near 4e-2 at
+10-15 NFE either, so the best/best goal is still missed there; diffusers' UniPC bh1 returns
+NaN here, so that pair has no comparison.
 
 """
 
