@@ -214,3 +214,29 @@ def test_mixture_density_score_and_denoiser_agree():
     samples = data.sample(20000, torch.Generator().manual_seed(0))
     mean = (data.log_w.exp()[:, None] * data.mu).sum(0)
     assert float((samples.mean(0) - mean).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("nfe", [5, 8, 10, 15, 20])
+def test_dpm_solver_spends_one_evaluation_per_grid_point(nfe):
+    """Singlestep DPM-Solver groups the grid into steps of its order (``singlestep_orders``) and
+    so uses exactly N evaluations on N steps, noise or data prediction alike."""
+    from difflab.samplers.dpm_solver import singlestep_orders
+
+    assert sum(singlestep_orders(nfe - 1, 3)) == nfe - 1
+    assert max(singlestep_orders(nfe - 1, 3)) == 3
+    process, data, x_T, _ = problem("vpsde")
+    for opts in ({}, {"data_prediction": True}):
+        counted = CountingDenoiser(data)
+        out = dpm_solver(counted, x_T, time_grid(process, nfe, "logsnr"), **opts)
+        assert counted.nfe == nfe and torch.isfinite(out).all()
+
+
+def test_dpm_solver_data_prediction_converges_at_order_3():
+    """Singlestep DPM-Solver++(3) (``data_prediction``) is third order too."""
+    process, data, x_T, exact = problem("vpsde")
+    errs = [float((dpm_solver(data, x_T, time_grid(process, n, "logsnr",
+                                                   sigma_min=SIGMA_MIN["vpsde"]),
+                              data_prediction=True) - exact).pow(2).mean().sqrt())
+            for n in (16, 32, 64)]
+    slope = np.polyfit(np.log([16, 32, 64]), np.log(errs), 1)[0]
+    assert abs(slope + 3) < 0.3, (errs, slope)

@@ -11,7 +11,7 @@ import torch
 
 from ..data import from_uint8, save_grid, save_scatter, to_uint8
 from ..io import atomic_write
-from ..samplers import SAMPLERS, SPACINGS, get_sampler
+from ..samplers import SAMPLERS, SPACINGS, get_sampler, load_time_grid
 from ..samplers.generate import generate
 from ..training import pick_device
 from ..training.distributed import (
@@ -38,6 +38,10 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (network evaluations)")
     p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid (default: trailing for discrete schedules, else uniform)")
+    p.add_argument("--grid", default=None,
+                   help="JSON time grid (samplers.save_time_grid, or a list of times), e.g. "
+                        "one fitted by optimize_grid and saved with the model; replaces --steps "
+                        "and --spacing")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: ODE)")
     p.add_argument("--variance", default="beta_tilde", choices=["beta", "beta_tilde"],
                    help="DDPM reverse variance")
@@ -143,9 +147,10 @@ def sample_shard(args: argparse.Namespace, denoiser, shape: tuple[int, ...],
             if v is not None and k in inspect.signature(sampler).parameters}
     part = local_slice(n, info)
     seeds = list(range(args.seed, args.seed + n))[part]
+    ts = load_time_grid(args.grid) if args.grid else None
     x = generate(denoiser, sampler, shape, seeds,
                  labels=None if labels is None else labels[part], steps=args.steps,
-                 spacing=args.spacing, batch_size=args.batch_size, device=device,
+                 spacing=args.spacing, ts=ts, batch_size=args.batch_size, device=device,
                  progress=not args.no_progress and info.is_main, **opts)
     return x if len(shape) == 1 else to_uint8(x)
 
@@ -153,6 +158,8 @@ def sample_shard(args: argparse.Namespace, denoiser, shape: tuple[int, ...],
 def run_sample(args: argparse.Namespace) -> int:
     """Sample; under torchrun each rank draws its shard of the seeds and rank 0 writes."""
     resolve_seed_range(args)
+    if args.grid:  # a saved time grid fixes the number of steps
+        args.steps = len(load_time_grid(args.grid)) - 1
     info, device = init_distributed(pick_device(args.device))
     try:
         denoiser, meta = guided_denoiser(

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid
 from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
-from .grids import SPACINGS, default_sigma_min, discrete_timesteps, time_grid
+from .grids import (
+    SPACINGS,
+    default_sigma_min,
+    discrete_timesteps,
+    load_time_grid,
+    save_time_grid,
+    time_grid,
+)
 from .heun import heun
 from .langevin import annealed_langevin, pc
 from .multistep import lms, plms
@@ -38,6 +45,6 @@ def get_sampler(name: str) -> Callable:
 __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_langevin",
            "check_grid", "ddim", "ddpm", "default_sigma_min", "discrete_timesteps",
            "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler_maruyama", "euler_ode",
-           "get_sampler", "heun", "lms", "optimize_grid", "pc", "plms", "reference_solution",
-           "rk45", "time_grid", "unipc",
+           "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
+           "reference_solution", "rk45", "save_time_grid", "time_grid", "unipc",
            "unipc_bh1", "unipc_bh2"]

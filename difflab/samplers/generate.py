@@ -10,6 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..parameterization import DenoiserFn
+from .base import check_grid
 from .grids import Spacing, time_grid
 
 
@@ -21,17 +22,19 @@ def seed_generators(seeds: Sequence[int], device: torch.device | str = "cpu"
 def generate(denoiser: DenoiserFn, sampler, shape: Sequence[int], seeds: Sequence[int], *,
              labels: Tensor | None = None, steps: int = 50, spacing: Spacing | None = None,
              batch_size: int = 256, device: torch.device | str = "cpu",
-             progress: bool = True, **options: Any) -> Tensor:
+             progress: bool = True, ts: Tensor | None = None, **options: Any) -> Tensor:
     """Sample one image of ``shape`` per seed with ``sampler`` on ``steps`` steps.
 
     Image i uses ``torch.Generator().manual_seed(seeds[i])`` for its initial noise and for
     every stochastic step, so it is the same whatever the batch size or the set of other seeds
     (the basis of reproducible and sharded sampling). ``labels`` [n] go to the denoiser as
-    ``cond``. Returns a CPU float32 tensor [n, *shape].
+    ``cond``. A given grid ``ts`` (e.g. a fitted one from ``load_time_grid``) replaces ``steps``
+    and ``spacing``; the initial noise is at its first time. Returns a CPU float32 tensor
+    [n, *shape].
     """
     process = denoiser.process
-    ts = time_grid(process, steps, spacing)
-    sigma_max = float(process.sigma(process.t_max))
+    ts = time_grid(process, steps, spacing) if ts is None else check_grid(ts)
+    sigma_max = float(process.sigma(ts[0]))
     out = []
     bar = tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress)
     for start in range(0, len(seeds), batch_size):

@@ -23,13 +23,16 @@ sampler goes from there to t_min by returning x0_hat.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from ..process import Process
+from .base import check_grid
 
 Spacing = Literal["linspace", "leading", "trailing", "uniform", "logsnr", "karras"]
 SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "uniform", "logsnr", "karras")
@@ -105,3 +108,21 @@ def time_grid(process: Process, n: int, spacing: Spacing | None = None, *, rho: 
                          "'logsnr' or 'karras'")
     steps = discrete_timesteps(int(process.t_max), n, spacing).to(torch.float64)
     return torch.cat([steps, torch.tensor([process.t_min], dtype=torch.float64)])
+
+
+def save_time_grid(ts: Tensor, path: str | Path, **meta: Any) -> Path:
+    """Write a time grid (e.g. one fitted by ``optimize_grid``) as JSON to store with its model:
+    ``{"times": [t_0, ..., t_N], **meta}`` (meta: the sampler, its options, how it was fitted).
+    ``difflab sample --grid PATH`` and ``load_time_grid`` read it back."""
+    path = Path(path)
+    times = [float(t) for t in check_grid(ts)]
+    path.write_text(json.dumps({"times": times, **meta}, indent=1) + "\n")
+    return path
+
+
+def load_time_grid(path: str | Path) -> Tensor:
+    """Read a grid written by ``save_time_grid`` (or a plain JSON list of times) as a float64
+    tensor, checked to be strictly decreasing."""
+    data = json.loads(Path(path).read_text())
+    times = data["times"] if isinstance(data, dict) else data
+    return check_grid(torch.tensor(times, dtype=torch.float64))
