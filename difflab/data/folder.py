@@ -121,6 +121,19 @@ def load_image_folder(
     if not root.is_dir():
         raise DataError(f"image folder path is not a directory: {root}")
 
+    paths, labels, class_names = _discover(root, exts)
+    out, bad = _decode_all(root, paths, resolution, channels, background, num_workers)
+    if bad:
+        raise DataError(
+            f"{len(bad)} unreadable image file(s) in image folder {root}:{_describe(bad)}"
+        )
+    return ImageData(from_uint8(out), labels, class_names)
+
+
+def _discover(root: Path, exts: tuple[str, ...]
+              ) -> tuple[list[Path], torch.Tensor | None, list[str]]:
+    """Image paths under ``root`` with labels from class sub-folders (or None), and the
+    sorted class names; the layout rules of the module docstring."""
     top_files, class_files = [], {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith("."):
@@ -151,7 +164,13 @@ def load_image_folder(
         raise DataError(
             f"no image files found in {root} (looked for extensions: {', '.join(exts)})"
         )
+    return paths, labels, class_names
 
+
+def _decode_all(root: Path, paths: list[Path], resolution: int, channels: int,
+                background: tuple[int, int, int], num_workers: int | None
+                ) -> tuple[torch.Tensor, list[str]]:
+    """Decode every path (in a thread pool) into one uint8 tensor; collect unreadable ones."""
     workers = min(8, os.cpu_count() or 1) if num_workers is None else int(num_workers)
     bar = tqdm(
         total=len(paths), desc=f"loading {root.name or root}", unit="img",
@@ -176,12 +195,7 @@ def load_image_folder(
                 bar.update()
     finally:
         bar.close()
-
-    if bad:
-        raise DataError(
-            f"{len(bad)} unreadable image file(s) in image folder {root}:{_describe(bad)}"
-        )
-    return ImageData(from_uint8(out), labels, class_names)
+    return out, bad
 
 
 def _store(out: torch.Tensor, i: int, res: torch.Tensor | str, path: Path, bad: list[str]) -> None:
