@@ -1,4 +1,4 @@
-"""The ``difflab`` command: sub-commands train and sample."""
+"""The ``difflab`` command: train, train-classifier, sample, edit, eval, nll."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .train import add_train_classifier_parser, add_train_parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="difflab",
-        description="Diffusion models end to end: train on images, sample from checkpoints. "
+        description="Diffusion models end to end: train, sample, edit and evaluate. "
                     "Run 'difflab COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
