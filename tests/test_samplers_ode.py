@@ -30,13 +30,7 @@ DIM = 3
 SIGMA_MIN = {"vpsde": 0.05, "linear": 0.05, "cosine_rates": 0.4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture(process):
