@@ -395,16 +395,17 @@ only from 18 NFE on.
 What the parts buy (tables below): reimplementing a method on the same grid gives diffusers'
 error (ratios 0.92-1.00: ddim, heun, lms, dpmpp_2m/3m, unipc_bh2); the higher-order last step
 (`plms`/`lms` default, `final_order=3`) buys up to 2x at 8-15 NFE; fitting the grid on the
-stratified training set buys 2-2.4x more at 5-8 NFE and 1.5x at 15 NFE (in a trial fit with
-these settings, plms kept one wrong-mode draw instead of two), whereas the earlier fit on 200
-plain draws (3.99e-2 at 15 NFE) saw too few boundary draws. At 10 NFE (4.5e-2) and 20 NFE the
-fitted grids do not beat the earlier fit / the plain trailing grid (plms 6.97e-3 at 20 NFE):
-Nelder-Mead in 9-19 dimensions with 600-1200 evaluations is not converged, and the loss jumps
-where a boundary draw changes component. Choosing the sampler per NFE (the best row differs by
-NFE) is what the last ratio row does. Singlestep `dpm_solver` spends one evaluation per grid
-point like diffusers' DPMSolverSinglestep (the first N - 1 intervals grouped into order-3
-steps whose stages are the interior grid points, ``singlestep_orders``); its data-prediction
-form (``data_prediction=True``) is compared with DPMSolverSinglestep 3, the noise form with
+stratified training set buys 2-2.4x more at 5-8 NFE and 1.5x at 15 NFE (in a trial fit, 2 x
+700 evaluations on 300 + 300 kept draws, plms kept one wrong-mode draw of the 500 instead of
+two), whereas the earlier fit on 200 plain draws (3.99e-2 at 15 NFE) saw too few boundary
+draws. At 10 NFE (4.5e-2) and 20 NFE the fitted grids do not beat the earlier fit / the plain
+trailing grid (plms 6.97e-3 at 20 NFE): Nelder-Mead in 9-19 dimensions with 600-1200
+evaluations is not converged, and the loss jumps where a boundary draw changes component.
+Choosing the sampler per NFE (the best row differs by NFE) is what the last ratio row does.
+Singlestep `dpm_solver` spends one evaluation per grid point like diffusers'
+DPMSolverSinglestep (the first N - 1 intervals grouped into order-3 steps whose stages are the
+interior grid points, ``singlestep_orders``); its data-prediction form
+(``data_prediction=True``) is compared with DPMSolverSinglestep 3, the noise form with
 ``algorithm_type="dpmsolver"``. Per solver: every difflab solver has a configuration at least
 as accurate as its diffusers counterpart at 5-20 NFE; singlestep `dpm_solver` in noise form
 loses only at 15 NFE on the trailing grid (1.38; diffusers' noise form is non-monotone in NFE
