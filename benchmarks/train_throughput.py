@@ -14,8 +14,8 @@ load from other processes on a shared machine hits both alike.
 
 By default both networks get the same options (like for like). ``--diffusers-default`` runs
 diffusers as its train_unconditional example does (eager, fp32) whatever difflab's
-``--precision``/``--compile``; ``--no-fused`` makes difflab use the reference PyTorch ops
-instead of its fused CPU GroupNorm/SiLU/dropout node (an ablation).
+``--precision``/``--compile``; ``--ablate-fused`` adds, interleaved with the others, difflab's
+step with the plain PyTorch ops instead of its fused CPU GroupNorm/SiLU/dropout node.
 
 On CUDA the table also gives model FLOPs utilisation: FLOPs of one training step (forward
 and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``) times steps per
@@ -75,6 +75,19 @@ def _label(precision: str, compiled: bool) -> str:
     """Row label suffix: `` (bf16, compiled)`` etc.; empty for eager fp32."""
     opts = [o for o in (precision if precision != "fp32" else "", compiled and "compiled") if o]
     return f" ({', '.join(opts)})" if opts else ""
+
+
+def unfused(case: Case) -> Case:
+    """``case`` with the ResBlocks on the plain PyTorch ops (fused node off) while it steps."""
+    def step() -> None:
+        fused = unet.use_fused  # looked up by the ResBlocks at call time
+        unet.use_fused = lambda h: False
+        try:
+            case.step()
+        finally:
+            unet.use_fused = fused
+
+    return Case(f"{case.name} (plain ops)", step, case.params)
 
 
 def diffusers_model(arch: dict, size: int) -> torch.nn.Module:
@@ -180,6 +193,8 @@ def run_size(size: int, args: argparse.Namespace) -> list[str]:
     """Benchmark one resolution; returns markdown table rows."""
     arch = CONFIGS[args.config]
     cases = [difflab_case(arch, size, args.batch, args)]
+    if args.ablate_fused:
+        cases.append(unfused(difflab_case(arch, size, args.batch, args)))
     if not args.no_diffusers:
         try:
             cases.append(diffusers_case(arch, size, args.batch, args))
@@ -191,7 +206,7 @@ def run_size(size: int, args: argparse.Namespace) -> list[str]:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = time_interleaved(cases, args.steps, args.repeats, args.device, clock)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    base = med[cases[1].name] if len(cases) > 1 else None
+    base = next((med[c.name] for c in cases if c.name.startswith("diffusers")), None)
     flops = step_flops(arch, size, args.batch, args) if args.device.startswith("cuda") else 0
     rows = []
     for c in cases:
@@ -219,9 +234,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--diffusers-default", action="store_true",
                    help="diffusers eager fp32 (its example's default) whatever --precision "
                         "and --compile say")
-    p.add_argument("--no-fused", action="store_true",
-                   help="difflab with the reference ops instead of its fused CPU "
-                        "GroupNorm/SiLU/dropout node (ablation)")
+    p.add_argument("--ablate-fused", action="store_true",
+                   help="also time difflab with the plain PyTorch ops instead of its fused "
+                        "CPU GroupNorm/SiLU/dropout node")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per network")
@@ -236,8 +251,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.no_fused:  # the ResBlocks look the switch up at call time
-        unet.use_fused = lambda h: False
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
