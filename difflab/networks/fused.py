@@ -81,17 +81,24 @@ class _GroupNormSiLU(torch.autograd.Function):
         xhat, z, mask, rstd, k, gamma, beta, scale = ctx.saved_tensors
         b, c, h, w = xhat.shape
         groups = ctx.groups
+        # Fresh full-size tensors cost page faults on the CPU, about as much as a pass
+        # over memory: reuse two buffers (the masked gradient becomes g, and g * xhat
+        # becomes dx).
         if mask is not None:
             gy = gy * mask
-        gz = torch.ops.aten.silu_backward(gy, z)
+            gz = torch.ops.aten.silu_backward.grad_input(gy, z, grad_input=gy)
+        else:
+            gz = torch.ops.aten.silu_backward(gy, z)
         s0 = gz.sum((2, 3), keepdim=True)  # sum_hw g           [B, C, 1, 1]
-        t = (gz * xhat).sum((2, 3), keepdim=True)  # sum_hw g xhat
+        buf = gz * xhat
+        t = buf.sum((2, 3), keepdim=True)  # sum_hw g xhat
         n = h * w * (c // groups)  # elements per group
         rstd_c = rstd.view(b, groups, 1).expand(b, groups, c // groups).reshape(b, c, 1, 1)
         mg1 = _group_sum(k * s0, groups) / n  # group mean of dL/dxhat
         mg2 = _group_sum(k * t, groups) / n  # group mean of dL/dxhat * xhat
         # dx = rstd (k g - mg1 - xhat mg2): one pass of two fused multiply-adds
-        dx = torch.addcmul(torch.addcmul(-rstd_c * mg1, xhat, -rstd_c * mg2), gz, rstd_c * k)
+        dx = torch.addcmul(-rstd_c * mg1, xhat, -rstd_c * mg2, out=buf)
+        dx.addcmul_(gz, rstd_c * k)
         one_s = 1 if scale is None else 1 + scale
         g_w = (t * one_s).sum(0).view(c)
         g_b = (s0 * one_s).sum(0).view(c)
