@@ -105,8 +105,10 @@ class Trainer:
         # The EMA samples like a loaded checkpoint: NCHW weights, user labels checked.
         self.ema.model.to(memory_format=torch.contiguous_format)
         set_label_checks(self.ema.model, True)
+        # fused: one kernel for all parameters, the same AdamW update (on the CPU foreach
+        # falls back to per-tensor ops; benchmarks/README.md)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr,
-                                     weight_decay=c.weight_decay, foreach=True)
+                                     weight_decay=c.weight_decay, fused=True)
         self.scaler = grad_scaler(c.precision, self.device)
         self._train_denoiser = Denoiser(self._step_module(), self.process, c.prediction)
         if self.device.type == "cuda":
