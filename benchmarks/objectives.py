@@ -93,21 +93,31 @@ def feature_extractor(args: argparse.Namespace):
 
 
 def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -> dict:
+    """FID per sampler configuration and bits/dim of one model; results are kept in
+    ``<run>/objectives_eval.json`` after every column, so reruns resume where they stopped."""
     ckpt = run_dir(Path(args.out_dir), name)
+    path = ckpt / "objectives_eval.json"
+    row: dict = json.loads(path.read_text()) if path.is_file() else {"model": name}
+    if row.get("n") not in (None, args.n):
+        row = {"model": name}
+    row["n"] = args.n
     den, meta = load_denoiser(ckpt)
-    row: dict = {"model": name}
     labels = torch.arange(args.n) % 10
     for sampler, steps in CONFIGS:
+        if f"{sampler}-{steps}" in row:
+            continue
         x = generate(den, get_sampler(sampler), (1, 8, 8),
                      list(range(args.seed, args.seed + args.n)), labels=labels, steps=steps,
                      batch_size=args.n, progress=False)
         feats = extract(extractor, quantize(x)).features
         row[f"{sampler}-{steps}"] = sample_metrics(feats, test_feats, metrics=["fid"])["fid"]
         print(name, sampler, steps, row[f"{sampler}-{steps}"], flush=True)
-    bpd = model_bits_per_dim(den, quantize(test.images), test.labels, "vlb", 512, args.seed,
-                             steps=args.vlb_steps)
-    row["bits/dim"] = bpd["bits_per_dim"]
-    row["bpd stderr"] = bpd["stderr"]
+        path.write_text(json.dumps(row, indent=1) + "\n")
+    if "bits/dim" not in row:
+        bpd = model_bits_per_dim(den, quantize(test.images), test.labels, "vlb", 512,
+                                 args.seed, steps=args.vlb_steps)
+        row["bits/dim"], row["bpd stderr"] = bpd["bits_per_dim"], bpd["stderr"]
+        path.write_text(json.dumps(row, indent=1) + "\n")
     return row
 
 
