@@ -38,6 +38,7 @@ from difflab.evaluation import (
     train_classifier,
 )
 from difflab.evaluation.classifier import accuracy
+from difflab.parameterization import Prediction
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
 from difflab.training import TrainConfig, Trainer
@@ -50,12 +51,26 @@ MODELS: dict[str, dict] = {
     "hybrid (learned var)": {"objective": "hybrid"},
     "EDM": {"objective": "edm", "prediction": "edm"},
 }
-CONFIGS = [("ddpm", 10), ("ddpm", 25), ("ddpm", 50), ("ddpm", 1000), ("ddim", 10),
-           ("ddim", 25), ("ddim", 50)]
+CONFIGS = [("ddpm", 10), ("ddpm", 25), ("ddpm", 50), ("ddim", 10), ("ddim", 25), ("ddim", 50)]
+#: the hybrid model sampled and scored with the fixed beta_tilde instead of Sigma_theta
+ABLATION = "hybrid, fixed beta_tilde"
+LONG = ("ddpm", 1000)  # evaluated last, on --n-long samples (CPU time)
 
 
 def run_dir(root: Path, name: str) -> Path:
-    return root / name.split(" ")[0].lower()
+    return root / name.split(" ")[0].strip(",").lower()
+
+
+class FixedVariance:
+    """A learned-variance denoiser seen without its variance (samplers and the VLB then use
+    their fixed beta_tilde): isolates what Sigma_theta does."""
+
+    def __init__(self, inner):
+        self.inner, self.process = inner, inner.process
+
+    def __call__(self, x, t, cond=None):
+        p = self.inner(x, t, cond)
+        return Prediction(p.x0, p.eps)
 
 
 def train_all(args: argparse.Namespace) -> dict[str, float]:
@@ -96,28 +111,37 @@ def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -
     """FID per sampler configuration and bits/dim of one model; results are kept in
     ``<run>/objectives_eval.json`` after every column, so reruns resume where they stopped."""
     ckpt = run_dir(Path(args.out_dir), name)
-    path = ckpt / "objectives_eval.json"
+    path = ckpt / ("objectives_eval_fixed.json" if name == ABLATION else "objectives_eval.json")
     row: dict = json.loads(path.read_text()) if path.is_file() else {"model": name}
     if row.get("n") not in (None, args.n):
         row = {"model": name}
-    row["n"] = args.n
+    row["n"], row["n_long"] = args.n, args.n_long
     den, meta = load_denoiser(ckpt)
-    labels = torch.arange(args.n) % 10
-    for sampler, steps in CONFIGS:
-        if f"{sampler}-{steps}" in row:
-            continue
+    configs = CONFIGS
+    if name == ABLATION:  # DDIM never uses the variance: only the ancestral columns differ
+        den, configs = FixedVariance(den), [c for c in CONFIGS if c[0] == "ddpm"]
+
+    def fid_column(sampler: str, steps: int, n: int) -> None:
+        key = f"{sampler}-{steps}"
+        if key in row:
+            return
         x = generate(den, get_sampler(sampler), (1, 8, 8),
-                     list(range(args.seed, args.seed + args.n)), labels=labels, steps=steps,
-                     batch_size=args.n, progress=False)
+                     list(range(args.seed, args.seed + n)), labels=torch.arange(n) % 10,
+                     steps=steps, batch_size=n, progress=False)
         feats = extract(extractor, quantize(x)).features
-        row[f"{sampler}-{steps}"] = sample_metrics(feats, test_feats, metrics=["fid"])["fid"]
-        print(name, sampler, steps, row[f"{sampler}-{steps}"], flush=True)
+        row[key] = sample_metrics(feats, test_feats, metrics=["fid"])["fid"]
+        print(name, sampler, steps, n, row[key], flush=True)
         path.write_text(json.dumps(row, indent=1) + "\n")
+
+    for sampler, steps in configs:
+        fid_column(sampler, steps, args.n)
     if "bits/dim" not in row:
         bpd = model_bits_per_dim(den, quantize(test.images), test.labels, "vlb", 512,
                                  args.seed, steps=args.vlb_steps)
         row["bits/dim"], row["bpd stderr"] = bpd["bits_per_dim"], bpd["stderr"]
         path.write_text(json.dumps(row, indent=1) + "\n")
+    if args.n_long > 0 and name != ABLATION:
+        fid_column(*LONG, args.n_long)
     return row
 
 
@@ -126,6 +150,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="training steps of every model")
     ap.add_argument("--out-dir", default="runs/objectives")
     ap.add_argument("--n", type=int, default=200, help="samples per FID")
+    ap.add_argument("--n-long", type=int, default=100,
+                    help="samples for the 1000-step FID (0: skip that column)")
     ap.add_argument("--vlb-steps", type=int, default=32,
                     help="stratified VLB terms per image for bits/dim (None: all T)")
     ap.add_argument("--classifier-steps", type=int, default=2000)
@@ -135,22 +161,27 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS),
                     help="comma-separated subset of the models (to train in parallel jobs)")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--ablation", action="store_true",
+                    help=f"also evaluate {ABLATION!r} (the hybrid model without Sigma_theta)")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--json", default="benchmarks/objectives.json")
     args = ap.parse_args()
     args.models = args.models.split(",")
-    unknown = set(args.models) - set(MODELS)
+    unknown = set(args.models) - set(MODELS) - {ABLATION}
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     train_s = {} if args.skip_train else train_all(args)
+    args.models = [m for m in args.models if m != ABLATION]
     if args.train_only:
         return
     extractor, test, clf_acc = feature_extractor(args)
     test_feats = extract(extractor, quantize(test.images)).features
-    rows = [evaluate(name, args, extractor, test, test_feats) for name in args.models]
-    cols = ["model"] + [f"{s}-{k}" for s, k in CONFIGS] + ["bits/dim", "bpd stderr"]
+    names = args.models + ([ABLATION] if args.ablation else [])
+    rows = [evaluate(name, args, extractor, test, test_feats) for name in names]
+    cols = (["model"] + [f"{s}-{k}" for s, k in CONFIGS] + ["-".join(map(str, LONG))]
+            + ["bits/dim", "bpd stderr"])
     report = {"steps": args.steps, "n": args.n, "classifier_test_accuracy": clf_acc,
               "vlb_steps": args.vlb_steps, "train_cpu_seconds": train_s, "rows": rows}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

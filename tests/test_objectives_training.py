@@ -11,6 +11,8 @@ from difflab.cli.main import main
 from difflab.data import load_digits
 from difflab.training import TrainConfig, Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(resolution=8, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[], num_heads=2, batch_size=8, log_every=2,
             sample_every=0, checkpoint_every=0, sample_steps=2, warmup_steps=2, lr=1e-3,
