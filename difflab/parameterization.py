@@ -1,6 +1,7 @@
 """One denoiser interface: whatever the network predicts, samplers see x0_hat and eps_hat.
 
-For x_t = alpha x_0 + sigma eps with alpha^2 + sigma^2 = 1 (VP processes):
+For x_t = alpha x_0 + sigma eps (VP processes, alpha^2 + sigma^2 = 1; the conversions hold
+for any alpha and sigma, e.g. the VE process with alpha = 1):
 
 =========  ======================  ===========================  ==========================
 predicts   network output          x0_hat                       eps_hat
@@ -10,7 +11,7 @@ predicts   network output          x0_hat                       eps_hat
 ``v``      v = alpha eps - sigma   alpha x_t - sigma v          sigma x_t + alpha v
            x_0 (Salimans & Ho
            2022)
-``edm``    F, preconditioned       c_skip x~ + c_out F(c_in x~)  (x_t - alpha x0_hat) / sigma
+``edm``    F, preconditioned       c_skip x~ + c_out F          (x_t - alpha x0_hat) / sigma
            (Karras et al. 2022)
 =========  ======================  ===========================  ==========================
 
@@ -24,7 +25,7 @@ Multiplying through by alpha, with r^2 = sigma^2 + alpha^2 sd^2, these read
 c_skip x~ = sd^2 alpha x_t / r^2, c_out = sigma sd / r, c_in x~ = x_t / r: finite on the
 whole path, including alpha = 0 (zero terminal SNR) and, for a VE process, alpha = 1.
 
-and the score is grad log q(x_t) = -eps_hat / sigma. The conversion happens once, here; no
+The score is grad log q(x_t) = -eps_hat / sigma. The conversion happens once, here; no
 sampler looks at the prediction type.
 """
 

@@ -268,8 +268,8 @@ def test_edm_denoiser_on_ve_process_is_exact_and_samplers_converge():
             x_T = 80.0 * x
             exact = gd.ode_solution(x_T, ts[0], ts[-2])
             # compare the state at the last noisy level (the last step returns x0_hat)
-            states = []
-            sampler(den, x_T, ts, callback=lambda info: states.append(info.x))
+            states: list[torch.Tensor] = []
+            sampler(den, x_T, ts, callback=lambda info, out=states: out.append(info.x))
             errs.append(float((states[-2] - exact).abs().max()))
         slope = math.log2(errs[0] / errs[2]) / 2
         assert slope > order - 0.3, (sampler.__name__, errs)
