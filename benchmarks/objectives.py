@@ -117,6 +117,7 @@ def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -
         row = {"model": name}
     row["n"], row["n_long"] = args.n, args.n_long
     den, meta = load_denoiser(ckpt)
+    row["train_steps"] = meta["config"]["steps"]
     configs = CONFIGS
     if name == ABLATION:  # DDIM never uses the variance: only the ancestral columns differ
         den, configs = FixedVariance(den), [c for c in CONFIGS if c[0] == "ddpm"]
@@ -186,7 +187,8 @@ def main() -> None:
               "vlb_steps": args.vlb_steps, "train_cpu_seconds": train_s, "rows": rows}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nFID (classifier features, test acc {clf_acc:.3f}), {args.n} samples vs "
-          f"{len(test)} test digits; models trained {args.steps} steps\n")
+          f"{len(test)} test digits ({args.n_long} for 1000 steps); models trained "
+          f"{sorted({r['train_steps'] for r in rows})} steps\n")
     print(format_table(rows, cols))
 
 
