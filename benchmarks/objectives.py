@@ -146,6 +146,18 @@ def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -
     return row
 
 
+def real_row(args: argparse.Namespace, extractor, test_feats) -> dict:
+    """The noise floor: FID of random train digits (as many as the samples) vs the test split."""
+    train = load_digits(8, split="train")
+    row: dict = {"model": "real digits (train split)", "train_steps": 0}
+    for key, n in (("ddpm-10", args.n), ("-".join(map(str, LONG)), args.n_long)):
+        if n > 0:
+            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+            feats = extract(extractor, quantize(train.images[idx])).features
+            row[key] = sample_metrics(feats, test_feats, metrics=["fid"])["fid"]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1500, help="training steps of every model")
@@ -180,7 +192,8 @@ def main() -> None:
     extractor, test, clf_acc = feature_extractor(args)
     test_feats = extract(extractor, quantize(test.images)).features
     names = args.models + ([ABLATION] if args.ablation else [])
-    rows = [evaluate(name, args, extractor, test, test_feats) for name in names]
+    rows = [real_row(args, extractor, test_feats)]
+    rows += [evaluate(name, args, extractor, test, test_feats) for name in names]
     cols = (["model"] + [f"{s}-{k}" for s, k in CONFIGS] + ["-".join(map(str, LONG))]
             + ["bits/dim", "bpd stderr"])
     report = {"steps": args.steps, "n": args.n, "classifier_test_accuracy": clf_acc,
@@ -188,7 +201,8 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nFID (classifier features, test acc {clf_acc:.3f}), {args.n} samples vs "
           f"{len(test)} test digits ({args.n_long} for 1000 steps); models trained "
-          f"{sorted({r['train_steps'] for r in rows})} steps\n")
+          f"{sorted({r['train_steps'] for r in rows[1:]})} steps; the real-data row's FID "
+          f"is under ddpm-10 ({args.n} images) and ddpm-1000 ({args.n_long})\n")
     print(format_table(rows, cols))
 
 
