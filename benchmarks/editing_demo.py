@@ -39,19 +39,24 @@ def inversion_table(den, x: torch.Tensor, cond: torch.Tensor, steps: list[int]) 
     return rows
 
 
-def inversion_methods_table(den, x: torch.Tensor, cond: torch.Tensor, steps: int
-                            ) -> list[str]:
+def inversion_methods_table(den, x: torch.Tensor, cond: torch.Tensor, steps: int,
+                            spacings: tuple[str | None, ...] = (None, "logsnr")) -> list[str]:
     """One row per inversion method: ``ode_invert`` then ``reconstruct`` with the same sampler
-    on the same default grid of ``steps`` steps; NFE counts both directions."""
-    rows = [f"| method ({steps} steps) | NFE (invert + reconstruct) | RMSE (range [-1, 1]) |",
-            "|---|---|---|"]
-    ts = time_grid(den.process, steps)
+    on the same grid of ``steps`` steps, one column per grid spacing (None: the default);
+    NFE counts both directions."""
+    names = [sp or "default" for sp in spacings]
+    rows = [f"| method ({steps} steps) | " + " | ".join(
+                f"{n} grid: NFE, RMSE (range [-1, 1])" for n in names) + " |",
+            "|---|" + "---|" * len(names)]
+    grids = [time_grid(den.process, steps, sp) for sp in spacings]
     for m in editing.METHODS:
-        counted = CountingDenoiser(den)
-        rec = editing.reconstruct(counted, editing.ode_invert(counted, x, ts, m, cond=cond),
-                                  ts, m, cond=cond)
-        rmse = float((rec - x).pow(2).mean().sqrt())
-        rows.append(f"| {m} | {counted.nfe} | {rmse:.4f} |")
+        cells = []
+        for ts in grids:
+            counted = CountingDenoiser(den)
+            z = editing.ode_invert(counted, x, ts, m, cond=cond)
+            rec = editing.reconstruct(counted, z, ts, m, cond=cond)
+            cells.append(f"{counted.nfe}, {float((rec - x).pow(2).mean().sqrt()):.4f}")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return rows
 
 
