@@ -1,10 +1,12 @@
 """Editing on a digits model: inversion error, SDEdit toward another class, and README pictures.
 
     python benchmarks/editing_demo.py --checkpoint runs/digits --out docs/images
+    python benchmarks/editing_demo.py --checkpoint runs/digits --inversion-only
 
 Reports (markdown): the RMSE of DDIM inversion + reconstruction over held-out digits at several
-step counts, and how often SDEdit of a digit toward another class is classified as that class
-by an independent classifier (benchmarks/digits_accuracy.py). Writes one PNG per kind of edit.
+step counts and with every inversion method (deterministic sampler) at 50 steps, and how often
+SDEdit of a digit toward another class is classified as that class by an independent
+classifier (benchmarks/digits_accuracy.py). Writes one PNG per kind of edit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from difflab import editing
 from difflab.cli.loading import load_denoiser
 from difflab.data import load_digits, save_grid
-from difflab.samplers import ddpm, time_grid
+from difflab.samplers import CountingDenoiser, ddpm, time_grid
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_accuracy import digit_classifier, to_features  # noqa: E402
@@ -34,6 +36,27 @@ def inversion_table(den, x: torch.Tensor, cond: torch.Tensor, steps: list[int]) 
         ts = time_grid(den.process, n)
         rec = editing.reconstruct(den, editing.ddim_invert(den, x, ts, cond=cond), ts, cond=cond)
         rows.append(f"| {n} | {float((rec - x).pow(2).mean().sqrt()):.4f} |")
+    return rows
+
+
+def inversion_methods_table(den, x: torch.Tensor, cond: torch.Tensor, steps: int,
+                            spacings: tuple[str | None, ...] = (None, "logsnr")) -> list[str]:
+    """One row per inversion method: ``ode_invert`` then ``reconstruct`` with the same sampler
+    on the same grid of ``steps`` steps, one column per grid spacing (None: the default);
+    NFE counts both directions."""
+    names = [sp or "default" for sp in spacings]
+    rows = [f"| method ({steps} steps) | " + " | ".join(
+                f"{n} grid: NFE, RMSE (range [-1, 1])" for n in names) + " |",
+            "|---|" + "---|" * len(names)]
+    grids = [time_grid(den.process, steps, sp) for sp in spacings]
+    for m in editing.METHODS:
+        cells = []
+        for ts in grids:
+            counted = CountingDenoiser(den)
+            z = editing.ode_invert(counted, x, ts, m, cond=cond)
+            rec = editing.reconstruct(counted, z, ts, m, cond=cond)
+            cells.append(f"{counted.nfe}, {float((rec - x).pow(2).mean().sqrt()):.4f}")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -81,14 +104,20 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", default="docs/images")
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--inversion-only", action="store_true",
+                    help="only the two inversion tables (no SDEdit table, no pictures)")
     args = ap.parse_args()
     den, meta = load_denoiser(args.checkpoint)
     test = load_digits(meta["config"]["resolution"], split="test")
-    clf, _ = digit_classifier()
     idx = torch.arange(min(args.n, len(test)))
     x, y = test.images[idx].double(), test.labels[idx]
     print("\n".join(inversion_table(den, x, y, [10, 20, 50, 100, 200])))
     print()
+    print("\n".join(inversion_methods_table(den, x, y, 50)))
+    print()
+    if args.inversion_only:
+        return
+    clf, _ = digit_classifier()
     threes = digits_of(test, 3, args.n).double()
     print(f"SDEdit of {len(threes)} held-out 3s toward class 8 (DDPM, 100-step grid):")
     print("\n".join(sdedit_table(den, clf, threes, 8, [0.3, 0.5, 0.7, 0.9])))

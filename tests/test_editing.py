@@ -84,7 +84,7 @@ def test_rk45_inversion_round_trip_is_within_tolerance():
     # the only first-order parts are the two end steps on the fine end of the grid
     assert float((rec - x0).pow(2).mean().sqrt()) < 1e-3
     with pytest.raises(ValueError, match="unknown inversion method"):
-        ode_invert(data, x0, ts, "plms")
+        ode_invert(data, x0, ts, "ddpm")
 
 
 def test_inverted_noise_is_standard_normal():

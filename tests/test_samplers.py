@@ -112,7 +112,7 @@ def test_discrete_spacings():
 
 def test_bad_grids_and_names():
     with pytest.raises(ValueError, match="strictly decreasing"):
-        ddim(gaussian(make_process("linear")), torch.zeros(1, DIM), torch.tensor([0.0, 10.0]))
+        ddim(gaussian(make_process("linear")), torch.zeros(1, DIM), torch.tensor([5.0, 0.0, 10.0]))
     with pytest.raises(ValueError, match="unknown sampler 'foo'"):
         get_sampler("foo")
     with pytest.raises(ValueError, match="needs a discrete schedule"):

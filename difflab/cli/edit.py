@@ -21,7 +21,8 @@ from .sample import class_index
 KINDS = {
     "sdedit": "noise the input to --strength and denoise it (optionally toward --class)",
     "inpaint": "regenerate the white part of --mask, keep the rest exactly",
-    "invert": "DDIM-invert the input to noise and reconstruct it; reports the error",
+    "invert": "invert the input to noise with an ODE sampler run backwards (--inversion) and "
+              "reconstruct it; reports the error",
     "interpolate": "images between --input and --input2 (slerp of inverted noises)",
     "vary": "--n variations of the input at --strength",
 }
@@ -52,7 +53,8 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="edit.png", help="output PNG grid (input first)")
     p.add_argument("--save-npz", default=None, help="invert: also save the noise here")
     p.add_argument("--inversion", default="ddim", choices=editing.METHODS,
-                   help="invert: ODE solver run backwards (and forwards to reconstruct)")
+                   help="invert: deterministic sampler run backwards on the grid (and "
+                   "forwards to reconstruct)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_edit)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .ancestral import ddim, ddpm
-from .base import CountingDenoiser, StepInfo, check_grid
+from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
 from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
 from .grids import (
     SPACINGS,
@@ -34,6 +34,11 @@ SAMPLERS: dict[str, Callable] = {
     "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
 }
 
+# The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
+# which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
+ODE_SAMPLERS: tuple[str, ...] = ("ddim", "euler_ode", "heun", "rk45", "plms", "lms",
+                                 "dpm_solver", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2")
+
 
 def get_sampler(name: str) -> Callable:
     """Look a sampler up by name, with an error listing the valid names."""
@@ -48,3 +53,4 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
            "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]
+__all__ += ["ODE_SAMPLERS", "check_ode_grid"]

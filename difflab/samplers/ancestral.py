@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
 from ..process import Process
-from .base import Callback, Generators, check_grid, randn_like, report
+from .base import Callback, Generators, check_grid, check_ode_grid, randn_like, report
 
 
 def posterior_step(pred: Prediction, x: Tensor, alpha_s: Tensor, sigma_s: Tensor, c2: Tensor,
@@ -47,14 +47,16 @@ def posterior_variances(process: Process, ts: Tensor
 def _posterior_steps(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
                      callback: Callback | None, cond: Any, a: Tensor, sig: Tensor,
                      c2: Tensor, noise_var: Tensor,
-                     learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                     learned: tuple[Tensor, Tensor] | None = None, rising: bool = False
+                     ) -> Tensor:
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - c2) eps + sqrt(noise_var) z for each step (the
-    generalised DDIM update, Song et al. 2021 eq. 12); the last step returns x0. With
-    ``learned`` = (beta, beta_tilde) per step, a prediction carrying ``var_frac`` draws its
-    noise from Sigma_theta instead of ``noise_var``."""
+    generalised DDIM update, Song et al. 2021 eq. 12); the last step returns x0, except on a
+    rising grid (inversion), where every step is the update. With ``learned`` = (beta,
+    beta_tilde) per step, a prediction carrying ``var_frac`` draws its noise from Sigma_theta
+    instead of ``noise_var``."""
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
-        if i == len(ts) - 2:
+        if i == len(ts) - 2 and not rising:
             x = pred.x0
         elif learned is not None and pred.var_frac is not None:
             x = posterior_step(pred, x, a[i + 1], sig[i + 1], c2[i], torch.zeros(()), generator)
@@ -92,11 +94,16 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
 def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
-    c^2 = eta^2 beta_tilde; eta = 0 is deterministic, eta = 1 is DDPM with beta_tilde."""
-    ts = check_grid(ts)
+    c^2 = eta^2 beta_tilde; eta = 0 is deterministic, eta = 1 is DDPM with beta_tilde.
+    With eta = 0 a rising grid runs the same update upwards: DDIM inversion (Song et al. 2021,
+    Sec. 4.3; Dhariwal & Nichol 2021, eq. 55), returning x at ts[-1]."""
+    ts, rising = check_ode_grid(ts, denoiser.process)
+    if rising and eta != 0:
+        raise ValueError("DDIM on a rising (inversion) grid needs eta = 0")
     a, sig, _, beta_tilde = posterior_variances(denoiser.process, ts)
     c2 = eta**2 * beta_tilde
-    return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, c2, c2)
+    return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, c2, c2,
+                            rising=rising)
 
 
 __all__ = ["ddim", "ddpm", "posterior_step", "posterior_variances"]

@@ -8,6 +8,12 @@ exact update gives anyway, and for processes whose t_min still has noise it is t
 "final denoising step". Multistep samplers may instead end with a higher-order step to clean
 data (``final_step`` with an eps_hat history; ``lms``/``plms`` by default, DPM-Solver++ and
 UniPC with ``final_order``): the result is still noise-free and is reported as x and x0.
+
+The deterministic (probability-flow ODE) samplers, ``ODE_SAMPLERS``, also accept a strictly
+*increasing* grid starting at a noisy time (``check_ode_grid``): they then integrate the ODE
+upwards with the same formulas (which hold for negative steps in lambda or sigma~), take every
+step to the last grid point instead of the final denoising step, and return the state there.
+That is inversion x_t -> x_T (``difflab.editing.ode_invert``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,17 @@ def check_grid(ts: Tensor) -> Tensor:
     if not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("time grid must be strictly decreasing")
     return ts
+
+
+def check_ode_grid(ts: Tensor, process) -> tuple[Tensor, bool]:
+    """A strictly decreasing grid (sampling), or a strictly increasing one (inversion) whose
+    first time is noisy (sigma > 0, where the denoiser is defined); returns (ts, rising)."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    if ts.ndim == 1 and ts.numel() >= 2 and bool((ts[1:] > ts[:-1]).all()):
+        if not float(process.sigma(ts[0])) > 0:
+            raise ValueError("a rising (inversion) grid must start at a noisy time, sigma > 0")
+        return ts, True
+    return check_grid(ts), False
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -110,8 +127,8 @@ def zero_snr_start(sampler: Callable) -> Callable:
     @functools.wraps(sampler)
     def wrapped(denoiser, x: Tensor, ts: Tensor, generator: Generators = None,
                 callback: Callback | None = None, **options):
-        ts = check_grid(ts)
-        if float(denoiser.process.alpha(ts[0])) > 0:
+        ts, rising = check_ode_grid(ts, denoiser.process)
+        if rising or float(denoiser.process.alpha(ts[0])) > 0:
             return sampler(denoiser, x, ts, generator, callback, **options)
         with torch.no_grad():
             pred = denoiser(x, ts[0], options.get("cond"))

@@ -6,6 +6,9 @@ Every step uses the exact solution of the linear part of the ODE in lambda; only
 output is approximated, by a polynomial in lambda through the latest evaluations (multistep)
 or through intermediate stages (singlestep). Coefficients depend only on the grid and are
 computed once per call. The last step returns x0_hat like every sampler (``base.final_step``).
+
+The exponential-integrator weights hold for h < 0 too (``expint``): on a rising grid the ODE
+solvers run upwards (inversion) with every step an ordinary one and return x at ts[-1].
 """
 
 from __future__ import annotations
@@ -17,16 +20,26 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    check_grid,
+    check_ode_grid,
+    final_step,
+    randn_like,
+    report,
+    zero_snr_start,
+)
 from .expint import half_log_snr_grid, lagrange_weights
 
 
-def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float
-                    ) -> list[tuple[float, list[float]]]:
-    """Per step i < N-1: (coefficient of x_i, weights on D_i, D_{i-1}, ...) of
-    x_{i+1} = cx x_i + sum_j w_j D_{i-j} with kernel rate c (1: ODE, 2: SDE)."""
+def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float,
+                    rising: bool = False) -> list[tuple[float, list[float]]]:
+    """Per step i < N-1 (every step i < N on a rising grid): (coefficient of x_i, weights on
+    D_i, D_{i-1}, ...) of x_{i+1} = cx x_i + sum_j w_j D_{i-j} with kernel rate c (1: ODE,
+    2: SDE)."""
     plan = []
-    for i in range(len(lam) - 2):
+    for i in range(len(lam) - (1 if rising else 2)):
         h = float(lam[i + 1] - lam[i])
         k = min(order, i + 1)
         nodes = [float(lam[i - j] - lam[i]) for j in range(k)]
@@ -41,16 +54,16 @@ def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float
 def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
                      callback: Callback | None, cond: Any, order: int, sde: bool,
                      final_order: int = 1) -> Tensor:
-    ts = check_grid(ts)
+    ts, rising = (check_grid(ts), False) if sde else check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 2.0 if sde else 1.0
-    plan = _multistep_plan(lam, a, s, order, c)
+    plan = _multistep_plan(lam, a, s, order, c, rising)
     history: list[Tensor] = []
     eps_hist: list[Tensor] = []
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
         eps_hist = [pred.eps, *eps_hist][:final_order]
-        if i == len(ts) - 2:
+        if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
                               eps_hist)
         history = [pred.x0, *history][:order]
@@ -136,14 +149,17 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     log-SNR-uniform grid gives the paper's r = 1/2 and 1/3, 2/3). Stage m is predicted by the
     exponential integrator through the stages before it, and the step by the one through all of
     them (eq. 3.6 with derivatives by divided differences: order k for any r). The last point
-    returns x0_hat. DPM-Solver-1 is DDIM."""
+    returns x0_hat. DPM-Solver-1 is DDIM. On a rising grid (inversion) all N intervals are
+    grouped, the lower-order remainder last (at the noisy end again, mirroring sampling), and
+    x at ts[-1] is returned."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
-    ts = check_grid(ts)
+    ts, rising = check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 1.0 if data_prediction else -1.0
     i = 0
-    for k in singlestep_orders(len(ts) - 2, order):
+    orders = singlestep_orders(len(ts) - (1 if rising else 2), order)
+    for k in orders[::-1] if rising else orders:
         outs: list[Tensor] = []
         x_stage = x
         for m in range(k):
@@ -153,6 +169,8 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
         x = x_stage
         report(callback, i, ts[i], x, pred)
         i += k
+    if rising:
+        return x
     pred = denoiser(x, ts[i], cond)
     return final_step(callback, i, ts[i], pred)
 

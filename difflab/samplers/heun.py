@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    check_ode_grid,
+    final_step,
+    randn_like,
+    report,
+    zero_snr_start,
+)
 
 
 def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
@@ -38,8 +46,11 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
          callback: Callback | None = None, *, cond: Any = None, churn: float = 0.0,
          s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> Tensor:
     """EDM Heun sampler (Karras et al. 2022, Alg. 2): 2 evaluations per step, order 2;
-    ``churn`` > 0 makes it stochastic."""
-    ts = check_grid(ts)
+    ``churn`` > 0 makes it stochastic. Without churn a rising grid runs the same steps upwards
+    (inversion) and returns x at ts[-1]."""
+    ts, rising = check_ode_grid(ts, denoiser.process)
+    if rising and churn > 0:
+        raise ValueError("Heun on a rising (inversion) grid needs churn = 0")
     process = denoiser.process
     a, s = process.alpha_sigma(ts)
     st = (s / a).tolist()
@@ -51,14 +62,14 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
         if st_hat[i] > st[i]:  # Alg. 2 line 6: y_hat = y + sqrt(s_hat^2 - s^2) eps
             y = y + s_noise * math.sqrt(st_hat[i] ** 2 - st[i] ** 2) * randn_like(y, generator)
         pred = denoiser(a_hat[i] * y, t_hat[i], cond)
-        if i == len(ts) - 2:
+        if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred)
         dt = st[i + 1] - st_hat[i]
         y_euler = y + dt * pred.eps                                   # line 8
         pred2 = denoiser(al[i + 1] * y_euler, ts[i + 1], cond)        # line 10
         y = y + dt * 0.5 * (pred.eps + pred2.eps)                     # line 11
         report(callback, i, ts[i], al[i + 1] * y, pred)
-    return x
+    return al[-1] * y
 
 
 __all__ = ["heun"]

@@ -8,6 +8,9 @@ the probability-flow ODE is dy / dsigma~ = eps_hat (Karras et al. 2022, eq. 4).
   order 4 there, order 2 on other smooth grids.
 - ``lms``: variable-step Adams-Bashforth of order ``order`` (Lagrange polynomial of eps_hat in
   sigma~ integrated exactly over each step), the method of diffusers' LMSDiscreteScheduler.
+
+Both hold for steps of either sign in sigma~: on a rising grid (inversion) they run the same
+Adams-Bashforth steps upwards, with no final step, and return x at the last grid point.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
-from .base import Callback, Generators, check_grid, final_step, report, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    check_ode_grid,
+    final_step,
+    report,
+    zero_snr_start,
+)
 from .expint import lagrange_weights
 
 AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
@@ -27,9 +37,10 @@ AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
 
 @torch.no_grad()
 def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback | None,
-                 cond: Any, weights: list[list[float]]) -> Tensor:
+                 cond: Any, weights: list[list[float]], rising: bool = False) -> Tensor:
     """y_{i+1} = y_i + sum_j weights[i][j] eps_{i-j}; with a weight list for the last step
-    too, it is the multistep step to sigma~ = 0 (clean data), else the shared x0_hat step."""
+    too, it is the multistep step to sigma~ = 0 (clean data), else the shared x0_hat step.
+    On a rising grid every step is an ordinary step and x at ts[-1] is returned."""
     process = denoiser.process
     a = process.alpha(ts).tolist()
     y = x / a[0]
@@ -41,11 +52,11 @@ def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback
         hist = [pred.eps, *hist][: len(weights[i])]
         for wj, ej in zip(weights[i], hist, strict=False):
             y = y + wj * ej
-        if i == len(ts) - 2:  # the multistep step to clean data: x = y, nothing left to denoise
+        if i == len(ts) - 2 and not rising:  # the step to clean data: x = y, no noise left
             report(callback, i, ts[i], y, Prediction(x0=y, eps=pred.eps))
             return y
         report(callback, i, ts[i], a[i + 1] * y, pred)
-    return x
+    return a[-1] * y
 
 
 def final_sigma_step(x: Tensor, alpha: float, st: list[float], eps_hist: list[Tensor],
@@ -82,13 +93,13 @@ def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     """PLMS (Liu et al. 2022, eq. 12) with Adams-Bashforth warm-up; one evaluation per step.
     ``final="multistep"``: the last step to sigma~ = 0 is a variable-step Adams-Bashforth step
     of order 4 (the steps are unequal there) instead of returning x0_hat."""
-    ts = check_grid(ts)
+    ts, rising = check_ode_grid(ts, denoiser.process)
     st = _sigma_tilde(denoiser.process, ts)
     weights = [[(st[i + 1] - st[i]) * c for c in AB_COEFFS[min(i, 3)]]
-               for i in range(len(ts) - 2)]
-    if final == "multistep":
+               for i in range(len(ts) - (1 if rising else 2))]
+    if final == "multistep" and not rising:
         weights += _final_weights(st, 4)
-    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights)
+    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising)
 
 
 @zero_snr_start
@@ -97,16 +108,16 @@ def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = Non
         final: Literal["multistep", "denoise"] = "multistep") -> Tensor:
     """Variable-step Adams-Bashforth in sigma~ (linear multistep, order ``order``);
     ``final="multistep"`` takes the last step to sigma~ = 0 the same way."""
-    ts = check_grid(ts)
+    ts, rising = check_ode_grid(ts, denoiser.process)
     st = _sigma_tilde(denoiser.process, ts)
     weights = []
-    for i in range(len(ts) - 2):
+    for i in range(len(ts) - (1 if rising else 2)):
         h = st[i + 1] - st[i]
         nodes = [st[i - j] - st[i] for j in range(min(order, i + 1))]
         weights.append([h * w for w in lagrange_weights(nodes, h, 0.0)])
-    if final == "multistep":
+    if final == "multistep" and not rising:
         weights += _final_weights(st, order)
-    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights)
+    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising)
 
 
 __all__ = ["lms", "plms"]

@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, StepInfo, check_grid, final_step, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    StepInfo,
+    check_ode_grid,
+    final_step,
+    zero_snr_start,
+)
 
 
 @zero_snr_start
@@ -26,12 +33,13 @@ def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
          callback: Callback | None = None, *, cond: Any = None, rtol: float = 1e-5,
          atol: float = 1e-5, method: str = "RK45") -> Tensor:
     """Adaptive RK45 (or any ``solve_ivp`` method, e.g. "DOP853") on the PF ODE; only the first
-    and the last two grid points are used. The callback sees every accepted step."""
+    and the last two grid points are used. The callback sees every accepted step. On a rising
+    grid (inversion) it integrates from ts[0] up to ts[-1] and returns x there."""
     from scipy.integrate import solve_ivp
 
-    ts = check_grid(ts)
+    ts, rising = check_ode_grid(ts, denoiser.process)
     process = denoiser.process
-    t0, t1 = ts[0], ts[-2]
+    t0, t1 = ts[0], ts[-1] if rising else ts[-2]
     u0, u1 = (-0.5 * process.log_snr(torch.stack([t0, t1]))).tolist()
     a0 = float(process.alpha(t0))
     shape, dtype = x.shape, x.dtype
@@ -54,6 +62,8 @@ def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
             xk = float(process.alpha(t)) * y
             callback(StepInfo(i=k, t=t, x=xk, x0=xk))
     y_end = torch.from_numpy(sol.y[:, -1]).reshape(shape).to(dtype=dtype, device=x.device)
+    if rising:
+        return float(process.alpha(t1)) * y_end
     pred = denoiser(float(process.alpha(t1)) * y_end, t1, cond)
     return final_step(callback, len(sol.t) - 1, t1, pred)
 

@@ -20,20 +20,30 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    check_grid,
+    check_ode_grid,
+    final_step,
+    randn_like,
+    report,
+    zero_snr_start,
+)
 
 
 @torch.no_grad()
 def _euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
            callback: Callback | None, cond: Any, stochastic: bool) -> Tensor:
-    ts = check_grid(ts)
+    # the ODE also runs upwards on a rising grid (h < 0: inversion); the SDE does not
+    ts, rising = (check_grid(ts), False) if stochastic else check_ode_grid(ts, denoiser.process)
     lam = denoiser.process.log_snr(ts)
     s = denoiser.process.sigma(ts)
     h = (lam[1:] - lam[:-1]).tolist()
     sig = s.tolist()
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
-        if i == len(ts) - 2:
+        if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred)
         si, hi = sig[i], h[i]
         if stochastic:
@@ -55,7 +65,8 @@ def euler_maruyama(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
 @zero_snr_start
 def euler_ode(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None) -> Tensor:
-    """Probability-flow ODE Euler (Song et al. 2021, eq. 13), step dlambda. Order 1."""
+    """Probability-flow ODE Euler (Song et al. 2021, eq. 13), step dlambda. Order 1. Also runs
+    upwards on a rising grid (inversion), returning x at ts[-1]."""
     return _euler(denoiser, x, ts, generator, callback, cond, stochastic=False)
 
 

@@ -8,6 +8,8 @@ no extra evaluation because m_t is reused by the next step. With one difference 
 sets a_1 = 1/2 and B(h) decides the method: bh1 B(h) = h, bh2 B(h) = e^h - 1 (eq. 8-9, with
 h -> -h for data prediction). With more differences a solves the order conditions exactly and
 B(h) cancels; that is the exact integral of the interpolating polynomial (``expint``).
+All of it holds for h < 0: on a rising grid (inversion) UniPC runs upwards, the last step
+predictor-only (no evaluation at ts[-1] to correct with), and returns x at ts[-1].
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, report, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    check_ode_grid,
+    final_step,
+    report,
+    zero_snr_start,
+)
 from .expint import half_log_snr_grid, lagrange_weights
 
 
@@ -36,11 +45,12 @@ def _weights(nodes: list[float], h: float, variant: str) -> list[float]:
     return [w0 - c, c]
 
 
-def _plan(lam: Tensor, order: int, variant: str) -> list[tuple[list[float], list[float]]]:
-    """Per step i < N-1: predictor weights on m_i, m_{i-1}, ... and corrector weights on
-    m_{i+1}, m_i, m_{i-1}, ... (both to be multiplied by alpha_{i+1} h)."""
+def _plan(lam: Tensor, order: int, variant: str, rising: bool = False
+          ) -> list[tuple[list[float], list[float]]]:
+    """Per step i < N-1 (i < N on a rising grid): predictor weights on m_i, m_{i-1}, ... and
+    corrector weights on m_{i+1}, m_i, m_{i-1}, ... (both to be multiplied by alpha_{i+1} h)."""
     plan = []
-    for i in range(len(lam) - 2):
+    for i in range(len(lam) - (1 if rising else 2)):
         h = float(lam[i + 1] - lam[i])
         k = min(order, i + 1)
         hist = [float(lam[i - j] - lam[i]) for j in range(k)]
@@ -62,9 +72,9 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     last step an Adams-Bashforth step in sigma~ to clean data (``base.final_step``)."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-    ts = check_grid(ts)
+    ts, rising = check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
-    plan = _plan(lam, order, variant)
+    plan = _plan(lam, order, variant, rising)
     hist: list[Tensor] = []
     eps_hist: list[Tensor] = []
     x_prev = None
@@ -77,7 +87,7 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
             x = float(s[i] / s[i - 1]) * x_prev
             for wj, mj in zip(cw, [pred.x0, *hist], strict=False):
                 x = x + scale * wj * mj
-        if i == len(ts) - 2:
+        if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
                               eps_hist)
         hist = [pred.x0, *hist][:order]
