@@ -56,6 +56,15 @@ def caption(shape: int, colour: int, size: int, position: int) -> str:
             f"at the {POSITIONS[position]}")
 
 
+def parse_caption(text: str) -> tuple[int, int, int, int]:
+    """Inverse of :func:`caption`: (shape, colour, size, position) indices."""
+    words = text.split()
+    if len(words) < 7 or words[0] != "a" or words[4:6] != ["at", "the"]:
+        raise ValueError(f"not a shapes caption: {text!r}")
+    return (SHAPES.index(words[3]), list(COLOURS).index(words[2]), list(SIZES).index(words[1]),
+            POSITIONS.index(" ".join(words[6:])))
+
+
 def combinations(split: str) -> list[tuple[int, int, int, int]]:
     """All (shape, colour, size, position) index tuples of a split, in a fixed order."""
     check_split(split, 0.5)
