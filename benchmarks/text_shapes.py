@@ -1,6 +1,6 @@
 """Text conditioning on the shapes data set: does a model trained on CPU follow its prompts?
 
-    python benchmarks/text_shapes.py [--steps 3000] [--out runs/text_shapes]
+    python benchmarks/text_shapes.py [--steps 1100] [--out runs/text_shapes]
 
 Trains a text-conditioned tiny U-Net (cross-attention to all-MiniLM-L6-v2 tokens, prompt
 dropout 0.1) on 16x16 shapes whose training split never shows the held-out colour x shape
@@ -61,7 +61,7 @@ def sample_rows(trainer: Trainer, encoder, captions: list[str], gamma: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1100)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--per-caption", type=int, default=4)
     ap.add_argument("--sample-steps", type=int, default=30)

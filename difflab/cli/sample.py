@@ -88,7 +88,7 @@ def add_guidance_options(p: argparse.ArgumentParser) -> None:
                         "images per prompt (default 8); without it: the empty prompt")
     g.add_argument("--negative-prompt", default=None,
                    help="prompt used as the unconditional branch of --guidance: samples are "
-                        "pushed away from it (default: the empty prompt)")
+                        "pushed away from it; unset, the empty prompt is")
 
 
 def class_index(label: str, class_names: list[str]) -> int:
