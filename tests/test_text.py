@@ -237,3 +237,18 @@ def test_local_encoder_folders_resolve_by_path(encoder, tmp_path):
     assert resolve_encoder(str(folder)) == folder == resolve_encoder("minilm")
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_encoder(str(tmp_path))
+
+
+def test_attribute_checker_reads_clean_and_tinted_images():
+    from difflab.evaluation.shapes import ShapeAttributeChecker, attribute_accuracy
+
+    fit = load_shapes(16, "train", 900, seed=11)
+    checker = ShapeAttributeChecker().fit(fit)
+    test = load_shapes(16, "test", 120, seed=12)  # pairs the checker never saw
+    g = torch.Generator().manual_seed(0)
+    tinted = (test.images + 0.4 + 0.05 * torch.randn(test.images.shape, generator=g))
+    for images in (test.images, tinted.clamp(-1, 1)):
+        acc = attribute_accuracy(checker.predict(images), test.attributes)
+        # colour and position are pixel statistics: exact; shape x size is learned
+        assert acc["colour"] == acc["position"] == 1.0
+        assert acc["shape"] > 0.85 and acc["size"] > 0.9
