@@ -9,6 +9,13 @@ load from other processes on a shared machine hits both alike.
     python benchmarks/train_throughput.py                      # CPU, 32 and 64 px, batch 32
     python benchmarks/train_throughput.py --device cuda --config cifar --precision bf16 \\
         --compile --sizes 32 --batch 128
+    python benchmarks/train_throughput.py --threads 1 --clock cpu --precision bf16 \\
+        --diffusers-default        # difflab bf16 vs diffusers' default (eager fp32) step
+
+By default both networks get the same options (like for like). ``--diffusers-default`` runs
+diffusers as its train_unconditional example does (eager, fp32) whatever difflab's
+``--precision``/``--compile``; ``--ablate-fused`` adds, interleaved with the others, difflab's
+step with the plain PyTorch ops instead of its fused CPU GroupNorm/SiLU/dropout node.
 
 On CUDA the table also gives model FLOPs utilisation: FLOPs of one training step (forward
 and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``) times steps per
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab.data import ImageData
+from difflab.networks import unet
 from difflab.training import TrainConfig, Trainer
 
 #: Architectures: CIFAR-10 DDPM (35.7M parameters) and a narrower one for CPU timings.
@@ -59,7 +67,27 @@ def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace) ->
                       out_dir="/tmp/difflab-bench", **arch)
     tr = Trainer(cfg, data=data)
     nparams = sum(p.numel() for p in tr.net.parameters())
-    return Case("difflab", lambda: tr.train_step(), nparams)
+    return Case(f"difflab{_label(args.precision, args.compile)}", lambda: tr.train_step(),
+                nparams)
+
+
+def _label(precision: str, compiled: bool) -> str:
+    """Row label suffix: `` (bf16, compiled)`` etc.; empty for eager fp32."""
+    opts = [o for o in (precision if precision != "fp32" else "", compiled and "compiled") if o]
+    return f" ({', '.join(opts)})" if opts else ""
+
+
+def unfused(case: Case) -> Case:
+    """``case`` with the ResBlocks on the plain PyTorch ops (fused node off) while it steps."""
+    def step() -> None:
+        fused = unet.use_fused  # looked up by the ResBlocks at call time
+        unet.use_fused = lambda h: False
+        try:
+            case.step()
+        finally:
+            unet.use_fused = fused
+
+    return Case(f"{case.name} (plain ops)", step, case.params)
 
 
 def diffusers_model(arch: dict, size: int) -> torch.nn.Module:
@@ -90,7 +118,10 @@ def diffusers_case(arch: dict, size: int, batch: int, args: argparse.Namespace) 
 
     dev = torch.device(args.device)
     model = diffusers_model(arch, size).to(dev).train()
-    if args.compile:
+    precision, compiled = args.precision, args.compile
+    if args.diffusers_default:
+        precision, compiled = "fp32", False
+    if compiled:
         model = torch.compile(model, mode=args.compile_mode)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
@@ -98,7 +129,7 @@ def diffusers_case(arch: dict, size: int, batch: int, args: argparse.Namespace) 
     images = torch.rand(max(4 * batch, 256), 3, size, size, device=dev) * 2 - 1
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     g = torch.Generator(device=dev).manual_seed(0)
     state = {"k": 0}
 
@@ -117,7 +148,8 @@ def diffusers_case(arch: dict, size: int, batch: int, args: argparse.Namespace) 
         opt.step()
         ema.step(model.parameters())
 
-    return Case("diffusers", step, sum(p.numel() for p in model.parameters()))
+    return Case(f"diffusers{_label(precision, compiled)}", step,
+                sum(p.numel() for p in model.parameters()))
 
 
 def sync(device: str) -> None:
@@ -161,6 +193,8 @@ def run_size(size: int, args: argparse.Namespace) -> list[str]:
     """Benchmark one resolution; returns markdown table rows."""
     arch = CONFIGS[args.config]
     cases = [difflab_case(arch, size, args.batch, args)]
+    if args.ablate_fused:
+        cases.append(unfused(difflab_case(arch, size, args.batch, args)))
     if not args.no_diffusers:
         try:
             cases.append(diffusers_case(arch, size, args.batch, args))
@@ -172,11 +206,12 @@ def run_size(size: int, args: argparse.Namespace) -> list[str]:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = time_interleaved(cases, args.steps, args.repeats, args.device, clock)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    base = next((med[c.name] for c in cases if c.name.startswith("diffusers")), None)
     flops = step_flops(arch, size, args.batch, args) if args.device.startswith("cuda") else 0
     rows = []
     for c in cases:
         ips = args.batch / med[c.name]
-        ratio = f"{med['diffusers'] / med[c.name]:.2f}x" if "diffusers" in med else "-"
+        ratio = f"{base / med[c.name]:.2f}x" if base else "-"
         mfu = f"{100 * flops / med[c.name] / (args.peak_tflops * 1e12):.1f}%" if flops else "-"
         spread = f"{min(times[c.name]) * 1e3:.0f}-{max(times[c.name]) * 1e3:.0f}"
         rows.append(f"| {c.name} | {size} | {args.batch} | {c.params / 1e6:.2f}M | "
@@ -196,6 +231,12 @@ def parse_args() -> argparse.Namespace:
                    help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--no-channels-last", action="store_true", help="difflab in NCHW")
     p.add_argument("--no-diffusers", action="store_true", help="time difflab alone")
+    p.add_argument("--diffusers-default", action="store_true",
+                   help="diffusers eager fp32 (its example's default) whatever --precision "
+                        "and --compile say")
+    p.add_argument("--ablate-fused", action="store_true",
+                   help="also time difflab with the plain PyTorch ops instead of its fused "
+                        "CPU GroupNorm/SiLU/dropout node")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per network")

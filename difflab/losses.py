@@ -4,7 +4,8 @@
 t ~ U{1..T}. The same regression can be measured on x0 or on v = alpha eps - sigma x0
 (Salimans & Ho 2022); because every prediction type converts to (x0_hat, eps_hat), the loss
 space is independent of what the network outputs. Losses are returned unreduced, one value per
-example, so that weightings and importance sampling can be applied outside.
+example; a weighting from :mod:`difflab.objectives.weighting` multiplies them per example.
+The variational bound, the hybrid loss and EDM's objective are in :mod:`difflab.objectives`.
 """
 
 from __future__ import annotations
@@ -35,10 +36,17 @@ class LossOutput:
 
 def simple_loss(denoiser: Denoiser, x0: Tensor, cond: Any = None,
                 generator: torch.Generator | None = None, space: LossSpace | None = None,
-                t: Tensor | None = None, noise: Tensor | None = None) -> LossOutput:
-    """Mean squared error in ``space`` (default: the network's own prediction type) at
-    t ~ process.sample_t and eps ~ N(0, I), both drawn from ``generator`` unless given."""
-    space = space or denoiser.prediction
+                t: Tensor | None = None, noise: Tensor | None = None,
+                weighting: str = "constant", min_snr_gamma: float = 5.0,
+                raw: Tensor | None = None) -> LossOutput:
+    """Mean squared error in ``space`` (default: the network's own prediction type; x0 for
+    ``edm``) at t ~ process.sample_t and eps ~ N(0, I), both drawn from ``generator`` unless
+    given, times the per-example factor of ``weighting`` (:func:`objectives.loss_weight`).
+    Only the prediction channels of a learned-variance network enter this loss; ``raw`` is
+    the network output at these (t, noise) when the caller already has it."""
+    from .objectives.weighting import loss_weight  # objectives build on this module
+
+    space = space or ("x0" if denoiser.prediction == "edm" else denoiser.prediction)
     if space not in LOSS_SPACES:
         raise ValueError(f"unknown loss space {space!r}; choose from {LOSS_SPACES}")
     process = denoiser.process
@@ -48,12 +56,17 @@ def simple_loss(denoiser: Denoiser, x0: Tensor, cond: Any = None,
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     x_t = q_sample(process, x0, t, noise)
     alpha, sigma = process.alpha_sigma(t)
-    out = denoiser.raw(x_t, t, cond)
+    out, _ = denoiser.split(denoiser.raw(x_t, t, cond) if raw is None else raw)
     if space == denoiser.prediction:  # regress the raw output directly: no division by alpha
         target = output_from_prediction(Prediction(x0=x0, eps=noise), alpha, sigma, space)
         err = out - target
     else:
-        pred = prediction_from_output(out, x_t, alpha, sigma, denoiser.prediction)
+        pred = prediction_from_output(out, x_t, alpha, sigma, denoiser.prediction,
+                                      denoiser.sigma_data)
         err = (output_from_prediction(pred, alpha, sigma, space)
                - output_from_prediction(Prediction(x0=x0, eps=noise), alpha, sigma, space))
-    return LossOutput(loss=err.pow(2).flatten(1).mean(1), t=t)
+    loss = err.pow(2).flatten(1).mean(1)
+    if weighting != "constant":
+        w = loss_weight(process.log_snr(t), weighting, space, min_snr_gamma, denoiser.sigma_data)
+        loss = loss * w.to(device=loss.device, dtype=loss.dtype)
+    return LossOutput(loss=loss, t=t)

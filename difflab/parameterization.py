@@ -1,6 +1,7 @@
 """One denoiser interface: whatever the network predicts, samplers see x0_hat and eps_hat.
 
-For x_t = alpha x_0 + sigma eps with alpha^2 + sigma^2 = 1 (VP processes):
+For x_t = alpha x_0 + sigma eps (VP processes, alpha^2 + sigma^2 = 1; the conversions hold
+for any alpha and sigma, e.g. the VE process with alpha = 1):
 
 =========  ======================  ===========================  ==========================
 predicts   network output          x0_hat                       eps_hat
@@ -10,9 +11,21 @@ predicts   network output          x0_hat                       eps_hat
 ``v``      v = alpha eps - sigma   alpha x_t - sigma v          sigma x_t + alpha v
            x_0 (Salimans & Ho
            2022)
+``edm``    F, preconditioned       c_skip x~ + c_out F          (x_t - alpha x0_hat) / sigma
+           (Karras et al. 2022)
 =========  ======================  ===========================  ==========================
 
-and the score is grad log q(x_t) = -eps_hat / sigma. The conversion happens once, here; no
+For ``edm`` the network sees the variance-exploding view x~ = x_t / alpha with noise level
+s = sigma / alpha and (Karras et al. 2022, Table 1, with sigma_data the data std)
+
+  c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),
+  c_in = 1 / sqrt(s^2 + sd^2),   c_noise = ln(s) / 4.
+
+Multiplying through by alpha, with r^2 = sigma^2 + alpha^2 sd^2, these read
+c_skip x~ = sd^2 alpha x_t / r^2, c_out = sigma sd / r, c_in x~ = x_t / r: finite on the
+whole path, including alpha = 0 (zero terminal SNR) and, for a VE process, alpha = 1.
+
+The score is grad log q(x_t) = -eps_hat / sigma. The conversion happens once, here; no
 sampler looks at the prediction type.
 """
 
@@ -27,8 +40,13 @@ from torch import Tensor, nn
 from .conditioning import expand_cond
 from .process import Process, as_time, expand_like
 
-PredictionType = Literal["eps", "x0", "v"]
-PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
+PredictionType = Literal["eps", "x0", "v", "edm"]
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm")
+#: |log-SNR| is clamped to this where it enters c_noise (it is infinite at both ends).
+LOG_SNR_CLAMP = 40.0
+#: The U-Net's sinusoidal time embedding is made for inputs in [0, 1000]; EDM's
+#: c_noise = ln(s) / 4 lies mostly in [-2, 2], so it is scaled by this before embedding.
+EDM_NOISE_SCALE = 250.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,9 @@ class Prediction:
 
     x0: Tensor
     eps: Tensor
+    #: learned-variance models only: v in [0, 1] per element, the reverse variance is
+    #: Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t) (Nichol & Dhariwal 2021, eq. 15).
+    var_frac: Tensor | None = None
 
     def v(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         """v = alpha eps - sigma x0 for per-example rates broadcastable to x."""
@@ -47,16 +68,42 @@ class Prediction:
         return -self.eps / expand_like(sigma, self.eps)
 
 
+def edm_coefficients(alpha: Tensor, sigma: Tensor, sigma_data: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_skip / alpha, c_out, c_in / alpha) of Karras et al. 2022 (Table 1) for x_t itself:
+    x0_hat = (c_skip / alpha) x_t + c_out F((c_in / alpha) x_t); finite wherever
+    alpha^2 + sigma^2 > 0 (module docstring)."""
+    r2 = sigma**2 + alpha**2 * sigma_data**2
+    return sigma_data**2 * alpha / r2, sigma * sigma_data / r2.sqrt(), 1 / r2.sqrt()
+
+
+def edm_c_noise(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """c_noise = ln(s) / 4 = -lambda / 8 with s = sigma / alpha (Karras et al. 2022, Table 1),
+    lambda clamped to +-LOG_SNR_CLAMP so that both ends of the path stay finite."""
+    lam = 2 * (torch.log(alpha) - torch.log(sigma))
+    return -lam.clamp(-LOG_SNR_CLAMP, LOG_SNR_CLAMP) / 8
+
+
 def prediction_from_output(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
-                           kind: PredictionType) -> Prediction:
-    """Convert a raw network output of type ``kind`` at x_t into (x0_hat, eps_hat)."""
+                           kind: PredictionType, sigma_data: float = 0.5) -> Prediction:
+    """Convert a raw network output of type ``kind`` at x_t into (x0_hat, eps_hat).
+
+    eps-prediction cannot recover x0 where alpha = 0 (zero terminal SNR: x_T is pure noise);
+    there x0_hat is defined as 0, the centre of the [-1, 1] data range, rather than 0/0 (use
+    v- or x0-prediction to learn x0 at t = T; Lin et al. 2024, sec. 3.2)."""
     a, s = expand_like(alpha, x), expand_like(sigma, x)
     if kind == "eps":
-        return Prediction(x0=(x - s * out) / a, eps=out)
+        safe = torch.where(a > 0, a, torch.ones_like(a))  # no inf in either branch: no NaN grads
+        return Prediction(x0=torch.where(a > 0, (x - s * out) / safe, torch.zeros_like(x)),
+                          eps=out)
     if kind == "x0":
         return Prediction(x0=out, eps=(x - a * out) / s)
     if kind == "v":
         return Prediction(x0=a * x - s * out, eps=s * x + a * out)
+    if kind == "edm":
+        skip, c_out, _ = edm_coefficients(a, s, sigma_data)
+        x0 = skip * x + c_out * out
+        return Prediction(x0=x0, eps=(x - a * x0) / s)
     raise ValueError(f"unknown prediction type {kind!r}; choose from {PREDICTION_TYPES}")
 
 
@@ -69,6 +116,9 @@ def output_from_prediction(pred: Prediction, alpha: Tensor, sigma: Tensor,
         return pred.x0
     if kind == "v":
         return pred.v(alpha, sigma)
+    if kind == "edm":
+        raise ValueError("the EDM target F depends on x_t; train EDM models in x0 space "
+                         "with the 'edm' weighting (difflab.weighting)")
     raise ValueError(f"unknown prediction type {kind!r}; choose from {PREDICTION_TYPES}")
 
 
@@ -94,25 +144,53 @@ class Denoiser:
     dtype; the answer comes back in x's dtype, so samplers may keep their state in float64.
     """
 
-    def __init__(self, net: nn.Module, process: Process, prediction: PredictionType = "eps"):
+    def __init__(self, net: nn.Module, process: Process, prediction: PredictionType = "eps",
+                 learned_variance: bool = False, sigma_data: float = 0.5):
+        """``learned_variance``: the network outputs 2C channels, the prediction and then
+        v in [-1, 1] (mapped to [0, 1], ``Prediction.var_frac``); ``sigma_data``: the data
+        std assumed by the ``edm`` preconditioning."""
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; "
                              f"choose from {PREDICTION_TYPES}")
         self.net, self.process, self.prediction = net, process, prediction
+        self.learned_variance, self.sigma_data = learned_variance, sigma_data
 
     def raw(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """The network output (in x's dtype) for x_t at times t [B]."""
+        """The network output (in x's dtype) for x_t at times t [B]; for ``edm`` the network
+        sees c_in x~ and c_noise instead of x_t and the process time."""
         param = next(self.net.parameters())
-        c_noise = self.process.c_noise(t).to(device=x.device, dtype=torch.float32)
-        out = self.net(x.to(param.dtype), c_noise, cond)
+        if self.prediction == "edm":
+            alpha, sigma = self.process.alpha_sigma(t)
+            _, _, c_in = edm_coefficients(alpha, sigma, self.sigma_data)
+            x = expand_like(c_in, x) * x
+            c_noise = EDM_NOISE_SCALE * edm_c_noise(alpha, sigma)
+        else:
+            c_noise = self.process.c_noise(t)
+        out = self.net(x.to(param.dtype), c_noise.to(device=x.device, dtype=torch.float32),
+                       cond)
         return out.to(x.dtype)
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(prediction channels, variance channels v in [-1, 1] or None) of a raw output."""
+        if not self.learned_variance:
+            return out, None
+        c = out.shape[1] // 2
+        return out[:, :c], out[:, c:]
+
+    def predict(self, out: Tensor, x: Tensor, t: Tensor) -> Prediction:
+        """The Prediction of a raw output at x_t, times t [B]."""
+        mean, var = self.split(out)
+        alpha, sigma = self.process.alpha_sigma(t)
+        pred = prediction_from_output(mean, x, alpha, sigma, self.prediction, self.sigma_data)
+        if var is None:
+            return pred
+        return Prediction(x0=pred.x0, eps=pred.eps, var_frac=(var.clamp(-1, 1) + 1) / 2)
 
     def __call__(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         t = as_time(t, x)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        alpha, sigma = self.process.alpha_sigma(t)
-        return prediction_from_output(self.raw(x, t, cond), x, alpha, sigma, self.prediction)
+        return self.predict(self.raw(x, t, cond), x, t)
 
 
 class ClippedDenoiser:
@@ -133,4 +211,5 @@ class ClippedDenoiser:
         alpha, sigma = self.process.alpha_sigma(t.expand(x.shape[0]) if t.ndim == 0 else t)
         x0 = pred.x0.clamp(self.lo, self.hi)
         a, s = expand_like(alpha, x), expand_like(sigma, x)
-        return Prediction(x0=x0, eps=torch.where(s > 0, (x - a * x0) / s, pred.eps))
+        return Prediction(x0=x0, eps=torch.where(s > 0, (x - a * x0) / s, pred.eps),
+                          var_frac=pred.var_frac)

@@ -28,7 +28,9 @@ def load_denoiser(path: str | Path, ema: bool = True, device: str | torch.device
         raise ValueError(f"checkpoint {path} has no {'ema' if ema else 'model'} weights")
     net.load_state_dict(weights)
     net.to(device).eval().requires_grad_(False)
-    den: DenoiserFn = Denoiser(net, process_from_config(meta["process"]), meta["prediction"])
+    den: DenoiserFn = Denoiser(net, process_from_config(meta["process"]), meta["prediction"],
+                               learned_variance=meta.get("learned_variance", False),
+                               sigma_data=meta.get("sigma_data", 0.5))
     if clip and meta.get("data_range"):
         den = ClippedDenoiser(den, *meta["data_range"])
     return den, meta

@@ -44,8 +44,9 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                         "one fitted by optimize_grid and saved with the model; replaces --steps "
                         "and --spacing")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: ODE)")
-    p.add_argument("--variance", default="beta_tilde", choices=["beta", "beta_tilde"],
-                   help="DDPM reverse variance")
+    p.add_argument("--variance", default="auto", choices=["auto", "beta", "beta_tilde"],
+                   help="DDPM reverse variance: auto is the learned Sigma_theta of a model "
+                        "trained with --objective vlb|hybrid, else beta_tilde")
     p.add_argument("--order", type=int, default=None,
                    help="solver order (dpm_solver, unipc_*, lms, dpmpp_sde; default: theirs)")
     p.add_argument("--churn", type=float, default=None, help="Heun churn (0: deterministic)")

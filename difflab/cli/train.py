@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..losses import LOSS_SPACES
+from ..objectives import OBJECTIVES, TIME_SAMPLINGS, WEIGHTINGS
 from ..parameterization import PREDICTION_TYPES
 from ..process import PROCESS_NAMES
 from ..training import MODEL_SIZES, TrainConfig, Trainer, read_config_file, resolve_checkpoint
@@ -43,9 +44,23 @@ HELP: dict[str, str] = {
                 "or vpsde, cosine_rates (continuous)",
     "T": "number of diffusion steps of a discrete schedule",
     "zero_terminal_snr": "rescale the schedule to zero terminal SNR (Lin et al. 2024)",
-    "prediction": "what the network predicts: eps, x0 or v",
+    "prediction": "what the network predicts: eps, x0, v, or edm (F of the EDM "
+                  "preconditioning, Karras et al. 2022)",
     "loss_space": "space of the MSE loss: eps, x0 or v (default: the prediction's own)",
     "p_uncond": "probability of replacing a label by the null label (for guidance)",
+    "objective": "training objective: simple (MSE, weighted by --weighting), vlb (variational "
+                 "bound, learned variance, importance-sampled t), hybrid (simple + "
+                 "--vlb-lambda * vlb, learned variance; Nichol & Dhariwal 2021) or edm "
+                 "(needs --prediction edm; log-normal noise levels, EDM weight)",
+    "weighting": "loss weight as a function of SNR: constant (the loss space's own MSE), "
+                 "snr, min_snr (min(SNR, gamma), Hang et al. 2023), truncated_snr "
+                 "(max(SNR, 1)), edm (SNR + 1 / sigma_data^2)",
+    "min_snr_gamma": "gamma of --weighting min_snr",
+    "vlb_lambda": "weight of L_vlb in --objective hybrid",
+    "time_sampling": "training-time distribution: uniform (the process's own), continuous "
+                     "(real-valued t, also for discrete schedules), lognormal (EDM), "
+                     "importance (vlb only); default: the objective's",
+    "sigma_data": "data standard deviation assumed by the EDM preconditioning",
     "steps": "total optimisation steps",
     "batch_size": "images per step",
     "lr": "AdamW learning rate",
@@ -77,6 +92,9 @@ CHOICES: dict[str, list[str]] = {
     "schedule": PROCESS_NAMES,
     "prediction": list(PREDICTION_TYPES),
     "loss_space": list(LOSS_SPACES),
+    "objective": list(OBJECTIVES),
+    "weighting": list(WEIGHTINGS),
+    "time_sampling": list(TIME_SAMPLINGS),
     "precision": list(PRECISIONS),
     "compile_mode": ["default", "reduce-overhead", "max-autotune",
                      "max-autotune-no-cudagraphs"],

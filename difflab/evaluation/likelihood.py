@@ -113,6 +113,15 @@ def model_log_variance(process: Any, t: Tensor, variance: Variance) -> Tensor:
     return posterior(process, t.clamp(min=2)).var.log()
 
 
+def learned_log_variance(process: Any, t: Tensor, var_frac: Tensor) -> Tensor:
+    """log Sigma_theta = v log beta_t + (1 - v) log beta_tilde_t per element, for v = ``var_frac``
+    in [0, 1] [B, ...] (Nichol & Dhariwal 2021, eq. 15; beta_tilde clipped as above)."""
+    shape = (-1,) + (1,) * (var_frac.ndim - 1)
+    log_beta = model_log_variance(process, t, "beta").reshape(shape).to(var_frac.dtype)
+    log_tilde = model_log_variance(process, t, "beta_tilde").reshape(shape).to(var_frac.dtype)
+    return var_frac * log_beta + (1 - var_frac) * log_tilde
+
+
 def prior_kl(process: Any, x0: Tensor) -> Tensor:
     """L_T = KL(q(x_T | x0) || N(0, I)) summed over dimensions, per example [B]."""
     alpha, sigma = process.alpha_sigma(torch.tensor(process.t_max, dtype=torch.float64))
@@ -125,7 +134,8 @@ def vlb_term(denoiser: DenoiserFn, x0: Tensor, t: Tensor, noise: Tensor, cond: A
              variance: Variance = "beta_tilde", decoder: Decoder = "discretized") -> Tensor:
     """One term of the bound per example [B], in nats: L_{t-1} for t >= 2 (a KL between
     Gaussians) and L_0 = -log p(x0 | x1) for t = 1. ``t`` [B] holds integer steps; x_t is
-    drawn as alpha_t x0 + sigma_t noise."""
+    drawn as alpha_t x0 + sigma_t noise. A learned-variance prediction (``var_frac``) uses its
+    own variance instead of ``variance``."""
     process = denoiser.process
     x0 = x0.double()
     t = t.to(torch.float64)
@@ -134,6 +144,8 @@ def vlb_term(denoiser: DenoiserFn, x0: Tensor, t: Tensor, noise: Tensor, cond: A
     post = posterior(process, t)
     logvar = model_log_variance(process, t, variance).reshape(-1, *([1] * (x0.ndim - 1)))
     logvar = logvar.expand_as(x0)
+    if pred.var_frac is not None:  # a learned-variance model scores with its own Sigma_theta
+        logvar = learned_log_variance(process, t, pred.var_frac.double())
     mean_model = post.mean(pred.x0.double(), x_t)
     true_logvar = post.var.clamp(min=1e-300).log().reshape(logvar.shape[:1] + (1,) * (
         x0.ndim - 1)).expand_as(x0)
@@ -215,5 +227,5 @@ def vlb(denoiser: DenoiserFn, x0: Tensor, cond: Any = None, *, variance: Varianc
 
 
 __all__ = ["HALF_BIN", "Posterior", "VLBResult", "discretized_gaussian_log_likelihood",
-           "gaussian_log_likelihood", "model_log_variance", "normal_kl", "posterior",
-           "prior_kl", "vlb", "vlb_steps", "vlb_term"]
+           "gaussian_log_likelihood", "learned_log_variance", "model_log_variance", "normal_kl",
+           "posterior", "prior_kl", "vlb", "vlb_steps", "vlb_term"]

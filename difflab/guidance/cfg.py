@@ -73,14 +73,18 @@ class ClassifierFreeGuidance:
         if self.batched:  # one network call on [x; x] with [y; null]
             both = self.inner(torch.cat([x, x]), torch.cat([tt, tt]), cat_cond([cond, null]))
             n = x.shape[0]
-            c, u = Prediction(both.x0[:n], both.eps[:n]), Prediction(both.x0[n:], both.eps[n:])
+            vf = both.var_frac
+            c = Prediction(both.x0[:n], both.eps[:n], None if vf is None else vf[:n])
+            u = Prediction(both.x0[n:], both.eps[n:])
         else:
             c, u = self.inner(x, tt, cond), self.inner(x, tt, null)
         g = self.scale
         x0 = u.x0 + g * (c.x0 - u.x0)
         if self.rescale == 0.0:
-            return Prediction(x0=x0, eps=u.eps + g * (c.eps - u.eps))
-        return self._rescaled(x, tt, x0, c.x0)
+            # a learned variance is taken from the conditional branch (it is not extrapolated)
+            return Prediction(x0=x0, eps=u.eps + g * (c.eps - u.eps), var_frac=c.var_frac)
+        out = self._rescaled(x, tt, x0, c.x0)
+        return Prediction(out.x0, out.eps, c.var_frac)
 
     def _rescaled(self, x: Tensor, t: Tensor, x0: Tensor, x0_cond: Tensor) -> Prediction:
         dims = tuple(range(1, x.ndim))

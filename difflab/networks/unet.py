@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from difflab.conditioning import TextCond
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
+from difflab.networks.fused import group_norm_silu, use_fused
 
 __all__ = ["UNet", "UNetConfig", "group_count"]
 
@@ -195,6 +196,14 @@ class ResBlock(nn.Module):
         """x: [B, in_ch, H, W], emb: [B, E] (already SiLU-activated) -> [B, out_ch, H, W]."""
         h = self.conv1(F.silu(self.norm1(x)))  # [B, out, H, W]
         e = self.emb_proj(emb)[:, :, None, None]  # [B, out or 2*out, 1, 1]
+        if use_fused(h):  # same math in fewer passes (difflab/networks/fused.py)
+            p = self.dropout.p if self.training else 0.0
+            if self.scale_shift:
+                scale, shift = e.chunk(2, dim=1)
+                h = group_norm_silu(h, self.norm2, scale=scale, shift=shift, dropout=p)
+            else:
+                h = group_norm_silu(h + e, self.norm2, dropout=p)
+            return self.skip(x) + self.conv2(h)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)  # [B, out, 1, 1] each
             h = self.norm2(h) * (1 + scale) + shift

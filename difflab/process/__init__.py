@@ -8,8 +8,9 @@ from .base import Process, as_time, expand_like
 from .continuous import VPSDE, CosineRates, ZeroTerminalSNR
 from .discrete import BETA_SCHEDULES, DiscreteProcess, rescale_zero_terminal_snr
 from .forward import markov_chain, q_sample, q_step, transition
+from .ve import VEProcess
 
-CONTINUOUS = {"vpsde": VPSDE, "cosine_rates": CosineRates}
+CONTINUOUS = {"vpsde": VPSDE, "cosine_rates": CosineRates, "ve": VEProcess}
 PROCESS_NAMES = sorted(BETA_SCHEDULES) + sorted(CONTINUOUS)
 
 
@@ -21,6 +22,8 @@ def make_process(name: str = "linear", zero_terminal_snr: bool = False, T: int =
         return DiscreteProcess(name, T=T, zero_terminal_snr=zero_terminal_snr, **kwargs)
     if name in CONTINUOUS:
         process = CONTINUOUS[name](**kwargs)
+        if zero_terminal_snr and name == "ve":
+            raise ValueError("zero terminal SNR needs a variance-preserving schedule, not 've'")
         return ZeroTerminalSNR(process) if zero_terminal_snr else process
     raise ValueError(f"unknown schedule {name!r}; choose from {PROCESS_NAMES}")
 
@@ -37,6 +40,7 @@ def process_from_config(config: dict[str, Any]) -> Process:
 
 __all__ = [
     "BETA_SCHEDULES", "CONTINUOUS", "PROCESS_NAMES", "VPSDE", "CosineRates", "DiscreteProcess",
-    "Process", "ZeroTerminalSNR", "as_time", "expand_like", "make_process", "markov_chain",
+    "Process", "VEProcess", "ZeroTerminalSNR", "as_time", "expand_like", "make_process",
+    "markov_chain",
     "process_from_config", "q_sample", "q_step", "rescale_zero_terminal_snr", "transition",
 ]

@@ -7,7 +7,8 @@ Notation map (code name -> paper symbol):
 - ``sigma``   -> sqrt(1 - alpha_bar_t), sigma_t in VDM, the "noise rate";
 - ``log_snr`` -> lambda_t = log(alpha_t^2 / sigma_t^2).
 
-Every process here is variance preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes
+Every process here except ``VEProcess`` (EDM's alpha = 1, sigma = t, which overrides
+``alpha_sigma``) is variance preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes
 both rates: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda). Working through lambda keeps
 the endpoints exact: lambda = +inf gives clean data (alpha = 1, sigma = 0) and lambda = -inf
 pure noise, with no 0/0 on the way.

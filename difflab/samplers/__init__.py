@@ -22,7 +22,7 @@ from .grids import (
 from .heun import heun
 from .langevin import annealed_langevin, pc
 from .multistep import lms, plms
-from .optimize import optimize_grid, reference_solution
+from .optimize import optimize_grid, reference_solution, stratified_draws
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
 from .unipc import unipc, unipc_bh1, unipc_bh2
@@ -46,5 +46,5 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "check_grid", "ddim", "ddpm", "default_sigma_min", "discrete_timesteps",
            "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler_maruyama", "euler_ode",
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
-           "reference_solution", "rk45", "save_time_grid", "time_grid", "unipc",
-           "unipc_bh1", "unipc_bh2"]
+           "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
+           "unipc", "unipc_bh1", "unipc_bh2"]

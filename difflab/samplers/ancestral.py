@@ -8,6 +8,9 @@ alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 si
   beta_tilde = sigma_{t|s}^2 sigma_s^2 / sigma_t^2                (Ho et al. 2020, eq. 6-7)
 
 On a respaced grid, sigma_{t|s}^2 = 1 - alpha_bar_t / alpha_bar_s is the respaced beta_t.
+A learned-variance model (``Prediction.var_frac`` = v) is sampled with
+Sigma_theta = exp(v log beta + (1 - v) log beta_tilde) of the grid's own (strided) beta and
+beta_tilde, as Nichol & Dhariwal 2021 (sec. 4) do for few-step sampling.
 """
 
 from __future__ import annotations
@@ -43,13 +46,22 @@ def posterior_variances(process: Process, ts: Tensor
 
 def _posterior_steps(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
                      callback: Callback | None, cond: Any, a: Tensor, sig: Tensor,
-                     c2: Tensor, noise_var: Tensor) -> Tensor:
+                     c2: Tensor, noise_var: Tensor,
+                     learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - c2) eps + sqrt(noise_var) z for each step (the
-    generalised DDIM update, Song et al. 2021 eq. 12); the last step returns x0."""
+    generalised DDIM update, Song et al. 2021 eq. 12); the last step returns x0. With
+    ``learned`` = (beta, beta_tilde) per step, a prediction carrying ``var_frac`` draws its
+    noise from Sigma_theta instead of ``noise_var``."""
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
         if i == len(ts) - 2:
             x = pred.x0
+        elif learned is not None and pred.var_frac is not None:
+            x = posterior_step(pred, x, a[i + 1], sig[i + 1], c2[i], torch.zeros(()), generator)
+            v = pred.var_frac.to(x.dtype)
+            log_var = (v * learned[0][i].clamp(min=1e-20).log()
+                       + (1 - v) * learned[1][i].clamp(min=1e-20).log())
+            x = x + (0.5 * log_var).exp() * randn_like(x, generator)
         else:
             x = posterior_step(pred, x, a[i + 1], sig[i + 1], c2[i], noise_var[i], generator)
         report(callback, i, ts[i], x, pred)
@@ -59,19 +71,21 @@ def _posterior_steps(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
 @torch.no_grad()
 def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None,
-         variance: Literal["beta", "beta_tilde"] = "beta_tilde") -> Tensor:
+         variance: Literal["auto", "beta", "beta_tilde"] = "auto") -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) with sigma_t^2 = beta_t or
     beta_tilde_t; on a respaced grid beta_t is the respaced one (Nichol & Dhariwal 2021).
+    ``auto``: the learned Sigma_theta of a learned-variance model, else beta_tilde.
 
     The mean is the posterior mean mu(x_t, x0_hat), which is DDIM's update with c2 = beta_tilde.
     """
-    if variance not in ("beta", "beta_tilde"):
-        raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
+    if variance not in ("auto", "beta", "beta_tilde"):
+        raise ValueError(f"variance must be 'auto', 'beta' or 'beta_tilde', got {variance!r}")
     ts = check_grid(ts)
     a, sig, beta, beta_tilde = posterior_variances(denoiser.process, ts)
-    noise_var = beta_tilde if variance == "beta_tilde" else beta
+    noise_var = beta if variance == "beta" else beta_tilde
+    learned = (beta, beta_tilde) if variance == "auto" else None
     return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, beta_tilde,
-                            noise_var)
+                            noise_var, learned)
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ UniPC with ``final_order``): the result is still noise-free and is reported as x
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -95,3 +97,31 @@ def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction,
         pred = Prediction(x0=out, eps=pred.eps)
     report(callback, i, t, out, pred)
     return out
+
+
+def zero_snr_start(sampler: Callable) -> Callable:
+    """Let a sampler start at zero terminal SNR (alpha(ts[0]) = 0, Lin et al. 2024).
+
+    There sigma~ = sigma / alpha and -lambda are infinite, so solvers written in them cannot
+    take their first step. The first step is then the DDIM (eta = 0) step out of pure noise,
+    x_s = alpha_s x0_hat + sigma_s eps_hat (exact given the prediction, finite for every
+    prediction type), and the wrapped sampler continues from ts[1] with its own method."""
+
+    @functools.wraps(sampler)
+    def wrapped(denoiser, x: Tensor, ts: Tensor, generator: Generators = None,
+                callback: Callback | None = None, **options):
+        ts = check_grid(ts)
+        if float(denoiser.process.alpha(ts[0])) > 0:
+            return sampler(denoiser, x, ts, generator, callback, **options)
+        with torch.no_grad():
+            pred = denoiser(x, ts[0], options.get("cond"))
+            if len(ts) == 2:
+                return final_step(callback, 0, ts[0], pred)
+            a, s = denoiser.process.alpha_sigma(ts[1])
+            x = a.to(x.dtype) * pred.x0 + s.to(x.dtype) * pred.eps
+        report(callback, 0, ts[0], x, pred)
+        shifted = None if callback is None else (
+            lambda info: callback(dataclasses.replace(info, i=info.i + 1)))
+        return sampler(denoiser, x, ts[1:], generator, shifted, **options)
+
+    return wrapped

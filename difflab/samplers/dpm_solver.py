@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report
+from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
 from .expint import half_log_snr_grid, lagrange_weights
 
 
@@ -67,6 +67,7 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
     return x
 
 
+@zero_snr_start
 def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
              callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
              ) -> Tensor:
@@ -76,6 +77,7 @@ def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators 
     return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, False, final_order)
 
 
+@zero_snr_start
 def dpmpp_3m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
              callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
              ) -> Tensor:
@@ -84,6 +86,7 @@ def dpmpp_3m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators 
     return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 3, False, final_order)
 
 
+@zero_snr_start
 def dpmpp_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 2) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5): the reverse SDE's linear part and noise
@@ -120,6 +123,7 @@ def _expint(x: Tensor, i: int, j: int, nodes: list[int], outs: list[Tensor], lam
     return out
 
 
+@zero_snr_start
 @torch.no_grad()
 def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                callback: Callback | None = None, *, cond: Any = None, order: int = 3,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report
+from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
 
 
 def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
@@ -32,6 +32,7 @@ def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
     return st_hat.tolist(), t_hat
 
 
+@zero_snr_start
 @torch.no_grad()
 def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, churn: float = 0.0,

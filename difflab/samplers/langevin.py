@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report
+from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
 
 
 def _langevin_step(x: Tensor, score: Tensor, z: Tensor, snr: float, a_ratio2: float) -> Tensor:
@@ -60,6 +60,7 @@ def pc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None
     return x
 
 
+@zero_snr_start
 @torch.no_grad()
 def annealed_langevin(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                       callback: Callback | None = None, *, cond: Any = None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
-from .base import Callback, Generators, check_grid, final_step, report
+from .base import Callback, Generators, check_grid, final_step, report, zero_snr_start
 from .expint import lagrange_weights
 
 AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
@@ -75,6 +75,7 @@ def _sigma_tilde(process, ts: Tensor) -> list[float]:
     return (-0.5 * process.log_snr(ts)).exp().tolist()
 
 
+@zero_snr_start
 def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None,
          final: Literal["multistep", "denoise"] = "multistep") -> Tensor:
@@ -90,6 +91,7 @@ def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     return _ab_in_sigma(denoiser, x, ts, callback, cond, weights)
 
 
+@zero_snr_start
 def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
         callback: Callback | None = None, *, cond: Any = None, order: int = 4,
         final: Literal["multistep", "denoise"] = "multistep") -> Tensor:

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, StepInfo, check_grid, final_step
+from .base import Callback, Generators, StepInfo, check_grid, final_step, zero_snr_start
 
 
+@zero_snr_start
 @torch.no_grad()
 def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, rtol: float = 1e-5,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, randn_like, report
+from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
 
 
 @torch.no_grad()
@@ -45,12 +45,14 @@ def _euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
     return x
 
 
+@zero_snr_start
 def euler_maruyama(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                    callback: Callback | None = None, *, cond: Any = None) -> Tensor:
     """Reverse-SDE Euler-Maruyama (Song et al. 2021, eq. 6), step dlambda. Weak order 1."""
     return _euler(denoiser, x, ts, generator, callback, cond, stochastic=True)
 
 
+@zero_snr_start
 def euler_ode(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None) -> Tensor:
     """Probability-flow ODE Euler (Song et al. 2021, eq. 13), step dlambda. Order 1."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from .base import Callback, Generators, check_grid, final_step, report
+from .base import Callback, Generators, check_grid, final_step, report, zero_snr_start
 from .expint import half_log_snr_grid, lagrange_weights
 
 
@@ -51,6 +51,7 @@ def _plan(lam: Tensor, order: int, variant: str) -> list[tuple[list[float], list
     return plan
 
 
+@zero_snr_start
 @torch.no_grad()
 def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
           callback: Callback | None = None, *, cond: Any = None, order: int = 2,

@@ -49,6 +49,13 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Checkpoints store state contiguous; give it back its parameter's layout (channels-last
+    # weights), which a fused optimizer kernel, walking both in memory order, relies on.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][name] = torch.empty_like(p).copy_(v)
 
 
 def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor],

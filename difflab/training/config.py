@@ -48,6 +48,12 @@ class TrainConfig:
     prediction: str = "eps"
     loss_space: str | None = None      # None: the prediction type's own space
     p_uncond: float = 0.1              # label dropout into the null label
+    objective: str = "simple"          # simple, vlb, hybrid, edm (difflab.objectives)
+    weighting: str = "constant"        # constant, snr, min_snr, truncated_snr, edm
+    min_snr_gamma: float = 5.0         # gamma of the min_snr weighting
+    vlb_lambda: float = 0.001          # weight of L_vlb in the hybrid objective
+    time_sampling: str | None = None   # uniform, continuous, lognormal, importance (None: auto)
+    sigma_data: float = 0.5            # data std of the EDM preconditioning
     # optimisation
     steps: int = 1500
     batch_size: int = 128

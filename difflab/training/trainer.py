@@ -36,8 +36,8 @@ from ..data import (
     save_grid,
     save_scatter,
 )
-from ..losses import simple_loss
 from ..networks import MLPConfig, UNetConfig, build_network
+from ..objectives import Objective
 from ..parameterization import ClippedDenoiser, Denoiser
 from ..process import make_process
 from ..samplers import ddim
@@ -64,6 +64,12 @@ from .precision import autocast, check_precision, grad_scaler
 from .text import CaptionTable
 
 TOY_PREFIX = "toy:"
+
+
+def objective_from_config(c: TrainConfig) -> Objective:
+    """The training objective named by a config (checks the names)."""
+    return Objective(c.objective, c.weighting, c.min_snr_gamma, c.loss_space, c.vlb_lambda,
+                     c.time_sampling)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,19 +117,27 @@ class Trainer:
             from ..text import TextEncoder  # optional extra: imported only when needed
             self.text_encoder = TextEncoder(c.text_encoder)
             self.captions = CaptionTable(self.text_encoder, self.data.class_names, self.device)
+        self.objective = objective_from_config(c)
         torch.manual_seed(c.seed)
         self.net_name, self.net_config = self._network_config()
         self.net = self._build_net()
         self.process = make_process(c.schedule, zero_terminal_snr=c.zero_terminal_snr, T=c.T)
-        self.denoiser = Denoiser(self.net, self.process, c.prediction)
+        self.objective.check(self.process, c.prediction)
+        if self.objective.times == "importance" and self.dist.enabled:
+            raise ValueError("importance sampling of t keeps a per-process loss history; "
+                             "it is not supported under torchrun")
+        self.time_sampler = self.objective.time_sampler(self.process)
+        self.denoiser = self._denoiser(self.net)
         self.ema = EMA(self.net, c.ema_decay)
         # The EMA samples like a loaded checkpoint: NCHW weights, user labels checked.
         self.ema.model.to(memory_format=torch.contiguous_format)
         set_label_checks(self.ema.model, True)
+        # fused: one kernel for all parameters, the same AdamW update (on the CPU foreach
+        # falls back to per-tensor ops; benchmarks/README.md)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr,
-                                     weight_decay=c.weight_decay, foreach=True)
+                                     weight_decay=c.weight_decay, fused=True)
         self.scaler = grad_scaler(c.precision, self.device)
-        self._train_denoiser = Denoiser(self._step_module(), self.process, c.prediction)
+        self._train_denoiser = self._denoiser(self._step_module())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
@@ -143,6 +157,11 @@ class Trainer:
             net.grad_checkpointing = c.grad_checkpointing
         set_label_checks(net, False)
         return net
+
+    def _denoiser(self, net: torch.nn.Module) -> Denoiser:
+        c = self.config
+        return Denoiser(net, self.process, c.prediction, self.objective.learned_variance,
+                        c.sigma_data)
 
     def _step_module(self) -> torch.nn.Module:
         """What the training step calls: the network, wrapped in DDP and/or compiled."""
@@ -167,10 +186,15 @@ class Trainer:
         if self.images.ndim == 2:
             return "mlp", MLPConfig(dim=self.images.shape[1], hidden=c.base_channels or 256,
                                     num_classes=self.num_classes)
+        # learned variance: the second half of the output channels is v (Nichol & Dhariwal)
+        out = 2 * self.images.shape[1] if self.objective.learned_variance else None
+        if out is not None and self.images.ndim == 2:
+            raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
+                             "image data and a U-Net")
         if self.captions is not None:
-            return "unet", UNetConfig(in_channels=self.images.shape[1],
+            return "unet", UNetConfig(in_channels=self.images.shape[1], out_channels=out,
                                       context_dim=self.captions.dim, **c.model_config())
-        return "unet", UNetConfig(in_channels=self.images.shape[1],
+        return "unet", UNetConfig(in_channels=self.images.shape[1], out_channels=out,
                                   num_classes=self.num_classes, **c.model_config())
 
     # -- data ---------------------------------------------------------------------------
@@ -198,8 +222,9 @@ class Trainer:
         return self._perms[epoch]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                         torch.Tensor]:
-        """This rank's slice of the global batch at ``step``: (x0, labels, t, noise).
+                                         torch.Tensor, torch.Tensor | None]:
+        """This rank's slice of the global batch at ``step``: (x0, labels, t, noise, importance
+        weights of t or None).
 
         Label dropout, times and noise are drawn for the whole global batch (in that order,
         from the one generator) and sliced, so they do not depend on the number of ranks."""
@@ -212,12 +237,13 @@ class Trainer:
         if self.labels is not None:
             drop = torch.rand(b, generator=g, device=dev)[sl]
             y = torch.where(drop < c.p_uncond, self.num_classes, self.labels[idx])
-        t = self.process.sample_t(b, g, device=dev)[sl]
+        t, w = self.objective.sample_t(self.process, b, g, dev, self.time_sampler)
+        t, w = t[sl], None if w is None else w[sl]
         noise = torch.randn((b, *x.shape[1:]), generator=g, dtype=x.dtype, device=dev)[sl]
         if x.ndim == 4 and c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
-        return x, y, t, noise
+        return x, y, t, noise, w
 
     # -- one step ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -228,11 +254,13 @@ class Trainer:
         """One optimisation step; returns the (detached) mean loss without syncing."""
         c = self.config
         self.net.train()
-        x, y, t, noise = self.batch(self.step)
+        x, y, t, noise, w = self.batch(self.step)
         cond = self.captions(y) if self.captions is not None else y
         with autocast(c.precision, self.device):
-            loss = simple_loss(self._train_denoiser, x, cond, t=t, noise=noise,
-                               space=c.loss_space).loss.mean()
+            out = self.objective.loss(self._train_denoiser, x, cond, t, noise, w)
+            loss = out.loss.mean()
+        if self.time_sampler is not None:  # a host sync: importance sampling only
+            self.time_sampler.update(t, out.vlb_term)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if c.grad_clip > 0:  # returns the norm as a tensor: no sync
@@ -254,6 +282,8 @@ class Trainer:
             "network": {"name": self.net_name, "config": asdict(self.net_config)},
             "process": self.process.to_config(),
             "prediction": self.config.prediction,
+            "learned_variance": self.objective.learned_variance,
+            "sigma_data": self.config.sigma_data,
             "data_range": None if self.is_toy else [-1.0, 1.0],
             "class_names": (list(self.data.class_names)
                             if self.num_classes and self.captions is None else []),
@@ -269,6 +299,8 @@ class Trainer:
         tensors |= opt_tensors
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.time_sampler is not None:
+            tensors |= {f"importance.{k}": v for k, v in self.time_sampler.state_dict().items()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         folder = self.out_dir / "checkpoints"
@@ -284,6 +316,8 @@ class Trainer:
         load_optimizer(self.opt, tensors, meta["optimizer"])
         self.generator.set_state(tensors["rng.generator"].to("cpu"))
         torch.set_rng_state(tensors["rng.torch"])
+        if self.time_sampler is not None:
+            self.time_sampler.load_state_dict(sub_dict(tensors, "importance"))
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(meta["step"])
@@ -304,7 +338,7 @@ class Trainer:
             k = min(8, self.num_classes or 1)
             n, labels = per_class * k, self.captions(
                 torch.arange(k, device=self.device).repeat_interleave(per_class))
-        den = Denoiser(self.ema.model, self.process, self.config.prediction)
+        den = self._denoiser(self.ema.model)
         x = generate(den if self.is_toy else ClippedDenoiser(den), ddim, self.images.shape[1:],
                      list(range(seed, seed + n)), labels=labels,
                      steps=self.config.sample_steps, device=self.device, progress=False)

@@ -1,0 +1,131 @@
+"""The fused GroupNorm/scale-shift/SiLU/dropout node equals the reference PyTorch ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import difflab.networks.unet as unet_mod
+from difflab.networks import UNet, UNetConfig
+from difflab.networks.fused import dropout_mask, group_norm_silu, use_fused
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _setup(dtype, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, c, h = 3, 8, 5
+    x = torch.randn(b, c, h, h, generator=g, dtype=dtype) * 2 + 0.5  # off-centre on purpose
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    norm = nn.GroupNorm(4, c).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=g))
+        norm.bias.copy_(torch.randn(c, generator=g))
+    cond = {k: torch.randn(b, c, 1, 1, generator=g, dtype=dtype) for k in ("e", "s", "sh")}
+    gy = torch.randn(x.shape, generator=g, dtype=dtype)
+    return x.requires_grad_(), norm, {k: v.requires_grad_() for k, v in cond.items()}, gy
+
+
+def _reference(x, norm, cond, mode):
+    h = norm(x + cond["e"] if mode == "add" else x)
+    if mode in ("scale_shift", "scale"):
+        h = h * (1 + cond["s"])
+    if mode == "scale_shift":
+        h = h + cond["sh"]
+    return F.silu(h)
+
+
+def _fused(x, norm, cond, mode, p=0.0):
+    if mode == "add":
+        return group_norm_silu(x + cond["e"], norm, dropout=p)
+    kw = {"scale": cond["s"]} if mode != "plain" else {}
+    if mode == "scale_shift":
+        kw["shift"] = cond["sh"]
+    return group_norm_silu(x, norm, dropout=p, **kw)
+
+
+def _inputs(x, norm, cond, mode):
+    extra = {"add": ["e"], "scale": ["s"], "scale_shift": ["s", "sh"]}.get(mode, [])
+    return [x, norm.weight, norm.bias] + [cond[k] for k in extra]
+
+
+@pytest.mark.parametrize("mode", ["plain", "add", "scale", "scale_shift"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_forward_and_gradients_match_reference(mode, channels_last, dtype, tol):
+    x, norm, cond, gy = _setup(dtype, channels_last)
+    ins = _inputs(x, norm, cond, mode)
+    y_ref = _reference(x, norm, cond, mode)
+    g_ref = torch.autograd.grad(y_ref, ins, gy)
+    y = _fused(x, norm, cond, mode)
+    g = torch.autograd.grad(y, ins, gy)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_dropout_equals_reference_times_mask_and_gradients():
+    x, norm, cond, gy = _setup(torch.float64, True)
+    p = 0.3
+    torch.manual_seed(5)
+    y = _fused(x, norm, cond, "scale_shift", p)
+    torch.manual_seed(5)  # the same global-RNG draw gives the same mask
+    mask = dropout_mask(x.detach(), p)
+    y_ref = _reference(x, norm, cond, "scale_shift") * mask
+    ins = _inputs(x, norm, cond, "scale_shift")
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(y_ref, ins, gy),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_dropout_mask_rate_and_scale():
+    torch.manual_seed(0)
+    p, n = 0.1, 1_000_000
+    m = dropout_mask(torch.empty(n), p)
+    kept = m != 0
+    assert torch.all(m[kept] == torch.tensor(1 / (1 - p), dtype=m.dtype))
+    sd = math.sqrt(n * p * (1 - p))  # binomial: the dropped count is within 5 sd of n p
+    assert abs(int((~kept).sum()) - n * p) < 5 * sd
+    assert torch.all(dropout_mask(torch.empty(1000), 0.0) == 1)
+
+
+def test_use_fused_only_in_eager_cpu_float():
+    x = torch.zeros(2)
+    assert use_fused(x) and not use_fused(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_fused(x)
+
+
+@pytest.mark.parametrize("conditioning", ["add", "scale_shift"])
+def test_unet_fused_path_matches_reference_path(conditioning, monkeypatch):
+    torch.manual_seed(0)
+    cfg = UNetConfig(base_channels=16, num_res_blocks=1, num_heads=2, image_size=8,
+                     channel_mult=(1, 2), attention_resolutions=(4,),
+                     time_conditioning=conditioning, dropout=0.1)
+    net = UNet(cfg).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # wake the zero-initialised layers
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([3.0, 700.0])
+
+    def loss_and_grads():
+        net.zero_grad()
+        net.eval()  # dropout off in both paths; grads still flow
+        loss = net(x, t).square().sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    fused = loss_and_grads()
+    monkeypatch.setattr(unet_mod, "use_fused", lambda h: False)
+    ref = loss_and_grads()
+    torch.testing.assert_close(fused[0], ref[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused[1], ref[1], strict=True):  # float32 sums in another order
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
