@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from .conditioning import expand_cond
 from .process import Process, as_time, expand_like
 
 PredictionType = Literal["eps", "x0", "v", "edm"]
@@ -122,10 +123,9 @@ def output_from_prediction(pred: Prediction, alpha: Tensor, sigma: Tensor,
 
 
 def broadcast_cond(cond: Any, n: int) -> Any:
-    """Repeat a one-example condition (a [1] label tensor) to a batch of n; else unchanged."""
-    if torch.is_tensor(cond) and cond.ndim >= 1 and len(cond) == 1 and n != 1:
-        return cond.expand(n, *cond.shape[1:])
-    return cond
+    """Repeat a one-example condition (a [1] label tensor or a one-row
+    :class:`~difflab.conditioning.TextCond`) to a batch of n; else unchanged."""
+    return expand_cond(cond, n)
 
 
 class DenoiserFn(Protocol):

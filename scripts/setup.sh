@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   $VPIP install --quiet ${DIFFLAB_TORCH:-torch==2.13.0}
 fi
 if [ "${1:-}" = "dev" ]; then
-  $VPIP install --quiet -e ".[dev]"
+  $VPIP install --quiet -e ".[dev,text]"  # text: the tests run the real text encoder
 else
   $VPIP install --quiet -e .
 fi

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..conditioning import TextCond
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..networks import build_network
 from ..parameterization import ClippedDenoiser, Denoiser, DenoiserFn
@@ -46,16 +48,48 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"
     return net.to(device).eval().requires_grad_(False), process_from_config(meta["process"]), meta
 
 
+@lru_cache(maxsize=2)
+def _text_encoder(source: str, device: str):
+    from ..text import TextEncoder  # optional extra: imported only for text models
+
+    return TextEncoder(source, device=device)
+
+
+def encode_prompts(meta: dict[str, Any], prompts: list[str],
+                   device: str | torch.device = "cpu") -> TextCond:
+    """Token embeddings of ``prompts`` with the text encoder a text model was trained with."""
+    if not meta.get("text_encoder"):
+        raise ValueError("--prompt needs a text-conditional model (trained on captioned data "
+                         "such as --dataset shapes); this one is not")
+    return _text_encoder(meta["text_encoder"], str(torch.device(device)))(prompts)
+
+
 def guided_denoiser(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
                     clip: bool = True, guidance: float | None = None,
                     guidance_interval: tuple[float, float] | None = None,
                     guidance_rescale: float = 0.0, classifier: str | None = None,
-                    classifier_scale: float = 1.0) -> tuple[DenoiserFn, dict[str, Any]]:
+                    classifier_scale: float = 1.0, negative_prompt: str | None = None
+                    ) -> tuple[DenoiserFn, dict[str, Any]]:
     """``load_denoiser`` plus classifier-free guidance (``guidance`` = gamma) and/or classifier
-    guidance, then clipping to the data range (clipping acts on the guided x0_hat)."""
+    guidance, then clipping to the data range (clipping acts on the guided x0_hat).
+
+    For a text model the unconditional branch of CFG is the empty prompt (its training null),
+    or ``negative_prompt``: eps(neg) + gamma (eps(prompt) - eps(neg))."""
     den, meta = load_denoiser(path, ema=ema, device=device, clip=False)
     class_names = meta.get("class_names", [])
-    if guidance is not None and guidance != 1.0:
+    if negative_prompt is not None and (guidance is None or guidance == 1.0):
+        raise ValueError("--negative-prompt acts through classifier-free guidance: give "
+                         "--guidance other than 1")
+    if meta.get("text_encoder"):
+        if classifier:
+            raise ValueError("--classifier guides class labels; this model takes prompts")
+        if guidance is not None and guidance != 1.0:
+            null = encode_prompts(meta, [negative_prompt or ""], device)
+            den = ClassifierFreeGuidance(den, guidance, null_cond=null,
+                                         interval=guidance_interval, rescale=guidance_rescale)
+    elif negative_prompt is not None:
+        raise ValueError("--negative-prompt needs a text-conditional model")
+    elif guidance is not None and guidance != 1.0:
         if not class_names:
             raise ValueError("--guidance needs a class-conditional model; this one is not")
         den = ClassifierFreeGuidance(den, guidance, null_label=len(class_names),

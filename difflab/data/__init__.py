@@ -20,6 +20,7 @@ from .base import (
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, load_image_folder
 from .images import load_png, save_grid, save_images, save_scatter
+from .shapes import CaptionedImageData, load_shapes
 from .toy2d import (
     TOY_DATASETS,
     checkerboard,
@@ -29,11 +30,12 @@ from .toy2d import (
     two_moons,
 )
 
-BUILTIN_DATASETS: tuple[str, ...] = ("digits",)
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "shapes")
 FOLDER_PREFIX = "folder:"
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "CaptionedImageData",
     "DataError",
     "IMAGE_EXTENSIONS",
     "ImageData",
@@ -45,6 +47,7 @@ __all__ = [
     "load_digits",
     "load_image_folder",
     "load_png",
+    "load_shapes",
     "sample_toy",
     "save_grid",
     "save_images",
@@ -68,7 +71,9 @@ def load_dataset(
     """Load an image data set by name.
 
     Args:
-        name: ``"digits"`` (built in; case-insensitive), ``"folder:PATH"``, or the path of an
+        name: ``"digits"`` or ``"shapes"`` (built in, case-insensitive; shapes are captioned,
+            RGB, and their "test" split holds the held-out attribute pairs, see
+            :mod:`difflab.data.shapes`), ``"folder:PATH"``, or the path of an
             existing image folder. A built-in name wins over a folder of the same name; use
             ``"folder:digits"`` for the folder.
         resolution: output side length (a multiple of 8 for digits).
@@ -83,6 +88,10 @@ def load_dataset(
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise DataError(f"invalid channels={channels!r} for dataset {name!r}: expected 1 or 3")
     check_split(split, test_fraction)
+    if name.strip().lower() == "shapes":
+        if channels == 1:
+            raise DataError("the shapes dataset is RGB: channels must be 3")
+        return load_shapes(resolution, split=split, seed=seed)
     if name.strip().lower() in BUILTIN_DATASETS:
         data = load_digits(resolution, split=split, test_fraction=test_fraction, seed=seed)
         if channels == 3:

@@ -13,6 +13,10 @@ Options: ``interval`` applies guidance only for t in [lo, hi] (Kynkäänniemi et
 the conditional model elsewhere; ``rescale`` phi blends in the guided x0_hat rescaled to the
 standard deviation of the conditional one (Lin et al. 2024, sec. 3.4), against over-exposure
 at large gamma; eps_hat is then recomputed from x0_hat.
+
+Text conditions: ``null_cond`` replaces the null label with any one-row condition, e.g. the
+:class:`~difflab.conditioning.TextCond` of the empty prompt (the trained null) or of a negative
+prompt, which then plays the unconditional branch: eps(neg) + gamma (eps(y) - eps(neg)).
 """
 
 from __future__ import annotations
@@ -22,24 +26,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..conditioning import cat_cond, expand_cond
 from ..parameterization import DenoiserFn, Prediction
 from ..process import as_time, expand_like
 
 
 class ClassifierFreeGuidance:
-    """D_guided(x, t, y) from a denoiser whose null condition is ``null_label``."""
+    """D_guided(x, t, y) from a denoiser whose null condition is ``null_label`` (class
+    labels) or ``null_cond`` (a one-row condition such as an empty or negative prompt)."""
 
-    def __init__(self, denoiser: DenoiserFn, scale: float, null_label: int,
+    def __init__(self, denoiser: DenoiserFn, scale: float, null_label: int | None = None,
                  interval: tuple[float, float] | None = None, rescale: float = 0.0,
-                 batched: bool = True):
+                 batched: bool = True, null_cond: Any = None):
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+        if (null_label is None) == (null_cond is None):
+            raise ValueError("give exactly one of null_label and null_cond")
         self.inner, self.scale, self.null_label = denoiser, scale, null_label
+        self.null_cond = null_cond
         self.interval, self.rescale, self.batched = interval, rescale, batched
         self.process = denoiser.process
 
     @classmethod
-    def from_w(cls, denoiser: DenoiserFn, w: float, null_label: int,
+    def from_w(cls, denoiser: DenoiserFn, w: float, null_label: int | None = None,
                **kwargs: Any) -> ClassifierFreeGuidance:
         """The (1 + w) eps(y) - w eps(null) form: gamma = 1 + w."""
         return cls(denoiser, 1.0 + w, null_label, **kwargs)
@@ -54,12 +63,15 @@ class ClassifierFreeGuidance:
         t = as_time(t, x)
         if cond is None or self.scale == 1.0 or not self._active(t):
             return self.inner(x, t, cond)
-        null = torch.full_like(cond, self.null_label)
+        if self.null_cond is not None:  # one row, repeated; on the condition's device
+            null = expand_cond(self.null_cond, len(cond))
+        else:
+            null = torch.full_like(cond, self.null_label)
         if self.scale == 0.0:
             return self.inner(x, t, null)
         tt = t.expand(x.shape[0]) if t.ndim == 0 else t
         if self.batched:  # one network call on [x; x] with [y; null]
-            both = self.inner(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null]))
+            both = self.inner(torch.cat([x, x]), torch.cat([tt, tt]), cat_cond([cond, null]))
             n = x.shape[0]
             vf = both.var_frac
             c = Prediction(both.x0[:n], both.eps[:n], None if vf is None else vf[:n])

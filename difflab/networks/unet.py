@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab.conditioning import TextCond
+from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 from difflab.networks.fused import group_norm_silu, use_fused
 
@@ -51,6 +53,9 @@ class UNetConfig:
             null label ``num_classes`` (used for classifier-free guidance).
         groups: maximum number of GroupNorm groups; see :func:`group_count` for the rule
             that makes it divide small widths.
+        context_dim: if set, text-conditional: every attention block is followed by a
+            cross-attention block to prompt tokens of this width (a :class:`TextCond` given
+            as ``cond``), and their masked mean is added to the time embedding.
     """
 
     in_channels: int = 1
@@ -65,6 +70,7 @@ class UNetConfig:
     time_conditioning: str = "scale_shift"
     num_classes: int | None = None
     groups: int = 32
+    context_dim: int | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists back; keep tuples so configs compare equal after a round trip.
@@ -119,6 +125,10 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 or None, got {self.num_classes}")
+        if self.context_dim is not None and self.num_classes is not None:
+            raise ValueError("a U-Net is either class- or text-conditional, not both")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be >= 1 or None, got {self.context_dim}")
         self._validate_heads()
 
     def _validate_heads(self) -> None:
@@ -253,11 +263,18 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """Sequential container that passes the embedding to the ResBlocks it holds."""
+    """Sequential container that passes the embedding to the ResBlocks it holds and the
+    prompt tokens to its cross-attention blocks."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor,  # type: ignore[override]
+                context: TextCond | None = None) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                x = layer(x, context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -288,7 +305,7 @@ class UNet(nn.Module):
         ch = cfg.base_channels * cfg.channel_mult[-1]
         self.middle = EmbedSequential(
             self._res(cfg, ch, ch, emb_dim),
-            AttentionBlock(ch, cfg.num_heads, cfg.groups),
+            *self._attn(cfg, ch),
             self._res(cfg, ch, ch, emb_dim),
         )
         self._build_up(cfg, emb_dim, skip_chs)
@@ -304,6 +321,15 @@ class UNet(nn.Module):
         scale_shift = cfg.time_conditioning == "scale_shift"
         return ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, scale_shift, cfg.groups)
 
+    @staticmethod
+    def _attn(cfg: UNetConfig, ch: int) -> list[nn.Module]:
+        """Self-attention, then cross-attention to the prompt for text-conditional nets."""
+        layers: list[nn.Module] = [AttentionBlock(ch, cfg.num_heads, cfg.groups)]
+        if cfg.context_dim is not None:
+            layers.append(CrossAttentionBlock(ch, cfg.context_dim, cfg.num_heads,
+                                              group_count(ch, cfg.groups)))
+        return layers
+
     def _build_embeddings(self, cfg: UNetConfig, emb_dim: int) -> None:
         # sinusoid(c_noise) [B, base] -> MLP -> [B, E]   (Ho et al. 2020)
         self.time_mlp = nn.Sequential(
@@ -313,6 +339,10 @@ class UNet(nn.Module):
         self.label_emb: nn.Embedding | None = None
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
+        # pooled prompt tokens [B, D] -> [B, E], added like the class embedding
+        self.context_emb: nn.Linear | None = None
+        if cfg.context_dim is not None:
+            self.context_emb = nn.Linear(cfg.context_dim, emb_dim)
 
     def _build_down(self, cfg: UNetConfig, emb_dim: int) -> list[int]:
         """Build ``self.down``; return the widths of the skip activations it emits."""
@@ -324,7 +354,7 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [self._res(cfg, ch, out_ch, emb_dim)]
                 if cfg.resolutions[level] in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(out_ch, cfg.num_heads, cfg.groups))
+                    layers.extend(self._attn(cfg, out_ch))
                 self.down.append(EmbedSequential(*layers))
                 ch = out_ch
                 skip_chs.append(ch)
@@ -344,7 +374,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [self._res(cfg, ch + skip_chs.pop(), out_ch, emb_dim)]
                 ch = out_ch
                 if cfg.resolutions[level] in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, cfg.num_heads, cfg.groups))
+                    layers.extend(self._attn(cfg, ch))
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.up.append(EmbedSequential(*layers))
@@ -356,11 +386,16 @@ class UNet(nn.Module):
         """The reserved classifier-free-guidance label (``num_classes``), or ``None``."""
         return self.config.num_classes
 
-    def embed(self, c_noise: Tensor, labels: Tensor | None, batch: int) -> Tensor:
-        """Time (+ class) embedding, SiLU-activated: -> [B, E]."""
+    def embed(self, c_noise: Tensor, labels: Tensor | TextCond | None, batch: int) -> Tensor:
+        """Time (+ class or pooled prompt) embedding, SiLU-activated: -> [B, E]."""
         c_noise = broadcast_c_noise(c_noise, batch)
         emb = self.time_mlp(timestep_embedding(c_noise, self.config.base_channels))
-        if self.label_emb is not None:
+        if self.context_emb is not None:
+            if labels is not None:
+                emb = emb + self.context_emb(pooled_context(labels).to(emb.dtype))
+        elif isinstance(labels, TextCond):
+            raise ValueError("a prompt given to a model built without context_dim")
+        elif self.label_emb is not None:
             labels = resolve_labels(labels, batch, self.config.num_classes, c_noise.device,
                                     check_range=self.check_labels)
             emb = emb + self.label_emb(labels)
@@ -368,7 +403,8 @@ class UNet(nn.Module):
             raise ValueError("labels given to a model built without num_classes")
         return F.silu(emb)
 
-    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor,
+                labels: Tensor | TextCond | None = None) -> Tensor:
         """Predict from noisy ``x``.
 
         Args:
@@ -376,28 +412,32 @@ class UNet(nn.Module):
                 contiguous or channels_last.
             c_noise: ``[B]`` (or scalar, broadcast) float noise conditioning.
             labels: ``[B]`` long in ``[0, num_classes]`` for class-conditional models
-                (``num_classes`` = null label); ``None`` means the null label.
+                (``num_classes`` = null label); ``None`` means the null label. For
+                text-conditional models (``context_dim``) a :class:`TextCond` of ``B`` rows,
+                or ``None`` for no prompt at all (cross-attention off, no pooled term).
 
         Returns:
             ``[B, out_channels, H, W]``.
         """
         self._check_input(x)
         emb = self.embed(c_noise, labels, x.shape[0])  # [B, E]
+        ctx = labels if isinstance(labels, TextCond) else None  # tokens [B, L, D] + mask
         h = self.conv_in(x)  # [B, base, H, W]
         skips = [h]
         for block in self.down:
-            h = self._run(block, h, emb)
+            h = self._run(block, h, emb, ctx)
             skips.append(h)
-        h = self._run(self.middle, h, emb)  # [B, base * mult[-1], H / 2**(L-1), W / 2**(L-1)]
+        h = self._run(self.middle, h, emb, ctx)  # [B, base*mult[-1], H/2**(L-1), W/2**(L-1)]
         for block in self.up:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, ctx)
         return self.out(h)  # [B, out_channels, H, W]
 
-    def _run(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
-        """``block(h, emb)``, through activation checkpointing when it is on and training."""
+    def _run(self, block: nn.Module, h: Tensor, emb: Tensor,
+             ctx: TextCond | None = None) -> Tensor:
+        """``block(h, emb, ctx)``, through activation checkpointing when on and training."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, use_reentrant=False)
-        return block(h, emb)
+            return checkpoint(block, h, emb, ctx, use_reentrant=False)
+        return block(h, emb, ctx)
 
     def _check_input(self, x: Tensor) -> None:
         cfg = self.config

@@ -31,6 +31,7 @@ class TrainConfig:
     resolution: int = 8
     channels: int | None = None        # None: 1 for digits, 3 for folders
     class_conditional: bool = True     # use folder / dataset labels when there are any
+    text_encoder: str = "minilm"       # captioned data (shapes): "minilm" or a local HF folder
     # model
     model_size: str = "tiny"           # preset from MODEL_SIZES; fields below override it
     base_channels: int | None = None

@@ -28,7 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import ImageData, load_dataset, sample_toy, save_grid, save_scatter
+from ..data import (
+    CaptionedImageData,
+    ImageData,
+    load_dataset,
+    sample_toy,
+    save_grid,
+    save_scatter,
+)
 from ..networks import MLPConfig, UNetConfig, build_network
 from ..objectives import Objective
 from ..parameterization import ClippedDenoiser, Denoiser
@@ -54,6 +61,7 @@ from .distributed import (
 )
 from .ema import EMA
 from .precision import autocast, check_precision, grad_scaler
+from .text import CaptionTable
 
 TOY_PREFIX = "toy:"
 
@@ -102,6 +110,13 @@ class Trainer:
         if c.class_conditional and self.data.labels is not None:
             self.labels = self.data.labels.to(self.device)
         self.num_classes = self.data.num_classes if self.labels is not None else None
+        # captioned data: labels index captions, encoded once; null label = empty prompt
+        self.captions: CaptionTable | None = None
+        self.text_encoder = None
+        if self.labels is not None and isinstance(self.data, CaptionedImageData):
+            from ..text import TextEncoder  # optional extra: imported only when needed
+            self.text_encoder = TextEncoder(c.text_encoder)
+            self.captions = CaptionTable(self.text_encoder, self.data.class_names, self.device)
         self.objective = objective_from_config(c)
         torch.manual_seed(c.seed)
         self.net_name, self.net_config = self._network_config()
@@ -176,6 +191,9 @@ class Trainer:
         if out is not None and self.images.ndim == 2:
             raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
                              "image data and a U-Net")
+        if self.captions is not None:
+            return "unet", UNetConfig(in_channels=self.images.shape[1], out_channels=out,
+                                      context_dim=self.captions.dim, **c.model_config())
         return "unet", UNetConfig(in_channels=self.images.shape[1], out_channels=out,
                                   num_classes=self.num_classes, **c.model_config())
 
@@ -237,8 +255,9 @@ class Trainer:
         c = self.config
         self.net.train()
         x, y, t, noise, w = self.batch(self.step)
+        cond = self.captions(y) if self.captions is not None else y
         with autocast(c.precision, self.device):
-            out = self.objective.loss(self._train_denoiser, x, y, t, noise, w)
+            out = self.objective.loss(self._train_denoiser, x, cond, t, noise, w)
             loss = out.loss.mean()
         if self.time_sampler is not None:  # a host sync: importance sampling only
             self.time_sampler.update(t, out.vlb_term)
@@ -266,7 +285,10 @@ class Trainer:
             "learned_variance": self.objective.learned_variance,
             "sigma_data": self.config.sigma_data,
             "data_range": None if self.is_toy else [-1.0, 1.0],
-            "class_names": list(self.data.class_names) if self.num_classes else [],
+            "class_names": (list(self.data.class_names)
+                            if self.num_classes and self.captions is None else []),
+            **({"text_encoder": self.config.text_encoder, "captions": self.data.class_names}
+               if self.captions is not None else {}),
             "ema_updates": self.ema.updates,
         }
 
@@ -312,6 +334,10 @@ class Trainer:
         k = self.num_classes or 1
         n = 2000 if self.is_toy else per_class * k
         labels = torch.arange(k).repeat_interleave(per_class) if self.num_classes else None
+        if self.captions is not None:  # the first 8 captions, one row each
+            k = min(8, self.num_classes or 1)
+            n, labels = per_class * k, self.captions(
+                torch.arange(k, device=self.device).repeat_interleave(per_class))
         den = self._denoiser(self.ema.model)
         x = generate(den if self.is_toy else ClippedDenoiser(den), ddim, self.images.shape[1:],
                      list(range(seed, seed + n)), labels=labels,
