@@ -226,6 +226,19 @@ def test_cli_train_and_sample_with_prompts(tmp_path, encoder, monkeypatch, capsy
                  "--device", "cpu"]) == 2
     assert main(["sample", "--checkpoint", str(tmp_path / "m"), "--prompt", "a",
                  "--negative-prompt", "b", "--device", "cpu"]) == 2
+    # editing toward a prompt: the prompt reaches the encoder and the edit runs
+    from difflab.data import save_grid
+    src = tmp_path / "in.png"
+    save_grid(torch.rand(1, 3, 16, 16) * 2 - 1, src, nrow=1, scale=1, padding=0)
+    edited = tmp_path / "e.png"
+    for kind in ("sdedit", "vary"):
+        prompt = f"a large red square ({kind})"
+        assert main(["edit", kind, "--checkpoint", str(tmp_path / "m"), "--input", str(src),
+                     "--prompt", prompt, "--n", "2", "--steps", "2", "--out", str(edited),
+                     "--device", "cpu"]) == 0
+        assert edited.exists() and prompt in encoder._cache
+    assert main(["edit", "sdedit", "--checkpoint", str(tmp_path / "m"), "--input", str(src),
+                 "--class", "1", "--device", "cpu"]) == 2
 
 
 def test_local_encoder_folders_resolve_by_path(encoder, tmp_path):

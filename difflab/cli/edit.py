@@ -15,11 +15,11 @@ from ..data import load_png, save_grid
 from ..io import atomic_write
 from ..samplers import SAMPLERS, SPACINGS, get_sampler, time_grid
 from ..training import pick_device
-from .loading import load_denoiser
+from .loading import encode_prompts, load_denoiser
 from .sample import class_index
 
 KINDS = {
-    "sdedit": "noise the input to --strength and denoise it (optionally toward --class)",
+    "sdedit": "noise the input to --strength and denoise it (toward --class or --prompt)",
     "inpaint": "regenerate the white part of --mask, keep the rest exactly",
     "invert": "invert the input to noise with an ODE sampler run backwards (--inversion) and "
               "reconstruct it; reports the error",
@@ -41,6 +41,9 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=0.6,
                    help="sdedit/vary: share of the noise range to go back (0: unchanged)")
     p.add_argument("--class", dest="label", default=None, help="class to edit toward")
+    p.add_argument("--prompt", default=None,
+                   help="text prompt to edit toward, for a text-conditional model (e.g. "
+                        "trained with --dataset shapes); unset: the empty prompt")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--spacing", default=None, choices=SPACINGS)
@@ -68,7 +71,16 @@ def _image(path: str, meta: dict[str, Any], device: torch.device) -> torch.Tenso
     return x[None].to(device)
 
 
-def _cond(args: argparse.Namespace, meta: dict[str, Any], n: int) -> torch.Tensor | None:
+def _cond(args: argparse.Namespace, meta: dict[str, Any], n: int, device: torch.device
+          ) -> Any:
+    """The condition of the edit: class labels, or for a text model the token embeddings of
+    ``--prompt`` (the empty prompt, the model's trained null, when none is given)."""
+    if meta.get("text_encoder"):
+        if args.label is not None:
+            raise ValueError("--class given but this model takes --prompt")
+        return encode_prompts(meta, [args.prompt or ""] * n, device)
+    if args.prompt is not None:
+        return encode_prompts(meta, [args.prompt] * n, device)  # raises: not a text model
     if args.label is None:
         return None
     return torch.full((n,), class_index(args.label, meta.get("class_names", [])))
@@ -86,7 +98,7 @@ def run_edit(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = get_sampler(args.sampler)
     ts = time_grid(den.process, args.steps, args.spacing)
-    cond = _cond(args, meta, 1)
+    cond = _cond(args, meta, 1, device)
     if args.kind == "sdedit":
         out = editing.sdedit(den, x, args.strength, sampler, args.steps, gen, cond=cond,
                              spacing=args.spacing, **_options(sampler, args))
