@@ -46,7 +46,10 @@ def simple_loss(denoiser: Denoiser, x0: Tensor, cond: Any = None,
     the network output at these (t, noise) when the caller already has it."""
     from .objectives.weighting import loss_weight  # objectives build on this module
 
-    space = space or ("x0" if denoiser.prediction == "edm" else denoiser.prediction)
+    # EDM trains in x0 space; a raw score output in eps space (denoising score matching with
+    # lambda = sigma^2, Song & Ermon 2019), since the score's own MSE explodes as sigma -> 0.
+    space = space or {"edm": "x0", "score": "eps"}.get(denoiser.prediction,
+                                                       denoiser.prediction)
     if space not in LOSS_SPACES:
         raise ValueError(f"unknown loss space {space!r}; choose from {LOSS_SPACES}")
     process = denoiser.process

@@ -13,7 +13,13 @@ predicts   network output          x0_hat                       eps_hat
            2022)
 ``edm``    F, preconditioned       c_skip x~ + c_out F          (x_t - alpha x0_hat) / sigma
            (Karras et al. 2022)
+``score``  s = grad log q(x_t)     (x_t + sigma^2 s) / alpha    -sigma s
+           (Song & Ermon 2019)
 =========  ======================  ===========================  ==========================
+
+A raw score output must grow like 1 / sigma near the data, so score models are trained with
+the denoising-score-matching weight lambda = sigma^2 (Song & Ermon 2019, eq. 6), which is the
+eps-space MSE: that is the default loss space of ``score`` (``losses.simple_loss``).
 
 For ``edm`` the network sees the variance-exploding view x~ = x_t / alpha with noise level
 s = sigma / alpha and (Karras et al. 2022, Table 1, with sigma_data the data std)
@@ -40,8 +46,8 @@ from torch import Tensor, nn
 from .conditioning import expand_cond
 from .process import Process, as_time, expand_like
 
-PredictionType = Literal["eps", "x0", "v", "edm"]
-PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm")
+PredictionType = Literal["eps", "x0", "v", "edm", "score"]
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score")
 #: |log-SNR| is clamped to this where it enters c_noise (it is infinite at both ends).
 LOG_SNR_CLAMP = 40.0
 #: The U-Net's sinusoidal time embedding is made for inputs in [0, 1000]; EDM's
@@ -92,10 +98,11 @@ def prediction_from_output(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
     there x0_hat is defined as 0, the centre of the [-1, 1] data range, rather than 0/0 (use
     v- or x0-prediction to learn x0 at t = T; Lin et al. 2024, sec. 3.2)."""
     a, s = expand_like(alpha, x), expand_like(sigma, x)
-    if kind == "eps":
+    if kind in ("eps", "score"):
+        eps = out if kind == "eps" else -s * out  # score = -eps / sigma
         safe = torch.where(a > 0, a, torch.ones_like(a))  # no inf in either branch: no NaN grads
-        return Prediction(x0=torch.where(a > 0, (x - s * out) / safe, torch.zeros_like(x)),
-                          eps=out)
+        return Prediction(x0=torch.where(a > 0, (x - s * eps) / safe, torch.zeros_like(x)),
+                          eps=eps)
     if kind == "x0":
         return Prediction(x0=out, eps=(x - a * out) / s)
     if kind == "v":
@@ -116,6 +123,8 @@ def output_from_prediction(pred: Prediction, alpha: Tensor, sigma: Tensor,
         return pred.x0
     if kind == "v":
         return pred.v(alpha, sigma)
+    if kind == "score":
+        return pred.score(sigma)
     if kind == "edm":
         raise ValueError("the EDM target F depends on x_t; train EDM models in x0 space "
                          "with the 'edm' weighting (difflab.weighting)")
