@@ -58,6 +58,8 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
     assert "needs --prediction edm" in capsys.readouterr().err
     assert cli_train(tmp_path / "bad2", "--objective", "vlb", "--schedule", "vpsde") == 2
     assert "needs a discrete schedule" in capsys.readouterr().err
+    assert cli_train(tmp_path / "bad3", "--objective", "hybrid", "--dataset", "toy:moons") == 2
+    assert "needs image data" in capsys.readouterr().err
 
 
 def test_vlb_objective_resumes_bitwise_with_its_importance_history(tmp_path, digits):

@@ -184,13 +184,13 @@ class Trainer:
         """("mlp", MLPConfig) for 2-D points, ("unet", UNetConfig) for images."""
         c = self.config
         if self.images.ndim == 2:
+            if self.objective.learned_variance:
+                raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
+                                 "image data and a U-Net")
             return "mlp", MLPConfig(dim=self.images.shape[1], hidden=c.base_channels or 256,
                                     num_classes=self.num_classes)
         # learned variance: the second half of the output channels is v (Nichol & Dhariwal)
         out = 2 * self.images.shape[1] if self.objective.learned_variance else None
-        if out is not None and self.images.ndim == 2:
-            raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
-                             "image data and a U-Net")
         if self.captions is not None:
             return "unet", UNetConfig(in_channels=self.images.shape[1], out_channels=out,
                                       context_dim=self.captions.dim, **c.model_config())
