@@ -122,7 +122,8 @@ def zero_snr_start(sampler: Callable) -> Callable:
     There sigma~ = sigma / alpha and -lambda are infinite, so solvers written in them cannot
     take their first step. The first step is then the DDIM (eta = 0) step out of pure noise,
     x_s = alpha_s x0_hat + sigma_s eps_hat (exact given the prediction, finite for every
-    prediction type), and the wrapped sampler continues from ts[1] with its own method."""
+    prediction type), and the wrapped sampler continues from ts[1] with its own method.
+    Rising (inversion) grids and grids starting at alpha > 0 go to the sampler unchanged."""
 
     @functools.wraps(sampler)
     def wrapped(denoiser, x: Tensor, ts: Tensor, generator: Generators = None,
