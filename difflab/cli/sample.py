@@ -20,7 +20,7 @@ from ..training.distributed import (
     gather_to_main,
     init_distributed,
     local_slice,
-    shutdown,
+    process_group,
 )
 from .loading import encode_prompts, guided_denoiser
 
@@ -170,7 +170,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.grid:  # a saved time grid fixes the number of steps
         args.steps = len(load_time_grid(args.grid)) - 1
     info, device = init_distributed(pick_device(args.device))
-    try:
+    with process_group():
         denoiser, meta = guided_denoiser(
             args.checkpoint, ema=not args.no_ema, device=device, clip=not args.no_clip,
             guidance=args.guidance, guidance_interval=args.guidance_interval,
@@ -187,8 +187,6 @@ def run_sample(args: argparse.Namespace) -> int:
                                               cfg["image_size"])
         shard = sample_shard(args, denoiser, shape, labels, n, info, device)
         shards = gather_to_main(shard, info)
-    finally:
-        shutdown()
     if shards is None:  # ranks > 0: rank 0 writes
         return 0
     x = torch.cat(shards)

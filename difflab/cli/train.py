@@ -16,7 +16,7 @@ from ..process import PROCESS_NAMES
 from ..training import MODEL_SIZES, TrainConfig, Trainer, read_config_file, resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
 from ..training.classifier import ClassifierTrainConfig, train_classifier
-from ..training.distributed import env_info, shutdown
+from ..training.distributed import env_info, process_group
 from ..training.precision import PRECISIONS
 
 HELP: dict[str, str] = {
@@ -206,15 +206,19 @@ def run_train(args: argparse.Namespace) -> int:
     main = env_info().is_main
     if main:
         print("config:", json.dumps(config.to_dict(), indent=1, sort_keys=True))
-    try:
+    trainer: Trainer | None = None
+
+    def release() -> None:
+        if trainer is not None:
+            trainer.release_distributed()
+
+    with process_group(release):
         trainer = Trainer(config)
         if ckpt is not None:
             trainer.resume(ckpt)
             if main:
                 print(f"resumed from {ckpt} at step {trainer.step}")
         result = trainer.run(progress=not args.no_progress)
-    finally:
-        shutdown()
     if not main:
         return 0
     grid = trainer.sample_grid()

@@ -12,7 +12,10 @@ contiguous shards, gathered back in order on rank 0.
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +63,35 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def shutdown() -> None:
-    """Leave the process group if one was joined."""
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group if one was joined.
+
+    With ``sync`` every rank first waits at a barrier, so none tears down its connections
+    while a peer still uses them (rank 0 may still be writing a checkpoint). The garbage
+    collection frees group handles held in cycles now, while the interpreter is whole: a
+    gloo group destroyed during interpreter shutdown can abort the process."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
+
+
+@contextmanager
+def process_group(release: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run a block, then leave the process group: ``release`` first drops whatever holds
+    the group (a DDP wrapper), then :func:`shutdown` syncs the ranks. After an error the
+    barrier is skipped, since a failed peer would never reach it."""
+    try:
+        yield
+    except BaseException:
+        if release is not None:
+            release()
+        shutdown(sync=False)
+        raise
+    if release is not None:
+        release()
+    shutdown()
 
 
 def local_slice(n: int, info: DistInfo) -> slice:

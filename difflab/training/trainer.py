@@ -174,6 +174,12 @@ class Trainer:
             module = torch.compile(module, mode=self.config.compile_mode)
         return module
 
+    def release_distributed(self) -> None:
+        """Drop the DDP wrapper (it holds the process group) once training is over, so the
+        group can be destroyed cleanly; the trainer can still save and sample."""
+        if self.dist.enabled:
+            self._train_denoiser = self.denoiser
+
     def _seed_dropout(self, step: int) -> None:
         """Give ranks > 0 their own global RNG stream (dropout masks); rank 0 keeps the
         single-process stream."""
