@@ -85,15 +85,15 @@ class GaussianMixture:
         return self.mu[k] + self.std[k] * z
 
     def _components(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, ...]:
-        """Per-component quantities [B, K, D] and the posterior weights [B, K]."""
-        t = as_time(t, x)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        """Per-component quantities [B or 1, K, D] and the log joint [B, K] (one shared
+        time keeps the variances at [1, K, D], computed once for the batch)."""
+        t = as_time(t, x).reshape(-1)
         alpha, sigma = self.process.alpha_sigma(t)
         a, s = alpha.to(x.dtype)[:, None, None], sigma.to(x.dtype)[:, None, None]
-        m2 = a**2 * self.std**2 + s**2                      # [B, K, D]
+        m2 = a**2 * self.std**2 + s**2                      # [B or 1, K, D]
         r = x[:, None, :] - a * self.mu                     # [B, K, D]
-        logp = self.log_w - 0.5 * ((r**2 / m2) + m2.log() + math.log(2 * math.pi)).sum(-1)
+        norm = (m2.log() + math.log(2 * math.pi)).sum(-1)   # [B or 1, K]
+        logp = self.log_w - 0.5 * ((r**2 / m2).sum(-1) + norm)
         return a, s, m2, r, logp
 
     def log_prob(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -103,9 +103,10 @@ class GaussianMixture:
     def __call__(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         """The exact denoiser E[x0 | x_t] and noise estimate E[eps | x_t]."""
         a, s, m2, r, logp = self._components(x, t)
-        w = (logp - logp.logsumexp(-1, keepdim=True)).exp()[..., None]  # [B, K, 1]
-        x0 = (w * (self.mu + a * self.std**2 / m2 * r)).sum(1)
-        eps = (w * (s * r / m2)).sum(1)
+        w = (logp - logp.logsumexp(-1, keepdim=True)).exp()  # [B, K]
+        wq = w[..., None] * (r / m2)                         # [B, K, D]
+        x0 = w @ self.mu + a[:, 0] * (wq * self.std**2).sum(1)
+        eps = s[:, 0] * wq.sum(1)
         return Prediction(x0=x0, eps=eps)
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:

@@ -6,7 +6,14 @@ import torch
 
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
-from difflab.samplers import optimize_grid, reference_solution, stratified_draws, time_grid
+from difflab.samplers import (
+    fit_three_piece_grid,
+    optimize_grid,
+    reference_solution,
+    stratified_draws,
+    three_piece_grid,
+    time_grid,
+)
 from difflab.samplers.multistep import plms
 from difflab.samplers.optimize import stratify
 
@@ -58,3 +65,39 @@ def test_weighted_fit_equals_the_fit_on_the_weighted_draws():
     b = optimize_grid(data, plms, start, x[:6], ref[:6], max_evals=60)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert not torch.equal(a, start)
+
+
+def test_three_piece_grid_is_uniform_in_t_on_each_piece():
+    process = make_process("linear")
+    ts = three_piece_grid(process, 10, 600.0, 200.0, 2, 5)
+    assert len(ts) == 11 and float(ts[0]) == process.t_max and float(ts[-1]) == process.t_min
+    hi, window, lo = ts[:3], ts[2:8], ts[7:]
+    assert float(hi[-1]) == 600.0 and float(window[-1]) == 200.0
+    for piece in (hi, window, lo):
+        steps = piece[:-1] - piece[1:]
+        torch.testing.assert_close(steps, steps.mean().expand_as(steps))
+    with pytest.raises(ValueError, match="at least one step per piece"):
+        three_piece_grid(process, 5, 600.0, 200.0, 2, 3)
+    with pytest.raises(ValueError, match="t_a > t_b"):
+        three_piece_grid(process, 6, 200.0, 600.0, 2, 2)
+
+
+def test_fit_three_piece_grid_is_the_best_of_its_family():
+    """Brute force over the same breaks and splits, with the weighted RMS, finds the same
+    error; zero-weight draws do not count."""
+    process, data = mixture()
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = x * process.sigma(process.t_max)
+    ref = reference_solution(data, x, 1e-8)
+    w = torch.tensor([2.0] * 8 + [0.0] * 8, dtype=torch.float64)
+    upper, lower = (0.5, 0.7), (0.15, 0.3)
+    fit = fit_three_piece_grid(data, plms, 5, x, ref, w, upper=upper, lower=lower)
+
+    def err(ts):
+        return float((plms(data, x[:8], ts) - ref[:8]).pow(2).mean().sqrt())
+
+    span = process.t_max - process.t_min
+    grids = [three_piece_grid(process, 5, process.t_min + a * span, process.t_min + b * span, h, m)
+             for a in upper for b in lower for h in (1, 2) for m in range(1, 5 - h)]
+    assert err(fit) == pytest.approx(min(err(ts) for ts in grids), rel=1e-12)
+    assert err(fit) < err(time_grid(process, 5))

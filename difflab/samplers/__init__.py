@@ -22,7 +22,13 @@ from .grids import (
 from .heun import heun
 from .langevin import annealed_langevin, pc
 from .multistep import lms, plms
-from .optimize import optimize_grid, reference_solution, stratified_draws
+from .optimize import (
+    fit_three_piece_grid,
+    optimize_grid,
+    reference_solution,
+    stratified_draws,
+    three_piece_grid,
+)
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
 from .unipc import unipc, unipc_bh1, unipc_bh2
@@ -53,4 +59,4 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
            "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]
-__all__ += ["ODE_SAMPLERS", "check_ode_grid"]
+__all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_three_piece_grid", "three_piece_grid"]
