@@ -64,3 +64,25 @@ def test_time_grid_saves_loads_and_drives_sample(toy_run, tmp_path):
                      "--save-npz", str(npz), "--no-progress"]) == 0
         runs[name] = np.load(npz)["images"]
     np.testing.assert_array_equal(runs["grid"], runs["steps"])
+
+
+def test_fit_grid_writes_a_grid_no_worse_than_the_default(toy_run, tmp_path, capsys):
+    """``difflab fit-grid`` keeps the default grid unless it finds a better one on its own
+    training draws, and ``difflab sample --grid`` runs with what it wrote."""
+    import json
+
+    out = tmp_path / "grid.json"
+    assert main(["fit-grid", "--checkpoint", str(toy_run), "--sampler", "dpmpp_2m",
+                 "--steps", "4", "--pool", "48", "--hard", "6", "--easy", "6",
+                 "--validation", "8", "--evals", "20", "--tol", "1e-3", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| default", "| fitted"))]
+    (_, _, default_train, _, _), (_, _, fitted_train, _, _) = rows
+    assert float(fitted_train) <= float(default_train)
+    saved = json.loads(out.read_text())
+    assert saved["sampler"] == "dpmpp_2m" and len(saved["times"]) == 5
+    assert main(["sample", "--checkpoint", str(toy_run), "--sampler", "dpmpp_2m", "--grid",
+                 str(out), "--n", "4", "--out", str(tmp_path / "s.png"),
+                 "--no-progress"]) == 0
+    assert main(["fit-grid", "--checkpoint", str(toy_run), "--class", "1"]) == 2

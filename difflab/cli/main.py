@@ -1,4 +1,4 @@
-"""The ``difflab`` command: train, train-classifier, sample, edit, eval, nll."""
+"""The ``difflab`` command: train, train-classifier, sample, fit-grid, edit, eval, nll."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from .. import __version__
 from ..data import DataError
 from .edit import add_edit_parser
 from .evaluate import add_eval_parsers
+from .fit_grid import add_fit_grid_parser
 from .sample import add_sample_parser
 from .train import add_train_classifier_parser, add_train_parser
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_train_classifier_parser(sub)
     add_sample_parser(sub)
+    add_fit_grid_parser(sub)
     add_edit_parser(sub)
     add_eval_parsers(sub)
     return p

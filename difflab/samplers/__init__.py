@@ -23,6 +23,7 @@ from .heun import heun
 from .langevin import annealed_langevin, pc
 from .multistep import lms, plms
 from .optimize import (
+    fit_grid,
     fit_three_piece_grid,
     optimize_grid,
     reference_solution,
@@ -59,4 +60,5 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
            "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]
-__all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_three_piece_grid", "three_piece_grid"]
+__all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
+            "three_piece_grid"]
