@@ -181,14 +181,25 @@ def run_difflab(sampler, opts, spacing, k, data, x_T, nfe, seed=0):
 
 
 def rms(a, b):
-    """(RMS over all draws, RMS over the first BATCH draws)."""
+    """(RMS over all draws, RMS over the first BATCH draws, per-draw mean squared errors)."""
     sq = (a - b).pow(2).mean(1)
-    return float(sq.mean().sqrt()), float(sq[:BATCH].mean().sqrt())
+    return float(sq.mean().sqrt()), float(sq[:BATCH].mean().sqrt()), sq
 
 
 def cell(err, n):
-    """A table cell: error over all draws, evaluations used, error over the first BATCH."""
-    return err[0], n, err[1]
+    """A table cell: error over all draws, evaluations used, error over the first BATCH,
+    per-draw squared errors (for the bootstrap)."""
+    return err[0], n, err[1], err[2]
+
+
+def bootstrap_ratio(sq_a, sq_b, n_boot=2000, seed=0):
+    """5th and 95th percentiles of RMS(a) / RMS(b) over draws resampled with replacement
+    (the same draws for both: the ratio's spread from which draws the benchmark happened to
+    contain, boundary draws included)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(sq_a), (n_boot, len(sq_a)), generator=g)
+    ratio = (sq_a[idx].mean(1) / sq_b[idx].mean(1)).sqrt()
+    return torch.quantile(ratio, torch.tensor([0.05, 0.95], dtype=ratio.dtype)).tolist()
 
 
 def table(title, rows, cols=NFES, fmt="{:.2e}"):
@@ -293,6 +304,13 @@ def comparison(ours, theirs, nfes=(5, 8, 10, 15, 20)):
                                                       if v[m][2] == v[m][2]), m)
              for m in nfes}
     rows.append((f"best / best on the first {BATCH} draws (the earlier, smaller set)", first))
+    lo, hi = {}, {}
+    for m in nfes:
+        a = min((v[m] for _, v in ours), key=lambda c: c[0])
+        b = min((v[m] for _, v in theirs if v[m][0] == v[m][0]), key=lambda c: c[0])
+        lo[m], hi[m] = ((q, m) for q in bootstrap_ratio(a[3], b[3]))
+    rows += [("best / best, bootstrap 5th percentile", lo),
+             ("best / best, bootstrap 95th percentile", hi)]
     return table("error ratio (< 1: difflab better)", rows, nfes, "{:.2f}")
 
 
@@ -395,54 +413,77 @@ README_HEAD = """# Benchmarks
 
 ## Samplers (`python benchmarks/samplers.py --readme`)
 
-A 64-dimensional mixture of 8 Gaussians, DDPM linear schedule (T = 1000), exact denoiser, 500
-samples from the same noise for every sampler; diffusers' schedulers run in the same process
-with the same exact model (epsilon output). difflab samplers use the `trailing` grid and their
-defaults (`plms`, `lms`: last step by Adams-Bashforth in sigma~ to clean data, as diffusers'
-LMS/PNDM do; `final_order=3` rows: the same last step for DPM-Solver++/UniPC) unless marked
-"optimised grid" (``difflab.samplers.optimize.optimize_grid``: all interior grid points, the
-last noisy level included, fitted per sampler and NFE by Nelder-Mead on log-SNR increments
-against the model's own DOP853 solution, on training noise disjoint from the benchmark's:
-``stratified_draws`` keeps the 300 most sensitive of 20000 draws (largest gap between PLMS at
-8 and 32 steps) and 200 of the others, weighted 98.5 each, so the fitted loss estimates the
-RMS over all 20000 without bias; plms 2 x 600 evaluations, the others 300). A cell "x (n)"
-means the method used n < NFE evaluations (its step structure does not fit). diffusers' UniPC
-bh1 runs with ``final_sigmas_type="sigma_min"``: with the default "zero" its last step has h =
-inf and B(h) = h = -inf (bh2 uses B(h) = expm1(h) = -1), and -inf x 0 = NaN for every draw;
-that is a diffusers limitation, not a misuse here.
+A 64-dimensional mixture of 8 Gaussians, DDPM linear schedule (T = 1000), exact denoiser.
+The RMS tables use 5000 noise draws, the same for every sampler; their first 500 are the draws
+this benchmark used before (``randn`` of the same seed), and the ratio table also gives the
+best/best ratio on those 500 and a bootstrap interval over draws. The distribution tables use
+500. diffusers' schedulers run in the same process with the same exact model (epsilon
+output). difflab samplers use the `trailing` grid and their defaults (`plms`, `lms`: last step
+by Adams-Bashforth in sigma~ to clean data, as diffusers' LMS/PNDM do; `final_order=3` rows:
+the same last step for DPM-Solver++/UniPC) unless a row names a fitted grid. All fitted grids
+are fitted per sampler and NFE against the model's own DOP853 solutions on training noise
+disjoint from the benchmark's (``stratified_draws``: the 300 most sensitive of 20000 draws,
+by the gap between PLMS at 8 and 32 steps, and 200 of the others weighted 98.5 each, so the
+fitted loss estimates the RMS over all 20000 without bias):
 
-What limits the error at 10-15 NFE (the old "plateau near 4e-2"): not the last step (from the
-exact state at the last level, t = 67 at 15 NFE, the Adams-Bashforth step to clean data errs
-by 9.5e-3 on the first 100 draws), but a few draws that sit on a boundary between two mixture
-components (draw 160: posterior 0.55 / 0.45 at t = 300). A few-step solver sends them to the
-wrong component (per-draw RMS error 0.5-0.7), difflab and diffusers alike: plms on the
-trailing grid at 15 NFE fails two such draws, which carry 88% of its squared error (1.4e-2
-without them); diffusers' LMS fails draw 160 and one other. One such draw alone adds 2.7e-2 to
-the 500-draw RMS, more than half the best diffusers error at 15 NFE (4.48e-2), so the
-best/best goal needs every boundary draw right; plms on trailing grids gets draw 160 right
-only from 18 NFE on.
+- "optimised grid": ``optimize_grid``, Nelder-Mead on the log-SNR increments of all interior
+  points (the last noisy level included) from the trailing grid; plms 2 x 600 evaluations,
+  the others 300.
+- "three-piece grid": ``fit_three_piece_grid``, a grid uniform in t on three pieces, t_max to
+  t_a, t_a to t_b, t_b to 0, with t_a in {550, 650, 750}, t_b in {100, ..., 300} and every
+  split of the N steps searched exhaustively; "+ Nelder-Mead": then ``optimize_grid`` from it
+  (300 evaluations). ``fit_grid`` and ``difflab fit-grid`` do the latter for any model.
 
-What the parts buy (tables below): reimplementing a method on the same grid gives diffusers'
-error (ratios 0.92-1.00: ddim, heun, lms, dpmpp_2m/3m, unipc_bh2); the higher-order last step
-(`plms`/`lms` default, `final_order=3`) buys up to 2x at 8-15 NFE; fitting the grid on the
-stratified training set buys 2-2.4x more at 5-8 NFE and 1.5x at 15 NFE (in a trial fit, 2 x
-700 evaluations on 300 + 300 kept draws, plms kept one wrong-mode draw of the 500 instead of
-two), whereas the earlier fit on 200 plain draws (3.99e-2 at 15 NFE) saw too few boundary
-draws. At 10 NFE (4.5e-2) and 20 NFE the fitted grids do not beat the earlier fit / the plain
-trailing grid (plms 6.97e-3 at 20 NFE): Nelder-Mead in 9-19 dimensions with 600-1200
-evaluations is not converged, and the loss jumps where a boundary draw changes component.
-Choosing the sampler per NFE (the best row differs by NFE) is what the last ratio row does.
+A cell "x (n)" means the method used n < NFE evaluations (its step structure does not fit).
+diffusers' UniPC bh1 runs with ``final_sigmas_type="sigma_min"``: with the default "zero" its
+last step has h = inf and B(h) = h = -inf (bh2 uses B(h) = expm1(h) = -1), and -inf x 0 = NaN
+for every draw; that is a diffusers limitation, not a misuse here.
+
+Why 5000 draws: the error at 10-20 NFE comes mostly from a few draws that sit on a boundary
+between two mixture components. Along the exact path of draw 160 the largest posterior weight
+is 0.41 at t = 400, 0.52 at t = 333, 0.67 at t = 267 and 1.00 at t = 200: the trajectory
+commits to a mode within about 130 of the 1000 steps, and a few-step solver that misplaces it
+there sends it to the wrong mode (per-draw RMS error 0.5-0.8 against about 0.01-0.04 for the
+others). One such draw adds about 2.7e-2 to a 500-draw RMS, as much as the whole error of the
+best samplers at 15 NFE; the first 500 draws hold three of them (160, 337, 483), and plms,
+LMS and DPM-Solver++ 3M on trailing grids each lose two at 10-15 NFE, so a 500-draw ratio
+measures mostly those three draws. Over 5000 draws the same tail is sampled ten times as often.
+
+Why a three-piece grid: the mode decision happens in a window (t ~ 150-550 here). Above it
+the noisy marginal is close to one Gaussian and the posterior barely moves; below it one mode
+owns each path and the denoiser is close to affine in x. Both need few steps, the window many.
+Four parameters can be searched completely on the training set and generalise, where
+Nelder-Mead on all N - 1 points (9-19 dimensions at 10-20 NFE) is not converged after a few
+hundred evaluations. Restarting plms from the exact state at each grid point of the 15-step
+trailing grid shows the same: draw 160 still ends in the wrong mode when restarted at t = 333
+(0.56) and in the right one from t = 267 (0.06).
+
+What the parts buy (5000 draws, tables below): reimplementing a method on the same grid gives
+diffusers' error (ratios 0.91-1.00: ddim, heun, lms, dpmpp_2m/3m, unipc_bh2); the higher-order
+last step (`plms`/`lms` default, `final_order=3`) buys 1.5-2.3x at 8-20 NFE (dpmpp_3m 9.60e-2
+-> 5.55e-2 at 10 NFE, unipc_bh1 2.93e-2 -> 1.25e-2 at 20 NFE); fitted grids buy 2x more
+(plms 5.52e-2 -> 2.78e-2 at 10 NFE and 2.73e-2 -> 1.24e-2 at 15 NFE). The three-piece search
+beats Nelder-Mead from the trailing grid at 10 NFE (plms 2.90e-2 against 3.18e-2, unipc_bh1
+3.27e-2 against 3.90e-2) and, refined, at 20 NFE (unipc_bh1 3.24e-3 against 1.13e-2);
+Nelder-Mead from the trailing grid is better at 5 NFE (4 free points: the search converges)
+and for plms at 15 NFE. Choosing the sampler and fit per NFE is what the best/best row does,
+for diffusers too (best of all its schedulers per NFE).
+
 Singlestep `dpm_solver` spends one evaluation per grid point like diffusers'
 DPMSolverSinglestep (the first N - 1 intervals grouped into order-3 steps whose stages are the
 interior grid points, ``singlestep_orders``); its data-prediction form
 (``data_prediction=True``) is compared with DPMSolverSinglestep 3, the noise form with
 ``algorithm_type="dpmsolver"``. Per solver: every difflab solver has a configuration at least
-as accurate as its diffusers counterpart at 5-20 NFE; singlestep `dpm_solver` in noise form
-loses only at 15 NFE on the trailing grid (1.38; diffusers' noise form is non-monotone in NFE
-there) and wins with a fitted grid (0.11-0.77); `unipc_bh1` is 4-9% behind diffusers' bh1 on
-the same grid (diffusers ends with a UniPC step to sigma_min and no denoising), ahead from 8
-NFE with `final_order=3` and at every NFE with a fitted grid (0.46-0.95). Goal status: best
-difflab / best diffusers <= 0.5 holds at 5, 8 and 20 NFE, not at 10 and 15 (last row).
+as accurate as its diffusers counterpart at 5-20 NFE. On the plain trailing grid singlestep
+`dpm_solver` in noise form loses at 15 NFE (1.68; diffusers' noise form is non-monotone in NFE
+there) and wins with a fitted grid (0.78); `unipc_bh1` is 4-42% behind diffusers' bh1
+(diffusers ends with a UniPC step to sigma_min and no denoising), ahead from 8 NFE with
+`final_order=3` (0.61-0.96) and at every NFE with a fitted grid (0.16-0.58).
+
+Goal status: best difflab / best diffusers is at most 0.5 at every NFE from 5 to 20 over the
+5000 draws (0.45, 0.37, 0.38, 0.37, 0.16), with the bootstrap 95th percentile in the last row.
+On the first 500 draws alone it is 0.36, 0.42, 0.60, 0.53, 0.08: above 0.5 at 10 and 15 NFE,
+where draws 160 and 337 decide both sides' RMS.
 
 """
 
