@@ -481,7 +481,9 @@ there) and wins with a fitted grid (0.78); `unipc_bh1` is 4-42% behind diffusers
 `final_order=3` (0.61-0.96) and at every NFE with a fitted grid (0.16-0.58).
 
 Goal status: best difflab / best diffusers is at most 0.5 at every NFE from 5 to 20 over the
-5000 draws (0.45, 0.37, 0.38, 0.37, 0.16), with the bootstrap 95th percentile in the last row.
+5000 draws (0.45, 0.37, 0.38, 0.37, 0.16). Resampling the draws (last two rows) gives 90%
+intervals whose upper ends are 0.48, 0.42, 0.47, 0.51 and 0.21: at 15 NFE the interval
+reaches just past 0.5.
 On the first 500 draws alone it is 0.36, 0.42, 0.60, 0.53, 0.08: above 0.5 at 10 and 15 NFE,
 where draws 160 and 337 decide both sides' RMS.
 
