@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
-from ..samplers.optimize import fit_grid, reference_solution, stratified_draws
+from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
 from .loading import guided_denoiser
 
@@ -64,12 +64,6 @@ class _FixedLabel:
         return self.inner(x, t, y)
 
 
-def _rms(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> float:
-    sq = (a - b).flatten(1).pow(2).mean(1).double()
-    w = torch.ones_like(sq) if w is None else w.to(sq)
-    return float((sq * w).sum().div(w.sum()).sqrt())
-
-
 def run_fit_grid(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2 to have a grid to fit, got {args.steps}")
@@ -104,10 +98,11 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     ref_val = reference_solution(den, x_val, args.tol)
     print(f"references: {len(x)} training + {len(x_val)} validation draws "
           f"({time.perf_counter() - t0:.0f} s)")
-    ts, _ = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
+    ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
     default = time_grid(process, args.steps)
-    rows = [(name, _rms(sampler(den, x, grid), ref, w), _rms(sampler(den, x_val, grid), ref_val))
-            for name, grid in (("default", default), ("fitted", ts))]
+    rows = [("default", weighted_rms(sampler(den, x, default), ref, w),
+             weighted_rms(sampler(den, x_val, default), ref_val)),
+            ("fitted", fitted_train, weighted_rms(sampler(den, x_val, ts), ref_val))]
     out = Path(args.out) if args.out else (
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
         Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"

@@ -151,8 +151,16 @@ def _unit_weights(weights: Tensor | None, n: int) -> Tensor:
 
 
 def _weighted_rms(out: Tensor, reference: Tensor, w: Tensor) -> float:
-    err = float(((out - reference).flatten(1).pow(2).mean(1) * w).sum().sqrt())
+    sq = (out - reference).flatten(1).pow(2).mean(1).double()
+    err = float((sq * w.to(sq.device)).sum().sqrt())
     return err if math.isfinite(err) else math.inf
+
+
+def weighted_rms(out: Tensor, reference: Tensor, weights: Tensor | None = None) -> float:
+    """RMS distance between ``out`` and ``reference`` [n, ...], each draw weighted by
+    ``weights`` (normalised; default equal): the loss the grid fits minimise. inf if not
+    finite."""
+    return _weighted_rms(out, reference, _unit_weights(weights, len(out)))
 
 
 def optimize_grid(denoiser: DenoiserFn, sampler: Callable, start: Tensor, x_T: Tensor,
@@ -209,4 +217,4 @@ def fit_grid(denoiser: DenoiserFn, sampler: Callable, n: int, x_T: Tensor, refer
 
 
 __all__ = ["fit_grid", "fit_three_piece_grid", "optimize_grid", "reference_solution",
-           "stratified_draws", "three_piece_grid"]
+           "stratified_draws", "three_piece_grid", "weighted_rms"]
