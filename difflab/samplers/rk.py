@@ -42,14 +42,14 @@ def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     t0, t1 = ts[0], ts[-1] if rising else ts[-2]
     u0, u1 = (-0.5 * process.log_snr(torch.stack([t0, t1]))).tolist()
     a0 = float(process.alpha(t0))
-    shape, dtype = x.shape, x.dtype
+    shape, dtype, device = x.shape, x.dtype, x.device
 
     def rhs(u: float, y_flat: np.ndarray) -> np.ndarray:
         t = process.t_from_log_snr(torch.tensor(-2.0 * u, dtype=torch.float64))
         a = float(process.alpha(t))
-        y = torch.from_numpy(y_flat).reshape(shape).to(dtype)
-        eps = denoiser(a * y, t, cond).eps
-        return (math.exp(u) * eps).double().flatten().numpy()
+        y = torch.from_numpy(y_flat).reshape(shape).to(dtype=dtype, device=device)
+        eps = denoiser(a * y, t, cond).eps  # the ODE solver works on host memory
+        return (math.exp(u) * eps).double().flatten().cpu().numpy()
 
     y0 = (x / a0).double().flatten().cpu().numpy()
     sol = solve_ivp(rhs, (u0, u1), y0, method=method, rtol=rtol, atol=atol)
@@ -58,10 +58,10 @@ def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     if callback is not None:
         for k, u in enumerate(sol.t[1:]):
             t = process.t_from_log_snr(torch.tensor(-2.0 * u, dtype=torch.float64))
-            y = torch.from_numpy(sol.y[:, k + 1]).reshape(shape).to(dtype)
+            y = torch.from_numpy(sol.y[:, k + 1]).reshape(shape).to(dtype=dtype, device=device)
             xk = float(process.alpha(t)) * y
             callback(StepInfo(i=k, t=t, x=xk, x0=xk))
-    y_end = torch.from_numpy(sol.y[:, -1]).reshape(shape).to(dtype=dtype, device=x.device)
+    y_end = torch.from_numpy(sol.y[:, -1]).reshape(shape).to(dtype=dtype, device=device)
     if rising:
         return float(process.alpha(t1)) * y_end
     pred = denoiser(float(process.alpha(t1)) * y_end, t1, cond)
