@@ -432,7 +432,8 @@ fitted loss estimates the RMS over all 20000 without bias):
 - "three-piece grid": ``fit_three_piece_grid``, a grid uniform in t on three pieces, t_max to
   t_a, t_a to t_b, t_b to 0, with t_a in {550, 650, 750}, t_b in {100, ..., 300} and every
   split of the N steps searched exhaustively; "+ Nelder-Mead": then ``optimize_grid`` from it
-  (300 evaluations). ``fit_grid`` and ``difflab fit-grid`` do the latter for any model.
+  (300 evaluations). ``fit_grid`` and ``difflab fit-grid`` run both refinements for any
+  model and keep the better one on the training draws.
 
 A cell "x (n)" means the method used n < NFE evaluations (its step structure does not fit).
 diffusers' UniPC bh1 runs with ``final_sigmas_type="sigma_min"``: with the default "zero" its

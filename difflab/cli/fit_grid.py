@@ -2,10 +2,10 @@
 
 The fit follows ``difflab.samplers.optimize``: draw a pool of starting noises, keep the most
 sensitive ones and a weighted sample of the others (``stratified_draws``), solve the model's
-own probability-flow ODE from them accurately (``reference_solution``), then search the
-three-piece grids and refine the best start by Nelder-Mead (``fit_grid``). Fresh validation
-draws, not used in the fit, show whether the grid generalises. ``difflab sample --grid``
-reads the result.
+own probability-flow ODE from them accurately (``reference_solution``), then refine the
+default grid and the best three-piece grid by Nelder-Mead and keep the better
+(``fit_grid``). Fresh validation draws, not used in the fit, show whether the grid
+generalises. ``difflab sample --grid`` reads the result.
 """
 
 from __future__ import annotations
