@@ -77,3 +77,16 @@ def test_sharded_sampling_writes_the_same_images(single, tmp_path):
     for key in ("images", "labels", "seeds"):
         np.testing.assert_array_equal(a[key], b[key])
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+
+
+def test_process_group_releases_on_success_and_on_error():
+    """The DDP wrapper is dropped before the group is left, whether the block ends or fails
+    (a wrapper kept alive past exit tears gloo down during interpreter shutdown)."""
+    from difflab.training.distributed import process_group
+
+    calls = []
+    with process_group(lambda: calls.append("ok")):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), process_group(lambda: calls.append("err")):
+        raise RuntimeError("boom")
+    assert calls == ["ok", "err"]
