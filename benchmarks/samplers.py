@@ -34,7 +34,7 @@ from difflab.samplers import CountingDenoiser, time_grid
 NFES = (5, 8, 10, 15, 20, 50)
 # DRAWS noises for the RMS tables (the first BATCH of them were the whole set before: one
 # boundary draw moves a 500-draw RMS by ~2.7e-2), BATCH for the distribution tables
-DIM, K, BATCH, DRAWS = 64, 8, 500, 5000
+DIM, K, BATCH, DRAWS = 64, 8, 500, 10000
 POOL = (20000, 300, 200)  # training pool for fitted grids: draws, hard ones kept, others kept
 # sampler, options, start grid, Nelder-Mead evaluations per run, runs (restarts)
 OPTIMISED = (("plms", {}, "trailing", 600, 2),
@@ -414,7 +414,7 @@ README_HEAD = """# Benchmarks
 ## Samplers (`python benchmarks/samplers.py --readme`)
 
 A 64-dimensional mixture of 8 Gaussians, DDPM linear schedule (T = 1000), exact denoiser.
-The RMS tables use 5000 noise draws, the same for every sampler; their first 500 are the draws
+The RMS tables use 10000 noise draws, the same for every sampler; their first 500 are the draws
 this benchmark used before (``randn`` of the same seed), and the ratio table also gives the
 best/best ratio on those 500 and a bootstrap interval over draws. The distribution tables use
 500. diffusers' schedulers run in the same process with the same exact model (epsilon
@@ -448,7 +448,7 @@ there sends it to the wrong mode (per-draw RMS error 0.5-0.8 against about 0.01-
 others). One such draw adds about 2.7e-2 to a 500-draw RMS, as much as the whole error of the
 best samplers at 15 NFE; the first 500 draws hold three of them (160, 337, 483), and plms,
 LMS and DPM-Solver++ 3M on trailing grids each lose two at 10-15 NFE, so a 500-draw ratio
-measures mostly those three draws. Over 5000 draws the same tail is sampled ten times as often.
+measures mostly those three draws. Over 10000 draws the same tail is sampled twenty times as often.
 
 Why a three-piece grid: the mode decision happens in a window (t ~ 150-550 here). Above it
 the noisy marginal is close to one Gaussian and the posterior barely moves; below it one mode
@@ -459,15 +459,16 @@ hundred evaluations. Restarting plms from the exact state at each grid point of 
 trailing grid shows the same: draw 160 still ends in the wrong mode when restarted at t = 333
 (0.56) and in the right one from t = 267 (0.06).
 
-What the parts buy (5000 draws, tables below): reimplementing a method on the same grid gives
-diffusers' error (ratios 0.91-1.00: ddim, heun, lms, dpmpp_2m/3m, unipc_bh2); the higher-order
-last step (`plms`/`lms` default, `final_order=3`) buys 1.5-2.3x at 8-20 NFE (dpmpp_3m 9.60e-2
--> 5.55e-2 at 10 NFE, unipc_bh1 2.93e-2 -> 1.25e-2 at 20 NFE); fitted grids buy 2x more
-(plms 5.52e-2 -> 2.78e-2 at 10 NFE and 2.73e-2 -> 1.24e-2 at 15 NFE). The three-piece search
-beats Nelder-Mead from the trailing grid at 10 NFE (plms 2.90e-2 against 3.18e-2, unipc_bh1
-3.27e-2 against 3.90e-2) and, refined, at 20 NFE (unipc_bh1 3.24e-3 against 1.13e-2);
-Nelder-Mead from the trailing grid is better at 5 NFE (4 free points: the search converges)
-and for plms at 15 NFE. Choosing the sampler and fit per NFE is what the best/best row does,
+What the parts buy (10000 draws, tables below): reimplementing a method on the same grid
+gives diffusers' error (ratios 0.90-1.00: ddim, heun, lms, dpmpp_2m/3m, unipc_bh2); the
+higher-order last step (`plms`/`lms` default, `final_order=3`) buys 1.5-2.2x at 8-20 NFE
+(dpmpp_3m 9.81e-2 -> 5.84e-2 at 10 NFE, unipc_bh1 2.98e-2 -> 1.34e-2 at 20 NFE); fitted
+grids buy about 2x more (plms 5.42e-2 -> 2.62e-2 at 10 NFE and 2.48e-2 -> 1.31e-2 at 15 NFE).
+The three-piece search beats Nelder-Mead from the trailing grid at 10 NFE (plms 2.85e-2
+against 3.13e-2, unipc_bh1 3.18e-2 against 4.18e-2) and, refined, at 20 NFE (unipc_bh1
+5.90e-3 against 1.18e-2, plms 9.31e-3 against 1.24e-2); Nelder-Mead from the trailing grid is
+better at 5 NFE (4 free points: the search converges) and ties for plms at 15 NFE (1.31e-2
+against 1.32e-2). Choosing the sampler and fit per NFE is what the best/best row does,
 for diffusers too (best of all its schedulers per NFE).
 
 Singlestep `dpm_solver` spends one evaluation per grid point like diffusers'
@@ -476,15 +477,16 @@ interior grid points, ``singlestep_orders``); its data-prediction form
 (``data_prediction=True``) is compared with DPMSolverSinglestep 3, the noise form with
 ``algorithm_type="dpmsolver"``. Per solver: every difflab solver has a configuration at least
 as accurate as its diffusers counterpart at 5-20 NFE. On the plain trailing grid singlestep
-`dpm_solver` in noise form loses at 15 NFE (1.68; diffusers' noise form is non-monotone in NFE
-there) and wins with a fitted grid (0.78); `unipc_bh1` is 4-42% behind diffusers' bh1
+`dpm_solver` in noise form loses at 15 NFE (1.74; diffusers' noise form is non-monotone in NFE
+there) and wins with a fitted grid (0.80); `unipc_bh1` is 4-40% behind diffusers' bh1
 (diffusers ends with a UniPC step to sigma_min and no denoising), ahead from 8 NFE with
-`final_order=3` (0.61-0.96) and at every NFE with a fitted grid (0.16-0.58).
+`final_order=3` (0.63-0.95) and at every NFE with a fitted grid (0.28-0.55).
 
 Goal status: best difflab / best diffusers is at most 0.5 at every NFE from 5 to 20 over the
-5000 draws (0.45, 0.37, 0.38, 0.37, 0.16). Resampling the draws (last two rows) gives 90%
-intervals whose upper ends are 0.48, 0.42, 0.47, 0.51 and 0.21: at 15 NFE the interval
-reaches just past 0.5.
+10000 draws (0.45, 0.36, 0.35, 0.41, 0.28). Resampling the draws (last two rows) gives 90%
+intervals whose upper ends are 0.47, 0.40, 0.41, 0.51 and 0.44: at 15 NFE the interval
+reaches just past 0.5. (An earlier run on the first 5000 of these draws gave 0.45, 0.37,
+0.38, 0.37, 0.16.)
 On the first 500 draws alone it is 0.36, 0.42, 0.60, 0.53, 0.08: above 0.5 at 10 and 15 NFE,
 where draws 160 and 337 decide both sides' RMS.
 
