@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.networks.fused import group_norm_silu
+from difflab.networks.fused import group_norm_act
 
 SHAPES = [(32, 32), (64, 16), (64, 8), (32, 64), (64, 32)]  # (channels, H = W)
 
@@ -46,9 +46,9 @@ def row(c: int, h: int, batch: int, p: float, repeats: int) -> str:
     g = torch.randn_like(x)
     ms = timed({
         "plain": lambda: F.silu(norm(x)).backward(g),
-        "plain_fused": lambda: group_norm_silu(x, norm).backward(g),
+        "plain_fused": lambda: group_norm_act(x, norm).backward(g),
         "cond": lambda: F.dropout(F.silu(norm(x) * (1 + scale) + shift), p, True).backward(g),
-        "cond_fused": lambda: group_norm_silu(x, norm, scale=scale, shift=shift,
+        "cond_fused": lambda: group_norm_act(x, norm, scale=scale, shift=shift,
                                               dropout=p).backward(g),
     }, repeats)
     return (f"| {batch}x{c}x{h}x{h} | {ms['plain']:.1f} | {ms['plain_fused']:.1f} | "

@@ -2,9 +2,12 @@
 
 Both networks are built to the same architecture (widths, depth, attention resolutions,
 dropout, scale-shift time conditioning; parameter counts printed) and trained with the same
-step: DDPM noise at t ~ U{1..T}, MSE on eps, AdamW, gradient clipping at 1, EMA. The two
-are timed interleaved in the same process (A, B, A, B, ...) and the medians compared, so
-load from other processes on a shared machine hits both alike.
+step: DDPM noise at t ~ U{1..T}, MSE on eps, AdamW, gradient clipping at 1, EMA. Each
+network trains in its own process, as it would for a user: a process's memory allocator
+state is shared by everything in it, and with both steps in one process each one's
+allocation pattern changes the other's page faults. The processes take turns (A, B, B, A,
+...), each timing ``--steps`` steps per turn, and the medians over all timed steps are
+compared, so slow drifts of a shared machine hit both alike.
 
     python benchmarks/train_throughput.py                      # CPU, 32 and 64 px, batch 32
     python benchmarks/train_throughput.py --device cuda --config cifar --precision bf16 \\
@@ -15,7 +18,9 @@ load from other processes on a shared machine hits both alike.
 By default both networks get the same options (like for like). ``--diffusers-default`` runs
 diffusers as its train_unconditional example does (eager, fp32) whatever difflab's
 ``--precision``/``--compile``; ``--ablate-fused`` adds, interleaved with the others, difflab's
-step with the plain PyTorch ops instead of its fused CPU GroupNorm/SiLU/dropout node.
+step with the plain PyTorch ops instead of its fused CPU GroupNorm/SiLU/dropout nodes;
+``--ablate-memory`` adds difflab with glibc's default malloc thresholds and diffusers with
+difflab's (``difflab.training.memory.reuse_freed_memory``).
 
 On CUDA the table also gives model FLOPs utilisation: FLOPs of one training step (forward
 and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``) times steps per
@@ -25,7 +30,10 @@ second, over ``--peak-tflops`` (default 989, the H100 SXM dense bf16 peak).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ import torch
 from difflab.data import ImageData
 from difflab.networks import unet
 from difflab.training import TrainConfig, Trainer
+from difflab.training.memory import reuse_freed_memory
 
 #: Architectures: CIFAR-10 DDPM (35.7M parameters) and a narrower one for CPU timings.
 CONFIGS = {
@@ -55,7 +64,8 @@ class Case:
     params: int
 
 
-def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace) -> Case:
+def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace,
+                 reuse_memory: bool = True) -> Case:
     """difflab's own Trainer.train_step on random images (unconditional)."""
     n = max(4 * batch, 256)
     data = ImageData(torch.rand(n, 3, size, size) * 2 - 1)
@@ -64,7 +74,7 @@ def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace) ->
                       schedule="linear", device=args.device, precision=args.precision,
                       compile=args.compile, compile_mode=args.compile_mode,
                       channels_last=not args.no_channels_last,
-                      out_dir="/tmp/difflab-bench", **arch)
+                      reuse_cpu_memory=reuse_memory, out_dir="/tmp/difflab-bench", **arch)
     tr = Trainer(cfg, data=data)
     nparams = sum(p.numel() for p in tr.net.parameters())
     return Case(f"difflab{_label(args.precision, args.compile)}", lambda: tr.train_step(),
@@ -157,21 +167,95 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(cases: list[Case], steps: int, repeats: int, device: str,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per step of each case: ``repeats`` rounds of ``steps`` steps, interleaved.
+def build_case(name: str, size: int, args: argparse.Namespace) -> Case:
+    """The case called ``name`` (see :func:`case_names`) at this resolution."""
+    arch = CONFIGS[args.config]
+    if name == "difflab":
+        return difflab_case(arch, size, args.batch, args)
+    if name == "difflab-plain":
+        return unfused(difflab_case(arch, size, args.batch, args))
+    if name == "difflab-glibc":
+        case = difflab_case(arch, size, args.batch, args, reuse_memory=False)
+        return Case(f"{case.name} (glibc defaults)", case.step, case.params)
+    if name == "diffusers":
+        return diffusers_case(arch, size, args.batch, args)
+    if name == "diffusers-reuse":
+        reuse_freed_memory()
+        case = diffusers_case(arch, size, args.batch, args)
+        return Case(f"{case.name} (reused memory)", case.step, case.params)
+    raise ValueError(f"unknown case {name!r}")
 
-    ``clock=time.process_time`` counts this process's CPU seconds instead of wall seconds:
-    on a CPU shared with other jobs it measures the work of a step, not the queueing."""
-    times: dict[str, list[float]] = {c.name: [] for c in cases}
-    for _ in range(repeats):
-        for c in cases:
-            sync(device)
+
+def case_names(args: argparse.Namespace) -> list[str]:
+    names = ["difflab"]
+    if args.ablate_fused:
+        names.append("difflab-plain")
+    if args.ablate_memory:
+        names.append("difflab-glibc")
+    if not args.no_diffusers:
+        names.append("diffusers")
+        if args.ablate_memory:
+            names.append("diffusers-reuse")
+    return names
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One case in its own process: build, warm up, then time ``run N`` requests from stdin
+    and answer each with a JSON list of seconds per step."""
+    try:
+        case = build_case(args.worker, args.sizes[0], args)
+    except ImportError as e:  # e.g. a GPU machine without diffusers
+        print(json.dumps({"error": str(e)}), flush=True)
+        return
+    for _ in range(args.warmup):  # compilation, allocator, oneDNN primitive caches
+        case.step()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(json.dumps({"name": case.name, "params": case.params}), flush=True)
+    for line in sys.stdin:
+        if not line.startswith("run "):
+            break
+        times = []
+        for _ in range(int(line.split()[1])):
+            sync(args.device)
             t0 = clock()
-            for _ in range(steps):
-                c.step()
-            sync(device)
-            times[c.name].append((clock() - t0) / steps)
+            case.step()
+            sync(args.device)
+            times.append(clock() - t0)
+        print(json.dumps(times), flush=True)
+
+
+class Worker:
+    """A case running in a child process (``--worker NAME``), driven over pipes."""
+
+    def __init__(self, name: str, size: int, argv: list[str]) -> None:
+        cmd = [sys.executable, __file__, *argv, "--worker", name, "--sizes", str(size)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.proc.args} exited early")
+        return json.loads(line)
+
+    def run(self, steps: int) -> list[float]:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def time_interleaved(workers: list[Worker], steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each worker: ``repeats`` rounds of ``steps`` steps, interleaved
+    (A, B, B, A, ...: the order alternates), so slow drifts of the machine hit all alike."""
+    times: dict[str, list[float]] = {w.info["name"]: [] for w in workers}
+    for r in range(repeats):
+        for w in workers if r % 2 == 0 else workers[::-1]:
+            times[w.info["name"]].extend(w.run(steps))
     return times
 
 
@@ -189,33 +273,34 @@ def step_flops(arch: dict, size: int, batch: int, args: argparse.Namespace) -> f
     return float(counter.get_total_flops())
 
 
-def run_size(size: int, args: argparse.Namespace) -> list[str]:
-    """Benchmark one resolution; returns markdown table rows."""
-    arch = CONFIGS[args.config]
-    cases = [difflab_case(arch, size, args.batch, args)]
-    if args.ablate_fused:
-        cases.append(unfused(difflab_case(arch, size, args.batch, args)))
-    if not args.no_diffusers:
-        try:
-            cases.append(diffusers_case(arch, size, args.batch, args))
-        except ImportError as e:  # e.g. a GPU machine without diffusers
-            print(f"diffusers unavailable ({e}); timing difflab alone")
-    for c in cases:  # warm-up (compilation, allocator, oneDNN primitive caches)
-        for _ in range(args.warmup):
-            c.step()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times = time_interleaved(cases, args.steps, args.repeats, args.device, clock)
+def run_size(size: int, args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Benchmark one resolution, each case in its own process; returns markdown rows."""
+    workers = []
+    for name in case_names(args):
+        w = Worker(name, size, argv)
+        if "error" in w.info:
+            print(f"{name} unavailable ({w.info['error']}); skipped")
+            w.close()
+        else:
+            workers.append(w)
+    try:
+        times = time_interleaved(workers, args.steps, args.repeats)
+    finally:
+        for w in workers:
+            w.close()
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    base = next((med[c.name] for c in cases if c.name.startswith("diffusers")), None)
-    flops = step_flops(arch, size, args.batch, args) if args.device.startswith("cuda") else 0
+    base = next((med[n] for n in med if n.startswith("diffusers")), None)
+    flops = step_flops(CONFIGS[args.config], size, args.batch, args) \
+        if args.device.startswith("cuda") else 0
     rows = []
-    for c in cases:
-        ips = args.batch / med[c.name]
-        ratio = f"{base / med[c.name]:.2f}x" if base else "-"
-        mfu = f"{100 * flops / med[c.name] / (args.peak_tflops * 1e12):.1f}%" if flops else "-"
-        spread = f"{min(times[c.name]) * 1e3:.0f}-{max(times[c.name]) * 1e3:.0f}"
-        rows.append(f"| {c.name} | {size} | {args.batch} | {c.params / 1e6:.2f}M | "
-                    f"{med[c.name] * 1e3:.1f} ({spread}) | {ips:.1f} | {ratio} | {mfu} |")
+    for w in workers:
+        name = w.info["name"]
+        ips = args.batch / med[name]
+        ratio = f"{base / med[name]:.2f}x" if base else "-"
+        mfu = f"{100 * flops / med[name] / (args.peak_tflops * 1e12):.1f}%" if flops else "-"
+        spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
+        rows.append(f"| {name} | {size} | {args.batch} | {w.info['params'] / 1e6:.2f}M | "
+                    f"{med[name] * 1e3:.1f} ({spread}) | {ips:.1f} | {ratio} | {mfu} |")
     return rows
 
 
@@ -237,6 +322,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ablate-fused", action="store_true",
                    help="also time difflab with the plain PyTorch ops instead of its fused "
                         "CPU GroupNorm/SiLU/dropout node")
+    p.add_argument("--ablate-memory", action="store_true",
+                   help="also time difflab with glibc's default malloc thresholds and "
+                        "diffusers with difflab's (reuse_freed_memory)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per network")
@@ -254,14 +343,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.worker:
+        worker(args)
+        return
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"# {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, config "
           f"{args.config}, {args.precision}{', compiled' if args.compile else ''}, "
-          f"{args.clock} clock")
+          f"{args.clock} clock, one process per network")
     print("| network | px | batch | params | ms/step (min-max) | images/s | vs diffusers "
           "| MFU |\n|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        print("\n".join(run_size(size, args)), flush=True)
+        print("\n".join(run_size(size, args, sys.argv[1:])), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch import nn
 
 import difflab.networks.unet as unet_mod
 from difflab.networks import UNet, UNetConfig
-from difflab.networks.fused import dropout_mask, group_norm_silu, use_fused
+from difflab.networks.fused import dropout_mask, dropout_rate, group_norm_act, use_fused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,22 +31,22 @@ def _setup(dtype, channels_last, seed=0):
     return x.requires_grad_(), norm, {k: v.requires_grad_() for k, v in cond.items()}, gy
 
 
-def _reference(x, norm, cond, mode):
+def _reference(x, norm, cond, mode, silu=True):
     h = norm(x + cond["e"] if mode == "add" else x)
     if mode in ("scale_shift", "scale"):
         h = h * (1 + cond["s"])
     if mode == "scale_shift":
         h = h + cond["sh"]
-    return F.silu(h)
+    return F.silu(h) if silu else h
 
 
-def _fused(x, norm, cond, mode, p=0.0):
+def _fused(x, norm, cond, mode, p=0.0, silu=True):
     if mode == "add":
-        return group_norm_silu(x + cond["e"], norm, dropout=p)
+        return group_norm_act(x + cond["e"], norm, dropout=p, silu=silu)
     kw = {"scale": cond["s"]} if mode != "plain" else {}
     if mode == "scale_shift":
         kw["shift"] = cond["sh"]
-    return group_norm_silu(x, norm, dropout=p, **kw)
+    return group_norm_act(x, norm, dropout=p, silu=silu, **kw)
 
 
 def _inputs(x, norm, cond, mode):
@@ -55,14 +55,15 @@ def _inputs(x, norm, cond, mode):
 
 
 @pytest.mark.parametrize("mode", ["plain", "add", "scale", "scale_shift"])
+@pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_forward_and_gradients_match_reference(mode, channels_last, dtype, tol):
+def test_forward_and_gradients_match_reference(mode, silu, channels_last, dtype, tol):
     x, norm, cond, gy = _setup(dtype, channels_last)
     ins = _inputs(x, norm, cond, mode)
-    y_ref = _reference(x, norm, cond, mode)
+    y_ref = _reference(x, norm, cond, mode, silu)
     g_ref = torch.autograd.grad(y_ref, ins, gy)
-    y = _fused(x, norm, cond, mode)
+    y = _fused(x, norm, cond, mode, silu=silu)
     g = torch.autograd.grad(y, ins, gy)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
@@ -70,14 +71,15 @@ def test_forward_and_gradients_match_reference(mode, channels_last, dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-def test_dropout_equals_reference_times_mask_and_gradients():
+@pytest.mark.parametrize("silu", [True, False])
+def test_dropout_equals_reference_times_mask_and_gradients(silu):
     x, norm, cond, gy = _setup(torch.float64, True)
     p = 0.3
     torch.manual_seed(5)
-    y = _fused(x, norm, cond, "scale_shift", p)
+    y = _fused(x, norm, cond, "scale_shift", p, silu)
     torch.manual_seed(5)  # the same global-RNG draw gives the same mask
     mask = dropout_mask(x.detach(), p)
-    y_ref = _reference(x, norm, cond, "scale_shift") * mask
+    y_ref = _reference(x, norm, cond, "scale_shift", silu) * mask
     ins = _inputs(x, norm, cond, "scale_shift")
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
     for a, b in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(y_ref, ins, gy),
@@ -85,15 +87,33 @@ def test_dropout_equals_reference_times_mask_and_gradients():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_dropout_mask_rate_and_scale():
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_rate_scale_and_independence(p):
     torch.manual_seed(0)
-    p, n = 0.1, 1_000_000
+    n = 1_000_003  # not a multiple of the four words per draw
+    q = dropout_rate(p)
+    assert abs(q - p) <= 2**-17 and q * 2**16 == round(q * 2**16)
     m = dropout_mask(torch.empty(n), p)
     kept = m != 0
-    assert torch.all(m[kept] == torch.tensor(1 / (1 - p), dtype=m.dtype))
-    sd = math.sqrt(n * p * (1 - p))  # binomial: the dropped count is within 5 sd of n p
-    assert abs(int((~kept).sum()) - n * p) < 5 * sd
+    assert torch.all(m[kept] == torch.tensor(1 / (1 - q), dtype=m.dtype))
+    sd = math.sqrt(n * q * (1 - q))  # binomial: the dropped count is within 5 sd of n q
+    assert abs(int((~kept).sum()) - n * q) < 5 * sd
+    # each of the four 16-bit words of a draw drops at the same rate (none is biased, as
+    # the top word of a non-negative random_() would be), and neighbours are independent
+    words = (~kept[: n // 4 * 4]).view(-1, 4).float()
+    sd_w = math.sqrt(q * (1 - q) / len(words))
+    assert torch.all((words.mean(0) - q).abs() < 5 * sd_w)
+    both = (words[:, 0] * words[:, 1]).mean()
+    assert abs(float(both) - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / len(words))
     assert torch.all(dropout_mask(torch.empty(1000), 0.0) == 1)
+
+
+def test_dropout_mask_follows_the_layout():
+    x = torch.empty(4, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    m = dropout_mask(x, 0.3)
+    assert m.is_contiguous(memory_format=torch.channels_last)
+    strided = torch.empty(4, 6, 10)[:, :, ::2]  # not dense: a contiguous mask
+    assert dropout_mask(strided, 0.3).shape == strided.shape
 
 
 def test_use_fused_only_in_eager_cpu_float():
@@ -105,9 +125,10 @@ def test_use_fused_only_in_eager_cpu_float():
 
 @pytest.mark.parametrize("conditioning", ["add", "scale_shift"])
 def test_unet_fused_path_matches_reference_path(conditioning, monkeypatch):
+    """Covers the fused norms from 8x8 up and PyTorch's below (unet.MIN_FUSED_PIXELS)."""
     torch.manual_seed(0)
     cfg = UNetConfig(base_channels=16, num_res_blocks=1, num_heads=2, image_size=8,
-                     channel_mult=(1, 2), attention_resolutions=(4,),
+                     channel_mult=(1, 2), attention_resolutions=(4, 8),
                      time_conditioning=conditioning, dropout=0.1)
     net = UNet(cfg).to(memory_format=torch.channels_last)
     with torch.no_grad():  # wake the zero-initialised layers

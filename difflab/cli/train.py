@@ -83,6 +83,8 @@ HELP: dict[str, str] = {
                     "max-autotune",
     "channels_last": "NHWC memory layout for images and convolution weights",
     "grad_checkpointing": "recompute activations in the backward pass (less memory)",
+    "reuse_cpu_memory": "CPU: keep freed memory in the process instead of returning it to "
+                        "the OS (no page faults per step; resident memory stays at its peak)",
 }
 
 
@@ -190,7 +192,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
         # a resumed run keeps its saved config; only these may change on resume
         changeable = {"steps", "log_every", "sample_every", "checkpoint_every",
                       "keep_checkpoints", "device", "out_dir", "precision", "compile",
-                      "compile_mode", "channels_last", "grad_checkpointing"}
+                      "compile_mode", "channels_last", "grad_checkpointing", "reuse_cpu_memory"}
         clash = {k for k in set(values) | set(cli) if k not in changeable
                  and (cli | values)[k] != saved.get(k)}
         if clash:

@@ -1,25 +1,32 @@
 """Fused ``GroupNorm -> (adaptive scale-shift) -> SiLU -> dropout`` with a closed-form backward.
 
-The ResBlock's normalisation chain (Wu & He 2018, "Group Normalization"; the adaptive
+The U-Net's normalisation chains (Wu & He 2018, "Group Normalization"; the adaptive
 GroupNorm ``norm(h) * (1 + scale) + shift`` of Nichol & Dhariwal 2021; SiLU, Elfwing et al.
-2018; inverted dropout, Srivastava et al. 2014) as one autograd node:
+2018; inverted dropout, Srivastava et al. 2014) as one autograd node, for the CPU, where
+PyTorch's channels-last GroupNorm kernels are slow (forward up to 7x, backward up to 5x
+slower than on contiguous tensors of the same shape, ``benchmarks/fused_ops.py``):
 
-* forward: PyTorch's GroupNorm kernel for ``xhat`` and the group statistics, then the norm's
-  affine and the time conditioning folded into one per-(sample, channel) affine
-  ``z = k * xhat + c`` (one pass), SiLU and the dropout mask;
-* backward: with ``g = dL/dz``, GroupNorm's input gradient (Wu & He 2018, eq. 1-4,
-  differentiated) is ``dx = rstd * (k g - mean_G(k g) - xhat * mean_G(k g xhat))``, means
-  over each group, which needs only two per-channel sums (``sum g`` and ``sum g xhat``) and
-  one fused pass; the parameter and conditioning gradients are those sums too.
+* forward: per-channel sums ``sum x`` and ``sum x^2`` over the pixels (two reductions that
+  vectorise across channels in either layout), combined per group into the mean ``mu`` and
+  ``rstd = 1 / sqrt(var + eps)``; the norm's affine, the time conditioning and the
+  normalisation folded into one per-(sample, channel) affine ``z = a x + b`` (one pass);
+  then SiLU and the dropout mask;
+* backward: with ``g = dL/dz`` and ``k = dz/dxhat`` (``gamma``, or ``gamma (1 + scale)``),
+  GroupNorm's input gradient (Wu & He 2018, eq. 1-4, differentiated) is
+  ``dx = rstd (k g - mean_G(k g) - xhat mean_G(k g xhat))``, means over each group. It needs
+  two per-channel sums, ``sum g`` and ``sum g x`` (then ``sum g xhat = rstd (sum g x - mu
+  sum g)``), and one pass of two fused multiply-adds; the parameter and conditioning
+  gradients are those sums too.
 
-On the CPU this node takes 1.2x to 2x less time than the separate PyTorch ops for the
-conditioned, dropout-carrying norm (``python benchmarks/fused_ops.py``); without
-conditioning and dropout it only ties, so the ResBlock's first norm keeps the PyTorch ops.
-The math is the reference ops' (tests/test_fused.py checks values and
-gradients). Dropout masks come from 31-bit integers of PyTorch's global generator
-(``random_()`` is about three times cheaper than ``bernoulli_`` on the CPU): an element is
-kept with probability ``1 - round(p * 2**31) / 2**31``, within 2.4e-10 of ``1 - p``, and
-scaled by ``1 / (1 - p)``.
+Statistics use ``E[x^2] - mu^2`` with float32 sums (float64 for the per-group combination),
+as PyTorch's channels-last kernel does. The math is the reference ops' (tests/test_fused.py
+checks values and gradients against them in float64 and float32).
+
+Dropout masks compare 16-bit words of PyTorch's global generator with a threshold (four
+words per 64-bit draw: about six times cheaper than ``bernoulli_`` on the CPU): an element
+is dropped with probability ``p_hat = round(p * 2**16) / 2**16``, within 7.7e-6 of ``p``, and
+kept ones are scaled by ``1 / (1 - p_hat)``, so the mask's mean is exactly 1 as inverted
+dropout requires.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dropout_mask", "group_norm_silu", "use_fused"]
+__all__ = ["dropout_mask", "dropout_rate", "group_norm_act", "use_fused"]
 
-_TWO_31 = 2**31
+_WORD = 2**16  # dropout resolution: 16-bit words
 
 
 def use_fused(x: Tensor) -> bool:
@@ -42,12 +49,39 @@ def use_fused(x: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def dropout_rate(p: float) -> float:
+    """The drop probability :func:`dropout_mask` realises for ``p``: ``p`` rounded to a
+    multiple of ``2**-16`` (at most ``1 - 2**-16``)."""
+    return min(round(p * _WORD), _WORD - 1) / _WORD
+
+
 def dropout_mask(like: Tensor, p: float) -> Tensor:
-    """Inverted-dropout multiplier shaped and laid out like ``like``: ``1 / (1 - p)`` where
-    kept (probability ``1 - p``, to within 2.4e-10), 0 where dropped; global RNG."""
-    r = torch.empty_like(like, dtype=torch.int32).random_()  # uniform on [0, 2**31)
-    # in place to 0/1, then one cast and one scale: cheaper than torch.where on scalars
-    return r.ge_(round(p * _TWO_31)).to(like.dtype).mul_(1.0 / (1.0 - p))
+    """Inverted-dropout multiplier shaped and laid out like ``like`` (global RNG).
+
+    Each element is 0 with probability ``p_hat = dropout_rate(p)`` (within 7.7e-6 of
+    ``p``) and ``1 / (1 - p_hat)`` otherwise, independently."""
+    n = like.numel()
+    # 64-bit draws over the full range: four independent uniform 16-bit words each
+    # (random_() without bounds would leave the top bit 0).
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    words = draws.random_(-(2**63), 2**63 - 1).view(torch.int16)[:n]
+    if _dense(like):
+        words = words.as_strided(like.shape, like.stride())
+    else:
+        words = words.view(like.shape)
+    q = dropout_rate(p)
+    keep = words >= round(q * _WORD) - _WORD // 2  # P(word < k - 2**15) = k / 2**16
+    return keep.to(like.dtype).mul_(1.0 / (1.0 - q))
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly (contiguous in some dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _group_sum(t: Tensor, groups: int) -> Tensor:
@@ -57,64 +91,84 @@ def _group_sum(t: Tensor, groups: int) -> Tensor:
     return s.expand(b, groups, c // groups).reshape(b, c, 1, 1)
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    """See :func:`group_norm_silu`. ``scale`` and ``shift`` are [B, C, 1, 1] or None."""
+def _group_stats(x: Tensor, groups: int, eps: float, buf: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, rstd)`` of each channel's group, ``[B, C, 1, 1]`` each, in
+    ``x.dtype``; ``buf`` (shaped like ``x``) is scratch space for ``x^2``."""
+    b, c, h, w = x.shape
+    # float32 sums (a float64 accumulation is several times slower on the CPU), combined
+    # per group in float64
+    s1 = x.sum((2, 3), keepdim=True).double()
+    s2 = torch.mul(x, x, out=buf).sum((2, 3), keepdim=True).double()
+    n = h * w * (c // groups)
+    mean = _group_sum(s1, groups) / n
+    var = (_group_sum(s2, groups) / n - mean * mean).clamp_min_(0.0)
+    return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+
+
+class _GroupNormAct(torch.autograd.Function):
+    """See :func:`group_norm_act`. ``scale`` and ``shift`` are [B, C, 1, 1] or None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, p):
-        b, c, h, w = x.shape
-        xhat, mean, rstd = torch.native_group_norm(x, None, None, b, c, h * w, groups, eps)
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, silu, p):
+        c = x.shape[1]
+        z = torch.empty_like(x)
+        mean, rstd = _group_stats(x, groups, eps, buf=z)
         gamma, beta = weight.view(1, c, 1, 1), bias.view(1, c, 1, 1)
         k = gamma if scale is None else gamma * (1 + scale)  # dz / dxhat
         off = beta if scale is None else beta * (1 + scale)
         if shift is not None:
             off = off + shift
-        z = torch.addcmul(off, xhat, k)  # norm affine and time conditioning in one pass
-        y = F.silu(z)
+        a = k * rstd  # z = k (x - mean) rstd + off = a x + (off - a mean): one pass
+        torch.addcmul(off - a * mean, x, a, out=z)
+        y = F.silu(z) if silu else z
         mask = dropout_mask(y, p) if p > 0 else None
         if mask is not None:
-            y.mul_(mask)
-        ctx.save_for_backward(xhat, z, mask, rstd, k, gamma, beta, scale)
+            y = y.mul_(mask) if silu else y * mask
+        ctx.save_for_backward(x, z if silu else None, mask, mean, rstd, k, gamma, beta, scale)
         ctx.groups, ctx.has_shift = groups, shift is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xhat, z, mask, rstd, k, gamma, beta, scale = ctx.saved_tensors
-        b, c, h, w = xhat.shape
+        x, z, mask, mean, rstd, k, gamma, beta, scale = ctx.saved_tensors
+        b, c, h, w = x.shape
         groups = ctx.groups
         # Fresh full-size tensors cost page faults on the CPU, about as much as a pass
-        # over memory: reuse two buffers (the masked gradient becomes g, and g * xhat
-        # becomes dx).
+        # over memory: the masked gradient becomes g, and g * x becomes dx.
         if mask is not None:
             gy = gy * mask
+        if z is None:
+            gz = gy
+        elif mask is not None:
             gz = torch.ops.aten.silu_backward.grad_input(gy, z, grad_input=gy)
         else:
             gz = torch.ops.aten.silu_backward(gy, z)
-        s0 = gz.sum((2, 3), keepdim=True)  # sum_hw g           [B, C, 1, 1]
-        buf = gz * xhat
-        t = buf.sum((2, 3), keepdim=True)  # sum_hw g xhat
+        s0 = gz.sum((2, 3), keepdim=True)  # sum_hw g        [B, C, 1, 1]
+        buf = gz * x
+        t = rstd * (buf.sum((2, 3), keepdim=True) - mean * s0)  # sum_hw g xhat
         n = h * w * (c // groups)  # elements per group
-        rstd_c = rstd.view(b, groups, 1).expand(b, groups, c // groups).reshape(b, c, 1, 1)
         mg1 = _group_sum(k * s0, groups) / n  # group mean of dL/dxhat
         mg2 = _group_sum(k * t, groups) / n  # group mean of dL/dxhat * xhat
-        # dx = rstd (k g - mg1 - xhat mg2): one pass of two fused multiply-adds
-        dx = torch.addcmul(-rstd_c * mg1, xhat, -rstd_c * mg2, out=buf)
-        dx.addcmul_(gz, rstd_c * k)
+        # dx = rstd (k g - mg1 - xhat mg2) = (rstd k) g - (rstd^2 mg2) x
+        #      + (mean rstd^2 mg2 - rstd mg1): one pass of two fused multiply-adds
+        r2mg2 = rstd * rstd * mg2
+        dx = torch.addcmul(mean * r2mg2 - rstd * mg1, x, -r2mg2, out=buf)
+        dx.addcmul_(gz, rstd * k)
         one_s = 1 if scale is None else 1 + scale
         g_w = (t * one_s).sum(0).view(c)
         g_b = (s0 * one_s).sum(0).view(c)
         g_scale = gamma * t + beta * s0 if scale is not None else None
         g_shift = s0 if ctx.has_shift else None
-        return dx, g_w, g_b, g_scale, g_shift, None, None, None
+        return dx, g_w, g_b, g_scale, g_shift, None, None, None, None
 
 
-def group_norm_silu(
+def group_norm_act(
     x: Tensor,
     norm: torch.nn.GroupNorm,
     *,
     scale: Tensor | None = None,
     shift: Tensor | None = None,
+    silu: bool = True,
     dropout: float = 0.0,
 ) -> Tensor:
     """``dropout(silu(norm(x) * (1 + scale) + shift))`` in one fused autograd node.
@@ -124,13 +178,14 @@ def group_norm_silu(
         norm: the ``nn.GroupNorm`` whose groups, eps and affine parameters are used.
         scale, shift: optional ``[B, C, 1, 1]`` adaptive-GroupNorm conditioning (Nichol &
             Dhariwal 2021); ``scale=None`` means a factor of 1, ``shift=None`` means 0.
-        dropout: inverted-dropout rate applied after SiLU (0 in eval mode).
+        silu: apply SiLU (``False``: the normalised, conditioned features themselves).
+        dropout: inverted-dropout rate applied last (0 in eval mode).
 
     Returns:
         ``[B, C, H, W]``, equal to the reference ops up to float rounding (dropout masks
         differ: they come from :func:`dropout_mask`).
     """
     if not norm.affine:
-        raise ValueError("group_norm_silu needs an affine GroupNorm")
-    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, scale, shift,
-                                norm.num_groups, norm.eps, float(dropout))
+        raise ValueError("group_norm_act needs an affine GroupNorm")
+    return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
+                               norm.eps, silu, float(dropout))

@@ -23,11 +23,15 @@ from torch.utils.checkpoint import checkpoint
 from difflab.conditioning import TextCond
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
-from difflab.networks.fused import group_norm_silu, use_fused
+from difflab.networks.fused import group_norm_act, use_fused
+from difflab.networks.upsample import upsample_conv3x3
 
 __all__ = ["UNet", "UNetConfig", "group_count"]
 
 TIME_CONDITIONING_MODES = ("add", "scale_shift")
+#: Smaller feature maps (H * W) keep PyTorch's GroupNorm in :func:`norm_act`: below 8x8 its
+#: kernel is faster than the fused node (``benchmarks/fused_ops.py``).
+MIN_FUSED_PIXELS = 64
 
 
 @dataclass
@@ -157,6 +161,14 @@ def group_count(channels: int, max_groups: int = 32) -> int:
     return g
 
 
+def norm_act(x: Tensor, norm: nn.GroupNorm, silu: bool = True) -> Tensor:
+    """``silu(norm(x))`` (``norm(x)`` if not ``silu``): one fused node on the CPU
+    (:func:`~difflab.networks.fused.group_norm_act`), the PyTorch ops elsewhere."""
+    if use_fused(x) and x.shape[-2] * x.shape[-1] >= MIN_FUSED_PIXELS:
+        return group_norm_act(x, norm, silu=silu)
+    return F.silu(norm(x)) if silu else norm(x)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero all parameters of ``module`` in place and return it."""
     for p in module.parameters():
@@ -194,15 +206,15 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: [B, in_ch, H, W], emb: [B, E] (already SiLU-activated) -> [B, out_ch, H, W]."""
-        h = self.conv1(F.silu(self.norm1(x)))  # [B, out, H, W]
+        h = self.conv1(norm_act(x, self.norm1))  # [B, out, H, W]
         e = self.emb_proj(emb)[:, :, None, None]  # [B, out or 2*out, 1, 1]
         if use_fused(h):  # same math in fewer passes (difflab/networks/fused.py)
             p = self.dropout.p if self.training else 0.0
             if self.scale_shift:
                 scale, shift = e.chunk(2, dim=1)
-                h = group_norm_silu(h, self.norm2, scale=scale, shift=shift, dropout=p)
+                h = group_norm_act(h, self.norm2, scale=scale, shift=shift, dropout=p)
             else:
-                h = group_norm_silu(h + e, self.norm2, dropout=p)
+                h = group_norm_act(h + e, self.norm2, dropout=p)
             return self.skip(x) + self.conv2(h)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)  # [B, out, 1, 1] each
@@ -233,11 +245,26 @@ class AttentionBlock(nn.Module):
         """x: [B, C, H, W] -> [B, C, H, W]."""
         b, c, h, w = x.shape
         d = c // self.num_heads
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, d, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, d]
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        qkv = self.qkv(norm_act(x, self.norm, silu=False))  # [B, 3C, H, W]
+        if _channels_last(qkv):
+            # Memory is [B, HW, 3, heads, d]: q, k, v are strided views with unit stride
+            # along d (what the attention kernels need), and the output goes back to
+            # channels-last as a view when there is one head; no layout copies.
+            t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, self.num_heads, d)
+            q, k, v = t.permute(2, 0, 3, 1, 4).unbind(dim=0)  # each [B, heads, HW, d]
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+            out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            qkv = qkv.reshape(b, 3, self.num_heads, d, h * w)
+            q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, d]
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is laid out channels-last (and not also plainly contiguous)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 class Downsample(nn.Module):
@@ -252,14 +279,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 conv: [B, C, H, W] -> [B, C, 2H, 2W]."""
+    """Nearest-neighbour x2 then 3x3 conv: [B, C, H, W] -> [B, C, 2H, 2W].
+
+    Computed as the equivalent sub-pixel 2x2 convolution of the low-resolution input
+    (:func:`~difflab.networks.upsample.upsample_conv3x3`, 2.25x fewer FLOPs); the parameter
+    is still the 3x3 ``conv`` applied at the upsampled resolution."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
 
 
 class EmbedSequential(nn.Sequential):
@@ -430,7 +461,8 @@ class UNet(nn.Module):
         h = self._run(self.middle, h, emb, ctx)  # [B, base*mult[-1], H/2**(L-1), W/2**(L-1)]
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, ctx)
-        return self.out(h)  # [B, out_channels, H, W]
+        norm, _, conv = self.out  # GroupNorm, SiLU, conv
+        return conv(norm_act(h, norm))  # [B, out_channels, H, W]
 
     def _run(self, block: nn.Module, h: Tensor, emb: Tensor,
              ctx: TextCond | None = None) -> Tensor:

@@ -77,6 +77,7 @@ class TrainConfig:
     compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead, ...
     channels_last: bool = True         # NHWC memory layout for images and conv weights
     grad_checkpointing: bool = False   # recompute activations in backward to save memory
+    reuse_cpu_memory: bool = True      # CPU: keep freed memory in the process (memory.py)
 
     def model_config(self) -> dict[str, Any]:
         """Resolved U-Net architecture (preset plus explicit overrides)."""

@@ -60,6 +60,7 @@ from .distributed import (
     mean_over_ranks,
 )
 from .ema import EMA
+from .memory import reuse_freed_memory
 from .precision import autocast, check_precision, grad_scaler
 from .text import CaptionTable
 
@@ -140,6 +141,8 @@ class Trainer:
         self._train_denoiser = self._denoiser(self._step_module())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
+        elif c.reuse_cpu_memory:
+            reuse_freed_memory()  # no page faults on the step's activations (memory.py)
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
         self._seed_dropout(0)
         self._perms: dict[int, torch.Tensor] = {}

@@ -1,0 +1,113 @@
+"""Nearest-neighbour x2 upsampling followed by a 3x3 convolution, as a sub-pixel convolution.
+
+The DDPM U-Net's ``Upsample`` (Ho et al. 2020) repeats every pixel 2x2 and convolves the
+result with a 3x3 kernel. Three of every four input pixels of each 3x3 window are then
+duplicates, so most of the multiply-adds are repeated. Written per output phase
+``(a, b)`` (the row and column parity of the output pixel), the same map is a 2x2
+convolution of the *low-resolution* input (the sub-pixel view of Shi et al. 2016, "Real-Time
+Single Image and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural
+Network"):
+
+    y[2i + a, 2j + b] = sum_{p, q in {0, 1}} K_ab[p, q] . x[i + a - 1 + p, j + b - 1 + q]
+
+with ``K_ab = T_a W T_b^T``, where ``T_0 = [[1, 0, 0], [0, 1, 1]]`` and
+``T_1 = [[1, 1, 0], [0, 0, 1]]`` add up the 3x3 taps that land on the same low-resolution
+pixel. Even rows (``a = 0``) read rows ``i - 1`` (tap 0) and ``i`` (taps 1 + 2); odd rows read
+``i`` (taps 0 + 1) and ``i + 1`` (tap 2). Zero padding of the upsampled image is zero padding
+of ``x``, so the identity holds at the borders too.
+
+All four phases come from one 2x2 convolution with ``4 * C_out`` output channels and
+padding 1, whose ``(H + 1) x (W + 1)`` outputs hold phase ``(a, b)`` at offset ``(a, b)``;
+an interleaving copy puts them in place. That is 16 instead of 36 multiply-adds per output
+pixel and channel pair (2.25x fewer FLOPs) for the same function of the same parameters:
+the 3x3 weight stays the trained parameter, and ``K`` is a linear function of it, so
+gradients flow to it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["subpixel_kernel", "upsample_conv3x3"]
+
+#: T[a, p, k]: which 3x3 taps k fall on low-resolution offset p for output parity a.
+_TAPS = ((((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))))
+
+
+def subpixel_kernel(weight: Tensor) -> Tensor:
+    """``[O, I, 3, 3]`` -> ``[4 O, I, 2, 2]``: the 2x2 kernels of the four output phases,
+    phase-major (channel ``(2 a + b) * O + o``)."""
+    taps = torch.tensor(_TAPS, dtype=weight.dtype, device=weight.device)
+    k = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
+    o, i = weight.shape[:2]
+    return k.reshape(4 * o, i, 2, 2)
+
+
+def _phase_view(y: Tensor, h: int, w: int) -> Tensor:
+    """``y [B, 4C, H+1, W+1]`` (phase-major channels) as ``[B, C, H, 2, W, 2]``: element
+    ``(n, c, i, a, j, b)`` is phase ``(a, b)`` of channel ``c`` at ``(i + a, j + b)``. A
+    strided view (no copy) that works for any memory layout of ``y``."""
+    n, c4 = y.shape[:2]
+    y6 = y.unflatten(1, (2, 2, c4 // 4))  # [B, a, b, C, H+1, W+1]
+    s_n, s_a, s_b, s_c, s_h, s_w = y6.stride()
+    return y6.as_strided((n, c4 // 4, h, 2, w, 2),
+                         (s_n, s_c, s_h, s_a + s_h, s_w, s_b + s_w), y6.storage_offset())
+
+
+class _Interleave(torch.autograd.Function):
+    """Phases ``[B, 4C, H+1, W+1]`` -> image ``[B, C, 2H, 2W]`` (one copy each way)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, h: int, w: int) -> Tensor:
+        n, c4 = y.shape[:2]
+        fmt = _memory_format(y)
+        out = torch.empty((n, c4 // 4, 2 * h, 2 * w), dtype=y.dtype, device=y.device,
+                          memory_format=fmt)
+        out.unflatten(3, (w, 2)).unflatten(2, (h, 2)).copy_(_phase_view(y, h, w))
+        ctx.y_shape, ctx.fmt, ctx.hw = y.shape, fmt, (h, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w = ctx.hw
+        gy = torch.empty(ctx.y_shape, dtype=g.dtype, device=g.device, memory_format=ctx.fmt)
+        # Outputs of the 2x2 conv that no phase uses (one border row/column per parity)
+        # get no gradient; every other element is written by the copy below.
+        g6 = gy.unflatten(1, (2, 2, ctx.y_shape[1] // 4))  # [B, a, b, C, H+1, W+1]
+        g6[:, 1, :, :, 0].zero_()
+        g6[:, 0, :, :, h].zero_()
+        g6[:, :, 1, :, :, 0].zero_()
+        g6[:, :, 0, :, :, w].zero_()
+        _phase_view(gy, h, w).copy_(g.unflatten(3, (w, 2)).unflatten(2, (h, 2)))
+        return gy, None, None
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)``
+    computed as one sub-pixel 2x2 convolution (2.25x fewer FLOPs; see the module docstring).
+
+    Args:
+        x: ``[B, I, H, W]`` (contiguous or channels-last; the output follows it).
+        weight: ``[O, I, 3, 3]`` kernel applied at the upsampled resolution.
+        bias: ``[O]`` or ``None``.
+
+    Returns:
+        ``[B, O, 2H, 2W]``, equal to the reference up to float rounding.
+    """
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"upsample_conv3x3 needs a 3x3 kernel, got {tuple(weight.shape)}")
+    h, w = x.shape[-2:]
+    k = subpixel_kernel(weight)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        k = k.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x, k, None if bias is None else bias.repeat(4), padding=1)
+    return _Interleave.apply(y, h, w)
