@@ -150,3 +150,36 @@ def test_unet_fused_path_matches_reference_path(conditioning, monkeypatch):
     torch.testing.assert_close(fused[0], ref[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(fused[1], ref[1], strict=True):  # float32 sums in another order
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_dropout_in_training_equals_reference_with_the_same_mask(scale_shift):
+    """The training-mode ResBlock (dropout's 1/(1-p) folded into conv2's weight) equals
+    GroupNorm -> conditioning -> SiLU -> inverted dropout -> conv2, values and gradients."""
+    torch.manual_seed(0)
+    block = unet_mod.ResBlock(8, 12, 16, dropout=0.3, scale_shift=scale_shift,
+                              max_groups=4).double().train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 8, 6, 6, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    emb = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    y = block(x, emb)
+    h = block.conv1(F.silu(block.norm1(x)))
+    e = block.emb_proj(emb)[:, :, None, None]
+    if scale_shift:
+        scale, shift = e.chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale) + shift
+    else:
+        h = block.norm2(h + e)
+    torch.manual_seed(7)  # the ResBlock's only draw is its dropout mask
+    h = F.silu(h) * dropout_mask(h.detach(), 0.3)
+    y_ref = block.skip(x) + block.conv2(h)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    ins = [x, emb, *block.parameters()]
+    gy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(y_ref, ins, gy),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -8,8 +8,12 @@ import sys
 import pytest
 
 SCRIPT = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from difflab.training.memory import reuse_freed_memory
+# Start from glibc's initial thresholds (128 KiB; they adapt upwards as a process runs, so
+# a fresh interpreter may already have moved them): blocks above go back to the kernel.
+mallopt = ctypes.CDLL(None).mallopt
+assert mallopt(-3, 128 * 1024) and mallopt(-1, 128 * 1024)  # M_MMAP_, M_TRIM_THRESHOLD
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory() and reuse_freed_memory()  # idempotent
 x = torch.randn(1 << 21)  # 8 MiB
@@ -38,9 +42,7 @@ def test_repeated_allocations_stop_faulting():
                              text=True, check=True)
         return float(out.stdout.split()[-1])
 
-    # With glibc's defaults the 80 MiB go back to the kernel after every step and fault in
-    # again (20480 pages): the blocks are either above the adaptive mmap threshold
-    # (munmap on free) or on the heap, whose free top exceeds the adaptive trim threshold
-    # (at most 64 MiB) and is trimmed. With reuse_freed_memory they stay in the heap.
+    # With glibc's initial thresholds the 80 MiB go back to the kernel after every step and
+    # fault in again (20480 pages); with reuse_freed_memory they stay in the heap.
     assert faults("default") > 10000
     assert faults("reuse") < 100

@@ -55,11 +55,9 @@ def dropout_rate(p: float) -> float:
     return min(round(p * _WORD), _WORD - 1) / _WORD
 
 
-def dropout_mask(like: Tensor, p: float) -> Tensor:
-    """Inverted-dropout multiplier shaped and laid out like ``like`` (global RNG).
-
-    Each element is 0 with probability ``p_hat = dropout_rate(p)`` (within 7.7e-6 of
-    ``p``) and ``1 / (1 - p_hat)`` otherwise, independently."""
+def _keep_mask(like: Tensor, p: float, scale: float) -> Tensor:
+    """``scale`` where kept (probability ``1 - dropout_rate(p)``), 0 where dropped,
+    independently, shaped and laid out like ``like``; from the global RNG."""
     n = like.numel()
     # 64-bit draws over the full range: four independent uniform 16-bit words each
     # (random_() without bounds would leave the top bit 0).
@@ -69,9 +67,19 @@ def dropout_mask(like: Tensor, p: float) -> Tensor:
         words = words.as_strided(like.shape, like.stride())
     else:
         words = words.view(like.shape)
-    q = dropout_rate(p)
-    keep = words >= round(q * _WORD) - _WORD // 2  # P(word < k - 2**15) = k / 2**16
-    return keep.to(like.dtype).mul_(1.0 / (1.0 - q))
+    keep = words >= round(dropout_rate(p) * _WORD) - _WORD // 2  # P(drop) = k / 2**16
+    # a float mask: multiplying by it is several times faster than masked_fill_ on the CPU
+    mask = keep.to(like.dtype)
+    return mask if scale == 1.0 else mask.mul_(scale)
+
+
+def dropout_mask(like: Tensor, p: float) -> Tensor:
+    """Inverted-dropout multiplier shaped and laid out like ``like`` (global RNG).
+
+    Each element is 0 with probability ``p_hat = dropout_rate(p)`` (within 7.7e-6 of
+    ``p``) and ``1 / (1 - p_hat)`` otherwise, independently. :func:`group_norm_act` draws
+    the same mask from the same RNG state."""
+    return _keep_mask(like, p, 1.0 / (1.0 - dropout_rate(p)))
 
 
 def _dense(t: Tensor) -> bool:
@@ -84,55 +92,84 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _group_sum(t: Tensor, groups: int) -> Tensor:
-    """[B, C, 1, 1] -> [B, C, 1, 1]: each channel gets the sum over its group."""
-    b, c = t.shape[:2]
-    s = t.reshape(b, groups, c // groups).sum(-1, keepdim=True)
-    return s.expand(b, groups, c // groups).reshape(b, c, 1, 1)
-
-
 def _group_stats(x: Tensor, groups: int, eps: float, buf: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, rstd)`` of each channel's group, ``[B, C, 1, 1]`` each, in
     ``x.dtype``; ``buf`` (shaped like ``x``) is scratch space for ``x^2``."""
     b, c, h, w = x.shape
-    # float32 sums (a float64 accumulation is several times slower on the CPU), combined
-    # per group in float64
-    s1 = x.sum((2, 3), keepdim=True).double()
-    s2 = torch.mul(x, x, out=buf).sum((2, 3), keepdim=True).double()
-    n = h * w * (c // groups)
-    mean = _group_sum(s1, groups) / n
-    var = (_group_sum(s2, groups) / n - mean * mean).clamp_min_(0.0)
-    return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+    # float32 sums over the pixels (a float64 accumulation is several times slower on
+    # the CPU), combined per group in float64
+    s = torch.stack((x.sum((2, 3)), torch.mul(x, x, out=buf).sum((2, 3))))  # [2, B, C]
+    s = s.view(2, b, groups, c // groups).sum(-1, dtype=torch.float64) / (h * w * c // groups)
+    mean, ex2 = s.unbind(0)  # [B, G]
+    rstd = torch.addcmul(ex2, mean, mean, value=-1).clamp_min_(0.0).add_(eps).rsqrt_()
+    stats = torch.stack((mean, rstd)).to(x.dtype)[..., None]  # [2, B, G, 1]
+    stats = stats.expand(2, b, groups, c // groups).reshape(2, b, c, 1, 1)
+    return stats[0], stats[1]
+
+
+def _conditioning(weight: Tensor, bias: Tensor, scale: Tensor | None,
+                  shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(k, off, 1 + scale)``: ``z = k xhat + off`` per (sample, channel)."""
+    c = weight.shape[0]
+    gamma, beta = weight.view(1, c, 1, 1), bias.view(1, c, 1, 1)
+    if scale is None:
+        k, off, one_s = gamma, beta, None
+    else:
+        one_s = 1 + scale
+        k, off = gamma * one_s, beta * one_s
+    if shift is not None:
+        off = off + shift
+    return k, off, one_s
+
+
+def _input_grad_coefficients(s0: Tensor, t: Tensor, mean: Tensor, rstd: Tensor, k: Tensor,
+                             groups: int, hw: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a, b, c)`` with ``dx = a g + b x + c``, from ``s0 = sum g`` and
+    ``t = sum g xhat`` per (sample, channel) (module docstring)."""
+    n, ch = s0.shape[:2]
+    # group means of dL/dxhat (mg[0]) and of dL/dxhat * xhat (mg[1])
+    mg = torch.stack((k * s0, k * t)).view(2, n, groups, ch // groups)
+    mg = (mg.mean(-1, keepdim=True) / hw).expand(2, n, groups, ch // groups)
+    mg = mg.reshape(2, n, ch, 1, 1)
+    # dx = rstd (k g - mg1 - xhat mg2)
+    #    = (rstd k) g - (rstd^2 mg2) x + (mean rstd^2 mg2 - rstd mg1)
+    r2mg2 = rstd * rstd * mg[1]
+    return rstd * k, -r2mg2, torch.addcmul(mean * r2mg2, rstd, mg[0], value=-1)
+
+
+def _param_grads(s0: Tensor, t: Tensor, weight: Tensor, bias: Tensor, one_s: Tensor | None,
+                 has_shift: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Gradients of the norm's weight and bias and of ``scale`` and ``shift``."""
+    c = s0.shape[1]
+    g_shift = s0 if has_shift else None
+    if one_s is None:
+        return t.sum(0).view(c), s0.sum(0).view(c), None, g_shift
+    g_scale = torch.addcmul(weight.view(1, c, 1, 1) * t, bias.view(1, c, 1, 1), s0)
+    return (t * one_s).sum(0).view(c), (s0 * one_s).sum(0).view(c), g_scale, g_shift
 
 
 class _GroupNormAct(torch.autograd.Function):
     """See :func:`group_norm_act`. ``scale`` and ``shift`` are [B, C, 1, 1] or None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, silu, p):
-        c = x.shape[1]
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, silu, p, scale_kept):
         z = torch.empty_like(x)
         mean, rstd = _group_stats(x, groups, eps, buf=z)
-        gamma, beta = weight.view(1, c, 1, 1), bias.view(1, c, 1, 1)
-        k = gamma if scale is None else gamma * (1 + scale)  # dz / dxhat
-        off = beta if scale is None else beta * (1 + scale)
-        if shift is not None:
-            off = off + shift
+        k, off, one_s = _conditioning(weight, bias, scale, shift)
         a = k * rstd  # z = k (x - mean) rstd + off = a x + (off - a mean): one pass
-        torch.addcmul(off - a * mean, x, a, out=z)
+        torch.addcmul(torch.addcmul(off, a, mean, value=-1), x, a, out=z)
         y = F.silu(z) if silu else z
-        mask = dropout_mask(y, p) if p > 0 else None
-        if mask is not None:
+        mask = None
+        if p > 0:
+            mask = _keep_mask(y, p, 1.0 / (1.0 - dropout_rate(p)) if scale_kept else 1.0)
             y = y.mul_(mask) if silu else y * mask
-        ctx.save_for_backward(x, z if silu else None, mask, mean, rstd, k, gamma, beta, scale)
+        ctx.save_for_backward(x, z if silu else None, mask, mean, rstd, k, weight, bias, one_s)
         ctx.groups, ctx.has_shift = groups, shift is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, z, mask, mean, rstd, k, gamma, beta, scale = ctx.saved_tensors
-        b, c, h, w = x.shape
-        groups = ctx.groups
+        x, z, mask, mean, rstd, k, weight, bias, one_s = ctx.saved_tensors
         # Fresh full-size tensors cost page faults on the CPU, about as much as a pass
         # over memory: the masked gradient becomes g, and g * x becomes dx.
         if mask is not None:
@@ -145,21 +182,14 @@ class _GroupNormAct(torch.autograd.Function):
             gz = torch.ops.aten.silu_backward(gy, z)
         s0 = gz.sum((2, 3), keepdim=True)  # sum_hw g        [B, C, 1, 1]
         buf = gz * x
-        t = rstd * (buf.sum((2, 3), keepdim=True) - mean * s0)  # sum_hw g xhat
-        n = h * w * (c // groups)  # elements per group
-        mg1 = _group_sum(k * s0, groups) / n  # group mean of dL/dxhat
-        mg2 = _group_sum(k * t, groups) / n  # group mean of dL/dxhat * xhat
-        # dx = rstd (k g - mg1 - xhat mg2) = (rstd k) g - (rstd^2 mg2) x
-        #      + (mean rstd^2 mg2 - rstd mg1): one pass of two fused multiply-adds
-        r2mg2 = rstd * rstd * mg2
-        dx = torch.addcmul(mean * r2mg2 - rstd * mg1, x, -r2mg2, out=buf)
-        dx.addcmul_(gz, rstd * k)
-        one_s = 1 if scale is None else 1 + scale
-        g_w = (t * one_s).sum(0).view(c)
-        g_b = (s0 * one_s).sum(0).view(c)
-        g_scale = gamma * t + beta * s0 if scale is not None else None
-        g_shift = s0 if ctx.has_shift else None
-        return dx, g_w, g_b, g_scale, g_shift, None, None, None, None
+        # sum_hw g xhat = rstd (sum_hw g x - mean sum_hw g)
+        t = torch.addcmul(buf.sum((2, 3), keepdim=True), mean, s0, value=-1).mul_(rstd)
+        a, b, c = _input_grad_coefficients(s0, t, mean, rstd, k, ctx.groups,
+                                           x.shape[2] * x.shape[3])
+        dx = torch.addcmul(c, x, b, out=buf)  # one pass of two fused multiply-adds
+        dx.addcmul_(gz, a)
+        return (dx, *_param_grads(s0, t, weight, bias, one_s, ctx.has_shift),
+                None, None, None, None, None)
 
 
 def group_norm_act(
@@ -170,6 +200,7 @@ def group_norm_act(
     shift: Tensor | None = None,
     silu: bool = True,
     dropout: float = 0.0,
+    scale_kept: bool = True,
 ) -> Tensor:
     """``dropout(silu(norm(x) * (1 + scale) + shift))`` in one fused autograd node.
 
@@ -180,6 +211,9 @@ def group_norm_act(
             Dhariwal 2021); ``scale=None`` means a factor of 1, ``shift=None`` means 0.
         silu: apply SiLU (``False``: the normalised, conditioned features themselves).
         dropout: inverted-dropout rate applied last (0 in eval mode).
+        scale_kept: scale the kept elements by ``1 / (1 - dropout_rate(dropout))``
+            (inverted dropout). ``False`` leaves them unscaled, for a caller that folds the
+            factor into the next linear layer's weight instead (one pass less each way).
 
     Returns:
         ``[B, C, H, W]``, equal to the reference ops up to float rounding (dropout masks
@@ -188,4 +222,4 @@ def group_norm_act(
     if not norm.affine:
         raise ValueError("group_norm_act needs an affine GroupNorm")
     return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
-                               norm.eps, silu, float(dropout))
+                               norm.eps, silu, float(dropout), scale_kept)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from difflab.conditioning import TextCond
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
-from difflab.networks.fused import group_norm_act, use_fused
+from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
 from difflab.networks.upsample import upsample_conv3x3
 
 __all__ = ["UNet", "UNetConfig", "group_count"]
@@ -210,12 +210,18 @@ class ResBlock(nn.Module):
         e = self.emb_proj(emb)[:, :, None, None]  # [B, out or 2*out, 1, 1]
         if use_fused(h):  # same math in fewer passes (difflab/networks/fused.py)
             p = self.dropout.p if self.training else 0.0
+            # Inverted dropout's 1 / (1 - p) goes into conv2's weight (a linear map of the
+            # dropped features), not over every kept element.
+            kw = {"dropout": p, "scale_kept": False}
             if self.scale_shift:
                 scale, shift = e.chunk(2, dim=1)
-                h = group_norm_act(h, self.norm2, scale=scale, shift=shift, dropout=p)
+                h = group_norm_act(h, self.norm2, scale=scale, shift=shift, **kw)
             else:
-                h = group_norm_act(h + e, self.norm2, dropout=p)
-            return self.skip(x) + self.conv2(h)
+                h = group_norm_act(h + e, self.norm2, **kw)
+            weight = self.conv2.weight
+            if p > 0:
+                weight = weight * (1.0 / (1.0 - dropout_rate(p)))
+            return self.skip(x) + F.conv2d(h, weight, self.conv2.bias, padding=1)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)  # [B, out, 1, 1] each
             h = self.norm2(h) * (1 + scale) + shift
