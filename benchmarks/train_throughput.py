@@ -52,6 +52,9 @@ CONFIGS = {
                   time_conditioning="add"),
     "cpu": dict(base_channels=32, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
                 attention_resolutions=[16], dropout=0.1, num_heads=1),
+    # a smoke test of the script itself (tests/test_benchmarks.py), at 8x8
+    "tiny": dict(base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                 attention_resolutions=[4], dropout=0.1, num_heads=1),
 }
 
 

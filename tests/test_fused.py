@@ -125,7 +125,7 @@ def test_use_fused_only_in_eager_cpu_float():
 
 @pytest.mark.parametrize("conditioning", ["add", "scale_shift"])
 def test_unet_fused_path_matches_reference_path(conditioning, monkeypatch):
-    """Covers the fused norms from 8x8 up and PyTorch's below (unet.MIN_FUSED_PIXELS)."""
+    """Covers the fused norms from 16x16 up and PyTorch's below (unet.MIN_FUSED_PIXELS)."""
     torch.manual_seed(0)
     cfg = UNetConfig(base_channels=16, num_res_blocks=1, num_heads=2, image_size=8,
                      channel_mult=(1, 2), attention_resolutions=(4, 8),

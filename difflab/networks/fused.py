@@ -3,7 +3,7 @@
 The U-Net's normalisation chains (Wu & He 2018, "Group Normalization"; the adaptive
 GroupNorm ``norm(h) * (1 + scale) + shift`` of Nichol & Dhariwal 2021; SiLU, Elfwing et al.
 2018; inverted dropout, Srivastava et al. 2014) as one autograd node, for the CPU, where
-PyTorch's channels-last GroupNorm kernels are slow (forward up to 7x, backward up to 5x
+PyTorch's channels-last GroupNorm kernels are slow (forward up to 6.7x, backward up to 4.5x
 slower than on contiguous tensors of the same shape, ``benchmarks/fused_ops.py``):
 
 * forward: per-channel sums ``sum x`` and ``sum x^2`` over the pixels (two reductions that

@@ -29,9 +29,9 @@ from difflab.networks.upsample import upsample_conv3x3
 __all__ = ["UNet", "UNetConfig", "group_count"]
 
 TIME_CONDITIONING_MODES = ("add", "scale_shift")
-#: Smaller feature maps (H * W) keep PyTorch's GroupNorm in :func:`norm_act`: below 8x8 its
-#: kernel is faster than the fused node (``benchmarks/fused_ops.py``).
-MIN_FUSED_PIXELS = 64
+#: Smaller feature maps (H * W) keep PyTorch's GroupNorm in :func:`norm_act`: below 16x16 its
+#: kernel is as fast as the fused node or faster (``benchmarks/fused_ops.py``).
+MIN_FUSED_PIXELS = 256
 
 
 @dataclass
