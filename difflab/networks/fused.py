@@ -23,7 +23,7 @@ as PyTorch's channels-last kernel does. The math is the reference ops' (tests/te
 checks values and gradients against them in float64 and float32).
 
 Dropout masks compare 16-bit words of PyTorch's global generator with a threshold (four
-words per 64-bit draw: about six times cheaper than ``bernoulli_`` on the CPU): an element
+words per 64-bit draw, which take about a quarter of ``bernoulli_``'s time on the CPU): an element
 is dropped with probability ``p_hat = round(p * 2**16) / 2**16``, within 7.7e-6 of ``p``, and
 kept ones are scaled by ``1 / (1 - p_hat)``, so the mask's mean is exactly 1 as inverted
 dropout requires.

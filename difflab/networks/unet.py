@@ -24,7 +24,7 @@ from difflab.conditioning import TextCond
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
-from difflab.networks.upsample import upsample_conv3x3
+from difflab.networks.upsample import is_channels_last, upsample_conv3x3
 
 __all__ = ["UNet", "UNetConfig", "group_count"]
 
@@ -252,7 +252,7 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         d = c // self.num_heads
         qkv = self.qkv(norm_act(x, self.norm, silu=False))  # [B, 3C, H, W]
-        if _channels_last(qkv):
+        if is_channels_last(qkv):
             # Memory is [B, HW, 3, heads, d]: q, k, v are strided views with unit stride
             # along d (what the attention kernels need), and the output goes back to
             # channels-last as a view when there is one head; no layout copies.
@@ -266,11 +266,6 @@ class AttentionBlock(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
-
-
-def _channels_last(t: Tensor) -> bool:
-    """Whether ``t`` is laid out channels-last (and not also plainly contiguous)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 class Downsample(nn.Module):

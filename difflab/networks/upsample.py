@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["subpixel_kernel", "upsample_conv3x3"]
+__all__ = ["is_channels_last", "subpixel_kernel", "upsample_conv3x3"]
 
 #: T[a, p, k]: which 3x3 taps k fall on low-resolution offset p for output parity a.
 _TAPS = ((((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))))
@@ -84,11 +84,13 @@ class _Interleave(torch.autograd.Function):
         return gy, None, None
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether 4-D ``t`` is laid out channels-last (and not also plainly contiguous)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _memory_format(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
