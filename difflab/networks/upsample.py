@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["is_channels_last", "subpixel_kernel", "upsample_conv3x3"]
+__all__ = ["interleave_phases", "is_channels_last", "subpixel_kernel", "upsample_conv3x3"]
 
 #: T[a, p, k]: which 3x3 taps k fall on low-resolution offset p for output parity a.
 _TAPS = ((((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))))
@@ -112,4 +112,17 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if x.is_contiguous(memory_format=torch.channels_last):
         k = k.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, k, None if bias is None else bias.repeat(4), padding=1)
+    if torch.compiler.is_compiling():
+        return interleave_phases(y, h, w)
     return _Interleave.apply(y, h, w)
+
+
+def interleave_phases(y: Tensor, h: int, w: int) -> Tensor:
+    """Phases ``[B, 4C, H+1, W+1]`` -> image ``[B, C, 2H, 2W]`` with differentiable slicing
+    and stacking: what :func:`upsample_conv3x3` uses under ``torch.compile``, which traces
+    these ops (and fuses the copies) but not the strided view of :class:`_Interleave`."""
+    c = y.shape[1] // 4
+    p = [y[:, i * c:(i + 1) * c, a:a + h, b:b + w]
+         for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))]
+    rows = [torch.stack((p[0], p[1]), dim=-1), torch.stack((p[2], p[3]), dim=-1)]
+    return torch.stack(rows, dim=-3).reshape(y.shape[0], c, 2 * h, 2 * w)
