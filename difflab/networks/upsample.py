@@ -32,17 +32,18 @@ from torch import Tensor
 
 __all__ = ["interleave_phases", "is_channels_last", "subpixel_kernel", "upsample_conv3x3"]
 
-#: T[a, p, k]: which 3x3 taps k fall on low-resolution offset p for output parity a.
-_TAPS = ((((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))))
+def _fold(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The 3 taps of ``w`` along ``dim`` as 2 taps for each output parity: ``T_0 w`` =
+    (tap 0, taps 1 + 2) and ``T_1 w`` = (taps 0 + 1, tap 2)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
 
 
 def subpixel_kernel(weight: Tensor) -> Tensor:
     """``[O, I, 3, 3]`` -> ``[4 O, I, 2, 2]``: the 2x2 kernels of the four output phases,
-    phase-major (channel ``(2 a + b) * O + o``)."""
-    taps = torch.tensor(_TAPS, dtype=weight.dtype, device=weight.device)
-    k = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
-    o, i = weight.shape[:2]
-    return k.reshape(4 * o, i, 2, 2)
+    phase-major (channel ``(2 a + b) * O + o``). Built from slices and sums of ``weight``
+    (no constant tensor, so no host-to-device copy on each call)."""
+    return torch.cat([k for rows in _fold(weight, 2) for k in _fold(rows, 3)])
 
 
 def _phase_view(y: Tensor, h: int, w: int) -> Tensor:
