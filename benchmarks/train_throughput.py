@@ -19,7 +19,8 @@ By default both networks get the same options (like for like). ``--diffusers-def
 diffusers as its train_unconditional example does (eager, fp32) whatever difflab's
 ``--precision``/``--compile``; ``--ablate-fused`` adds, interleaved with the others, difflab's
 step with the plain PyTorch ops instead of its fused CPU GroupNorm/SiLU/dropout nodes;
-``--ablate-memory`` adds difflab with glibc's default malloc thresholds and diffusers with
+``--ablate-native`` adds difflab with its fused nodes on PyTorch ops instead of the native
+kernels (``DIFFLAB_NATIVE=0``, :mod:`difflab.networks.native`); ``--ablate-memory`` adds difflab with glibc's default malloc thresholds and diffusers with
 difflab's (``difflab.training.memory.reuse_freed_memory``).
 
 On CUDA the table also gives model FLOPs utilisation: FLOPs of one training step (forward
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab.data import ImageData
-from difflab.networks import unet
+from difflab.networks import native, unet
 from difflab.training import TrainConfig, Trainer
 from difflab.training.memory import reuse_freed_memory
 
@@ -177,6 +179,10 @@ def build_case(name: str, size: int, args: argparse.Namespace) -> Case:
         return difflab_case(arch, size, args.batch, args)
     if name == "difflab-plain":
         return unfused(difflab_case(arch, size, args.batch, args))
+    if name == "difflab-ops":
+        os.environ["DIFFLAB_NATIVE"] = "0"  # this worker process only
+        case = difflab_case(arch, size, args.batch, args)
+        return Case(f"{case.name} (fused, no native kernels)", case.step, case.params)
     if name == "difflab-glibc":
         case = difflab_case(arch, size, args.batch, args, reuse_memory=False)
         return Case(f"{case.name} (glibc defaults)", case.step, case.params)
@@ -191,6 +197,8 @@ def build_case(name: str, size: int, args: argparse.Namespace) -> Case:
 
 def case_names(args: argparse.Namespace) -> list[str]:
     names = ["difflab"]
+    if args.ablate_native:
+        names.append("difflab-ops")
     if args.ablate_fused:
         names.append("difflab-plain")
     if args.ablate_memory:
@@ -325,6 +333,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ablate-fused", action="store_true",
                    help="also time difflab with the plain PyTorch ops instead of its fused "
                         "CPU GroupNorm/SiLU/dropout node")
+    p.add_argument("--ablate-native", action="store_true",
+                   help="also time difflab's fused nodes on PyTorch ops instead of the "
+                        "native CPU kernels")
     p.add_argument("--ablate-memory", action="store_true",
                    help="also time difflab with glibc's default malloc thresholds and "
                         "diffusers with difflab's (reuse_freed_memory)")
@@ -352,7 +363,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"# {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, config "
           f"{args.config}, {args.precision}{', compiled' if args.compile else ''}, "
-          f"{args.clock} clock, one process per network")
+          f"{args.clock} clock, one process per network, native CPU kernels "
+          f"{'on' if native.library() is not None else 'off'}")
     print("| network | px | batch | params | ms/step (min-max) | images/s | vs diffusers "
           "| MFU |\n|---|---|---|---|---|---|---|---|")
     for size in args.sizes:

@@ -13,10 +13,12 @@ def test_train_throughput_prints_a_table_with_a_ratio_column():
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--config", "tiny", "--sizes", "8", "--batch", "2",
          "--warmup", "1", "--steps", "1", "--repeats", "2", "--threads", "1",
-         "--clock", "cpu", "--ablate-fused"],
+         "--clock", "cpu", "--ablate-fused", "--ablate-native"],
         capture_output=True, text=True, check=True, timeout=300)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| difflab")]
-    assert [r.split(" | ")[0] for r in rows] == ["| difflab", "| difflab (plain ops)"]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| difflab", "| difflab (fused, no native kernels)", "| difflab (plain ops)"]
+    assert "native CPU kernels on" in out.stdout.splitlines()[0]
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert cells[1] == "8" and cells[2] == "2" and float(cells[5]) > 0  # px, batch, img/s

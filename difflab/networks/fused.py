@@ -22,6 +22,10 @@ Statistics use ``E[x^2] - mu^2`` with float32 sums (float64 for the per-group co
 as PyTorch's channels-last kernel does. The math is the reference ops' (tests/test_fused.py
 checks values and gradients against them in float64 and float32).
 
+float32 tensors take the native kernels of :mod:`difflab.networks.fused_native` when
+they are available (one pass over memory per step, built with the machine's C compiler),
+and these PyTorch ops otherwise.
+
 Dropout masks compare 16-bit words of PyTorch's global generator with a threshold (four
 words per 64-bit draw, which take about a quarter of ``bernoulli_``'s time on the CPU): an element
 is dropped with probability ``p_hat = round(p * 2**16) / 2**16``, within 7.7e-6 of ``p``, and
@@ -34,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from difflab.networks.fused_native import group_norm_act_native, native_dropout_mask, supports
 
 __all__ = ["dropout_mask", "dropout_rate", "group_norm_act", "use_fused"]
 
@@ -67,7 +73,7 @@ def _keep_mask(like: Tensor, p: float, scale: float) -> Tensor:
         words = words.as_strided(like.shape, like.stride())
     else:
         words = words.view(like.shape)
-    keep = words >= round(dropout_rate(p) * _WORD) - _WORD // 2  # P(drop) = k / 2**16
+    keep = words >= _threshold(p) - _WORD // 2  # P(drop) = k / 2**16
     # a float mask: multiplying by it is several times faster than masked_fill_ on the CPU
     mask = keep.to(like.dtype)
     return mask if scale == 1.0 else mask.mul_(scale)
@@ -78,8 +84,18 @@ def dropout_mask(like: Tensor, p: float) -> Tensor:
 
     Each element is 0 with probability ``p_hat = dropout_rate(p)`` (within 7.7e-6 of
     ``p``) and ``1 / (1 - p_hat)`` otherwise, independently. :func:`group_norm_act` draws
-    the same mask from the same RNG state."""
-    return _keep_mask(like, p, 1.0 / (1.0 - dropout_rate(p)))
+    the same mask from the same RNG state, for a ``like`` of its input's dtype and layout
+    (float32 masks come from the native kernels' generator when those are active)."""
+    scale = 1.0 / (1.0 - dropout_rate(p))
+    lib = supports(like)
+    if lib is not None:
+        return native_dropout_mask(lib, like, _threshold(p), scale)
+    return _keep_mask(like, p, scale)
+
+
+def _threshold(p: float) -> int:
+    """Dropped iff a uniform 16-bit word is below this: ``dropout_rate(p) * 2**16``."""
+    return round(dropout_rate(p) * _WORD)
 
 
 def _dense(t: Tensor) -> bool:
@@ -221,5 +237,9 @@ def group_norm_act(
     """
     if not norm.affine:
         raise ValueError("group_norm_act needs an affine GroupNorm")
+    if supports(x) is not None:
+        keep = 1.0 / (1.0 - dropout_rate(dropout)) if scale_kept and dropout > 0 else 1.0
+        return group_norm_act_native(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
+                                     norm.eps, silu, _threshold(dropout), keep)
     return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
                                norm.eps, silu, float(dropout), scale_kept)

@@ -24,13 +24,15 @@ from difflab.conditioning import TextCond
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
+from difflab.networks.fused_native import supports
 from difflab.networks.upsample import is_channels_last, upsample_conv3x3
 
 __all__ = ["UNet", "UNetConfig", "group_count"]
 
 TIME_CONDITIONING_MODES = ("add", "scale_shift")
-#: Smaller feature maps (H * W) keep PyTorch's GroupNorm in :func:`norm_act`: below 16x16 its
-#: kernel is as fast as the fused node or faster (``benchmarks/fused_ops.py``).
+#: Without the native kernels, smaller feature maps (H * W) keep PyTorch's GroupNorm in
+#: :func:`norm_act`: below 16x16 its kernel is as fast as the PyTorch-ops node or faster
+#: (``benchmarks/fused_ops.py``). The native node is faster at every size.
 MIN_FUSED_PIXELS = 256
 
 
@@ -164,7 +166,8 @@ def group_count(channels: int, max_groups: int = 32) -> int:
 def norm_act(x: Tensor, norm: nn.GroupNorm, silu: bool = True) -> Tensor:
     """``silu(norm(x))`` (``norm(x)`` if not ``silu``): one fused node on the CPU
     (:func:`~difflab.networks.fused.group_norm_act`), the PyTorch ops elsewhere."""
-    if use_fused(x) and x.shape[-2] * x.shape[-1] >= MIN_FUSED_PIXELS:
+    if use_fused(x) and (supports(x) is not None
+                         or x.shape[-2] * x.shape[-1] >= MIN_FUSED_PIXELS):
         return group_norm_act(x, norm, silu=silu)
     return F.silu(norm(x)) if silu else norm(x)
 
