@@ -20,8 +20,9 @@ diffusers as its train_unconditional example does (eager, fp32) whatever difflab
 ``--precision``/``--compile``; ``--ablate-fused`` adds, interleaved with the others, difflab's
 step with the plain PyTorch ops instead of its fused CPU GroupNorm/SiLU/dropout nodes;
 ``--ablate-native`` adds difflab with its fused nodes on PyTorch ops instead of the native
-kernels (``DIFFLAB_NATIVE=0``, :mod:`difflab.networks.native`); ``--ablate-memory`` adds difflab with glibc's default malloc thresholds and diffusers with
-difflab's (``difflab.training.memory.reuse_freed_memory``).
+kernels (``DIFFLAB_NATIVE=0``, :mod:`difflab.networks.native`); ``--ablate-memory`` adds
+difflab with glibc's default malloc thresholds and diffusers with difflab's
+(``difflab.training.memory.reuse_freed_memory``).
 
 On CUDA the table also gives model FLOPs utilisation: FLOPs of one training step (forward
 and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``) times steps per
