@@ -93,9 +93,9 @@ INLINE float grad_z(float g, float z, int silu) {
 
 /* channels-last: pixel rows [r0, r1) of sample b into acc[2][C] */
 INLINE void sums_cl(const float *gy, const float *x, const float *a, const float *o,
-                    int64_t C, int64_t P, int64_t b, int64_t r0, int64_t r1, double *acc,
-                    int grad, int silu, int masked, uint32_t seed, uint32_t thresh,
-                    float scale) {
+                    float *gz, int64_t C, int64_t P, int64_t b, int64_t r0, int64_t r1,
+                    double *acc, int grad, int silu, int masked, uint32_t seed,
+                    uint32_t thresh, float scale) {
     float su[C], sv[C];
     const float *ab = a + b * C, *ob = o + b * C;
     for (int64_t c = 0; c < 2 * C; c++) acc[c] = 0.0;
@@ -112,6 +112,7 @@ INLINE void sums_cl(const float *gy, const float *x, const float *a, const float
                     u = gr[c];
                     if (masked) u *= keep((uint32_t)(base + c), seed, thresh, scale);
                     u = grad_z(u, ab[c] * xr[c] + ob[c], silu);
+                    gz[base + c] = u;
                 }
                 su[c] += u;
                 sv[c] += u * xr[c];
@@ -126,8 +127,8 @@ INLINE void sums_cl(const float *gy, const float *x, const float *a, const float
 
 /* contiguous: channels [r0, r1) of sample b into out[2][B][C] */
 INLINE void sums_nc(const float *gy, const float *x, const float *a, const float *o,
-                    int64_t B, int64_t C, int64_t P, int64_t b, int64_t r0, int64_t r1,
-                    double *out, int grad, int silu, int masked, uint32_t seed,
+                    float *gz, int64_t B, int64_t C, int64_t P, int64_t b, int64_t r0,
+                    int64_t r1, double *out, int grad, int silu, int masked, uint32_t seed,
                     uint32_t thresh, float scale) {
     for (int64_t c = r0; c < r1; c++) {
         int64_t row = b * C + c;
@@ -144,6 +145,7 @@ INLINE void sums_nc(const float *gy, const float *x, const float *a, const float
                     u = gr[p];
                     if (masked) u *= keep((uint32_t)(row * P + p), seed, thresh, scale);
                     u = grad_z(u, aa * xr[p] + oo, silu);
+                    gz[row * P + p] = u;
                 }
                 su += u;
                 sv += u * xr[p];
@@ -156,21 +158,23 @@ INLINE void sums_nc(const float *gy, const float *x, const float *a, const float
     }
 }
 
-/* out[2][B][C] (float64); channels-last tasks write partial sums into part[task][2][C] */
+/* out[2][B][C] (float64); channels-last tasks write partial sums into part[task][2][C].
+ * With GRAD, gz is also written out (for the input-gradient pass). */
 #define DEFINE_SUMS(NAME, CL, GRAD, SILU, MASKED)                                         \
     static void NAME(const float *gy, const float *x, const float *a, const float *o,      \
-                     int64_t B, int64_t C, int64_t P, uint32_t seed, uint32_t thresh,      \
-                     float scale, int64_t split, double *part, double *out, int nt) {      \
+                     float *gz, int64_t B, int64_t C, int64_t P, uint32_t seed,            \
+                     uint32_t thresh, float scale, int64_t split, double *part,            \
+                     double *out, int nt) {                                                \
         int64_t rows = CL ? P : C;                                                         \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
         for (int64_t task = 0; task < B * split; task++) {                                 \
             TASK_BOUNDS                                                                    \
             if (CL)                                                                        \
-                sums_cl(gy, x, a, o, C, P, b, r0, r1, part + task * 2 * C, GRAD, SILU,     \
+                sums_cl(gy, x, a, o, gz, C, P, b, r0, r1, part + task * 2 * C, GRAD, SILU, \
                         MASKED, seed, thresh, scale);                                      \
             else                                                                           \
-                sums_nc(gy, x, a, o, B, C, P, b, r0, r1, out, GRAD, SILU, MASKED, seed,    \
-                        thresh, scale);                                                    \
+                sums_nc(gy, x, a, o, gz, B, C, P, b, r0, r1, out, GRAD, SILU, MASKED,      \
+                        seed, thresh, scale);                                              \
         }                                                                                  \
         if (CL) reduce_split(part, out, B, C, split);                                      \
     }
@@ -206,27 +210,20 @@ INLINE void forward_rows(const float *x, const float *a, const float *o, float *
     }
 }
 
-/* dx = A gz + Bx x + Cx over rows [r0, r1) of sample b */
-INLINE void grad_input_rows(const float *gy, const float *x, const float *a, const float *o,
-                            const float *ca, const float *cb, const float *cc, float *dx,
-                            int64_t C, int64_t P, int64_t b, int64_t r0, int64_t r1, int cl,
-                            int silu, int masked, uint32_t seed, uint32_t thresh,
-                            float scale) {
+/* g = A g + Bx x + Cx in place over rows [r0, r1) of sample b: g holds gz, then dx */
+INLINE void grad_input_rows(const float *x, const float *ca, const float *cb,
+                            const float *cc, float *g, int64_t C, int64_t P, int64_t b,
+                            int64_t r0, int64_t r1, int cl) {
     int64_t k = b * C;
-    const float *ab = a + k, *ob = o + k, *A = ca + k, *Bx = cb + k, *Cx = cc + k;
+    const float *A = ca + k, *Bx = cb + k, *Cx = cc + k;
     for (int64_t r = r0; r < r1; r++) {
         int64_t len = cl ? C : P, base = cl ? (b * P + r) * C : (b * C + r) * P;
-        const float *xr = x + base, *gr = gy + base;
-        float *dr = dx + base;
-        float a1 = 0.0f, o1 = 0.0f, A1 = 0.0f, B1 = 0.0f, C1 = 0.0f;
-        if (!cl) { a1 = ab[r]; o1 = ob[r]; A1 = A[r]; B1 = Bx[r]; C1 = Cx[r]; }
+        const float *xr = x + base;
+        float *gr = g + base;
+        float A1 = cl ? 0.0f : A[r], B1 = cl ? 0.0f : Bx[r], C1 = cl ? 0.0f : Cx[r];
 #pragma omp simd
-        for (int64_t j = 0; j < len; j++) {
-            float g = gr[j];
-            if (masked) g *= keep((uint32_t)(base + j), seed, thresh, scale);
-            g = grad_z(g, (cl ? ab[j] : a1) * xr[j] + (cl ? ob[j] : o1), silu);
-            dr[j] = (cl ? A[j] : A1) * g + (cl ? Bx[j] : B1) * xr[j] + (cl ? Cx[j] : C1);
-        }
+        for (int64_t j = 0; j < len; j++)
+            gr[j] = (cl ? A[j] : A1) * gr[j] + (cl ? Bx[j] : B1) * xr[j] + (cl ? Cx[j] : C1);
     }
 }
 
@@ -245,17 +242,14 @@ INLINE void grad_input_rows(const float *gy, const float *x, const float *a, con
         }                                                                                  \
     }
 
-#define DEFINE_GRAD_INPUT(NAME, CL, SILU, MASKED)                                         \
-    static void NAME(const float *gy, const float *x, const float *a, const float *o,      \
-                     const float *ca, const float *cb, const float *cc, float *dx,         \
-                     int64_t B, int64_t C, int64_t P, uint32_t seed, uint32_t thresh,      \
-                     float scale, int64_t split, int nt) {                                 \
+#define DEFINE_GRAD_INPUT(NAME, CL)                                                       \
+    static void NAME(const float *x, const float *ca, const float *cb, const float *cc,    \
+                     float *g, int64_t B, int64_t C, int64_t P, int64_t split, int nt) {   \
         int64_t rows = CL ? P : C;                                                         \
         _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
         for (int64_t task = 0; task < B * split; task++) {                                 \
             TASK_BOUNDS                                                                    \
-            grad_input_rows(gy, x, a, o, ca, cb, cc, dx, C, P, b, r0, r1, CL, SILU,        \
-                            MASKED, seed, thresh, scale);                                  \
+            grad_input_rows(x, ca, cb, cc, g, C, P, b, r0, r1, CL);                        \
         }                                                                                  \
     }
 
@@ -268,7 +262,8 @@ INLINE void grad_input_rows(const float *gy, const float *x, const float *a, con
     DEF(PREFIX##_nc_mask, 0, 0, 1) DEF(PREFIX##_nc, 0, 0, 0)
 
 FOR_EACH_VARIANT(DEFINE_FORWARD, fwd)
-FOR_EACH_VARIANT(DEFINE_GRAD_INPUT, gin)
+DEFINE_GRAD_INPUT(gin_cl, 1)
+DEFINE_GRAD_INPUT(gin_nc, 0)
 FOR_EACH_VARIANT(DEFINE_GRAD_SUMS, gsum)
 DEFINE_SUMS(stats_cl, 1, 0, 0, 0)
 DEFINE_SUMS(stats_nc, 0, 0, 0, 0)
@@ -290,7 +285,7 @@ static int moments(const float *x, int64_t B, int64_t C, int64_t P, int cl, int6
     double *sums = malloc(sizeof(double) * 2 * B * C);
     double *part = cl ? malloc(sizeof(double) * 2 * B * split * C) : NULL;
     if (!sums || (cl && !part)) { free(sums); free(part); return -1; }
-    (cl ? stats_cl : stats_nc)(x, x, x, x, B, C, P, 0, 0, 0.0f, split, part, sums, nt);
+    (cl ? stats_cl : stats_nc)(x, x, x, x, NULL, B, C, P, 0, 0, 0.0f, split, part, sums, nt);
     int64_t cg = C / G;
     double n = (double)(cg * P);
     for (int64_t b = 0; b < B; b++)
@@ -366,8 +361,9 @@ int gn_act_backward(const float *gy, const float *x, const float *stats, const f
         free(sums); free(part); free(coef); free(pg);
         return -1;
     }
-    PICK(gsum, cl, silu, masked)(gy, x, a, o, B, C, P, seed, thresh, keep_scale, split, part,
-                                 sums, nt);
+    /* dx first holds gz */
+    PICK(gsum, cl, silu, masked)(gy, x, a, o, dx, B, C, P, seed, thresh, keep_scale, split,
+                                 part, sums, nt);
     cond_t sc = {scale, sc0, sc1};
     int64_t cg = C / G;
     for (int64_t b = 0; b < B; b++)
@@ -394,8 +390,7 @@ int gn_act_backward(const float *gy, const float *x, const float *stats, const f
                 coef[2 * B * C + i] = (float)(r * (mean[i] * r * m2 - m1));
             }
         }
-    PICK(gin, cl, silu, masked)(gy, x, a, o, coef, coef + B * C, coef + 2 * B * C, dx, B, C, P,
-                                seed, thresh, keep_scale, split, nt);
+    (cl ? gin_cl : gin_nc)(x, coef, coef + B * C, coef + 2 * B * C, dx, B, C, P, split, nt);
     for (int64_t c = 0; c < C; c++) {
         dweight[c] = (float)pg[c];
         dbias[c] = (float)pg[C + c];
