@@ -1,5 +1,8 @@
 """CPU cost of the U-Net's norm chains: PyTorch ops vs difflab's fused node, and why.
 
+The fused node runs on the native kernels (``difflab.networks.native``) or, with them off,
+on PyTorch ops; the first table times both.
+
 Forward + backward of ``dropout(silu(GroupNorm(x) * (1 + scale) + shift))`` (the ResBlock's
 second norm, time-conditioned) and of ``silu(GroupNorm(x))`` (the first norm, and the output
 norm), on channels-last float32 activations of the shapes the ``cpu`` configuration of
@@ -23,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.networks import native
 from difflab.networks.fused import group_norm_act
 from difflab.networks.upsample import upsample_conv3x3
 from difflab.training.memory import reuse_freed_memory
 
-SHAPES = [(32, 32), (64, 16), (64, 8), (128, 8), (128, 16), (32, 64), (64, 32)]  # (C, H = W)
+SHAPES = [(32, 32), (64, 16), (64, 8), (64, 4), (128, 8), (128, 16), (32, 64),
+          (64, 32)]  # (C, H = W)
 
 
 def timed(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -49,15 +54,32 @@ def row(c: int, h: int, batch: int, p: float, repeats: int) -> str:
     norm = nn.GroupNorm(min(32, c // 2), c)
     scale, shift = (torch.randn(batch, c, 1, 1, requires_grad=True) for _ in range(2))
     g = torch.randn_like(x)
+
+    def without_native(f: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with native.disabled():
+                f()
+        return run
+
+    def plain_fused() -> None:
+        group_norm_act(x, norm).backward(g)
+
+    def cond_fused() -> None:
+        group_norm_act(x, norm, scale=scale, shift=shift, dropout=p).backward(g)
+
     ms = timed({
         "plain": lambda: F.silu(norm(x)).backward(g),
-        "plain_fused": lambda: group_norm_act(x, norm).backward(g),
+        "plain_ops": without_native(plain_fused),
+        "plain_native": plain_fused,
         "cond": lambda: F.dropout(F.silu(norm(x) * (1 + scale) + shift), p, True).backward(g),
-        "cond_fused": lambda: group_norm_act(x, norm, scale=scale, shift=shift,
-                                              dropout=p).backward(g),
+        "cond_ops": without_native(cond_fused),
+        "cond_native": cond_fused,
     }, repeats)
-    return (f"| {batch}x{c}x{h}x{h} | {ms['plain']:.1f} | {ms['plain_fused']:.1f} | "
-            f"{ms['cond']:.1f} | {ms['cond_fused']:.1f} | {ms['cond'] / ms['cond_fused']:.2f}x |")
+    cells = [ms[k] for k in ("plain", "plain_ops", "plain_native", "cond", "cond_ops",
+                             "cond_native")]
+    return (f"| {batch}x{c}x{h}x{h} | " + " | ".join(f"{v:.2f}" for v in cells)
+            + f" | {ms['plain'] / ms['plain_native']:.2f}x"
+            f" | {ms['cond'] / ms['cond_native']:.2f}x |")
 
 
 def native_row(c: int, h: int, batch: int, repeats: int) -> str:
@@ -108,8 +130,11 @@ def main() -> None:
     torch.manual_seed(0)
     reuse_freed_memory()
     print(f"# CPU, torch {torch.__version__}, 1 thread, ms of forward + backward (CPU time)")
-    print("| activation | GN+SiLU | fused | GN+scale-shift+SiLU+dropout | fused | speed-up |")
-    print("|---|---|---|---|---|---|")
+    state = "on" if native.library() is not None else "off (PyTorch-ops node twice)"
+    print(f"# native kernels: {state}")
+    print("| activation | GN+SiLU | fused, ops | fused, native | GN+scale-shift+SiLU+dropout "
+          "| fused, ops | fused, native | native speed-up (plain) | native speed-up (cond) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c, h in SHAPES:
         print(row(c, h, args.batch, args.dropout, args.repeats), flush=True)
     print("\n# PyTorch's GroupNorm kernels alone, ms (CPU time): channels-last vs contiguous")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -164,3 +166,21 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert native._cache_dir() == tmp_path / "difflab" / "native"
     assert os.path.isabs(native._cache_dir())
+
+
+def test_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkeypatch, tmp_path,
+                                                                      lib):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DIFFLAB_NATIVE_CACHE", str(blocker / "native"))
+    path = native.build()
+    assert path.exists() and path.parent.name.startswith("difflab-native-")
+
+
+def test_module_entry_point_reports_the_state():
+    cmd = [sys.executable, "-m", "difflab.networks.native"]
+    on = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert on.returncode == 0 and on.stdout.startswith("native CPU kernels: on (")
+    off = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DIFFLAB_NATIVE": "0"})
+    assert off.returncode == 1 and "DIFFLAB_NATIVE=0" in off.stdout

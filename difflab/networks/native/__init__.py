@@ -14,7 +14,8 @@ Environment:
 
 * ``DIFFLAB_NATIVE=0`` turns the kernels off.
 * ``DIFFLAB_NATIVE_CACHE`` sets the build folder. The default is
-  ``$XDG_CACHE_HOME/difflab/native``, or ``~/.cache/difflab/native``.
+  ``$XDG_CACHE_HOME/difflab/native``, or ``~/.cache/difflab/native``. If that folder
+  cannot be created, a folder under the system's temporary directory is used.
 * ``CC`` names the compiler. The default is ``cc``, then ``gcc``.
 """
 
@@ -102,7 +103,17 @@ def build(out_dir: Path | None = None) -> Path:
     target = folder / f"gn_act-{_build_key(cc)}.so"
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if out_dir is not None:
+            raise
+        # e.g. a read-only home: a per-user folder under the temporary directory
+        folder = Path(tempfile.gettempdir()) / f"difflab-native-{os.getuid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / target.name
+        if target.exists():
+            return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:

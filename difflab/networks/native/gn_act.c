@@ -4,8 +4,12 @@
  *   z = a[b,c] x + o[b,c],   y = m silu(z)   (or y = m z),   m = dropout multiplier,
  * where a and o fold the group statistics, the norm's affine and the time conditioning.
  * Its backward needs gz = dL/dz = gy m silu'(z), then dx = A gz + B x + C per (b, c).
- * Each kernel is one pass over memory. z, m and silu'(z) are recomputed from x and a seed
- * rather than stored: on two cores, recomputing costs less than writing and reading back.
+ * Two passes each way:
+ *   forward: per-channel sums of x and x^2, then y;
+ *   backward: gz (written into dx's buffer) with its per-channel sums of gz and gz x, then
+ *   dx in place.
+ * z, m and silu'(z) are not stored by the forward: the backward recomputes them from x
+ * and the dropout seed, which costs less than writing them and reading them back.
  *
  * Layouts: [B, C, P] (P = H W pixels), either channels-last (element (b, c, p) at offset
  * (b P + p) C + c) or contiguous (at (b C + c) P + p).
