@@ -80,6 +80,9 @@ def test_only_dense_float32_cpu_tensors_take_the_kernels(lib):
     assert supports(x.contiguous(memory_format=torch.channels_last)) is lib
     assert supports(x.double()) is None
     assert supports(x[:, :, ::2]) is None  # strided: the PyTorch-ops node
+    assert supports(x, torch.ones(4), torch.zeros(4)) is lib
+    assert supports(x, torch.ones(4, dtype=torch.float64), None) is None  # read as float32
+    assert supports(x, None, torch.zeros(4, dtype=torch.float16)) is None
     norm = _norm(4, 2)
     torch.testing.assert_close(group_norm_act(x[:, :, ::2], norm).double(),
                                _reference(x[:, :, ::2], norm), atol=1e-5, rtol=1e-5)
@@ -184,3 +187,11 @@ def test_module_entry_point_reports_the_state():
     off = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "DIFFLAB_NATIVE": "0"})
     assert off.returncode == 1 and "DIFFLAB_NATIVE=0" in off.stdout
+
+
+def test_second_derivatives_are_refused_not_silently_zero(lib):
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    y = group_norm_act(x, _norm(4, 2))
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        g.sum().backward()

@@ -237,7 +237,7 @@ def group_norm_act(
     """
     if not norm.affine:
         raise ValueError("group_norm_act needs an affine GroupNorm")
-    if supports(x) is not None:
+    if supports(x, norm.weight, norm.bias, scale, shift) is not None:
         keep = 1.0 / (1.0 - dropout_rate(dropout)) if scale_kept and dropout > 0 else 1.0
         return group_norm_act_native(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
                                      norm.eps, silu, _threshold(dropout), keep)

@@ -44,12 +44,18 @@ _WORD = 2**16  # dropout threshold resolution (16-bit words)
 _MIN_TASKS = 32
 
 
-def supports(x: Tensor) -> ctypes.CDLL | None:
-    """The kernel library if ``x`` can take the native node, else ``None``."""
+def supports(x: Tensor, *params: Tensor | None) -> ctypes.CDLL | None:
+    """The kernel library if ``x`` can take the native node, else ``None``.
+
+    ``params`` (the norm's weight and bias, ``scale``, ``shift``; ``None`` for absent
+    ones) must be float32 CPU tensors too, since the kernels read them as such."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() >= 2**32:
         return None
     if x.dim() == 4 and _layout(x) is None:
         return None
+    for t in params:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return None
     return native.active()
 
 
@@ -100,6 +106,7 @@ class _GroupNormActNative(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, shift, groups, eps, silu, threshold, keep_scale):
         b, c, h, w = x.shape
         cl = _layout(x)
+        weight, bias = weight.contiguous(), bias.contiguous()
         seed = _seed() if threshold > 0 else 0
         # the pass's settings, shared by the forward and the backward kernels
         run = (b, c, h * w, cl, groups)
@@ -115,6 +122,7 @@ class _GroupNormActNative(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels build no graph
     def backward(ctx, gy):
         x, stats, weight, bias, scale = ctx.saved_tensors
         run, flags, has_shift = ctx.config
