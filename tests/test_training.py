@@ -64,6 +64,11 @@ def test_checkpoint_round_trip_gives_same_model_and_samples(tmp_path, digits):
     assert meta["step"] == 3 and meta["class_names"] == [str(i) for i in range(10)]
     for name, a in tr.ema.model.state_dict().items():
         assert torch.equal(a, den.net.state_dict()[name])
+    # both sample in channels-last (the CPU's faster layout), so both compute alike
+    convs = [m.weight for m in den.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    ema_convs = [m.weight for m in tr.ema.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
+                         for w in convs + ema_convs)
     from difflab.parameterization import Denoiser
     ref = Denoiser(tr.ema.model, tr.process, tr.config.prediction)
     labels = torch.arange(4)

@@ -17,10 +17,14 @@ from ..training.checkpoint import load_checkpoint, sub_dict
 
 
 def load_denoiser(path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
-                  clip: bool = True) -> tuple[DenoiserFn, dict[str, Any]]:
+                  clip: bool = True, channels_last: bool = True
+                  ) -> tuple[DenoiserFn, dict[str, Any]]:
     """Load a checkpoint (run folder, checkpoints folder, or step_*.json/.safetensors) and
     return its denoiser (EMA weights by default) in eval mode, and the checkpoint's metadata.
-    With ``clip``, x0_hat is clipped to the data range saved with the checkpoint."""
+    With ``clip``, x0_hat is clipped to the data range saved with the checkpoint. With
+    ``channels_last``, convolution weights are NHWC, so the network computes in that layout
+    whatever the layout of its input (as training does by default; on the CPU the U-Net's
+    forward pass is about 1.4x faster than in NCHW)."""
     tensors, meta = load_checkpoint(path)
     net = build_network(meta["network"]["name"], meta["network"]["config"])
     weights = sub_dict(tensors, "ema" if ema else "model")
@@ -28,6 +32,8 @@ def load_denoiser(path: str | Path, ema: bool = True, device: str | torch.device
         raise ValueError(f"checkpoint {path} has no {'ema' if ema else 'model'} weights")
     net.load_state_dict(weights)
     net.to(device).eval().requires_grad_(False)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # only 4-d weights change
     den: DenoiserFn = Denoiser(net, process_from_config(meta["process"]), meta["prediction"],
                                learned_variance=meta.get("learned_variance", False),
                                sigma_data=meta.get("sigma_data", 0.5))

@@ -130,8 +130,9 @@ class Trainer:
         self.time_sampler = self.objective.time_sampler(self.process)
         self.denoiser = self._denoiser(self.net)
         self.ema = EMA(self.net, c.ema_decay)
-        # The EMA samples like a loaded checkpoint: NCHW weights, user labels checked.
-        self.ema.model.to(memory_format=torch.contiguous_format)
+        # The EMA samples like a loaded checkpoint (cli.loading.load_denoiser): channels-last
+        # weights, user labels checked.
+        self.ema.model.to(memory_format=torch.channels_last)
         set_label_checks(self.ema.model, True)
         # fused: one kernel for all parameters, the same AdamW update (on the CPU foreach
         # falls back to per-tensor ops; benchmarks/README.md)
