@@ -84,14 +84,10 @@ def _check(code: int) -> None:
 def native_dropout_mask(lib: ctypes.CDLL, like: Tensor, threshold: int, scale: float) -> Tensor:
     """Multiplier ``0`` or ``scale`` per element, laid out like ``like`` if it is dense;
     dropped with probability ``threshold / 2**16``; the seed comes from the global RNG."""
-    mask = torch.empty_like(like) if _dense(like) else torch.empty(like.shape)
+    mask = torch.empty_like(like)  # dense: ``like``'s strides, or a suggested layout
     _check(lib.gn_dropout_mask(mask.data_ptr(), mask.numel(), _seed(), threshold, scale,
                                torch.get_num_threads()))
     return mask
-
-
-def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and _layout(t) is not None)
 
 
 def _cond(t: Tensor | None) -> tuple[int, int, int]:
