@@ -195,3 +195,22 @@ def test_second_derivatives_are_refused_not_silently_zero(lib):
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         g.sum().backward()
+
+
+def test_broadcast_conditioning_matches_the_reference(lib):
+    """scale and shift of shape [1, C, 1, 1] apply to every sample (stride 0 in C), and
+    their gradients sum over the batch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    norm = _norm(8, 4)
+    scale = torch.randn(1, 8, 1, 1, requires_grad=True)
+    shift = torch.randn(1, 8, 1, 1, requires_grad=True)
+    y = group_norm_act(x, norm, scale=scale, shift=shift)
+    ref = F.silu(F.group_norm(x, 4, norm.weight, norm.bias, norm.eps) * (1 + scale) + shift)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
+    ins = [x, norm.weight, norm.bias, scale, shift]
+    gy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(ref, ins, gy),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

@@ -37,7 +37,6 @@ from difflab.networks import native
 
 __all__ = ["group_norm_act_native", "native_dropout_mask", "supports"]
 
-_WORD = 2**16  # dropout threshold resolution (16-bit words)
 #: at least this many tasks per call, over the batch and pixel chunks: the split of a
 #: sample's rows depends on the batch only, never on the thread count, so the float sums
 #: come out the same with any number of threads
@@ -90,9 +89,13 @@ def native_dropout_mask(lib: ctypes.CDLL, like: Tensor, threshold: int, scale: f
     return mask
 
 
-def _cond(t: Tensor | None) -> tuple[int, int, int]:
-    """(pointer, stride over the batch, stride over channels) of a [B, C, 1, 1] tensor."""
-    return (0, 0, 0) if t is None else (t.data_ptr(), t.stride(0), t.stride(1))
+def _cond(t: Tensor | None, b: int, c: int) -> tuple[int, int, int]:
+    """(pointer, stride over the batch, stride over channels) of a conditioning tensor
+    broadcast to [B, C, 1, 1] (a broadcast dimension gets stride 0)."""
+    if t is None:
+        return (0, 0, 0)
+    t = t.expand(b, c, 1, 1)
+    return (t.data_ptr(), t.stride(0), t.stride(1))
 
 
 class _GroupNormActNative(torch.autograd.Function):
@@ -111,8 +114,9 @@ class _GroupNormActNative(torch.autograd.Function):
         stats = torch.empty(4, b, c)  # a, o (z = a x + o), group mean, rstd
         y = torch.empty_like(x)
         _check(native.active().gn_act_forward(
-            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), *_cond(scale), *_cond(shift),
-            *run, eps, *flags, stats.data_ptr(), y.data_ptr(), torch.get_num_threads()))
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), *_cond(scale, b, c),
+            *_cond(shift, b, c), *run, eps, *flags, stats.data_ptr(), y.data_ptr(),
+            torch.get_num_threads()))
         ctx.save_for_backward(x, stats, weight, bias, scale)
         ctx.config = (run, flags, shift is not None)
         return y
@@ -132,8 +136,9 @@ class _GroupNormActNative(torch.autograd.Function):
         lib = native.active() or native.library()  # the forward had it
         _check(lib.gn_act_backward(
             gy.data_ptr(), x.data_ptr(), stats.data_ptr(), weight.data_ptr(),
-            bias.data_ptr(), *_cond(scale), *run, *flags, dx.data_ptr(), dweight.data_ptr(),
-            dbias.data_ptr(), *(0 if t is None else t.data_ptr() for t in (dscale, dshift)),
+            bias.data_ptr(), *_cond(scale, b, c), *run, *flags, dx.data_ptr(),
+            dweight.data_ptr(), dbias.data_ptr(),
+            *(0 if t is None else t.data_ptr() for t in (dscale, dshift)),
             torch.get_num_threads()))
         return dx, dweight, dbias, dscale, dshift, None, None, None, None, None
 
