@@ -237,9 +237,10 @@ def group_norm_act(
     """
     if not norm.affine:
         raise ValueError("group_norm_act needs an affine GroupNorm")
-    if supports(x, norm.weight, norm.bias, scale, shift) is not None:
+    lib = supports(x, norm.weight, norm.bias, scale, shift)
+    if lib is not None:
         keep = 1.0 / (1.0 - dropout_rate(dropout)) if scale_kept and dropout > 0 else 1.0
-        return group_norm_act_native(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
-                                     norm.eps, silu, _threshold(dropout), keep)
+        return group_norm_act_native(lib, x, norm.weight, norm.bias, scale, shift,
+                                     norm.num_groups, norm.eps, silu, _threshold(dropout), keep)
     return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups,
                                norm.eps, silu, float(dropout), scale_kept)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from difflab.networks import native
+from difflab.networks.upsample import is_channels_last
 
 __all__ = ["group_norm_act_native", "native_dropout_mask", "supports"]
 
@@ -60,11 +61,9 @@ def supports(x: Tensor, *params: Tensor | None) -> ctypes.CDLL | None:
 
 def _layout(x: Tensor) -> int | None:
     """1 channels-last, 0 contiguous, None neither (ambiguous shapes count as contiguous)."""
-    if x.is_contiguous():
-        return 0
-    if x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return 1
-    return None
+    return 0 if x.is_contiguous() else None
 
 
 def _split(batch: int, rows: int) -> int:
@@ -102,7 +101,8 @@ class _GroupNormActNative(torch.autograd.Function):
     """See :func:`group_norm_act_native`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, silu, threshold, keep_scale):
+    def forward(ctx, lib, x, weight, bias, scale, shift, groups, eps, silu, threshold,
+                keep_scale):
         b, c, h, w = x.shape
         cl = _layout(x)
         weight, bias = weight.contiguous(), bias.contiguous()
@@ -113,19 +113,19 @@ class _GroupNormActNative(torch.autograd.Function):
                  _split(b, h * w if cl else c))
         stats = torch.empty(4, b, c)  # a, o (z = a x + o), group mean, rstd
         y = torch.empty_like(x)
-        _check(native.active().gn_act_forward(
+        _check(lib.gn_act_forward(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), *_cond(scale, b, c),
             *_cond(shift, b, c), *run, eps, *flags, stats.data_ptr(), y.data_ptr(),
             torch.get_num_threads()))
         ctx.save_for_backward(x, stats, weight, bias, scale)
-        ctx.config = (run, flags, shift is not None)
+        ctx.config = (lib, run, flags, shift is not None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels build no graph
     def backward(ctx, gy):
         x, stats, weight, bias, scale = ctx.saved_tensors
-        run, flags, has_shift = ctx.config
+        lib, run, flags, has_shift = ctx.config
         b, c = run[:2]
         gy = gy.contiguous(memory_format=torch.channels_last if run[3] else
                            torch.contiguous_format)
@@ -133,22 +133,21 @@ class _GroupNormActNative(torch.autograd.Function):
         dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
         dscale = torch.empty(b, c, 1, 1) if scale is not None else None
         dshift = torch.empty(b, c, 1, 1) if has_shift else None
-        lib = native.active() or native.library()  # the forward had it
         _check(lib.gn_act_backward(
             gy.data_ptr(), x.data_ptr(), stats.data_ptr(), weight.data_ptr(),
             bias.data_ptr(), *_cond(scale, b, c), *run, *flags, dx.data_ptr(),
             dweight.data_ptr(), dbias.data_ptr(),
             *(0 if t is None else t.data_ptr() for t in (dscale, dshift)),
             torch.get_num_threads()))
-        return dx, dweight, dbias, dscale, dshift, None, None, None, None, None
+        return None, dx, dweight, dbias, dscale, dshift, None, None, None, None, None
 
 
-def group_norm_act_native(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None,
-                          shift: Tensor | None, groups: int, eps: float, silu: bool,
-                          threshold: int, keep_scale: float) -> Tensor:
+def group_norm_act_native(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor,
+                          scale: Tensor | None, shift: Tensor | None, groups: int, eps: float,
+                          silu: bool, threshold: int, keep_scale: float) -> Tensor:
     """``m * silu(groupnorm(x) * (1 + scale) + shift)`` (no SiLU if ``silu`` is false).
 
     ``m`` is 0 with probability ``threshold / 2**16`` and ``keep_scale`` otherwise. The
-    caller checks :func:`supports` first."""
-    return _GroupNormActNative.apply(x, weight, bias, scale, shift, groups, eps, silu,
+    caller gets ``lib`` from :func:`supports`."""
+    return _GroupNormActNative.apply(lib, x, weight, bias, scale, shift, groups, eps, silu,
                                      threshold, keep_scale)
