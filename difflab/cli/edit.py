@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,9 @@ import torch
 from .. import editing
 from ..data import load_png, save_grid
 from ..io import atomic_write
-from ..samplers import SAMPLERS, SPACINGS, get_sampler, time_grid
+from ..pipeline import Pipeline, resolve_sampler
+from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
-from .loading import encode_prompts, load_denoiser
-from .sample import class_index
 
 KINDS = {
     "sdedit": "noise the input to --strength and denoise it (toward --class or --prompt)",
@@ -62,54 +60,43 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_edit)
 
 
-def _image(path: str, meta: dict[str, Any], device: torch.device) -> torch.Tensor:
-    cfg = meta["network"]["config"]
-    if meta["network"]["name"] != "unet":
+def _image(path: str, pipe: Pipeline, device: torch.device) -> torch.Tensor:
+    if len(pipe.sample_shape) != 3:
         raise ValueError("difflab edit works on image models; this checkpoint is "
-                         f"{meta['network']['name']!r}")
-    x = load_png(path, cfg["in_channels"], resolution=cfg["image_size"])
-    return x[None].to(device)
+                         f"{pipe.stage.network!r}")
+    channels, _, size = pipe.sample_shape
+    return load_png(path, channels, resolution=size)[None].to(device)
 
 
-def _cond(args: argparse.Namespace, meta: dict[str, Any], n: int, device: torch.device
-          ) -> Any:
-    """The condition of the edit: class labels, or for a text model the token embeddings of
-    ``--prompt`` (the empty prompt, the model's trained null, when none is given)."""
-    if meta.get("text_encoder"):
-        if args.label is not None:
-            raise ValueError("--class given but this model takes --prompt")
-        return encode_prompts(meta, [args.prompt or ""] * n, device)
-    if args.prompt is not None:
-        return encode_prompts(meta, [args.prompt] * n, device)  # raises: not a text model
-    if args.label is None:
-        return None
-    return torch.full((n,), class_index(args.label, meta.get("class_names", [])))
-
-
-def _options(sampler, args: argparse.Namespace) -> dict[str, Any]:
-    opts = {"eta": 0.0 if args.eta is None else args.eta}
-    return {k: v for k, v in opts.items() if k in inspect.signature(sampler).parameters}
+def _cond(args: argparse.Namespace, pipe: Pipeline) -> Any:
+    """The condition of the edit: a class label, or for a text model the token embeddings of
+    ``--prompt`` (the empty prompt, the model's trained null, when none is given); neither:
+    the null condition."""
+    labels = None if args.label is None else [args.label]  # one image; names or indices
+    return pipe.condition(labels, args.prompt, n=1).cond
 
 
 def run_edit(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    den, meta = load_denoiser(args.checkpoint, device=device)
-    x = _image(args.input, meta, device)
+    pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
+    den = pipe.denoiser()
+    x = _image(args.input, pipe, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    sampler = get_sampler(args.sampler)
+    options = {} if args.eta is None or args.kind == "inpaint" else {"eta": args.eta}
+    sampler, options = resolve_sampler(args.sampler, options)
     ts = time_grid(den.process, args.steps, args.spacing)
-    cond = _cond(args, meta, 1, device)
+    cond = _cond(args, pipe)
     if args.kind == "sdedit":
         out = editing.sdedit(den, x, args.strength, sampler, args.steps, gen, cond=cond,
-                             spacing=args.spacing, **_options(sampler, args))
+                             spacing=args.spacing, **options)
     elif args.kind == "vary":
         seeds = list(range(args.seed, args.seed + args.n))
         out = editing.variations(den, x, seeds, args.strength, sampler, args.steps,
-                                 cond=cond, spacing=args.spacing, **_options(sampler, args))
+                                 cond=cond, spacing=args.spacing, **options)
     elif args.kind == "inpaint":
         if not args.mask:
             raise ValueError("inpaint needs --mask (white = regenerate)")
-        mask = (_image(args.mask, meta, device)[:, :1] > 0).to(x.dtype)
+        mask = (_image(args.mask, pipe, device)[:, :1] > 0).to(x.dtype)
         eta = 1.0 if args.eta is None else args.eta
         out = editing.inpaint(den, x, mask, ts, gen, cond=cond, eta=eta,
                               jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
@@ -127,7 +114,7 @@ def run_edit(args: argparse.Namespace) -> int:
     else:  # interpolate
         if not args.input2:
             raise ValueError("interpolate needs --input2")
-        x2 = _image(args.input2, meta, device)
+        x2 = _image(args.input2, pipe, device)
         lams = torch.linspace(0, 1, max(args.n, 2))
         out = editing.interpolate(den, x, x2, lams, ts, cond=cond)
         x = torch.cat([x, x2])

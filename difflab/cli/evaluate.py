@@ -18,17 +18,15 @@ from ..evaluation import (
     load_extractor,
     load_reference,
     load_sample_set,
-    ode_nll,
+    model_bits_per_dim,
     sample_metrics,
     save_reference,
-    vlb,
 )
-from ..evaluation.ode_likelihood import bits_per_dim_dequantized, dequantize
 from ..evaluation.reference import is_reference_file
 from ..evaluation.report import parse_metrics
+from ..pipeline import Pipeline
 from ..training import pick_device
 from ..training.checkpoint import write_json
-from .loading import load_denoiser
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
@@ -136,41 +134,23 @@ def add_nll_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_nll)
 
 
-def model_bits_per_dim(denoiser: Any, images: torch.Tensor, labels: torch.Tensor | None,
-                       method: str, batch_size: int = 256, seed: int = 0,
-                       device: str | torch.device = "cpu", **options: Any) -> dict[str, Any]:
-    """Mean bits/dim (and its standard error) of images [N, C, H, W] on the 8-bit grid of
-    [-1, 1]: the VLB with the discretized decoder, or the dequantized ODE likelihood."""
-    g = torch.Generator().manual_seed(seed)
-    per, extra = [], {}
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size].to(device)
-        y = None if labels is None else labels[s:s + batch_size].to(device)
-        if method == "vlb":
-            r = vlb(denoiser, x, y, generator=g, **options)
-            per.append(r.bits_per_dim.cpu())
-        else:
-            r = ode_nll(denoiser, dequantize(x, g), y, generator=g, **options)
-            per.append(bits_per_dim_dequantized(r.nll, r.dims))
-            extra["nfe"] = extra.get("nfe", 0) + r.nfe
-    bpd = torch.cat(per).double()
-    return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / len(bpd) ** 0.5)
-            if len(bpd) > 1 else None, "n": len(bpd), **extra}
-
-
 def run_nll(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
+                                    ema=False if args.no_ema else None)
     # the ODE needs gradients through x0_hat: no clipping there
-    denoiser, meta = load_denoiser(args.checkpoint, ema=not args.no_ema, device=device,
-                                   clip=args.method == "vlb")
-    cfg = meta["config"]
-    if meta["network"]["name"] == "mlp" or meta.get("data_range") is None:
+    denoiser = pipe.denoiser(clip=args.method == "vlb")
+    stage = pipe.stage
+    if len(pipe.sample_shape) != 3 or stage.data_range is None:
         raise ValueError("difflab nll scores 8-bit images; this checkpoint models 2-D points")
-    spec = args.data or f"{cfg['dataset']}:test"
-    data = load_sample_set(spec, cfg["resolution"], meta["network"]["config"]["in_channels"])
+    if args.data is None and stage.dataset is None:
+        raise ValueError("the model card names no training data set: give --data")
+    spec = args.data or f"{stage.dataset}:test"
+    channels, _, size = pipe.sample_shape
+    data = load_sample_set(spec, size, channels)
     images = from_uint8(torch.as_tensor(data.images[:args.n])).permute(0, 3, 1, 2)
     labels = None
-    if meta.get("class_names") and data.labels is not None and not args.unconditional:
+    if pipe.class_names and data.labels is not None and not args.unconditional:
         labels = torch.as_tensor(data.labels[:args.n]).long()
     if args.method == "vlb":
         options: dict[str, Any] = {"variance": args.variance, "steps": args.steps}

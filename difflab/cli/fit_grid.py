@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline import Pipeline
 from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
-from .loading import guided_denoiser
 
 FIXED_GRID_SAMPLERS = tuple(s for s in ODE_SAMPLERS if s != "rk45")
 
@@ -70,20 +70,19 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     if args.guidance is not None and args.label is None:
         raise ValueError("--guidance needs --class: guidance pushes towards one class")
     device = pick_device(args.device)
-    den, meta = guided_denoiser(args.checkpoint, ema=not args.no_ema, device=device,
-                                clip=not args.no_clip, guidance=args.guidance)
-    if meta.get("text_encoder"):
+    pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
+                                    ema=False if args.no_ema else None)
+    den = pipe.denoiser(guidance=args.guidance, clip=not args.no_clip)
+    if pipe.is_text:
         raise ValueError("fit-grid fits unconditional and class-conditional models; this "
                          "model takes prompts")
     if args.label is not None:
-        n_classes = len(meta.get("class_names", []))
+        n_classes = len(pipe.class_names)
         if not 0 <= args.label < n_classes:
             raise ValueError(f"--class must be in 0..{n_classes - 1} for this model"
                              if n_classes else "--class needs a class-conditional model")
         den = _FixedLabel(den, args.label)
-    cfg = meta["network"]["config"]
-    shape = ((cfg["dim"],) if meta["network"]["name"] == "mlp"
-             else (cfg["in_channels"], cfg["image_size"], cfg["image_size"]))
+    shape = pipe.sample_shape
     process, sampler = den.process, get_sampler(args.sampler)
     g = torch.Generator().manual_seed(args.seed)
     sigma_max = float(process.sigma(process.t_max))

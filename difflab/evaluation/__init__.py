@@ -8,8 +8,10 @@
 - :mod:`.reference`: sample sets (PNG folders, ``--save-npz`` files) and reference stats.
 - :mod:`.likelihood`: the variational bound (DDPM) with the discretized Gaussian decoder.
 - :mod:`.ode_likelihood`: exact likelihood through the probability-flow ODE.
+- :mod:`.bits`: bits/dim of a model on a set of images, by either.
 """
 
+from .bits import model_bits_per_dim
 from .classifier import (
     ClassifierConfig,
     FeatureClassifier,
@@ -50,3 +52,4 @@ __all__ = [
     "precision_recall", "sample_metrics", "save_classifier", "save_reference",
     "train_classifier", "vlb",
 ]
+__all__ += ["model_bits_per_dim"]

@@ -1,0 +1,103 @@
+"""Reading and writing what a pipeline is made of: cards, stage weights, noisy classifiers.
+
+A source is a pipeline folder (``model_card.json`` + safetensors), a training run folder, its
+``checkpoints/`` folder, or one checkpoint's ``step_*.json`` / ``.safetensors`` (the latest
+checkpoint for folders). Checkpoints are converted to a card on the fly
+(:meth:`ModelCard.from_checkpoint_meta`), so run folders written before pipelines existed load
+unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io import atomic_write
+from ..networks import build_network
+from ..process import Process, process_from_config
+from ..training.checkpoint import load_checkpoint, resolve_checkpoint, sub_dict
+from .card import CARD_FILE, ModelCard, StageCard
+
+
+def read_source(path: str | Path, ema: bool | None = None) -> tuple[ModelCard, Path]:
+    """(card, folder its weight files are relative to) of a pipeline folder or checkpoint.
+
+    ``ema``: for a checkpoint, EMA weights unless False; for a pipeline folder, None accepts
+    the weights it holds and a value that disagrees with them is an error."""
+    p = Path(path)
+    if p.is_dir() and (p / CARD_FILE).is_file():
+        card = ModelCard.load(p / CARD_FILE)
+        if ema is not None and ema != card.ema:
+            raise ValueError(f"{p} holds {'EMA' if card.ema else 'raw (non-EMA)'} weights "
+                             f"only; {'EMA' if ema else 'raw'} weights were asked for")
+        return card, p
+    ckpt = resolve_checkpoint(p)
+    meta = json.loads(ckpt.read_text())
+    card = ModelCard.from_checkpoint_meta(meta, weights=ckpt.with_suffix(".safetensors").name,
+                                          ema=ema is not False)
+    return card, ckpt.parent
+
+
+def stage_weights(stage: StageCard, root: Path,
+                  cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The state dict of ``stage`` from its weights file under ``root`` (files read once)."""
+    file = root / stage.weights
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file {file} of stage {stage.name!r} not found")
+    if stage.weights not in cache:
+        cache[stage.weights] = load_file(str(file))
+    tensors = cache[stage.weights]
+    weights = sub_dict(tensors, stage.weights_prefix) if stage.weights_prefix else tensors
+    if not weights:
+        raise ValueError(f"{file} has no {stage.weights_prefix or 'stage'} weights")
+    return weights
+
+
+def build_stage_network(stage: StageCard, weights: dict[str, torch.Tensor],
+                        device: torch.device | str = "cpu", channels_last: bool = True
+                        ) -> nn.Module:
+    """The stage's network with ``weights``, on ``device``, in eval mode without gradients.
+    With ``channels_last`` its 4-d weights are NHWC, so it computes in that layout whatever
+    its input's (as training does by default; about 1.4x faster on the CPU for the U-Net)."""
+    net = build_network(stage.network, stage.network_config)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"weights of stage {stage.name!r} ({stage.weights}) do not fit its "
+                         f"{stage.network} config: {str(e).splitlines()[0]}") from None
+    net.to(device).eval().requires_grad_(False)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # only 4-d weights change
+    return net
+
+
+def write_stage_weights(net: nn.Module, file: Path) -> None:
+    """Save a network's state dict (contiguous CPU tensors) atomically as safetensors."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    atomic_write(file, lambda tmp: save_file(tensors, tmp))
+
+
+@dataclass
+class LoadedClassifier:
+    """A noisy classifier p_phi(y | x_t, t) (``difflab train-classifier``) and its process."""
+
+    net: nn.Module
+    process: Process
+    class_names: list[str]
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> LoadedClassifier:
+    """A noisy classifier checkpoint, in eval mode without gradients, on ``device``."""
+    tensors, meta = load_checkpoint(path)
+    if meta["network"]["name"] != "classifier":
+        raise ValueError(f"{path} is a {meta['network']['name']!r} checkpoint, not a "
+                         "classifier (train one with 'difflab train-classifier')")
+    net = build_network("classifier", meta["network"]["config"])
+    net.load_state_dict(sub_dict(tensors, "model"))
+    return LoadedClassifier(net.to(device).eval().requires_grad_(False),
+                            process_from_config(meta["process"]), list(meta["class_names"]))

@@ -1,0 +1,253 @@
+"""``Pipeline``: a saved model ready to sample, guide, edit and score.
+
+    pipe = Pipeline.from_pretrained("runs/digits")          # a run folder or a pipeline folder
+    out = pipe(16, labels=3, sampler="dpmpp_2m", steps=20, guidance=2.0, seed=0)
+    out.save_grid("threes.png")
+
+The pipeline owns the wiring that every consumer shares: rebuilding networks from a model
+card, composing guidance (classifier-free, classifier, negative prompts) and clipping into one
+denoiser, encoding prompts and class labels, and drawing one image per seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import TextCond
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+from ..parameterization import ClippedDenoiser, Denoiser, DenoiserFn
+from ..process import Process, process_from_config
+from ..samplers import get_sampler, load_time_grid
+from ..samplers.generate import generate
+from ..training.checkpoint import write_json
+from .card import CARD_FILE, ModelCard, StageCard
+from .conditions import (
+    Conditions,
+    LabelSpec,
+    class_conditions,
+    encode_prompts,
+    prompt_list,
+)
+from .loading import (
+    LoadedClassifier,
+    build_stage_network,
+    load_classifier,
+    read_source,
+    stage_weights,
+    write_stage_weights,
+)
+from .output import PipelineOutput
+
+
+class Pipeline:
+    """A model card and one network per stage, on a device.
+
+    The constructor is cheap (it only wraps the networks; it neither copies nor moves them),
+    so a trainer can sample its EMA network through it; :meth:`from_pretrained` loads one.
+    """
+
+    def __init__(self, card: ModelCard, networks: nn.Module | Sequence[nn.Module],
+                 device: torch.device | str = "cpu"):
+        nets = [networks] if isinstance(networks, nn.Module) else list(networks)
+        if len(nets) != len(card.stages):
+            raise ValueError(f"the card has {len(card.stages)} stages but {len(nets)} "
+                             "networks were given")
+        if [s.kind for s in card.stages] != ["diffusion"]:
+            raise ValueError("this difflab samples single-stage diffusion pipelines; got "
+                             f"stages {[s.kind for s in card.stages]}")
+        self.card, self.networks, self.device = card, nets, torch.device(device)
+        st = self.stage
+        self.process: Process = process_from_config(st.process)
+        self.base = Denoiser(nets[0], self.process, st.prediction,
+                             learned_variance=st.learned_variance, sigma_data=st.sigma_data)
+
+    # -- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
+                        ema: bool | None = None, channels_last: bool = True) -> Pipeline:
+        """Load a pipeline folder (``model_card.json`` + safetensors), a run folder, its
+        ``checkpoints/`` folder or a ``step_*.json``/``.safetensors`` checkpoint.
+
+        ``ema``: a checkpoint gives its EMA weights unless ``ema=False``; a pipeline folder
+        holds one set (``card.ema``), and asking for the other is an error."""
+        card, root = read_source(path, ema)
+        cache: dict[str, dict[str, Tensor]] = {}
+        nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last)
+                for s in card.stages]
+        return cls(card, nets, device)
+
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``model_card.json`` and one ``{stage}.safetensors`` per stage into the folder
+        ``path`` (the card last, so a folder with a card is complete). An existing non-empty
+        folder is refused unless ``overwrite``."""
+        folder = Path(path)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+            raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
+        stages = []
+        for stage, net in zip(self.card.stages, self.networks, strict=True):
+            file = f"{stage.name}.safetensors"
+            write_stage_weights(net, folder / file)
+            stages.append(StageCard(**{**vars(stage), "weights": file, "weights_prefix": ""}))
+        card = ModelCard(**{**vars(self.card), "stages": stages})
+        write_json(folder / CARD_FILE, card.to_dict())
+        return folder
+
+    # -- what the model is --------------------------------------------------------------------
+    @property
+    def stage(self) -> StageCard:
+        """The diffusion stage."""
+        return self.card.stages[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (C, H, W) for images, (D,) for points."""
+        return tuple(self.stage.sample_shape)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.stage.class_names)
+
+    @property
+    def is_text(self) -> bool:
+        return self.stage.conditioning == "text"
+
+    # -- conditions -----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> TextCond:
+        """Token embeddings of ``prompts`` with the model's text encoder, on the device."""
+        return encode_prompts(self.stage.text_encoder, prompts, self.device)
+
+    def load_classifier(self, classifier: str | Path | LoadedClassifier | None
+                        ) -> LoadedClassifier | None:
+        """A noisy classifier (path or loaded) on this pipeline's device."""
+        if classifier is None or isinstance(classifier, LoadedClassifier):
+            return classifier
+        return load_classifier(classifier, self.device)
+
+    def condition(self, labels: LabelSpec = "all", prompt: str | Sequence[str] | None = None,
+                  n: int | None = None, classifier: str | Path | LoadedClassifier | None = None
+                  ) -> Conditions:
+        """One condition per image. Text models: ``prompt`` (a string or a list, ``n`` images
+        in a row per prompt, 8 by default; none: the empty prompt). Class models, or any with
+        a ``classifier`` (whose classes then count): ``labels`` as in
+        :func:`~difflab.pipeline.conditions.class_conditions`."""
+        if self.is_text or prompt is not None:
+            if labels is not None and not (isinstance(labels, str) and labels == "all"):
+                raise ValueError("--class given but this model takes --prompt")
+            prompts, per = prompt_list(prompt, n)
+            return Conditions(n=len(prompts), nrow=per, cond=self.encode_prompts(prompts),
+                              prompts=prompts)
+        clf = self.load_classifier(classifier)
+        names = self.class_names or (clf.class_names if clf is not None else [])
+        return class_conditions(labels, n, names)
+
+    # -- the denoiser -----------------------------------------------------------------------------
+    def denoiser(self, *, guidance: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
+                 guidance_rescale: float = 0.0,
+                 classifier: str | Path | LoadedClassifier | None = None,
+                 classifier_scale: float = 1.0, negative_prompt: str | None = None,
+                 clip: bool = True) -> DenoiserFn:
+        """The model's denoiser with classifier-free guidance (``guidance`` = gamma:
+        eps(null) + gamma (eps(y) - eps(null)); 1 or None = the conditional model) and/or
+        classifier guidance, then x0_hat clipped to the data range (``clip``; it acts on the
+        guided x0_hat).
+
+        For a text model the unconditional branch is the empty prompt (its training null)
+        or ``negative_prompt``: eps(neg) + gamma (eps(prompt) - eps(neg))."""
+        den: DenoiserFn = self.base
+        names = self.class_names
+        guided = guidance is not None and guidance != 1.0
+        if negative_prompt is not None and not guided:
+            raise ValueError("--negative-prompt acts through classifier-free guidance: give "
+                             "--guidance other than 1")
+        if self.is_text:
+            if classifier is not None:
+                raise ValueError("--classifier guides class labels; this model takes prompts")
+            if guided:
+                null = self.encode_prompts([negative_prompt or ""])
+                den = ClassifierFreeGuidance(den, guidance, null_cond=null,
+                                             interval=guidance_interval, rescale=guidance_rescale)
+        elif negative_prompt is not None:
+            raise ValueError("--negative-prompt needs a text-conditional model")
+        elif guided:
+            if not names:
+                raise ValueError("--guidance needs a class-conditional model; this one is not")
+            den = ClassifierFreeGuidance(den, guidance, null_label=len(names),
+                                         interval=guidance_interval, rescale=guidance_rescale)
+        clf = self.load_classifier(classifier)
+        if clf is not None:
+            if names and clf.class_names != names:
+                raise ValueError(f"classifier classes {clf.class_names} differ from the "
+                                 f"model's {names}")
+            den = ClassifierGuidance(den, clf.net, classifier_scale, clf.process,
+                                     condition_inner=bool(names))
+        if clip and self.stage.data_range is not None:
+            den = ClippedDenoiser(den, *self.stage.data_range)
+        return den
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def __call__(self, n: int | None = None, *, sampler: str | Callable = "ddim",
+                 steps: int = 50, spacing: str | None = None,
+                 grid: Tensor | str | Path | None = None,
+                 sampler_options: dict[str, Any] | None = None,
+                 guidance: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
+                 guidance_rescale: float = 0.0,
+                 classifier: str | Path | LoadedClassifier | None = None,
+                 classifier_scale: float = 1.0, labels: LabelSpec = "all",
+                 prompt: str | Sequence[str] | None = None,
+                 negative_prompt: str | None = None, cond: Conditions | None = None,
+                 seed: int = 0, seeds: Sequence[int] | None = None, batch_size: int = 256,
+                 clip: bool = True, progress: bool = False) -> PipelineOutput:
+        """Draw ``n`` samples; image i uses seed ``seed + i`` (or ``seeds[i]``) for its noise,
+        so it does not depend on ``batch_size`` or on the other images.
+
+        ``sampler``: a name in ``samplers.SAMPLERS`` (or the function) with keyword
+        ``sampler_options``; ``grid``: a decreasing time grid (tensor or JSON from
+        ``save_time_grid``) replacing ``steps`` and ``spacing``. Conditions come from
+        ``labels``/``prompt`` (see :meth:`condition`) or ready-made as ``cond``; guidance
+        options as in :meth:`denoiser`."""
+        clf = self.load_classifier(classifier)
+        den = self.denoiser(guidance=guidance, guidance_interval=guidance_interval,
+                            guidance_rescale=guidance_rescale, classifier=clf,
+                            classifier_scale=classifier_scale,
+                            negative_prompt=negative_prompt, clip=clip)
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            if n is not None and n != len(seeds):
+                raise ValueError(f"n={n} disagrees with the {len(seeds)} seeds given")
+            n = len(seeds)
+        if cond is None:
+            cond = self.condition(labels, prompt, n, clf)
+        elif n is not None and n != len(cond):
+            raise ValueError(f"n={n} disagrees with the {len(cond)} conditions given")
+        seeds = list(range(seed, seed + len(cond))) if seeds is None else seeds
+        fn, options = resolve_sampler(sampler, sampler_options)
+        ts = load_time_grid(grid) if isinstance(grid, str | Path) else grid
+        x = generate(den, fn, self.sample_shape, seeds, labels=cond.cond, steps=steps,
+                     spacing=spacing, ts=ts, batch_size=batch_size, device=self.device,
+                     progress=progress, **options)
+        return PipelineOutput(samples=x, seeds=seeds, nrow=cond.nrow, labels=cond.labels,
+                              prompts=cond.prompts)
+
+
+def resolve_sampler(sampler: str | Callable, options: dict[str, Any] | None
+                    ) -> tuple[Callable, dict[str, Any]]:
+    """The sampler function and its options, checked: an option the sampler does not take is
+    a ValueError naming the sampler and the options it takes."""
+    fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    options = dict(options or {})
+    params = inspect.signature(fn).parameters
+    takes = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "cond"]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        name = sampler if isinstance(sampler, str) else getattr(fn, "__name__", "sampler")
+        raise ValueError(f"sampler {name!r} takes no option {unknown[0]!r}; its options: "
+                         f"{', '.join(takes) or 'none'}")
+    return fn, options
