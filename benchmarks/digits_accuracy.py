@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
-from difflab.cli.loading import load_denoiser
+from difflab.pipeline import Pipeline
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
 
@@ -50,11 +50,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000)
     args = ap.parse_args()
-    denoiser, meta = load_denoiser(args.checkpoint)
+    pipe = Pipeline.from_pretrained(args.checkpoint)
+    denoiser = pipe.denoiser()
     clf, real_acc = digit_classifier()
     labels = torch.arange(args.n) % 10
-    shape = (meta["network"]["config"]["in_channels"],) + (meta["config"]["resolution"],) * 2
-    x = generate(denoiser, get_sampler(args.sampler), shape,
+    x = generate(denoiser, get_sampler(args.sampler), pipe.sample_shape,
                  list(range(args.seed, args.seed + args.n)), labels=labels, steps=args.steps)
     pred = clf.predict(to_features(x))
     acc = float((pred == labels.numpy()).mean())

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from difflab import editing
-from difflab.cli.loading import load_denoiser
 from difflab.data import load_digits, save_grid
+from difflab.pipeline import Pipeline
 from difflab.samplers import CountingDenoiser, ddpm, time_grid
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -107,8 +107,9 @@ def main() -> None:
     ap.add_argument("--inversion-only", action="store_true",
                     help="only the two inversion tables (no SDEdit table, no pictures)")
     args = ap.parse_args()
-    den, meta = load_denoiser(args.checkpoint)
-    test = load_digits(meta["config"]["resolution"], split="test")
+    pipe = Pipeline.from_pretrained(args.checkpoint)
+    den = pipe.denoiser()
+    test = load_digits(pipe.sample_shape[-1], split="test")
     idx = torch.arange(min(args.n, len(test)))
     x, y = test.images[idx].double(), test.labels[idx]
     print("\n".join(inversion_table(den, x, y, [10, 20, 50, 100, 200])))

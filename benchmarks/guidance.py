@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from difflab.cli.loading import guided_denoiser
 from difflab.data import load_digits
+from difflab.pipeline import Pipeline
 from difflab.samplers import ddim
 from difflab.samplers.generate import generate
 from difflab.training.classifier import ClassifierTrainConfig, train_classifier
@@ -63,17 +63,15 @@ def main() -> None:
     real = load_digits(8, split="test")
     print(f"real test digits: SVM accuracy {real_acc:.3f}, within-class diversity "
           f"{diversity(real.images, real.labels):.3f}\n")
-    _, meta = guided_denoiser(args.checkpoint)
-    cfg = meta["network"]["config"]
-    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    pipe = Pipeline.from_pretrained(args.checkpoint)
+    shape = pipe.sample_shape
     print("| guidance | scale | accuracy | diversity |\n|---|---|---|---|")
     for g in args.cfg_scales:
-        den, _ = guided_denoiser(args.checkpoint, guidance=g)
+        den = pipe.denoiser(guidance=g)
         acc, div = evaluate(den, svm, labels, shape)
         print(f"| classifier-free gamma | {g:g} | {acc:.3f} | {div:.3f} |")
     for s in args.clf_scales:
-        den, _ = guided_denoiser(args.checkpoint, guidance=0.0, classifier=args.classifier,
-                                 classifier_scale=s)
+        den = pipe.denoiser(guidance=0.0, classifier=args.classifier, classifier_scale=s)
         acc, div = evaluate(den, svm, labels, shape)
         print(f"| classifier (on the unconditional model) | {s:g} | {acc:.3f} | {div:.3f} |")
 

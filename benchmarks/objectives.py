@@ -25,20 +25,20 @@ from pathlib import Path
 
 import torch
 
-from difflab.cli.evaluate import model_bits_per_dim
-from difflab.cli.loading import load_denoiser
 from difflab.data import from_uint8, load_digits, to_uint8
 from difflab.evaluation import (
     ModuleExtractor,
     extract,
     format_table,
     load_classifier,
+    model_bits_per_dim,
     sample_metrics,
     save_classifier,
     train_classifier,
 )
 from difflab.evaluation.classifier import accuracy
 from difflab.parameterization import Prediction
+from difflab.pipeline import Pipeline
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
 from difflab.training import TrainConfig, Trainer
@@ -116,8 +116,9 @@ def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -
     if row.get("n") not in (None, args.n):
         row = {"model": name}
     row["n"], row["n_long"] = args.n, args.n_long
-    den, meta = load_denoiser(ckpt)
-    row["train_steps"] = meta["config"]["steps"]
+    pipe = Pipeline.from_pretrained(ckpt)
+    den = pipe.denoiser()
+    row["train_steps"] = pipe.card.training["steps"]
     configs = CONFIGS
     if name == ABLATION:  # DDIM never uses the variance: only the ancestral columns differ
         den, configs = FixedVariance(den), [c for c in CONFIGS if c[0] == "ddpm"]

@@ -22,18 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.cli.evaluate import model_bits_per_dim
-from difflab.cli.loading import load_denoiser
 from difflab.data import from_uint8, load_digits, to_uint8
 from difflab.evaluation import (
     ModuleExtractor,
     extract,
     format_table,
+    model_bits_per_dim,
     sample_metrics,
     save_classifier,
     train_classifier,
 )
 from difflab.evaluation.classifier import accuracy
+from difflab.pipeline import Pipeline
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
 from difflab.training import TrainConfig, Trainer, pick_device
@@ -77,12 +77,12 @@ def sample_rows(denoiser, extractor, test_feats, args, device) -> list[dict]:
     return rows
 
 
-def likelihood(denoiser_path: str, test, args, device) -> dict:
+def likelihood(pipe: Pipeline, test, args, device) -> dict:
     x, y = quantize(test.images), test.labels
-    vlb_den, _ = load_denoiser(denoiser_path, device=device, clip=True)
+    vlb_den = pipe.denoiser(clip=True)
     m = args.vlb_n or len(x)
     out = {"vlb": model_bits_per_dim(vlb_den, x[:m], y[:m], "vlb", 512, args.seed, device)}
-    ode_den, _ = load_denoiser(denoiser_path, device=device, clip=False)
+    ode_den = pipe.denoiser(clip=False)
     n = args.ode_n
     out["ode"] = model_bits_per_dim(ode_den, x[:n], y[:n], "ode", n, args.seed, device,
                                     trace="hutchinson", probe="rademacher")
@@ -109,7 +109,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     ckpt, train_s = get_checkpoint(args)
-    denoiser, meta = load_denoiser(ckpt, device=device)
+    pipe = Pipeline.from_pretrained(ckpt, device=device)
+    denoiser = pipe.denoiser()
     train, test = load_digits(8, split="train"), load_digits(8, split="test")
     clf = train_classifier(train, steps=args.classifier_steps, device=device)
     clf_acc = accuracy(clf, test)
@@ -121,7 +122,7 @@ def main() -> None:
     real = extract(extractor, quantize(train.images[idx])).features
     rows = [metrics_row("real (train split)", None, real, test_feats, args, None)]
     rows += sample_rows(denoiser, extractor, test_feats, args, device)
-    bpd = likelihood(ckpt, test, args, device)
+    bpd = likelihood(pipe, test, args, device)
     report = {"checkpoint": ckpt, "train_seconds": train_s, "device": str(device),
               "extractor": extractor.name, "classifier_test_accuracy": clf_acc,
               "n_samples": args.n, "n_test": len(test), "rows": rows, "bits_per_dim": bpd}

@@ -28,7 +28,7 @@ from difflab.samplers.generate import generate
 def difflab_sampler(arch: dict, args: argparse.Namespace):
     """A function drawing ``args.n`` images with difflab's DDIM (one RNG per seed)."""
     net = UNet(UNetConfig(in_channels=3, image_size=args.size, **arch)).to(args.device).eval()
-    net = net.to(memory_format=torch.channels_last)  # as cli.loading.load_denoiser does
+    net = net.to(memory_format=torch.channels_last)  # as Pipeline.from_pretrained does
     den = Denoiser(net, make_process("linear", T=1000), "eps")
     seeds = list(range(args.n))
 

@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from difflab.cli.loading import load_denoiser
 from difflab.data.shapes import CaptionedImageData, load_shapes, parse_caption
 from difflab.evaluation.shapes import ATTRIBUTES, ShapeAttributeChecker, attribute_accuracy
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.parameterization import ClippedDenoiser, Denoiser
+from difflab.pipeline import Pipeline
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
 from difflab.training import TrainConfig, Trainer
@@ -80,8 +80,9 @@ def main() -> None:
     if args.checkpoint:
         from difflab.text import TextEncoder
 
-        den, meta = load_denoiser(args.checkpoint, clip=False)
-        encoder = TextEncoder(meta["text_encoder"])
+        pipe = Pipeline.from_pretrained(args.checkpoint)
+        den = pipe.denoiser(clip=False)
+        encoder = TextEncoder(pipe.stage.text_encoder)
     else:
         trainer, wall, cpu = train(args)
         print(f"training: {args.steps} steps x {args.batch_size} images, wall {wall:.0f} s, "
