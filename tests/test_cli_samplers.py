@@ -42,10 +42,10 @@ def test_time_grid_saves_loads_and_drives_sample(toy_run, tmp_path):
 
     import torch
 
-    from difflab.cli.loading import guided_denoiser
+    from difflab.pipeline import Pipeline
     from difflab.samplers import load_time_grid, save_time_grid, time_grid
 
-    denoiser, _ = guided_denoiser(toy_run)
+    denoiser = Pipeline.from_pretrained(toy_run).denoiser()
     ts = time_grid(denoiser.process, 4, "trailing")
     path = save_time_grid(ts, tmp_path / "grid.json", sampler="dpmpp_2m", fitted_on=0)
     assert torch.equal(load_time_grid(path), ts)

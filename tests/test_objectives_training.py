@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from difflab.cli.loading import load_denoiser
 from difflab.cli.main import main
 from difflab.data import load_digits
+from difflab.pipeline import Pipeline
 from difflab.training import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,7 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
     c = meta["config"]
     assert (c["objective"], c["weighting"], c["min_snr_gamma"]) == ("hybrid", "min_snr", 3.0)
     assert meta["learned_variance"] and meta["network"]["config"]["out_channels"] == 2
-    den, _ = load_denoiser(out, clip=False)
+    den = Pipeline.from_pretrained(out).denoiser(clip=False)
     assert den.learned_variance
     pred = den(torch.randn(2, 1, 8, 8), 500.0, torch.tensor([1, 2]))
     assert pred.var_frac is not None and pred.x0.shape == (2, 1, 8, 8)
@@ -51,8 +51,8 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     edm = tmp_path / "edm"
     assert cli_train(edm, "--objective", "edm", "--prediction", "edm") == 0
-    den, meta = load_denoiser(edm)
-    assert meta["prediction"] == "edm" and meta["config"]["objective"] == "edm"
+    pipe = Pipeline.from_pretrained(edm)
+    assert pipe.stage.prediction == "edm" and pipe.card.training["objective"] == "edm"
     capsys.readouterr()
     assert cli_train(tmp_path / "bad", "--objective", "edm") == 2
     assert "needs --prediction edm" in capsys.readouterr().err

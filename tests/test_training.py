@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.cli.loading import load_denoiser
 from difflab.cli.main import main
 from difflab.data import load_digits
+from difflab.pipeline import Pipeline
 from difflab.samplers import ddim
 from difflab.samplers.generate import generate
 from difflab.training import EMA, NonFiniteLossError, TrainConfig, Trainer
@@ -60,8 +60,9 @@ def test_resume_is_bitwise_identical(tmp_path, digits):
 def test_checkpoint_round_trip_gives_same_model_and_samples(tmp_path, digits):
     tr = make(tmp_path, digits, steps=3)
     result = tr.run(progress=False)
-    den, meta = load_denoiser(result["checkpoint"], clip=False)
-    assert meta["step"] == 3 and meta["class_names"] == [str(i) for i in range(10)]
+    pipe = Pipeline.from_pretrained(result["checkpoint"])
+    den = pipe.denoiser(clip=False)
+    assert pipe.card.step == 3 and pipe.class_names == [str(i) for i in range(10)]
     for name, a in tr.ema.model.state_dict().items():
         assert torch.equal(a, den.net.state_dict()[name])
     # both sample in channels-last (the CPU's faster layout), so both compute alike
@@ -77,7 +78,7 @@ def test_checkpoint_round_trip_gives_same_model_and_samples(tmp_path, digits):
     assert torch.equal(a, b)
     # per-seed RNG: the same image whatever the batch it is drawn in (up to the float
     # rounding of batch-size-dependent kernels)
-    clipped, _ = load_denoiser(result["checkpoint"])
+    clipped = pipe.denoiser()
     b = generate(clipped, ddim, (1, 8, 8), [0, 1, 2, 3], labels=labels, steps=3,
                  progress=False)
     c = generate(clipped, ddim, (1, 8, 8), [2, 3], labels=labels[2:], steps=3, progress=False,
