@@ -60,7 +60,7 @@ DIFFLAB = [
     ("dpmpp_3m, final_order=3", S["dpmpp_3m"], {"final_order": 3}, "trailing", 1),
     ("unipc_bh2, final_order=3", S["unipc_bh2"], {"final_order": 3}, "trailing", 1),
     ("unipc_bh1, final_order=3", S["unipc_bh1"], {"final_order": 3}, "trailing", 1),
-    ("plms, final=denoise", S["plms"], {"final": "denoise"}, "trailing", 1),
+    ("plms, final_order=1", S["plms"], {"final_order": 1}, "trailing", 1),
 ]
 STOCHASTIC = [
     ("ddpm", S["ddpm"], {}, "trailing", 1),
@@ -75,7 +75,7 @@ COUNTERPART = {"ddim": ["DDIM", "Euler", "Euler karras"], "heun": ["Heun", "Heun
                "dpm_solver (3), data_prediction": ["DPMSolverSinglestep 3"],
                "dpmpp_2m": ["DPMSolverMultistep 2M", "DPMSolverMultistep 2M karras"],
                "dpmpp_3m": ["DPMSolverMultistep 3M", "DPMSolverMultistep 3M karras"],
-               "plms, final=denoise": ["PNDM (PLMS)"],
+               "plms, final_order=1": ["PNDM (PLMS)"],
                "dpmpp_3m, final_order=3": ["DPMSolverMultistep 3M",
                                            "DPMSolverMultistep 3M karras"],
                "unipc_bh2, final_order=3": ["UniPC bh2 (2)"],

@@ -56,8 +56,8 @@ ORDERS = [
     ("ddim", ddim, 1, "logsnr", (16, 32, 64)),
     ("euler_ode", euler_ode, 1, "logsnr", (32, 64, 128)),
     ("heun", heun, 2, "logsnr", (16, 32, 64)),
-    ("plms", functools.partial(plms, final="denoise"), 2, "logsnr", (16, 32, 64)),
-    ("lms", functools.partial(lms, final="denoise"), 4, "logsnr", (48, 96, 192)),
+    ("plms", functools.partial(plms, final_order=1), 2, "logsnr", (16, 32, 64)),
+    ("lms", functools.partial(lms, final_order=1), 4, "logsnr", (48, 96, 192)),
     ("dpm_solver1", functools.partial(dpm_solver, order=1), 1, "logsnr", (16, 32, 64)),
     ("dpm_solver2", functools.partial(dpm_solver, order=2), 2, "logsnr", (16, 32, 64)),
     ("dpm_solver3", dpm_solver, 3, "logsnr", (16, 32, 64)),
@@ -94,7 +94,7 @@ def test_plms_is_fourth_order_on_equal_sigma_steps():
         st = torch.linspace(2.0, SIGMA_MIN["vpsde"], n, dtype=torch.float64)
         ts = torch.cat([process.t_from_log_snr(-2 * st.log()), torch.zeros(1, dtype=torch.float64)])
         ts[0] = t_start
-        errs.append(float((plms(data, x_start, ts, final="denoise") - exact).pow(2).mean()
+        errs.append(float((plms(data, x_start, ts, final_order=1) - exact).pow(2).mean()
                           .sqrt()))
     slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope + 4) < 0.3, (errs, slope)
@@ -117,7 +117,7 @@ def test_high_nfe_agrees_with_reference(sampler, n, schedule):
     process, data, x_T, exact = problem(schedule)
     opts = {"rtol": 1e-8, "atol": 1e-8} if sampler is rk45 else {}
     if sampler in (lms, plms):  # compare x0_hat at the last level, like the others
-        opts = {"final": "denoise"}
+        opts = {"final_order": 1}
     ts = time_grid(process, n, "logsnr", sigma_min=SIGMA_MIN[schedule])
     out = sampler(data, x_T, ts, **opts)
     assert float((out - exact).pow(2).mean().sqrt()) < 1e-4
@@ -175,7 +175,7 @@ def test_optimised_grid_beats_its_start_on_new_noise():
 
 
 @pytest.mark.parametrize("sampler,multi,single", [
-    (lms, {}, {"final": "denoise"}), (plms, {}, {"final": "denoise"}),
+    (lms, {}, {"final_order": 1}), (plms, {}, {"final_order": 1}),
     (dpmpp_3m, {"final_order": 3}, {}), (unipc_bh2, {"final_order": 3}, {})])
 def test_multistep_final_step_is_closer_to_the_ode_end(sampler, multi, single):
     """The Adams-Bashforth last step to sigma~ = 0 beats returning x0_hat at the last level."""

@@ -20,14 +20,13 @@ input to within the solver's error, which shrinks at the solver's order as the g
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
-from ..samplers import ODE_SAMPLERS, get_sampler
+from ..samplers import ODE_SAMPLERS, get_sampler, sampler_options
 from ..samplers.base import Callback, check_grid, report
 
 METHODS: tuple[str, ...] = ODE_SAMPLERS
@@ -76,13 +75,13 @@ def reconstruct(denoiser: DenoiserFn, x_T: Tensor, ts: Tensor, method: str = "dd
                 cond: Any = None, **options: Any) -> Tensor:
     """Run the sampler named ``method`` (eta = 0 / no churn) from x_T down the grid. Its last
     step returns x0_hat, the mirror of ``ode_invert``'s first step: ``plms``/``lms`` default
-    to ``final="denoise"`` here, as their multistep step to clean data (their sampling
+    to ``final_order=1`` here, as their multistep step to clean data (their sampling
     default) does not mirror it and would leave a round-trip error that does not shrink with
     the number of steps (the last interval, sigma~_min -> 0, stays the same)."""
     _check_method(method)
     sampler = get_sampler(method)
-    if "final" in inspect.signature(sampler).parameters:
-        options.setdefault("final", "denoise")
+    if "final_order" in sampler_options(method):
+        options.setdefault("final_order", 1)
     return sampler(denoiser, x_T, ts, cond=cond, **options)
 
 

@@ -1,12 +1,19 @@
 """Samplers: stateless functions over a denoiser and a decreasing time grid.
 
 Every entry of ``SAMPLERS`` has the signature ``(denoiser, x, ts, generator=None,
-callback=None, *, cond=None, **options)`` and returns x0_hat after its last step.
+callback=None, *, cond=None, **options)`` and returns x0_hat after its last step (or, with
+``final_order`` > 1, a higher-order step to clean data; ``base``). Each declares its options
+(``options.declare_options``); ``check_sampler_options`` and ``parse_sampler_options`` validate
+a user's options against the declaration, naming the sampler and the options it takes.
+
+Adding a sampler: write it in its module with ``@declare_options(...)``, and add it to
+``SAMPLERS`` here (and to ``ODE_SAMPLERS`` if it also inverts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
@@ -29,6 +36,13 @@ from .optimize import (
     reference_solution,
     stratified_draws,
     three_piece_grid,
+)
+from .options import (
+    SamplerOption,
+    check_options,
+    declared_options,
+    describe_options,
+    parse_options,
 )
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
@@ -54,6 +68,33 @@ def get_sampler(name: str) -> Callable:
     return SAMPLERS[name]
 
 
+def sampler_options(name: str) -> dict[str, SamplerOption]:
+    """The options sampler ``name`` takes (all but ``cond``), in declaration order."""
+    return dict(declared_options(get_sampler(name)))
+
+
+def check_sampler_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` validated for sampler ``name`` and converted to the declared types; a
+    ValueError naming the sampler and the options it takes for one it does not take, e.g.
+    "sampler 'heun' does not take option 'eta'; heun's options: churn, s_tmin, ...", or the
+    option and what it must be for a bad value."""
+    return check_options(name, sampler_options(name), options)
+
+
+def parse_sampler_options(name: str, items: Sequence[str]) -> dict[str, Any]:
+    """``["order=3", "eta=0.5"]`` (e.g. repeated ``--sampler-opt``) parsed by the types sampler
+    ``name`` declares (true/false, ints, floats incl. inf, strings, None where the default is
+    None) and validated as ``check_sampler_options`` does; a malformed item is a ValueError
+    naming it."""
+    return parse_options(name, sampler_options(name), items)
+
+
+def describe_sampler(name: str) -> str:
+    """One line per option of sampler ``name``, "name (requirement; default d): help", or
+    "<name> takes no options": for --help text and error messages."""
+    return describe_options(name, sampler_options(name))
+
+
 __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_langevin",
            "check_grid", "ddim", "ddpm", "default_sigma_min", "discrete_timesteps",
            "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler_maruyama", "euler_ode",
@@ -62,3 +103,5 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "unipc", "unipc_bh1", "unipc_bh2"]
 __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
             "three_piece_grid"]
+__all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
+            "parse_sampler_options", "sampler_options"]

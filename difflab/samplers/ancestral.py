@@ -23,6 +23,7 @@ from torch import Tensor
 from ..parameterization import DenoiserFn, Prediction
 from ..process import Process
 from .base import Callback, Generators, check_grid, check_ode_grid, randn_like, report
+from .options import SamplerOption, declare_options
 
 
 def posterior_step(pred: Prediction, x: Tensor, alpha_s: Tensor, sigma_s: Tensor, c2: Tensor,
@@ -70,6 +71,10 @@ def _posterior_steps(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
     return x
 
 
+@declare_options(SamplerOption(
+    "variance", str, "auto", "reverse variance: beta, beta_tilde, or auto (the learned "
+    "Sigma_theta of a learned-variance model, else beta_tilde)",
+    choices=("auto", "beta", "beta_tilde")))
 @torch.no_grad()
 def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None,
@@ -90,6 +95,9 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
                             noise_var, learned)
 
 
+@declare_options(SamplerOption(
+    "eta", float, 0.0, "stochasticity: noise c^2 = eta^2 beta_tilde per step (0: the "
+    "deterministic ODE sampler, 1: DDPM with beta_tilde)", min=0.0))
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, eta: float = 0.0) -> Tensor:

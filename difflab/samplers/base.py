@@ -1,19 +1,34 @@
-"""What every sampler shares: the signature, argument checks, the callback and noise draws.
+"""What every sampler shares: the signature, argument checks, the callback, noise draws and the
+last step.
 
 Signature (DESIGN.md): ``sampler(denoiser, x, ts, generator=None, callback=None, *, cond=None,
 **options) -> x0``, where ``x`` is the initial state at ``ts[0]`` and ``ts`` a decreasing grid
-whose last entry is the end time. The last step always returns the denoised x0_hat of the last
-network evaluation, with no residual noise: for grids ending at clean data this is what the
-exact update gives anyway, and for processes whose t_min still has noise it is the usual
-"final denoising step". Multistep samplers may instead end with a higher-order step to clean
-data (``final_step`` with an eps_hat history; ``lms``/``plms`` by default, DPM-Solver++ and
-UniPC with ``final_order``): the result is still noise-free and is reported as x and x0.
+whose last entry is the end time. Each sampler declares its options (names, types, defaults,
+help, ranges) with ``options.declare_options``; ``difflab.samplers.check_sampler_options``
+validates a user's options against that declaration.
+
+The last step. By default it returns the denoised x0_hat of the last network evaluation, with
+no residual noise: for grids ending at clean data this is what the exact update gives anyway,
+and for processes whose t_min still has noise it is the usual "final denoising step".
+Every multistep ODE sampler that can do better takes one option for it, ``final_order`` (int
+>= 1), with one meaning everywhere:
+
+- ``final_order = 1``: return x0_hat of the last evaluation (the Euler step to sigma~ = 0);
+- ``final_order = k > 1``: on a grid ending at sigma = 0, the last step, from sigma~_{N-1} to
+  sigma~ = 0, is instead the variable-step Adams-Bashforth step in sigma~ = sigma / alpha
+  through the latest k eps_hat (fewer if fewer evaluations were made; ``final_sigma_step``).
+  The result is still noise-free clean data, of higher order than x0_hat alone, and is
+  reported as both x and x0. On a grid ending at a noisy time it is x0_hat again.
+
+Samplers that take it and their defaults (each keeps its published behaviour): ``plms`` 4,
+``lms`` None (= its ``order``), ``dpmpp_2m``, ``dpmpp_3m``, ``unipc_bh1``, ``unipc_bh2`` 1.
+The other samplers always return x0_hat and do not take the option.
 
 The deterministic (probability-flow ODE) samplers, ``ODE_SAMPLERS``, also accept a strictly
 *increasing* grid starting at a noisy time (``check_ode_grid``): they then integrate the ODE
 upwards with the same formulas (which hold for negative steps in lambda or sigma~), take every
-step to the last grid point instead of the final denoising step, and return the state there.
-That is inversion x_t -> x_T (``difflab.editing.ode_invert``).
+step to the last grid point instead of the final denoising step (``final_order`` is ignored),
+and return the state there. That is inversion x_t -> x_T (``difflab.editing.ode_invert``).
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import Prediction
+from .expint import lagrange_weights
 
 
 @dataclass(frozen=True)
@@ -105,15 +121,38 @@ def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction,
     Given the state x at the last noisy level, sigma~ = sigma / alpha on the grid (ending at 0)
     and more than one recent eps_hat (newest first), the step to sigma~ = 0 is instead the
     Adams-Bashforth step in sigma~ through them (with one it is exactly x0_hat): still clean
-    data, but of higher order than x0_hat of the last evaluation alone."""
+    data, but of higher order than x0_hat of the last evaluation alone (``final_order``)."""
     out = pred.x0
     if eps_hist is not None and len(eps_hist) > 1 and sigma_tilde and sigma_tilde[-1] == 0:
-        from .multistep import final_sigma_step
-
         out = final_sigma_step(x, alpha, sigma_tilde, eps_hist, len(eps_hist))
         pred = Prediction(x0=out, eps=pred.eps)
     report(callback, i, t, out, pred)
     return out
+
+
+def final_sigma_step(x: Tensor, alpha: float, st: list[float], eps_hist: list[Tensor],
+                     order: int) -> Tensor:
+    """A higher-order last step for any sampler: from x at sigma~_{N-1} to sigma~ = 0 by the
+    Adams-Bashforth rule in sigma~ on the latest eps_hat (newest first). With one output it is
+    the Euler step, i.e. x0_hat; ``st`` is sigma~ on the whole grid."""
+    (w,) = final_weights(st, order)
+    y = x / alpha
+    for wj, ej in zip(w, eps_hist, strict=False):
+        y = y + wj * ej
+    return y
+
+
+def final_weights(st: list[float], order: int) -> list[list[float]]:
+    """Adams-Bashforth weights of the last step, from sigma~_{N-1} to sigma~_N = 0, on the
+    latest ``order`` outputs (newest first): the Lagrange polynomial of eps_hat in sigma~
+    through them integrated exactly over [sigma~_{N-1}, 0], as ``lagrange_weights`` with c = 0
+    gives. A one-element list, or none where t_min is still noisy."""
+    if st[-1] > 0:
+        return []
+    n = len(st) - 2
+    h = -st[n]
+    nodes = [st[n - j] - st[n] for j in range(min(order, n + 1))]  # newest first
+    return [[h * w for w in lagrange_weights(nodes, h, 0.0)]]
 
 
 def zero_snr_start(sampler: Callable) -> Callable:

@@ -31,6 +31,7 @@ from .base import (
     zero_snr_start,
 )
 from .expint import half_log_snr_grid, lagrange_weights
+from .options import SamplerOption, declare_options, final_order_option
 
 
 def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float,
@@ -80,6 +81,7 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
     return x
 
 
+@declare_options(final_order_option(1))
 @zero_snr_start
 def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
              callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
@@ -90,6 +92,7 @@ def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators 
     return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, False, final_order)
 
 
+@declare_options(final_order_option(1))
 @zero_snr_start
 def dpmpp_3m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
              callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
@@ -99,6 +102,9 @@ def dpmpp_3m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators 
     return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 3, False, final_order)
 
 
+@declare_options(SamplerOption(
+    "order", int, 2, "order of the interpolant of x0_hat in lambda (2: SDE-DPM-Solver++(2M))",
+    min=1))
 @zero_snr_start
 def dpmpp_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 2) -> Tensor:
@@ -136,6 +142,11 @@ def _expint(x: Tensor, i: int, j: int, nodes: list[int], outs: list[Tensor], lam
     return out
 
 
+@declare_options(
+    SamplerOption("order", int, 3, "order of each singlestep step (grid intervals per step)",
+                  choices=(1, 2, 3)),
+    SamplerOption("data_prediction", bool, False, "interpolate x0_hat instead of eps_hat "
+                  "(singlestep DPM-Solver++)"))
 @zero_snr_start
 @torch.no_grad()
 def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,

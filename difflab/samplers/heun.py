@@ -25,6 +25,7 @@ from .base import (
     report,
     zero_snr_start,
 )
+from .options import SamplerOption, declare_options
 
 
 def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
@@ -40,6 +41,12 @@ def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
     return st_hat.tolist(), t_hat
 
 
+@declare_options(
+    SamplerOption("churn", float, 0.0, "S_churn: total noise added (gamma = min(S_churn / N, "
+                  "sqrt(2) - 1) per step); 0 is the deterministic ODE sampler", min=0.0),
+    SamplerOption("s_tmin", float, 0.0, "churn only where sigma~ >= S_tmin", min=0.0),
+    SamplerOption("s_tmax", float, math.inf, "churn only where sigma~ <= S_tmax", min=0.0),
+    SamplerOption("s_noise", float, 1.0, "S_noise: scale of the churn noise", min=0.0))
 @zero_snr_start
 @torch.no_grad()
 def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,

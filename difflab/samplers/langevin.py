@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..parameterization import DenoiserFn
 from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
+from .options import SamplerOption, declare_options
 
 
 def _langevin_step(x: Tensor, score: Tensor, z: Tensor, snr: float, a_ratio2: float) -> Tensor:
@@ -34,6 +35,11 @@ def _langevin_step(x: Tensor, score: Tensor, z: Tensor, snr: float, a_ratio2: fl
     return x + e * score + (2 * e).sqrt() * z
 
 
+@declare_options(
+    SamplerOption("snr", float, 0.16, "signal-to-noise ratio r that sets the Langevin step "
+                  "size", min=0.0),
+    SamplerOption("n_corrector", int, 1, "Langevin corrector steps before each predictor "
+                  "step", min=0))
 @torch.no_grad()
 def pc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
        callback: Callback | None = None, *, cond: Any = None, snr: float = 0.16,
@@ -60,6 +66,10 @@ def pc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None
     return x
 
 
+@declare_options(
+    SamplerOption("n_steps", int, 10, "Langevin steps (evaluations) per noise level", min=1),
+    SamplerOption("eps", float, 0.2, "step size at the smallest level, in units of its "
+                  "variance", min=0.0, min_exclusive=True))
 @zero_snr_start
 @torch.no_grad()
 def annealed_langevin(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,

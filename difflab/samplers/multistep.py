@@ -9,13 +9,16 @@ the probability-flow ODE is dy / dsigma~ = eps_hat (Karras et al. 2022, eq. 4).
 - ``lms``: variable-step Adams-Bashforth of order ``order`` (Lagrange polynomial of eps_hat in
   sigma~ integrated exactly over each step), the method of diffusers' LMSDiscreteScheduler.
 
+By default both end with a multistep step to clean data (``final_order``, ``base``): plms of
+order 4, lms of its ``order``; ``final_order=1`` returns x0_hat of the last evaluation instead.
+
 Both hold for steps of either sign in sigma~: on a rising grid (inversion) they run the same
 Adams-Bashforth steps upwards, with no final step, and return x at the last grid point.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,10 +29,12 @@ from .base import (
     Generators,
     check_ode_grid,
     final_step,
+    final_weights,
     report,
     zero_snr_start,
 )
 from .expint import lagrange_weights
+from .options import SamplerOption, declare_options, final_order_option
 
 AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
              [55 / 24, -59 / 24, 37 / 24, -9 / 24])
@@ -44,12 +49,13 @@ def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback
     process = denoiser.process
     a = process.alpha(ts).tolist()
     y = x / a[0]
+    depth = max(map(len, weights), default=1)  # outputs any step uses (zip takes its share)
     hist: list[Tensor] = []
     for i in range(len(ts) - 1):
         pred = denoiser(a[i] * y, ts[i], cond)
         if i == len(ts) - 2 and len(weights) < len(ts) - 1:
             return final_step(callback, i, ts[i], pred)
-        hist = [pred.eps, *hist][: len(weights[i])]
+        hist = [pred.eps, *hist][:depth]
         for wj, ej in zip(weights[i], hist, strict=False):
             y = y + wj * ej
         if i == len(ts) - 2 and not rising:  # the step to clean data: x = y, no noise left
@@ -59,55 +65,36 @@ def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback
     return a[-1] * y
 
 
-def final_sigma_step(x: Tensor, alpha: float, st: list[float], eps_hist: list[Tensor],
-                     order: int) -> Tensor:
-    """A higher-order last step for any sampler: from x at sigma~_{N-1} to sigma~ = 0 by the
-    Adams-Bashforth rule in sigma~ on the latest eps_hat (newest first). With one output it is
-    the Euler step, i.e. x0_hat; ``st`` is sigma~ on the whole grid."""
-    (w,) = _final_weights(st, order)
-    y = x / alpha
-    for wj, ej in zip(w, eps_hist, strict=False):
-        y = y + wj * ej
-    return y
-
-
-def _final_weights(st: list[float], order: int) -> list[list[float]]:
-    """Adams-Bashforth weights of the last step, from sigma~_{N-1} to sigma~_N = 0, on the
-    latest ``order`` outputs; none where t_min is still noisy."""
-    if st[-1] > 0:
-        return []
-    n = len(st) - 2
-    h = -st[n]
-    nodes = [st[n - j] - st[n] for j in range(min(order, n + 1))]  # newest first
-    return [[h * w for w in lagrange_weights(nodes, h, 0.0)]]
-
-
 def _sigma_tilde(process, ts: Tensor) -> list[float]:
     return (-0.5 * process.log_snr(ts)).exp().tolist()
 
 
+@declare_options(final_order_option(4))
 @zero_snr_start
 def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-         callback: Callback | None = None, *, cond: Any = None,
-         final: Literal["multistep", "denoise"] = "multistep") -> Tensor:
+         callback: Callback | None = None, *, cond: Any = None, final_order: int = 4) -> Tensor:
     """PLMS (Liu et al. 2022, eq. 12) with Adams-Bashforth warm-up; one evaluation per step.
-    ``final="multistep"``: the last step to sigma~ = 0 is a variable-step Adams-Bashforth step
-    of order 4 (the steps are unequal there) instead of returning x0_hat."""
+    ``final_order`` = 4: the last step to sigma~ = 0 is a variable-step Adams-Bashforth step of
+    order 4 (the steps are unequal there); 1 returns x0_hat instead."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     st = _sigma_tilde(denoiser.process, ts)
     weights = [[(st[i + 1] - st[i]) * c for c in AB_COEFFS[min(i, 3)]]
                for i in range(len(ts) - (1 if rising else 2))]
-    if final == "multistep" and not rising:
-        weights += _final_weights(st, 4)
+    if final_order > 1 and not rising:
+        weights += final_weights(st, final_order)
     return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising)
 
 
+@declare_options(
+    SamplerOption("order", int, 4, "order of the Adams-Bashforth steps", min=1),
+    final_order_option(None, "; default: order"))
 @zero_snr_start
 def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
         callback: Callback | None = None, *, cond: Any = None, order: int = 4,
-        final: Literal["multistep", "denoise"] = "multistep") -> Tensor:
-    """Variable-step Adams-Bashforth in sigma~ (linear multistep, order ``order``);
-    ``final="multistep"`` takes the last step to sigma~ = 0 the same way."""
+        final_order: int | None = None) -> Tensor:
+    """Variable-step Adams-Bashforth in sigma~ (linear multistep, order ``order``); the last
+    step to sigma~ = 0 is taken the same way, of order ``final_order`` (default: ``order``;
+    1 returns x0_hat)."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     st = _sigma_tilde(denoiser.process, ts)
     weights = []
@@ -115,8 +102,9 @@ def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = Non
         h = st[i + 1] - st[i]
         nodes = [st[i - j] - st[i] for j in range(min(order, i + 1))]
         weights.append([h * w for w in lagrange_weights(nodes, h, 0.0)])
-    if final == "multistep" and not rising:
-        weights += _final_weights(st, order)
+    final_order = order if final_order is None else final_order
+    if final_order > 1 and not rising:
+        weights += final_weights(st, final_order)
     return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising)
 
 

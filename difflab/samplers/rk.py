@@ -25,8 +25,16 @@ from .base import (
     final_step,
     zero_snr_start,
 )
+from .options import SamplerOption, declare_options
 
 
+@declare_options(
+    SamplerOption("rtol", float, 1e-5, "relative tolerance of the adaptive step", min=0.0,
+                  min_exclusive=True),
+    SamplerOption("atol", float, 1e-5, "absolute tolerance of the adaptive step", min=0.0,
+                  min_exclusive=True),
+    SamplerOption("method", str, "RK45", "scipy.integrate.solve_ivp method",
+                  choices=("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")))
 @zero_snr_start
 @torch.no_grad()
 def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,

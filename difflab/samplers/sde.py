@@ -30,6 +30,7 @@ from .base import (
     report,
     zero_snr_start,
 )
+from .options import declare_options
 
 
 @torch.no_grad()
@@ -55,6 +56,7 @@ def _euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
     return x
 
 
+@declare_options()
 @zero_snr_start
 def euler_maruyama(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                    callback: Callback | None = None, *, cond: Any = None) -> Tensor:
@@ -62,6 +64,7 @@ def euler_maruyama(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
     return _euler(denoiser, x, ts, generator, callback, cond, stochastic=True)
 
 
+@declare_options()
 @zero_snr_start
 def euler_ode(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None) -> Tensor:

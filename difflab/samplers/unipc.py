@@ -30,6 +30,7 @@ from .base import (
     zero_snr_start,
 )
 from .expint import half_log_snr_grid, lagrange_weights
+from .options import SamplerOption, declare_options, final_order_option
 
 
 def _weights(nodes: list[float], h: float, variant: str) -> list[float]:
@@ -61,6 +62,17 @@ def _plan(lam: Tensor, order: int, variant: str, rising: bool = False
     return plan
 
 
+def _order(default: int) -> SamplerOption:
+    return SamplerOption("order", int, default, "order p of the UniP predictor (the UniC "
+                         "corrector has p + 1)", min=1)
+
+
+@declare_options(
+    _order(2),
+    SamplerOption("variant", str, "bh2", "B(h): bh1 = h, bh2 = e^h - 1",
+                  choices=("bh1", "bh2")),
+    SamplerOption("corrector", bool, True, "apply the UniC corrector (false: plain UniP)"),
+    final_order_option(1))
 @zero_snr_start
 @torch.no_grad()
 def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
@@ -101,6 +113,7 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     return x
 
 
+@declare_options(_order(3), final_order_option(1))
 def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 3,
               final_order: int = 1) -> Tensor:
@@ -109,6 +122,7 @@ def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
                  final_order=final_order)
 
 
+@declare_options(_order(2), final_order_option(1))
 def unipc_bh2(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 2,
               final_order: int = 1) -> Tensor:

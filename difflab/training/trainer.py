@@ -37,7 +37,7 @@ from ..data import (
     save_scatter,
 )
 from ..networks import MLPConfig, UNetConfig, build_network
-from ..objectives import Objective
+from ..objectives import Objective, ObjectiveConfig, build_objective
 from ..parameterization import ClippedDenoiser, Denoiser
 from ..process import make_process
 from ..samplers import ddim
@@ -69,8 +69,9 @@ TOY_PREFIX = "toy:"
 
 def objective_from_config(c: TrainConfig) -> Objective:
     """The training objective named by a config (checks the names)."""
-    return Objective(c.objective, c.weighting, c.min_snr_gamma, c.loss_space, c.vlb_lambda,
-                     c.time_sampling)
+    return build_objective(ObjectiveConfig(
+        name=c.objective, weighting=c.weighting, min_snr_gamma=c.min_snr_gamma,
+        loss_space=c.loss_space, vlb_lambda=c.vlb_lambda, time_sampling=c.time_sampling))
 
 
 class NonFiniteLossError(RuntimeError):
