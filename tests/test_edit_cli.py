@@ -30,6 +30,7 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("kind,extra", [
     ("sdedit", ["--strength", "0.5", "--class", "3"]),
     ("vary", ["--n", "3", "--sampler", "ddpm"]),
+    ("sdedit", ["--sampler", "heun", "--sampler-opt", "churn=1"]),
     ("inpaint", ["--mask", "MASK", "--jump-length", "2", "--jump-n-sample", "2"]),
     ("invert", ["--save-npz", "NPZ"]),
     ("invert", ["--inversion", "heun"]),
@@ -56,3 +57,7 @@ def test_edit_errors(run, capsys):
     assert main([*base[:1], "sdedit", *base[2:], "--input", str(run / "a.png"),
                  "--class", "x"]) == 2
     assert "unknown --class 'x'" in capsys.readouterr().err
+    for kind, extra, words in [("sdedit", ["--sampler", "heun", "--eta", "0.5"], "churn"),
+                               ("invert", ["--sampler-opt", "eta=0"], "sdedit and vary")]:
+        assert main([*base[:1], kind, *base[2:], "--input", str(run / "a.png"), *extra]) == 2
+        assert words in capsys.readouterr().err

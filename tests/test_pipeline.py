@@ -252,8 +252,12 @@ def test_labels_all_rows_names_and_errors(runs):
 
 def test_a_sampler_option_the_sampler_does_not_take_is_refused(runs):
     pipe = Pipeline.from_pretrained(runs["mlp"][0])
-    with pytest.raises(ValueError, match="'heun'.*eta.*churn"):
+    with pytest.raises(ValueError, match="'heun'.*'eta'.*churn"):
         pipe(2, sampler="heun", sampler_options={"eta": 0.5}, steps=2)
+    with pytest.raises(ValueError, match="'heun'.*'eta'.*churn"):
+        pipe(2, sampler=get_sampler("heun"), sampler_options={"eta": 0.5}, steps=2)
+    with pytest.raises(ValueError, match="churn"):
+        pipe(2, sampler="heun", sampler_options={"churn": "lots"}, steps=2)
 
 
 def test_output_images_grid_and_npz(runs, tmp_path):

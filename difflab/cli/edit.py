@@ -15,6 +15,7 @@ from ..io import atomic_write
 from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
+from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 KINDS = {
     "sdedit": "noise the input to --strength and denoise it (toward --class or --prompt)",
@@ -47,6 +48,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", default=None, choices=SPACINGS)
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta (default: 0, and 1 for inpaint as in RePaint)")
+    add_sampler_opt(p)
     p.add_argument("--jump-length", type=int, default=0, help="RePaint: jump back this far")
     p.add_argument("--jump-n-sample", type=int, default=1, help="RePaint: passes per jump")
     p.add_argument("--n", type=int, default=8, help="vary: variations; interpolate: frames")
@@ -76,14 +78,22 @@ def _cond(args: argparse.Namespace, pipe: Pipeline) -> Any:
     return pipe.condition(labels, args.prompt, n=1).cond
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of --sampler (sdedit and vary run it; inpaint takes --eta itself)."""
+    if args.kind in ("sdedit", "vary"):
+        return sampler_options_from_args(args, ("eta",))
+    if args.sampler_opt:
+        raise ValueError(f"--sampler-opt applies to sdedit and vary, not {args.kind}")
+    return {}
+
+
 def run_edit(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
     den = pipe.denoiser()
     x = _image(args.input, pipe, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    options = {} if args.eta is None or args.kind == "inpaint" else {"eta": args.eta}
-    sampler, options = resolve_sampler(args.sampler, options)
+    sampler, options = resolve_sampler(args.sampler, _options(args))
     ts = time_grid(den.process, args.steps, args.spacing)
     cond = _cond(args, pipe)
     if args.kind == "sdedit":

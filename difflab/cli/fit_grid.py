@@ -11,6 +11,7 @@ generalises. ``difflab sample --grid`` reads the result.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..pipeline import Pipeline
 from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
+from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 FIXED_GRID_SAMPLERS = tuple(s for s in ODE_SAMPLERS if s != "rk45")
 
@@ -34,6 +36,7 @@ def add_fit_grid_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     p.add_argument("--sampler", default="plms", choices=FIXED_GRID_SAMPLERS)
     p.add_argument("--steps", type=int, default=10, help="sampler steps of the grid")
+    add_sampler_opt(p)
     p.add_argument("--out", default=None,
                    help="output JSON (default: RUN/grids/SAMPLER_STEPS.json beside the run)")
     p.add_argument("--pool", type=int, default=512, help="noise draws ranked for sensitivity")
@@ -69,6 +72,7 @@ def run_fit_grid(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be at least 2 to have a grid to fit, got {args.steps}")
     if args.guidance is not None and args.label is None:
         raise ValueError("--guidance needs --class: guidance pushes towards one class")
+    options = sampler_options_from_args(args)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
                                     ema=False if args.no_ema else None)
@@ -83,7 +87,8 @@ def run_fit_grid(args: argparse.Namespace) -> int:
                              if n_classes else "--class needs a class-conditional model")
         den = _FixedLabel(den, args.label)
     shape = pipe.sample_shape
-    process, sampler = den.process, get_sampler(args.sampler)
+    process = den.process
+    sampler = functools.partial(get_sampler(args.sampler), **options)
     g = torch.Generator().manual_seed(args.seed)
     sigma_max = float(process.sigma(process.t_max))
 
@@ -108,10 +113,12 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
         args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
-        train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2])
+        train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
+        **({"sampler_options": options} if options else {}))
     print("| grid | training RMS (weighted) | validation RMS |\n|---|---|---|")
     for name, tr, va in rows:
         print(f"| {name} | {tr:.4e} | {va:.4e} |")
+    opts = "".join(f" --sampler-opt {k}={v}" for k, v in options.items())
     print(f"times: {[round(float(t), 2) for t in ts]}\nwrote {out}  (use: difflab sample "
-          f"--checkpoint {args.checkpoint} --sampler {args.sampler} --grid {out})")
+          f"--checkpoint {args.checkpoint} --sampler {args.sampler}{opts} --grid {out})")
     return 0

@@ -17,6 +17,10 @@ from ..training.distributed import (
     local_slice,
     process_group,
 )
+from .sampler_args import add_sampler_opt, sampler_options_from_args
+
+#: the shortcut flags of --sampler-opt (an option only when given)
+SHORTCUTS = ("eta", "variance", "order", "churn")
 
 
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +50,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--order", type=int, default=None,
                    help="solver order (dpm_solver, unipc_*, lms, dpmpp_sde; default: theirs)")
     p.add_argument("--churn", type=float, default=None, help="Heun churn (0: deterministic)")
+    add_sampler_opt(p)
     p.add_argument("--class", dest="label", default="all",
                    help="class index or name to sample, or 'all' for rows of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
@@ -111,13 +116,6 @@ def resolve_seed_range(args: argparse.Namespace) -> None:
     args.seed, args.n = a, b - a + 1
 
 
-def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampler options the user gave (each shortcut flag only when given)."""
-    given = {"eta": args.eta, "variance": args.variance, "order": args.order,
-             "churn": args.churn}
-    return {k: v for k, v in given.items() if v is not None}
-
-
 def sample_conditions(args: argparse.Namespace, pipe: Pipeline, classifier: Any
                       ) -> Conditions:
     """The conditions of all images: --prompt rows (--n per prompt, or --seeds split among
@@ -135,6 +133,7 @@ def sample_conditions(args: argparse.Namespace, pipe: Pipeline, classifier: Any
 def run_sample(args: argparse.Namespace) -> int:
     """Sample; under torchrun each rank draws its shard of the seeds and rank 0 writes."""
     resolve_seed_range(args)
+    options = sampler_options_from_args(args, SHORTCUTS)
     if args.grid:  # a saved time grid fixes the number of steps
         args.steps = len(load_time_grid(args.grid)) - 1
     info, device = init_distributed(pick_device(args.device))
@@ -146,7 +145,7 @@ def run_sample(args: argparse.Namespace) -> int:
         n, part = len(conds), local_slice(len(conds), info)
         out = pipe(cond=conds[part], seeds=list(range(args.seed, args.seed + n))[part],
                    sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                   grid=args.grid, sampler_options=sampler_options(args),
+                   grid=args.grid, sampler_options=options,
                    guidance=args.guidance, guidance_interval=args.guidance_interval,
                    guidance_rescale=args.guidance_rescale, classifier=clf,
                    classifier_scale=args.classifier_scale,

@@ -11,8 +11,7 @@ denoiser, encoding prompts and class labels, and drawing one image per seed.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ from ..conditioning import TextCond
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ..parameterization import ClippedDenoiser, Denoiser, DenoiserFn
 from ..process import Process, process_from_config
-from ..samplers import get_sampler, load_time_grid
+from ..samplers import check_sampler_options, get_sampler, load_time_grid
 from ..samplers.generate import generate
+from ..samplers.options import check_options, declared_options
 from ..training.checkpoint import write_json
 from .card import CARD_FILE, ModelCard, StageCard
 from .conditions import (
@@ -195,7 +195,7 @@ class Pipeline:
     def __call__(self, n: int | None = None, *, sampler: str | Callable = "ddim",
                  steps: int = 50, spacing: str | None = None,
                  grid: Tensor | str | Path | None = None,
-                 sampler_options: dict[str, Any] | None = None,
+                 sampler_options: Mapping[str, Any] | None = None,
                  guidance: float | None = None,
                  guidance_interval: tuple[float, float] | None = None,
                  guidance_rescale: float = 0.0,
@@ -237,17 +237,17 @@ class Pipeline:
                               prompts=cond.prompts)
 
 
-def resolve_sampler(sampler: str | Callable, options: dict[str, Any] | None
+def resolve_sampler(sampler: str | Callable, options: Mapping[str, Any] | None
                     ) -> tuple[Callable, dict[str, Any]]:
-    """The sampler function and its options, checked: an option the sampler does not take is
-    a ValueError naming the sampler and the options it takes."""
-    fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    options = dict(options or {})
-    params = inspect.signature(fn).parameters
-    takes = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "cond"]
-    unknown = sorted(set(options) - set(takes))
-    if unknown:
-        name = sampler if isinstance(sampler, str) else getattr(fn, "__name__", "sampler")
-        raise ValueError(f"sampler {name!r} takes no option {unknown[0]!r}; its options: "
-                         f"{', '.join(takes) or 'none'}")
-    return fn, options
+    """The sampler function and its options, validated against what it declares
+    (``samplers.check_sampler_options``): an option it does not take, or a bad value, is a
+    ValueError naming the sampler and its options. A function that declares no options (a
+    user's own sampler) gets ``options`` as they are."""
+    if isinstance(sampler, str):
+        return get_sampler(sampler), check_sampler_options(sampler, options or {})
+    try:
+        declared = declared_options(sampler)
+    except TypeError:
+        return sampler, dict(options or {})
+    return sampler, check_options(getattr(sampler, "__name__", "sampler"), declared,
+                                  options or {})
