@@ -204,7 +204,7 @@ def _bad_card(tmp_path, runs, change):
     (lambda c: c["stages"][0].update(sample_shape=[1, 8.5, 8]), ValueError,
      "stages[0].sample_shape[1]"),
     (lambda c: c.update(step=True), ValueError, "step"),
-    (lambda c: c["stages"][0].pop("prediction"), ValueError, "stages[0].prediction"),
+    (lambda c: c["stages"][0].pop("prediction"), ValueError, "prediction"),
     (lambda c: c["stages"][0].update(prediction="noise"), ValueError, "'noise'"),
     (lambda c: c.update(format=99), ValueError, "format 99"),
     (lambda c: c["stages"][0].update(weights="gone.safetensors"), FileNotFoundError,

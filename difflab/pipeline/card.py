@@ -6,21 +6,21 @@ stages is where an autoencoder, a cascade's second model or an adapter will go. 
 checkpoint (``step_*.json`` + ``.safetensors``) converts to a card through
 :meth:`ModelCard.from_checkpoint_meta`, which is how existing run folders keep loading.
 
-Reading is strict: an unknown key, a missing key or a value of the wrong type is refused with
-the key path named (``stages[0].sigma_data``), and :meth:`ModelCard.load` adds the file.
+Reading is strict (``difflab.config.from_dict``): an unknown key, a missing key or a value of
+the wrong type is refused with the file and the key path named (``stages[0].sigma_data``).
 """
 
 from __future__ import annotations
 
 import json
-import types
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 from .. import __version__
+from ..config import from_dict, option, to_dict
 
-#: version of the card format written by this code; older formats are converted on reading
+#: version of the card format written by this code
 CARD_FORMAT = 1
 #: file name of the card inside a pipeline folder
 CARD_FILE = "model_card.json"
@@ -32,40 +32,38 @@ Conditioning = Literal["none", "class", "text"]
 class StageCard:
     """One stage of a pipeline; for ``kind="diffusion"`` a denoiser and how to sample it."""
 
-    name: str = field(metadata={"help": "stage name, unique in the card (e.g. 'diffusion')"})
-    network: str = field(metadata={"help": "registered network name (networks.NETWORKS)"})
-    network_config: dict[str, Any] = field(
-        metadata={"help": "the network's own config, as build_network takes it"})
-    process: dict[str, Any] = field(metadata={"help": "Process.to_config() of the process"})
-    prediction: Literal["eps", "x0", "v", "edm", "score"] = field(
-        metadata={"help": "what the network predicts (parameterization.Denoiser)"})
-    sample_shape: list[int] = field(
-        metadata={"help": "shape of one sample: [C, H, W] for images, [D] for points"})
-    weights: str = field(metadata={"help": "safetensors file of this stage, relative to the "
-                                           "card's folder"})
-    kind: Literal["diffusion"] = field(default="diffusion", metadata={"help": "stage kind"})
-    weights_prefix: str = field(default="", metadata={
-        "help": "prefix of this stage's tensors in the weights file ('' = the whole file; "
-                "'ema' or 'model' inside a training checkpoint)"})
-    learned_variance: bool = field(default=False, metadata={
-        "help": "the network also outputs the reverse variance (Nichol & Dhariwal 2021)"})
-    sigma_data: float = field(default=0.5, metadata={"help": "data std of the edm "
-                                                              "preconditioning"})
-    data_range: list[float] | None = field(default=None, metadata={
-        "help": "[lo, hi] of the data (x0_hat is clipped to it); null for 2-D points"})
-    conditioning: Conditioning = field(default="none", metadata={
-        "help": "what the network is conditioned on: nothing, class labels or prompts"})
-    class_names: list[str] = field(default_factory=list, metadata={
-        "help": "class names (index = label; the null label is their number)"})
-    text_encoder: str | None = field(default=None, metadata={
-        "help": "text encoder of a text model ('minilm' or a local folder)"})
-    captions: list[str] = field(default_factory=list, metadata={
-        "help": "training captions of a text model (for reference)"})
-    dataset: str | None = field(default=None, metadata={
-        "help": "data set the stage was trained on (default data of 'difflab nll')"})
+    name: str = option(help="stage name, unique in the card (e.g. 'diffusion')")
+    network: str = option(help="registered network name (networks.NETWORKS)")
+    network_config: dict[str, Any] = option(
+        help="the network's own config, as build_network takes it")
+    process: dict[str, Any] = option(help="Process.to_config() of the process")
+    prediction: Literal["eps", "x0", "v", "edm", "score"] = option(
+        help="what the network predicts (parameterization.Denoiser)")
+    sample_shape: list[int] = option(
+        help="shape of one sample: [C, H, W] for images, [D] for points")
+    weights: str = option(help="safetensors file of this stage, relative to the card's folder")
+    kind: Literal["diffusion"] = option("diffusion", "stage kind")
+    weights_prefix: str = option(
+        "", "prefix of this stage's tensors in the weights file ('' = the whole file; 'ema' or "
+            "'model' inside a training checkpoint)")
+    learned_variance: bool = option(
+        False, "the network also outputs the reverse variance (Nichol & Dhariwal 2021)")
+    sigma_data: float = option(0.5, "data std of the edm preconditioning")
+    data_range: list[float] | None = option(
+        None, "[lo, hi] of the data (x0_hat is clipped to it); null for 2-D points")
+    conditioning: Conditioning = option(
+        "none", "what the network is conditioned on: nothing, class labels or prompts")
+    class_names: list[str] = option(
+        help="class names (index = label; the null label is their number)", factory=list)
+    text_encoder: str | None = option(
+        None, "text encoder of a text model ('minilm' or a local folder)")
+    captions: list[str] = option(help="training captions of a text model (for reference)",
+                                 factory=list)
+    dataset: str | None = option(
+        None, "data set the stage was trained on (default data of 'difflab nll')")
 
-    def check(self) -> None:
-        """Raise ValueError on values that type checks cannot catch."""
+    def __post_init__(self) -> None:
+        """Checks that types cannot express (``from_dict`` reports them with the file)."""
         if self.conditioning == "class" and not self.class_names:
             raise ValueError(f"stage {self.name!r}: conditioning 'class' needs class_names")
         if self.conditioning == "text" and not self.text_encoder:
@@ -83,34 +81,32 @@ class StageCard:
 class ModelCard:
     """What a saved model is: its stages, which weights (EMA or raw) and where it came from."""
 
-    stages: list[StageCard] = field(metadata={"help": "the stages, in the order they run"})
-    format: int = field(default=CARD_FORMAT, metadata={"help": "card format version"})
-    difflab_version: str = field(default=__version__, metadata={
-        "help": "difflab version that wrote the weights"})
-    ema: bool = field(default=True, metadata={"help": "the weights are the EMA weights"})
-    step: int | None = field(default=None, metadata={"help": "training step of the weights"})
-    training: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "the training config, for reference (not used to load)"})
+    stages: list[StageCard] = option(help="the stages, in the order they run")
+    format: int = option(CARD_FORMAT, "card format version")
+    difflab_version: str = option(__version__, "difflab version that wrote the weights")
+    ema: bool = option(True, "the weights are the EMA weights")
+    step: int | None = option(None, "training step of the weights")
+    training: dict[str, Any] = option(
+        help="the training config, for reference (not used to load)", factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format != CARD_FORMAT:
+            raise ValueError(f"model card format {self.format} is not supported (this "
+                             f"difflab reads format {CARD_FORMAT})")
+        if not self.stages:
+            raise ValueError("model card has no stages")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> ModelCard:
-        """Strict inverse of :meth:`to_dict` (errors name the key path)."""
-        card = _from_dict(cls, data, "")
-        if card.format != CARD_FORMAT:
-            raise ValueError(f"model card format {card.format} is not supported (this difflab "
-                             f"reads format {CARD_FORMAT})")
-        if not card.stages:
-            raise ValueError("model card has no stages")
-        names = [s.name for s in card.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        for s in card.stages:
-            s.check()
-        return card
+    def from_dict(cls, data: Any, where: str = "model card") -> ModelCard:
+        """Strict inverse of :meth:`to_dict`; errors name ``where`` and the key path."""
+        return from_dict(cls, data, where)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -120,9 +116,10 @@ class ModelCard:
         """Read a card file; any problem is a ValueError naming the file."""
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-            raise ValueError(f"{path}: {e}") from None
+            data = json.loads(path.read_text())
+        except ValueError as e:  # json.JSONDecodeError
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(data, str(path))
 
     # -- conversions -------------------------------------------------------------------------
     @classmethod
@@ -167,62 +164,3 @@ def conditioning_of(meta: dict[str, Any]) -> Conditioning:
     if meta.get("text_encoder"):
         return "text"
     return "class" if meta.get("class_names") else "none"
-
-
-# -- strict decoding -------------------------------------------------------------------------
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a JSON object, checking keys and value types."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'card'}: expected an object, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown key {_join(where, unknown[0])!r} in the model card; "
-                         f"valid keys{' of ' + where if where else ''}: {sorted(names)}")
-    missing = [f.name for f in fields(cls) if f.name not in data
-               and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        raise ValueError(f"missing key {_join(where, missing[0])!r} in the model card")
-    return cls(**{k: _typed(v, hints[k], _join(where, k)) for k, v in data.items()})
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _typed(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against annotation ``tp`` (and converted: int -> float, objects ->
-    dataclasses)."""
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _typed(value, inner, key)
-    if origin is list:
-        _expect(isinstance(value, list), value, "a list", key)
-        return [_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _expect(isinstance(value, dict), value, "an object", key)
-        return dict(value)
-    if is_dataclass(tp):
-        return _from_dict(tp, value, key)
-    if tp is float:
-        _expect(isinstance(value, int | float) and not isinstance(value, bool), value,
-                "a number", key)
-        return float(value)
-    _expect(isinstance(value, tp) and (tp is bool or not isinstance(value, bool)), value,
-            tp.__name__, key)
-    return value
-
-
-def _expect(ok: bool, value: Any, what: str, key: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}: expected {what}, got {value!r} ({type(value).__name__})")
