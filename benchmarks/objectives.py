@@ -39,9 +39,9 @@ from difflab.evaluation import (
 )
 from difflab.evaluation.classifier import accuracy
 from difflab.parameterization import Prediction
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
-from difflab.training import TrainConfig, Trainer
 
 #: name -> TrainConfig overrides
 MODELS: dict[str, dict] = {
@@ -85,7 +85,7 @@ def train_all(args: argparse.Namespace) -> dict[str, float]:
         cfg = TrainConfig(out_dir=str(out), steps=args.steps, sample_every=0,
                           checkpoint_every=0, device=args.device, **overrides)
         t0 = time.process_time()
-        Trainer(cfg).run(progress=False)
+        DiffusionRecipe(cfg).run(progress=False)
         seconds[name] = time.process_time() - t0
         print(f"trained {name} in {seconds[name]:.0f} s CPU", flush=True)
     return seconds

@@ -27,18 +27,18 @@ from difflab.data.shapes import CaptionedImageData, load_shapes, parse_caption
 from difflab.evaluation.shapes import ATTRIBUTES, ShapeAttributeChecker, attribute_accuracy
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.parameterization import ClippedDenoiser, Denoiser
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
-from difflab.training import TrainConfig, Trainer
 
 
-def train(args: argparse.Namespace) -> tuple[Trainer, float, float]:
+def train(args: argparse.Namespace) -> tuple[DiffusionRecipe, float, float]:
     cfg = TrainConfig(dataset="shapes", resolution=16, steps=args.steps,
                       batch_size=args.batch_size, attention_resolutions=[8], lr=2e-3,
                       warmup_steps=100, ema_decay=0.999, sample_every=0, checkpoint_every=0,
                       log_every=250, out_dir=args.out, seed=args.seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer = Trainer(cfg)
+    trainer = DiffusionRecipe(cfg)
     trainer.run(progress=False)
     return trainer, time.perf_counter() - wall, time.process_time() - cpu
 

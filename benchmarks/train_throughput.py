@@ -45,7 +45,7 @@ import torch
 
 from difflab.data import ImageData
 from difflab.networks import native, unet
-from difflab.training import TrainConfig, Trainer
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.training.memory import reuse_freed_memory
 
 #: Architectures: CIFAR-10 DDPM (35.7M parameters) and a narrower one for CPU timings.
@@ -72,7 +72,7 @@ class Case:
 
 def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace,
                  reuse_memory: bool = True) -> Case:
-    """difflab's own Trainer.train_step on random images (unconditional)."""
+    """difflab's own training step (DiffusionRecipe.train_step) on random images (unconditional)."""
     n = max(4 * batch, 256)
     data = ImageData(torch.rand(n, 3, size, size) * 2 - 1)
     cfg = TrainConfig(dataset="bench", resolution=size, channels=3, batch_size=batch,
@@ -81,7 +81,7 @@ def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace,
                       compile=args.compile, compile_mode=args.compile_mode,
                       channels_last=not args.no_channels_last,
                       reuse_cpu_memory=reuse_memory, out_dir="/tmp/difflab-bench", **arch)
-    tr = Trainer(cfg, data=data)
+    tr = DiffusionRecipe(cfg, data=data)
     nparams = sum(p.numel() for p in tr.net.parameters())
     return Case(f"difflab{_label(args.precision, args.compile)}", lambda: tr.train_step(),
                 nparams)

@@ -9,7 +9,7 @@ import torch
 from difflab.cli.loading import load_denoiser
 from difflab.cli.main import main
 from difflab.data import load_digits
-from difflab.training import TrainConfig, Trainer
+from difflab.recipes import DiffusionRecipe, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +64,7 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
 
 def test_vlb_objective_resumes_bitwise_with_its_importance_history(tmp_path, digits):
     def make(name):  # T = 4: the history of 10 losses per step fills within 5 steps
-        return Trainer(TrainConfig(out_dir=str(tmp_path / name), steps=8, objective="vlb",
+        return DiffusionRecipe(TrainConfig(out_dir=str(tmp_path / name), steps=8, objective="vlb",
                                    T=4, **TINY), data=digits)
     full = make("full")
     full.run(progress=False)

@@ -192,10 +192,10 @@ def test_encoder_offline_deterministic_and_cached(encoder):
 
 
 def test_prompt_dropout_rate_and_null_is_empty_prompt(tmp_path, encoder, monkeypatch):
-    from difflab.training import TrainConfig, Trainer
+    from difflab.recipes import DiffusionRecipe, TrainConfig
 
     monkeypatch.setattr("difflab.text.TextEncoder", lambda source: encoder)
-    tr = Trainer(TrainConfig(dataset="shapes", resolution=16, out_dir=str(tmp_path),
+    tr = DiffusionRecipe(TrainConfig(dataset="shapes", resolution=16, out_dir=str(tmp_path),
                              p_uncond=0.2, batch_size=512, base_channels=16,
                              channel_mult=[1], num_res_blocks=1, attention_resolutions=[],
                              device="cpu"))

@@ -11,9 +11,10 @@ from PIL import Image
 from difflab.cli.loading import load_denoiser
 from difflab.cli.main import main
 from difflab.data import load_digits
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import ddim
 from difflab.samplers.generate import generate
-from difflab.training import EMA, NonFiniteLossError, TrainConfig, Trainer
+from difflab.training import EMA, NonFiniteLossError
 
 TINY = dict(resolution=8, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[4], num_heads=2, batch_size=8, log_every=2,
@@ -29,7 +30,7 @@ def digits():
 
 
 def make(tmp_path, digits, name="run", **kw):
-    return Trainer(TrainConfig(out_dir=str(tmp_path / name), **(TINY | kw)), data=digits)
+    return DiffusionRecipe(TrainConfig(out_dir=str(tmp_path / name), **(TINY | kw)), data=digits)
 
 
 def params(module):

@@ -13,9 +13,16 @@ from ..losses import LOSS_SPACES
 from ..objectives import OBJECTIVES, TIME_SAMPLINGS, WEIGHTINGS
 from ..parameterization import PREDICTION_TYPES
 from ..process import PROCESS_NAMES
-from ..training import MODEL_SIZES, TrainConfig, Trainer, read_config_file, resolve_checkpoint
+from ..recipes import (
+    MODEL_SIZES,
+    ClassifierTrainConfig,
+    DiffusionRecipe,
+    TrainConfig,
+    read_config_file,
+    train_classifier,
+)
+from ..training import resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
-from ..training.classifier import ClassifierTrainConfig, train_classifier
 from ..training.distributed import env_info, process_group
 from ..training.precision import PRECISIONS
 
@@ -208,14 +215,14 @@ def run_train(args: argparse.Namespace) -> int:
     main = env_info().is_main
     if main:
         print("config:", json.dumps(config.to_dict(), indent=1, sort_keys=True))
-    trainer: Trainer | None = None
+    trainer: DiffusionRecipe | None = None
 
     def release() -> None:
         if trainer is not None:
             trainer.release_distributed()
 
     with process_group(release):
-        trainer = Trainer(config)
+        trainer = DiffusionRecipe(config)
         if ckpt is not None:
             trainer.resume(ckpt)
             if main:

@@ -1,26 +1,26 @@
-"""Training the noise-conditional classifier used by classifier guidance.
+"""The noisy-classifier recipe: p_phi(y | x_t, t) for classifier guidance, on the one loop.
 
 Cross-entropy of p_phi(y | x_t, t) on x_t ~ q(x_t | x_0) with t drawn as for the diffusion
-model (Dhariwal & Nichol 2021, sec. 4). Checkpoints use the same safetensors + JSON format as
-diffusion models (network name ``classifier``).
+model (Dhariwal & Nichol 2021, sec. 4). Batches are drawn with replacement from the run's
+generator, then t and the noise, in that order. Checkpoints use the same safetensors + JSON
+format as diffusion models (network name ``classifier``); no EMA.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 
-from ..data import ImageData, load_dataset
+from ..data import Batch, ImageData, RandomSource, load_dataset
 from ..networks import ClassifierConfig, NoisyClassifier
-from ..process import make_process, q_sample
-from .checkpoint import save_checkpoint
-from .trainer import pick_device
+from ..process import Process, make_process, q_sample
+from ..training import LoopConfig, StepContext, TrainLoop, init_device
+
+__all__ = ["ClassifierLoss", "ClassifierTrainConfig", "noisy_accuracy", "train_classifier"]
 
 
 @dataclass
@@ -47,6 +47,21 @@ class ClassifierTrainConfig:
     device: str = "auto"
 
 
+@dataclass
+class ClassifierLoss:
+    """Cross-entropy on x_t ~ q(x_t | x_0): t, then noise, from the run's generator."""
+
+    process: Process
+
+    def __call__(self, module: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
+        g, sl, b = ctx.generator, ctx.local, len(batch)
+        t = self.process.sample_t(b, g, device=ctx.device)
+        noise = torch.randn(batch.x.shape, generator=g, device=ctx.device)
+        x_t = q_sample(self.process, batch.x[sl], t[sl], noise[sl])
+        return F.cross_entropy(module(x_t, self.process.c_noise(t[sl]).float()),
+                               batch.labels[sl])
+
+
 def noisy_accuracy(net: NoisyClassifier, process, data: ImageData, t: float,
                    seed: int = 0) -> float:
     """Accuracy on ``data`` noised to time t (a quick check of what the classifier learnt)."""
@@ -63,7 +78,8 @@ def noisy_accuracy(net: NoisyClassifier, process, data: ImageData, t: float,
 def train_classifier(config: ClassifierTrainConfig, data: ImageData | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """Train, save a checkpoint in ``config.out_dir`` and return a summary."""
-    c, device = config, pick_device(config.device)
+    c = config
+    dist, device = init_device(c.device)
     data = data or load_dataset(c.dataset, c.resolution, c.channels)
     if data.labels is None:
         raise ValueError(f"dataset {c.dataset!r} has no labels to train a classifier on")
@@ -76,29 +92,23 @@ def train_classifier(config: ClassifierTrainConfig, data: ImageData | None = Non
                                dropout=c.dropout)
     net = NoisyClassifier(net_cfg).to(device)
     process = make_process(c.schedule, T=c.T)
-    opt = torch.optim.AdamW(net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    g = torch.Generator(device=device).manual_seed(c.seed)
-    images, labels = data.images.to(device), data.labels.to(device)
-    out, log = Path(c.out_dir), []
-    for step in tqdm(range(1, c.steps + 1), desc="classifier", disable=not progress):
-        idx = torch.randint(len(images), (c.batch_size,), generator=g, device=device)
-        t = process.sample_t(c.batch_size, g, device=device)
-        x_t = q_sample(process, images[idx], t, torch.randn(
-            images[idx].shape, generator=g, device=device))
-        loss = F.cross_entropy(net(x_t, process.c_noise(t).float()), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % c.log_every == 0:
-            log.append({"step": step, "loss": float(loss.detach())})
+    source = RandomSource(data.images.to(device), data.labels.to(device), c.batch_size)
+    accuracy: dict[str, float] = {}
+
+    def meta() -> dict[str, Any]:
+        return {"config": asdict(c), "network": {"name": "classifier", "config": asdict(net_cfg)},
+                "process": process.to_config(), "class_names": list(data.class_names),
+                **({"train_accuracy_noisy": accuracy} if accuracy else {})}
+
+    loop = TrainLoop(
+        LoopConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup_steps=0,
+                   grad_clip=0.0, ema_decay=None, fused_adamw=False, log_every=c.log_every,
+                   sample_every=0, checkpoint_every=0, keep_checkpoints=0, out_dir=c.out_dir,
+                   seed=c.seed, reuse_cpu_memory=False, progress_desc="classifier"),
+        net, source, ClassifierLoss(process), meta, dist, device)
+    result = loop.run(progress=progress, save_final=False)
     net.eval()
-    acc = {f"t={t:g}": noisy_accuracy(net, process, data, t)
-           for t in (0.1 * process.t_max, 0.5 * process.t_max, 0.8 * process.t_max)}
-    meta = {"config": asdict(c), "network": {"name": "classifier", "config": asdict(net_cfg)},
-            "process": process.to_config(), "class_names": list(data.class_names),
-            "train_accuracy_noisy": acc}
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    path = save_checkpoint(out / "checkpoints", c.steps, tensors, meta)
-    out.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    return {"checkpoint": str(path), "accuracy": acc, "final_loss": log[-1]["loss"] if log
-            else None}
+    accuracy |= {f"t={t:g}": noisy_accuracy(net, process, data, t)
+                 for t in (0.1 * process.t_max, 0.5 * process.t_max, 0.8 * process.t_max)}
+    path = loop.save() if dist.is_main else None  # the final checkpoint, now with accuracy
+    return {"checkpoint": str(path), "accuracy": accuracy, "final_loss": result.get("loss")}
