@@ -1,6 +1,6 @@
 """difflab: diffusion models end to end on PyTorch.
 
-Layers (imports point down): process -> parameterization -> networks -> losses -> samplers ->
+Layers (imports point down): process -> parameterization -> networks -> objectives -> samplers ->
 training -> cli. See the README for a tour.
 """
 

@@ -19,7 +19,7 @@ predicts   network output          x0_hat                       eps_hat
 
 A raw score output must grow like 1 / sigma near the data, so score models are trained with
 the denoising-score-matching weight lambda = sigma^2 (Song & Ermon 2019, eq. 6), which is the
-eps-space MSE: that is the default loss space of ``score`` (``losses.simple_loss``).
+eps-space MSE: that is the default loss space of ``score`` (``objectives.simple_loss``).
 
 For ``edm`` the network sees the variance-exploding view x~ = x_t / alpha with noise level
 s = sigma / alpha and (Karras et al. 2022, Table 1, with sigma_data the data std)

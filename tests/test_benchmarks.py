@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
 
+@pytest.mark.slow
 def test_train_throughput_prints_a_table_with_a_ratio_column():
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--config", "tiny", "--sizes", "8", "--batch", "2",

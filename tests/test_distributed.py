@@ -54,6 +54,7 @@ def single(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_and_resumes_across_world_size(single, tmp_path):
     ddp = tmp_path / "ddp"
     torchrun(*TRAIN, "--steps", "4", "--out-dir", str(ddp))
@@ -66,6 +67,7 @@ def test_ddp_matches_single_process_and_resumes_across_world_size(single, tmp_pa
     assert_same_run(single, mixed, 4)
 
 
+@pytest.mark.slow
 def test_sharded_sampling_writes_the_same_images(single, tmp_path):
     common = ["sample", "--checkpoint", str(single), "--seeds", "3-9", "--steps", "3",
               "--batch-size", "1", "--no-progress"]

@@ -16,8 +16,8 @@ from difflab.evaluation import (
     vlb,
 )
 from difflab.evaluation.likelihood import posterior, vlb_steps
-from difflab.losses import simple_loss
 from difflab.networks import MLPConfig, MLPDenoiser
+from difflab.objectives import simple_loss
 from difflab.parameterization import Denoiser
 from difflab.process import make_process
 from difflab.recipes import DiffusionRecipe, TrainConfig

@@ -36,6 +36,7 @@ print(sorted(counts)[len(counts) // 2])  # the median step: one-off growth aside
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+@pytest.mark.slow
 def test_repeated_allocations_stop_faulting():
     def faults(mode):  # a fresh process each: the setting is process-wide
         out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True,

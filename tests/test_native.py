@@ -180,6 +180,7 @@ def test_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkeypat
     assert path.exists() and path.parent.name.startswith("difflab-native-")
 
 
+@pytest.mark.slow
 def test_module_entry_point_reports_the_state():
     cmd = [sys.executable, "-m", "difflab.networks.native"]
     on = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

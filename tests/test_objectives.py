@@ -9,8 +9,14 @@ from torch import nn
 
 from difflab.analytic import GaussianData
 from difflab.evaluation.likelihood import normal_kl, posterior, vlb_term
-from difflab.losses import simple_loss
-from difflab.objectives import ImportanceSampler, Objective, lognormal_times, vlb_loss
+from difflab.objectives import (
+    HybridObjective,
+    ImportanceSampler,
+    SimpleObjective,
+    lognormal_times,
+    simple_loss,
+    vlb_loss,
+)
 from difflab.objectives.vlb import vlb_term_from_prediction
 from difflab.objectives.weighting import loss_weight
 from difflab.parameterization import (
@@ -223,7 +229,7 @@ def test_hybrid_vlb_term_trains_only_the_variance_channels():
     bound, _ = vlb_loss(den, x0, t, noise, stop_grad_mean=True, raw=raw)
     bound.sum().backward()
     assert torch.all(raw.grad[:, :3] == 0) and raw.grad[:, 3:].abs().sum() > 0
-    out = Objective("hybrid").loss(den, x0, None, t, noise)
+    out = HybridObjective().loss(den, x0, None, t, noise)
     assert out.loss.shape == (16,) and torch.isfinite(out.loss).all()
 
 
@@ -280,6 +286,6 @@ def test_lognormal_times_give_log_normal_noise_levels():
         ln_s = -0.5 * lam
         inside = (ln_s > -3) & (ln_s < 0.5)  # where no process clamps the range
         assert abs(float(ln_s[inside].median()) + 1.2) < 0.1
-    t = Objective("simple", time_sampling="continuous").sample_t(
+    t = SimpleObjective(time_sampling="continuous").sample_t(
         DiscreteProcess("cosine", T=100), 1000, g, "cpu")[0]
     assert (t != t.round()).any() and float(t.min()) > 0 and float(t.max()) <= 100

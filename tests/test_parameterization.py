@@ -44,7 +44,7 @@ def test_score_prediction_is_the_exact_score_for_gaussian_data():
 
 def test_score_model_trains_in_eps_space_by_default():
     """simple_loss of a score model is the eps-space MSE (lambda = sigma^2 weighting)."""
-    from difflab.losses import simple_loss
+    from difflab.objectives import simple_loss
 
     p = make_process("cosine")
     out = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

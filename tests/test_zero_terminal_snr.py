@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from difflab.guidance import ClassifierFreeGuidance
-from difflab.objectives import OBJECTIVES, WEIGHTINGS, Objective
+from difflab.objectives import OBJECTIVES, WEIGHTINGS, ObjectiveConfig, build_objective
 from difflab.parameterization import PREDICTION_TYPES, Denoiser
 from difflab.process import VPSDE, DiscreteProcess, ZeroTerminalSNR
 from difflab.samplers import SAMPLERS, time_grid
@@ -51,7 +51,7 @@ def test_losses_gradients_and_denoiser_are_finite_at_t_max(name, prediction):
         if objective in ("vlb", "hybrid") and not process.is_discrete:
             continue
         for weighting in WEIGHTINGS:
-            obj = Objective(objective, weighting=weighting)
+            obj = build_objective(ObjectiveConfig(objective, weighting=weighting))
             net = PointNet(6 if obj.learned_variance else 3)
             den = Denoiser(net, process, prediction, learned_variance=obj.learned_variance)
             loss = obj.loss(den, x0, None, t, noise).loss.mean()

@@ -9,8 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..losses import LOSS_SPACES
-from ..objectives import OBJECTIVES, TIME_SAMPLINGS, WEIGHTINGS
+from ..objectives import LOSS_SPACES, OBJECTIVES, TIME_SAMPLINGS, WEIGHTINGS
 from ..parameterization import PREDICTION_TYPES
 from ..process import PROCESS_NAMES
 from ..recipes import (

@@ -1,5 +1,7 @@
-"""Training objectives: L_simple with a weighting, the variational bound, the hybrid loss
-with learned variance, and EDM's, behind one ``Objective`` (what ``difflab train`` builds).
+"""Training objectives: one small class per objective in the registry ``OBJECTIVES``, each
+owning its time distribution and weighting and returning an unreduced loss
+(:class:`~.base.Objective` is the interface); ``build_objective`` makes one from an
+``ObjectiveConfig`` (what ``difflab train`` builds).
 
 =============  ====================================================  =====================
 objective      loss per example                                      default time sampling
@@ -9,116 +11,87 @@ objective      loss per example                                      default tim
 ``hybrid``     L_simple + 0.001 L_vlb (mean detached in L_vlb)       ``uniform``
 ``edm``        lambda(sigma) |x0 - D(x_t)|^2, EDM preconditioning    ``lognormal``
 =============  ====================================================  =====================
+
+A new objective is a module with its class and one entry here (registry and ``ObjectiveName``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import torch
-from torch import Tensor
-
-from ..losses import simple_loss
-from ..parameterization import Denoiser
-from ..process import Process, q_sample
+from .base import Objective, ObjectiveOutput
+from .edm import EDMObjective
+from .hybrid import HybridObjective
+from .simple import LOSS_SPACES, LossOutput, LossSpace, SimpleObjective, simple_loss
 from .times import (
+    P_MEAN,
+    P_STD,
     TIME_SAMPLINGS,
     ImportanceSampler,
+    TimeSampling,
     continuous_times,
     lognormal_times,
 )
-from .vlb import model_prediction, vlb_loss, vlb_term_from_prediction
-from .weighting import WEIGHTINGS, loss_weight
+from .vlb import VLBObjective, model_prediction, vlb_loss, vlb_term_from_prediction
+from .weighting import WEIGHTINGS, Weighting, loss_weight
 
-OBJECTIVES: tuple[str, ...] = ("simple", "vlb", "hybrid", "edm")
-DEFAULT_TIMES = {"simple": "uniform", "vlb": "importance", "hybrid": "uniform",
-                 "edm": "lognormal"}
+ObjectiveName = Literal["simple", "vlb", "hybrid", "edm"]
+OBJECTIVES: dict[str, type[Objective]] = {
+    "simple": SimpleObjective,
+    "vlb": VLBObjective,
+    "hybrid": HybridObjective,
+    "edm": EDMObjective,
+}
+#: each objective's time distribution when ``time_sampling`` is None
+DEFAULT_TIMES: dict[str, str] = {name: cls.default_times for name, cls in OBJECTIVES.items()}
+
+
+def _opt(default: object, help: str) -> Any:
+    """A config field with its help text; objective options stay fixed across a resume."""
+    return field(default=default, metadata={"help": help, "resume": False})
 
 
 @dataclass
-class ObjectiveOutput:
-    loss: Tensor              # [B] what is averaged and minimised
-    t: Tensor                 # [B]
-    vlb_term: Tensor | None   # [B] term(t) in nats (vlb, hybrid): feeds importance sampling
+class ObjectiveConfig:
+    """The training objective and its options (each objective uses the ones it needs)."""
+
+    name: ObjectiveName = _opt(
+        "simple", "training objective: simple (MSE, weighted by --weighting), vlb (variational "
+        "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
+        "learned variance; Nichol & Dhariwal 2021) or edm (needs --prediction edm; log-normal "
+        "noise levels, EDM weight)")
+    weighting: Weighting | None = _opt(
+        None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
+        "min_snr (min(SNR, gamma), Hang et al. 2023), truncated_snr (max(SNR, 1)), edm (SNR + "
+        "1 / sigma_data^2); default: the objective's (edm for edm, where constant also means "
+        "edm; else constant)")
+    min_snr_gamma: float = _opt(5.0, "gamma of --weighting min_snr")
+    loss_space: LossSpace | None = _opt(
+        None, "space of the MSE loss: eps, x0 or v (default: the prediction's own)")
+    vlb_lambda: float = _opt(0.001, "weight of L_vlb in --objective hybrid")
+    time_sampling: TimeSampling | None = _opt(
+        None, "training-time distribution: uniform (the process's own), continuous "
+        "(real-valued t, also for discrete schedules), lognormal (EDM), importance (vlb only); "
+        "default: the objective's")
+    p_mean: float = _opt(P_MEAN, "mean of ln(sigma / alpha) under lognormal time sampling "
+                                 "(EDM's P_mean)")
+    p_std: float = _opt(P_STD, "standard deviation of ln(sigma / alpha) under lognormal time "
+                               "sampling (EDM's P_std)")
 
 
-@dataclass(frozen=True)
-class Objective:
-    """One training objective: loss, weighting and time distribution (module table)."""
-
-    name: str = "simple"
-    weighting: str = "constant"
-    min_snr_gamma: float = 5.0
-    loss_space: str | None = None
-    vlb_lambda: float = 0.001
-    time_sampling: str | None = None   # None: the objective's default
-
-    def __post_init__(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r}; choose from {OBJECTIVES}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {WEIGHTINGS}")
-        if self.times not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time sampling {self.time_sampling!r}; choose from "
-                             f"{TIME_SAMPLINGS}")
-
-    @property
-    def times(self) -> str:
-        return self.time_sampling or DEFAULT_TIMES[self.name]
-
-    @property
-    def learned_variance(self) -> bool:
-        """vlb and hybrid train Sigma_theta (the network has 2x output channels)."""
-        return self.name in ("vlb", "hybrid")
-
-    def check(self, process: Process, prediction: str) -> None:
-        """Raise a clear error for combinations that cannot work."""
-        if self.name in ("vlb", "hybrid") and not hasattr(process, "alpha_bar"):
-            raise ValueError(f"objective {self.name!r} needs a discrete schedule (linear, "
-                             f"cosine, ...); got {process!r}")
-        if self.times == "importance" and self.name != "vlb":
-            raise ValueError("importance sampling of t applies to the 'vlb' objective only")
-        if self.name == "edm" and prediction != "edm":
-            raise ValueError("objective 'edm' needs --prediction edm (the preconditioning)")
-
-    def time_sampler(self, process: Process) -> ImportanceSampler | None:
-        return ImportanceSampler(int(process.T)) if self.times == "importance" else None
-
-    def sample_t(self, process: Process, n: int, generator: torch.Generator | None,
-                 device: Any, sampler: ImportanceSampler | None = None
-                 ) -> tuple[Tensor, Tensor | None]:
-        """(t [n], importance weights [n] or None)."""
-        if self.times == "importance":
-            assert sampler is not None, "importance sampling needs its ImportanceSampler"
-            return sampler.sample(n, generator, device)
-        if self.times == "lognormal":
-            return lognormal_times(process, n, generator, device), None
-        if self.times == "continuous":
-            return continuous_times(process, n, generator, device), None
-        return process.sample_t(n, generator, device), None
-
-    def loss(self, denoiser: Denoiser, x0: Tensor, cond: Any, t: Tensor, noise: Tensor,
-             t_weight: Tensor | None = None) -> ObjectiveOutput:
-        """Unreduced loss at the given times and noise."""
-        if self.name in ("simple", "edm"):
-            weighting = "edm" if self.name == "edm" and self.weighting == "constant" \
-                else self.weighting
-            out = simple_loss(denoiser, x0, cond, t=t, noise=noise, space=self.loss_space,
-                              weighting=weighting, min_snr_gamma=self.min_snr_gamma)
-            return ObjectiveOutput(out.loss, t, None)
-        if self.name == "vlb":
-            bound, term = vlb_loss(denoiser, x0, t, noise, cond, t_weight=t_weight)
-            return ObjectiveOutput(bound, t, term.detach())
-        # hybrid: one network call shared by both terms
-        raw = denoiser.raw(q_sample(denoiser.process, x0, t, noise), t, cond)
-        mse = simple_loss(denoiser, x0, cond, t=t, noise=noise, space=self.loss_space,
-                          weighting=self.weighting, min_snr_gamma=self.min_snr_gamma,
-                          raw=raw).loss
-        bound, term = vlb_loss(denoiser, x0, t, noise, cond, stop_grad_mean=True, raw=raw)
-        return ObjectiveOutput(mse + self.vlb_lambda * bound, t, term.detach())
+def build_objective(config: ObjectiveConfig) -> Objective:
+    """The objective ``config.name`` from the registry, given the fields it uses (its
+    ``options``)."""
+    if config.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {config.name!r}; choose from {tuple(OBJECTIVES)}")
+    cls = OBJECTIVES[config.name]
+    return cls(**{name: getattr(config, name) for name in cls.options})
 
 
-__all__ = ["DEFAULT_TIMES", "OBJECTIVES", "TIME_SAMPLINGS", "WEIGHTINGS", "ImportanceSampler",
-           "Objective", "ObjectiveOutput", "continuous_times", "lognormal_times",
-           "loss_weight", "model_prediction", "vlb_loss", "vlb_term_from_prediction"]
+__all__ = ["DEFAULT_TIMES", "LOSS_SPACES", "OBJECTIVES", "P_MEAN", "P_STD", "TIME_SAMPLINGS",
+           "WEIGHTINGS", "EDMObjective", "HybridObjective", "ImportanceSampler", "LossOutput",
+           "LossSpace", "Objective", "ObjectiveConfig", "ObjectiveName", "ObjectiveOutput",
+           "SimpleObjective", "TimeSampling", "VLBObjective", "Weighting", "build_objective",
+           "continuous_times", "lognormal_times", "loss_weight", "model_prediction",
+           "simple_loss", "vlb_loss", "vlb_term_from_prediction"]

@@ -14,19 +14,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from ..process import Process
 
-TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "continuous", "lognormal", "importance")
+TimeSampling = Literal["uniform", "continuous", "lognormal", "importance"]
+TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
+#: EDM's log-normal noise levels, ln(sigma / alpha) ~ N(P_mean, P_std^2) (Karras et al. 2022).
+P_MEAN, P_STD = -1.2, 1.2
 
 
 def lognormal_times(process: Process, n: int, generator: torch.Generator | None = None,
-                    device: torch.device | str | None = None, p_mean: float = -1.2,
-                    p_std: float = 1.2) -> Tensor:
+                    device: torch.device | str | None = None, p_mean: float = P_MEAN,
+                    p_std: float = P_STD) -> Tensor:
     """t whose noise level s = sigma / alpha is log-normal (EDM's training distribution)."""
     z = torch.randn(n, generator=generator, dtype=torch.float64, device=device)
     lam = -2 * (p_mean + p_std * z)
@@ -83,4 +86,5 @@ class ImportanceSampler:
         self.counts = state["counts"].long().cpu().clone()
 
 
-__all__ = ["TIME_SAMPLINGS", "ImportanceSampler", "continuous_times", "lognormal_times"]
+__all__ = ["P_MEAN", "P_STD", "TIME_SAMPLINGS", "ImportanceSampler", "TimeSampling",
+           "continuous_times", "lognormal_times"]

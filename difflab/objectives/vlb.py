@@ -1,4 +1,4 @@
-"""The variational bound as a training loss, and the hybrid objective with learned variance.
+"""The variational bound as a training loss: the ``vlb`` objective (learned variance).
 
 -log p(x0) <= L_T + sum_{t=2}^T L_{t-1} + L_0 (Ho et al. 2020, eq. 5). With t ~ p(t) over 1..T
 one term per example gives the unbiased estimate L_T + term(t) / p(t), where term(1) = L_0
@@ -6,23 +6,21 @@ one term per example gives the unbiased estimate L_T + term(t) / p(t), where ter
 t >= 2, a closed-form KL between Gaussians. The model's variance is Sigma_theta =
 exp(v log beta_t + (1 - v) log beta_tilde_t) for a learned-variance network, else fixed.
 
-Hybrid (Nichol & Dhariwal 2021, sec. 3.1): L_simple + lambda L_vlb with lambda = 0.001 and a
-stop-gradient on the mean in L_vlb, so the bound trains only the variance channels and the mean
-is trained by L_simple alone.
-
-The Gaussian pieces (KL, decoder, posterior coefficients) are those of the likelihood
-evaluator, imported from :mod:`difflab.evaluation.likelihood`: a pure-function module that
-imports nothing above the parameterization layer.
+The terms are importance sampled by default (Nichol & Dhariwal 2021, sec. 3.3). The Gaussian
+pieces (KL, decoder, posterior coefficients) are the pure functions of
+:mod:`difflab.process.gaussian`, shared with the likelihood evaluator.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..evaluation.likelihood import (
+from ..parameterization import Denoiser, DenoiserFn, Prediction
+from ..process import Process, expand_like, q_sample
+from ..process.gaussian import (
     discretized_gaussian_log_likelihood,
     gaussian_log_likelihood,
     learned_log_variance,
@@ -31,8 +29,8 @@ from ..evaluation.likelihood import (
     posterior,
     prior_kl,
 )
-from ..parameterization import Denoiser, DenoiserFn, Prediction
-from ..process import Process, expand_like, q_sample
+from .base import Objective, ObjectiveOutput
+from .times import TimeSampling
 
 
 def vlb_term_from_prediction(process: Process, x0: Tensor, x_t: Tensor, t: Tensor,
@@ -92,4 +90,30 @@ def vlb_loss(denoiser: DenoiserFn, x0: Tensor, t: Tensor, noise: Tensor, cond: A
     return (prior_kl(process, x0).to(term.dtype) + T * w * term) / dims, term
 
 
-__all__ = ["model_prediction", "vlb_loss", "vlb_term_from_prediction"]
+def require_discrete(name: str, process: Process) -> None:
+    """The bound's terms need a discrete schedule's betas (ValueError naming the objective)."""
+    if not hasattr(process, "alpha_bar"):
+        raise ValueError(f"objective {name!r} needs a discrete schedule (linear, cosine, ...); "
+                         f"got {process!r}")
+
+
+class VLBObjective(Objective):
+    """L_T + T w term(t), per dimension, with t importance sampled by default."""
+
+    name = "vlb"
+    default_times: ClassVar[TimeSampling] = "importance"
+    learned_variance = True
+    importance_sampling = True
+
+    def check(self, process: Process, prediction: str) -> None:
+        require_discrete(self.name, process)
+        super().check(process, prediction)
+
+    def loss(self, denoiser: Denoiser, x0: Tensor, cond: Any, t: Tensor, noise: Tensor,
+             t_weight: Tensor | None = None) -> ObjectiveOutput:
+        bound, term = vlb_loss(denoiser, x0, t, noise, cond, t_weight=t_weight)
+        return ObjectiveOutput(bound, t, term.detach())
+
+
+__all__ = ["VLBObjective", "model_prediction", "require_discrete", "vlb_loss",
+           "vlb_term_from_prediction"]

@@ -29,7 +29,7 @@ from ..data import (
     load_data,
 )
 from ..networks import build_network
-from ..objectives import ImportanceSampler, Objective
+from ..objectives import ImportanceSampler, Objective, ObjectiveConfig, build_objective
 from ..parameterization import Denoiser
 from ..process import Process, make_process
 from ..training import LoopConfig, StepContext, TrainLoop, init_device
@@ -44,8 +44,9 @@ __all__ = ["DiffusionLoss", "DiffusionRecipe", "objective_from_config"]
 
 def objective_from_config(c: TrainConfig) -> Objective:
     """The training objective named by a config (checks the names)."""
-    return Objective(c.objective, c.weighting, c.min_snr_gamma, c.loss_space, c.vlb_lambda,
-                     c.time_sampling)
+    return build_objective(ObjectiveConfig(
+        name=c.objective, weighting=c.weighting, min_snr_gamma=c.min_snr_gamma,
+        loss_space=c.loss_space, vlb_lambda=c.vlb_lambda, time_sampling=c.time_sampling))
 
 
 def set_label_checks(net: nn.Module, on: bool) -> None:

@@ -1,31 +1,33 @@
-"""Training objectives over a Denoiser: the simple losses of DDPM in eps, x0 or v space.
+"""The simple loss of DDPM in eps, x0 or v space, with a weighting: the ``simple`` objective.
 
 ``L_simple`` (Ho et al. 2020, eq. 14) is E_{t, x0, eps} |eps - eps_hat(x_t, t)|^2 with
 t ~ U{1..T}. The same regression can be measured on x0 or on v = alpha eps - sigma x0
 (Salimans & Ho 2022); because every prediction type converts to (x0_hat, eps_hat), the loss
 space is independent of what the network outputs. Losses are returned unreduced, one value per
-example; a weighting from :mod:`difflab.objectives.weighting` multiplies them per example.
-The variational bound, the hybrid loss and EDM's objective are in :mod:`difflab.objectives`.
+example; a weighting from :mod:`.weighting` multiplies them per example.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from .parameterization import (
+from ..parameterization import (
     Denoiser,
     Prediction,
     output_from_prediction,
     prediction_from_output,
 )
-from .process import q_sample
+from ..process import q_sample
+from .base import Objective, ObjectiveOutput
+from .times import P_MEAN, P_STD, TimeSampling
+from .weighting import WEIGHTINGS, Weighting, loss_weight
 
 LossSpace = Literal["eps", "x0", "v"]
-LOSS_SPACES: tuple[str, ...] = ("eps", "x0", "v")
+LOSS_SPACES: tuple[str, ...] = get_args(LossSpace)
 
 
 @dataclass
@@ -44,8 +46,6 @@ def simple_loss(denoiser: Denoiser, x0: Tensor, cond: Any = None,
     given, times the per-example factor of ``weighting`` (:func:`objectives.loss_weight`).
     Only the prediction channels of a learned-variance network enter this loss; ``raw`` is
     the network output at these (t, noise) when the caller already has it."""
-    from .objectives.weighting import loss_weight  # objectives build on this module
-
     # EDM trains in x0 space; a raw score output in eps space (denoising score matching with
     # lambda = sigma^2, Song & Ermon 2019), since the score's own MSE explodes as sigma -> 0.
     space = space or {"edm": "x0", "score": "eps"}.get(denoiser.prediction,
@@ -73,3 +73,39 @@ def simple_loss(denoiser: Denoiser, x0: Tensor, cond: Any = None,
         w = loss_weight(process.log_snr(t), weighting, space, min_snr_gamma, denoiser.sigma_data)
         loss = loss * w.to(device=loss.device, dtype=loss.dtype)
     return LossOutput(loss=loss, t=t)
+
+
+class SimpleObjective(Objective):
+    """w(lambda) |target - output|^2 in the loss space, t from the process (``uniform``)."""
+
+    name = "simple"
+    default_weighting: ClassVar[Weighting] = "constant"
+    options = (*Objective.options, "weighting", "min_snr_gamma", "loss_space")
+
+    def __init__(self, weighting: Weighting | None = None, min_snr_gamma: float = 5.0,
+                 loss_space: LossSpace | None = None, time_sampling: TimeSampling | None = None,
+                 p_mean: float = P_MEAN, p_std: float = P_STD):
+        super().__init__(time_sampling, p_mean, p_std)
+        self.weighting = weighting or self.default_weighting
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
+        if loss_space is not None and loss_space not in LOSS_SPACES:
+            raise ValueError(f"unknown loss space {loss_space!r}; choose from {LOSS_SPACES}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.loss_space = loss_space
+
+    def mse(self, denoiser: Denoiser, x0: Tensor, cond: Any, t: Tensor, noise: Tensor,
+            raw: Tensor | None = None) -> Tensor:
+        """The weighted MSE [B] of :func:`simple_loss` with this objective's options."""
+        return simple_loss(denoiser, x0, cond, t=t, noise=noise, space=self.loss_space,
+                           weighting=self.weighting, min_snr_gamma=self.min_snr_gamma,
+                           raw=raw).loss
+
+    def loss(self, denoiser: Denoiser, x0: Tensor, cond: Any, t: Tensor, noise: Tensor,
+             t_weight: Tensor | None = None) -> ObjectiveOutput:
+        return ObjectiveOutput(self.mse(denoiser, x0, cond, t, noise), t, None)
+
+
+__all__ = ["LOSS_SPACES", "LossOutput", "LossSpace", "SimpleObjective", "simple_loss"]
