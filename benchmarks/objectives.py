@@ -82,8 +82,8 @@ def train_all(args: argparse.Namespace) -> dict[str, float]:
         out = run_dir(Path(args.out_dir), name)
         if (out / "checkpoints").is_dir():
             continue
-        cfg = TrainConfig(out_dir=str(out), steps=args.steps, sample_every=0,
-                          checkpoint_every=0, device=args.device, **overrides)
+        cfg = TrainConfig.from_values(dict(out_dir=str(out), steps=args.steps, sample_every=0,
+                          checkpoint_every=0, device=args.device, **overrides))
         t0 = time.process_time()
         DiffusionRecipe(cfg).run(progress=False)
         seconds[name] = time.process_time() - t0
@@ -117,7 +117,7 @@ def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -
         row = {"model": name}
     row["n"], row["n_long"] = args.n, args.n_long
     den, meta = load_denoiser(ckpt)
-    row["train_steps"] = meta["config"]["steps"]
+    row["train_steps"] = meta["config"].get("optim", meta["config"])["steps"]
     configs = CONFIGS
     if name == ABLATION:  # DDIM never uses the variance: only the ancestral columns differ
         den, configs = FixedVariance(den), [c for c in CONFIGS if c[0] == "ddpm"]

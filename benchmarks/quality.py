@@ -52,7 +52,7 @@ def get_checkpoint(args: argparse.Namespace) -> tuple[str, float | None]:
     if args.checkpoint:
         return args.checkpoint, None
     t0 = time.perf_counter()
-    config = TrainConfig(out_dir=args.out_dir, device=args.device)
+    config = TrainConfig.from_values(dict(out_dir=args.out_dir, device=args.device))
     result = DiffusionRecipe(config).run(progress=False)
     return result["checkpoint"], time.perf_counter() - t0
 

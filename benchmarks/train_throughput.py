@@ -75,12 +75,13 @@ def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace,
     """difflab's own training step (DiffusionRecipe.train_step) on random images (unconditional)."""
     n = max(4 * batch, 256)
     data = ImageData(torch.rand(n, 3, size, size) * 2 - 1)
-    cfg = TrainConfig(dataset="bench", resolution=size, channels=3, batch_size=batch,
-                      lr=1e-4, warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
+    cfg = TrainConfig.from_values(dict(
+                      dataset="bench", resolution=size, channels=3, batch_size=batch, lr=1e-4,
+                      warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
                       schedule="linear", device=args.device, precision=args.precision,
                       compile=args.compile, compile_mode=args.compile_mode,
                       channels_last=not args.no_channels_last,
-                      reuse_cpu_memory=reuse_memory, out_dir="/tmp/difflab-bench", **arch)
+                      reuse_cpu_memory=reuse_memory, out_dir="/tmp/difflab-bench", **arch))
     tr = DiffusionRecipe(cfg, data=data)
     nparams = sum(p.numel() for p in tr.net.parameters())
     return Case(f"difflab{_label(args.precision, args.compile)}", lambda: tr.train_step(),

@@ -156,8 +156,8 @@ def _check_vlb_above_ode_nll():
 
 
 def test_nll_command(tmp_path, capsys):
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), device="cpu", base_channels=8,
-                      channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
+    cfg = TrainConfig.from_values(dict(out_dir=str(tmp_path / "run"), device="cpu", base_channels=8,
+                      channel_mult=[1], num_res_blocks=1, attention_resolutions=[]))
     ckpt = DiffusionRecipe(cfg).save()
     out = tmp_path / "vlb.json"
     assert main(["nll", "--checkpoint", str(ckpt), "--n", "3", "--steps", "4",

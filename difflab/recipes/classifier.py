@@ -8,16 +8,17 @@ format as diffusion models (network name ``classifier``); no EMA.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import option
 from ..data import Batch, ImageData, RandomSource, load_dataset
 from ..networks import ClassifierConfig, NoisyClassifier
-from ..process import Process, make_process, q_sample
+from ..process import PROCESS_NAMES, Process, make_process, q_sample
 from ..training import LoopConfig, StepContext, TrainLoop, init_device
 
 __all__ = ["ClassifierLoss", "ClassifierTrainConfig", "noisy_accuracy", "train_classifier"]
@@ -27,24 +28,30 @@ __all__ = ["ClassifierLoss", "ClassifierTrainConfig", "noisy_accuracy", "train_c
 class ClassifierTrainConfig:
     """A classifier run; the data options mean what they do for ``difflab train``."""
 
-    dataset: str = "digits"
-    resolution: int = 8
-    channels: int | None = None
-    base_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=list)
-    dropout: float = 0.0
-    schedule: str = "cosine"
-    T: int = 1000
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-    out_dir: str = "runs/classifier"
-    log_every: int = 50
-    device: str = "auto"
+    dataset: str = option("digits", "a labelled image data set: 'digits', 'shapes' or a folder "
+                                    "of images (sub-folders = class labels)")
+    resolution: int = option(8, "image size the data is resized/cropped to")
+    channels: Literal[1, 3] | None = option(None, "1 (grey) or 3 (RGB); default 1 for digits, "
+                                                  "3 for folders")
+    base_channels: int = option(32, "classifier width at the first resolution")
+    channel_mult: list[int] = option(factory=lambda: [1, 2],
+                                     help="width multiplier per resolution level")
+    num_res_blocks: int = option(1, "residual blocks per resolution level")
+    attention_resolutions: list[int] = option(factory=list,
+                                              help="feature-map sizes with self-attention")
+    dropout: float = option(0.0, "dropout in residual blocks")
+    schedule: str = option("cosine", "noise schedule of the diffusion model it will guide",
+                           choices=PROCESS_NAMES)
+    T: int = option(1000, "number of diffusion steps of a discrete schedule")
+    steps: int = option(1500, "total optimisation steps", resume=True)
+    batch_size: int = option(128, "images per step (drawn with replacement)")
+    lr: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    seed: int = option(0, "seed of the initialisation, batches and noise")
+    out_dir: str = option("runs/classifier", "run folder: metrics.jsonl, checkpoints/",
+                          resume=True)
+    log_every: int = option(50, "steps between metric lines", resume=True)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", resume=True)
 
 
 @dataclass

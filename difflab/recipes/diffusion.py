@@ -29,7 +29,7 @@ from ..data import (
     load_data,
 )
 from ..networks import build_network
-from ..objectives import ImportanceSampler, Objective, ObjectiveConfig, build_objective
+from ..objectives import ImportanceSampler, Objective, build_objective
 from ..parameterization import Denoiser
 from ..process import Process, make_process
 from ..training import LoopConfig, StepContext, TrainLoop, init_device
@@ -39,14 +39,7 @@ from .images import image_grid, unet_config
 from .text import CaptionTable
 from .toys import mlp_config, toy_scatter
 
-__all__ = ["DiffusionLoss", "DiffusionRecipe", "objective_from_config"]
-
-
-def objective_from_config(c: TrainConfig) -> Objective:
-    """The training objective named by a config (checks the names)."""
-    return build_objective(ObjectiveConfig(
-        name=c.objective, weighting=c.weighting, min_snr_gamma=c.min_snr_gamma,
-        loss_space=c.loss_space, vlb_lambda=c.vlb_lambda, time_sampling=c.time_sampling))
+__all__ = ["DiffusionLoss", "DiffusionRecipe", "loop_config"]
 
 
 def set_label_checks(net: nn.Module, on: bool) -> None:
@@ -113,32 +106,33 @@ class DiffusionRecipe:
     are the loop's; the rest is wiring."""
 
     def __init__(self, config: TrainConfig, data: ImageData | PointData | None = None):
-        self.config = c = config
-        self.dist, self.device = init_device(c.device, c.precision)
-        check_divisible(c.batch_size, self.dist)
-        self.data = data if data is not None else load_data(c.dataset, DataRequest(
-            c.resolution, c.channels, points=c.toy_points, points_seed=c.seed))
+        self.config = config
+        c, d, p = config, config.data, config.diffusion
+        self.dist, self.device = init_device(c.run.device, c.speed.precision)
+        check_divisible(c.optim.batch_size, self.dist)
+        self.data = data if data is not None else load_data(d.dataset, DataRequest(
+            d.resolution, d.channels, points=d.toy_points, points_seed=c.run.seed))
         self.is_toy = isinstance(self.data, PointData)
         x = self.data.points if self.is_toy else self.data.images
         labels = None
-        if c.class_conditional and self.data.labels is not None:
+        if d.class_conditional and self.data.labels is not None:
             labels = self.data.labels.to(self.device)
         self.num_classes = self.data.num_classes if labels is not None else None
         self.captions, self.text_encoder = self._captions(labels is not None)
-        self.objective = objective_from_config(c)
-        torch.manual_seed(c.seed)
+        self.objective = build_objective(c.objective)
+        torch.manual_seed(c.run.seed)
         self.net_name, self.net_config = self._network_config(x)
         net = self._build_net(x.ndim)
-        self.process = make_process(c.schedule, zero_terminal_snr=c.zero_terminal_snr, T=c.T)
-        self.objective.check(self.process, c.prediction)
+        self.process = make_process(p.schedule, zero_terminal_snr=p.zero_terminal_snr, T=p.T)
+        self.objective.check(self.process, p.prediction)
         if self.objective.times == "importance" and self.dist.enabled:
             raise ValueError("importance sampling of t keeps a per-process loss history; "
                              "it is not supported under torchrun")
         self.time_sampler = self.objective.time_sampler(self.process)
-        self.loss = DiffusionLoss(self.objective, self.process, c.prediction, c.sigma_data,
-                                  c.p_uncond, self.num_classes, self.captions,
-                                  self.time_sampler, c.channels_last)
-        self.source = EpochSource(x.to(self.device), labels, c.batch_size, c.seed)
+        self.loss = DiffusionLoss(self.objective, self.process, p.prediction, p.sigma_data,
+                                  p.p_uncond, self.num_classes, self.captions,
+                                  self.time_sampler, c.speed.channels_last)
+        self.source = EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed)
         self.loop = TrainLoop(
             loop_config(c), net, self.source, self.loss, self.meta, self.dist, self.device,
             callbacks=[lambda loop: self.sample_grid()],
@@ -152,30 +146,30 @@ class DiffusionRecipe:
         if not (labelled and isinstance(self.data, CaptionedImageData)):
             return None, None
         from ..text import TextEncoder  # optional extra: imported only when needed
-        encoder = TextEncoder(self.config.text_encoder)
+        encoder = TextEncoder(self.config.data.text_encoder)
         return CaptionTable(encoder, self.data.class_names, self.device), encoder
 
     def _network_config(self, x: Tensor) -> tuple[str, Any]:
         """("mlp", MLPConfig) for points, ("unet", UNetConfig) for images."""
-        c = self.config
+        net = self.config.network
         if x.ndim == 2:
             if self.objective.learned_variance:
                 raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
                                  "image data and a U-Net")
-            return "mlp", mlp_config(x.shape[1], c.base_channels, self.num_classes)
-        return "unet", unet_config(c.model_config(), x.shape[1], self.objective.learned_variance,
-                                   self.num_classes,
+            return "mlp", mlp_config(net.mlp, x.shape[1], self.num_classes)
+        return "unet", unet_config(net.unet, x.shape[1], x.shape[-1],
+                                   self.objective.learned_variance, self.num_classes,
                                    self.captions.dim if self.captions is not None else None)
 
     def _build_net(self, ndim: int) -> nn.Module:
         """The network on the device; channels-last for images, label checks off (the data
         set's labels are valid by construction, and checking them would sync every step)."""
-        c = self.config
+        speed = self.config.speed
         net = build_network(self.net_name, asdict(self.net_config)).to(self.device)
-        if ndim == 4 and c.channels_last:
+        if ndim == 4 and speed.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if hasattr(net, "grad_checkpointing"):
-            net.grad_checkpointing = c.grad_checkpointing
+            net.grad_checkpointing = speed.grad_checkpointing
         set_label_checks(net, False)
         return net
 
@@ -231,13 +225,13 @@ class DiffusionRecipe:
             "config": c.to_dict(),
             "network": {"name": self.net_name, "config": asdict(self.net_config)},
             "process": self.process.to_config(),
-            "prediction": c.prediction,
+            "prediction": c.diffusion.prediction,
             "learned_variance": self.objective.learned_variance,
-            "sigma_data": c.sigma_data,
+            "sigma_data": c.diffusion.sigma_data,
             "data_range": None if self.is_toy else [-1.0, 1.0],
             "class_names": (list(self.data.class_names)
                             if self.num_classes and self.captions is None else []),
-            **({"text_encoder": c.text_encoder, "captions": self.data.class_names}
+            **({"text_encoder": c.data.text_encoder, "captions": self.data.class_names}
                if self.captions is not None else {}),
         }
 
@@ -248,7 +242,7 @@ class DiffusionRecipe:
         den = self.loss.denoiser(self.ema.model)
         shape = tuple(self.source.x.shape[1:])
         if self.is_toy:
-            return toy_scatter(den, shape[0], path, self.config.sample_steps, seed=seed)
+            return toy_scatter(den, shape[0], path, self.config.run.sample_steps, seed=seed)
         k = self.num_classes or 1
         labels: Any = torch.arange(k).repeat_interleave(per_class) if self.num_classes else None
         if self.captions is not None:  # the first 8 captions, one row each
@@ -256,14 +250,15 @@ class DiffusionRecipe:
             labels = self.captions(torch.arange(k, device=self.device)
                                    .repeat_interleave(per_class))
         return image_grid(den, shape, path, per_class * k, labels, per_class,
-                          self.config.sample_steps, self.config.resolution, seed)
+                          self.config.run.sample_steps, shape[-1], seed)
 
 
 def loop_config(c: TrainConfig) -> LoopConfig:
     """The loop's share of a run config."""
-    return LoopConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay,
-                      warmup_steps=c.warmup_steps, grad_clip=c.grad_clip, ema_decay=c.ema_decay,
-                      precision=c.precision, compile=c.compile, compile_mode=c.compile_mode,
-                      reuse_cpu_memory=c.reuse_cpu_memory, log_every=c.log_every,
-                      sample_every=c.sample_every, checkpoint_every=c.checkpoint_every,
-                      keep_checkpoints=c.keep_checkpoints, out_dir=c.out_dir, seed=c.seed)
+    o, r, s = c.optim, c.run, c.speed
+    return LoopConfig(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay,
+                      warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=o.ema_decay,
+                      precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
+                      reuse_cpu_memory=s.reuse_cpu_memory, log_every=r.log_every,
+                      sample_every=r.sample_every, checkpoint_every=r.checkpoint_every,
+                      keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed)

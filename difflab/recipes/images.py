@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,15 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def unet_config(arch: dict[str, Any], channels: int, learned_variance: bool,
+def unet_config(arch: UNetConfig, channels: int, resolution: int, learned_variance: bool,
                 num_classes: int | None, context_dim: int | None) -> UNetConfig:
-    """The U-Net for images of ``channels`` channels: ``arch`` (widths, depth, attention,
-    ...) plus the fields the data and objective fix. Text models are conditioned through
-    ``context_dim`` instead of class labels."""
+    """``arch`` (widths, depth, attention, ...) with the fields the data and objective fix.
+    Text models are conditioned through ``context_dim`` instead of class labels."""
     # learned variance: the second half of the output channels is v (Nichol & Dhariwal)
     out = 2 * channels if learned_variance else None
-    if context_dim is not None:
-        return UNetConfig(in_channels=channels, out_channels=out, context_dim=context_dim,
-                          **arch)
-    return UNetConfig(in_channels=channels, out_channels=out, num_classes=num_classes, **arch)
+    return replace(arch, in_channels=channels, out_channels=out, image_size=resolution,
+                   num_classes=None if context_dim is not None else num_classes,
+                   context_dim=context_dim)
 
 
 def image_grid(denoiser: Denoiser, shape: tuple[int, ...], path: Path, n: int, labels: Any,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..data import save_scatter
@@ -11,9 +12,9 @@ from ..samplers import ddim
 from ..samplers.generate import generate
 
 
-def mlp_config(dim: int, hidden: int | None, num_classes: int | None) -> MLPConfig:
-    """The MLP for points in R^dim (width ``hidden``, default 256)."""
-    return MLPConfig(dim=dim, hidden=hidden or 256, num_classes=num_classes)
+def mlp_config(arch: MLPConfig, dim: int, num_classes: int | None) -> MLPConfig:
+    """``arch`` (width, depth) for points in R^dim."""
+    return replace(arch, dim=dim, num_classes=num_classes)
 
 
 def toy_scatter(denoiser: Denoiser, dim: int, path: Path, steps: int, n: int = 2000,
