@@ -56,6 +56,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     values = {}
     if args.config:
         values = nested_values(read_config_file(args.config), where=str(args.config))
+        TrainConfig.from_values(values, where=str(args.config))  # errors name the file
     deep_merge(values, given_options(args, TrainConfig))
     if not args.resume:
         return TrainConfig.from_values(values), None
