@@ -32,7 +32,7 @@ from ..networks import build_network
 from ..objectives import ImportanceSampler, Objective, build_objective
 from ..parameterization import Denoiser
 from ..process import Process, make_process
-from ..training import LoopConfig, StepContext, TrainLoop, init_device
+from ..training import EMA, LoopConfig, StepContext, TrainLoop, init_device
 from ..training.distributed import check_divisible
 from .config import TrainConfig
 from .images import image_grid, unet_config
@@ -120,6 +120,7 @@ class DiffusionRecipe:
         self.num_classes = self.data.num_classes if labels is not None else None
         self.captions, self.text_encoder = self._captions(labels is not None)
         self.objective = build_objective(c.objective)
+        # the network's initialisation: the one global-RNG draw before training
         torch.manual_seed(c.run.seed)
         self.net_name, self.net_config = self._network_config(x)
         net = self._build_net(x.ndim)
@@ -179,7 +180,7 @@ class DiffusionRecipe:
         return self.loop.model
 
     @property
-    def ema(self):
+    def ema(self) -> EMA:
         return self.loop.ema
 
     @property

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import option
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -104,26 +105,30 @@ class Stateful(Protocol):
 
 @dataclass
 class LoopConfig:
-    """What the loop itself needs (the recipe's typed config fills it)."""
+    """What the loop itself needs; a recipe fills it from its own typed config."""
 
-    steps: int = 1500
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 200
-    grad_clip: float = 1.0            # 0: off
-    ema_decay: float | None = 0.999   # None: no EMA
-    fused_adamw: bool = True          # one kernel for all parameters (same update rule)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    compile_mode: str = "default"
-    reuse_cpu_memory: bool = True
-    log_every: int = 50
-    sample_every: int = 500           # cadence of the callbacks; 0: never
-    checkpoint_every: int = 500       # 0: only at the end
-    keep_checkpoints: int = 2         # 0: all
-    out_dir: str = "runs/run"
-    seed: int = 0
-    progress_desc: str = "training"
+    steps: int = option(1500, "total optimisation steps", resume=True)
+    lr: float = option(2e-3, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(200, "linear learning-rate warm-up steps (0: none)")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
+    ema_decay: float | None = option(0.999, "EMA decay of the weights (None: no EMA)")
+    fused_adamw: bool = option(True, "AdamW as one kernel for all parameters (the same "
+                                     "update rule; False: PyTorch's per-tensor default)")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision",
+                                                        resume=True)
+    compile: bool = option(False, "torch.compile the module for the step", resume=True)
+    compile_mode: str = option("default", "torch.compile mode", resume=True)
+    reuse_cpu_memory: bool = option(True, "CPU: keep freed memory in the process",
+                                    resume=True)
+    log_every: int = option(50, "steps between metric lines", resume=True)
+    sample_every: int = option(500, "steps between callbacks (0: never)", resume=True)
+    checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
+                                   resume=True)
+    keep_checkpoints: int = option(2, "recent checkpoints kept (0: all)", resume=True)
+    out_dir: str = option("runs/run", "run folder", resume=True)
+    seed: int = option(0, "seed of the run's generator (and of ranks' dropout streams)")
+    progress_desc: str = option("training", "label of the progress bar", resume=True)
 
 
 @dataclass
