@@ -108,7 +108,7 @@ def main() -> None:
                     help="only the two inversion tables (no SDEdit table, no pictures)")
     args = ap.parse_args()
     den, meta = load_denoiser(args.checkpoint)
-    test = load_digits(meta["config"]["resolution"], split="test")
+    test = load_digits(meta["config"].get("data", meta["config"])["resolution"], split="test")
     idx = torch.arange(min(args.n, len(test)))
     x, y = test.images[idx].double(), test.labels[idx]
     print("\n".join(inversion_table(den, x, y, [10, 20, 50, 100, 200])))

@@ -163,7 +163,7 @@ def run_nll(args: argparse.Namespace) -> int:
     # the ODE needs gradients through x0_hat: no clipping there
     denoiser, meta = load_denoiser(args.checkpoint, ema=not args.no_ema, device=device,
                                    clip=args.method == "vlb")
-    cfg = meta["config"]
+    cfg = meta["config"].get("data", meta["config"])  # nested run config, or the old flat one
     if meta["network"]["name"] == "mlp" or meta.get("data_range") is None:
         raise ValueError("difflab nll scores 8-bit images; this checkpoint models 2-D points")
     spec = args.data or f"{cfg['dataset']}:test"
