@@ -20,9 +20,9 @@ import torch
 
 from difflab.data import load_digits
 from difflab.pipeline import Pipeline
+from difflab.recipes.classifier import ClassifierTrainConfig, train_classifier
 from difflab.samplers import ddim
 from difflab.samplers.generate import generate
-from difflab.training.classifier import ClassifierTrainConfig, train_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_accuracy import digit_classifier, to_features  # noqa: E402

@@ -39,9 +39,9 @@ from difflab.evaluation import (
 from difflab.evaluation.classifier import accuracy
 from difflab.parameterization import Prediction
 from difflab.pipeline import Pipeline
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
-from difflab.training import TrainConfig, Trainer
 
 #: name -> TrainConfig overrides
 MODELS: dict[str, dict] = {
@@ -82,10 +82,10 @@ def train_all(args: argparse.Namespace) -> dict[str, float]:
         out = run_dir(Path(args.out_dir), name)
         if (out / "checkpoints").is_dir():
             continue
-        cfg = TrainConfig(out_dir=str(out), steps=args.steps, sample_every=0,
-                          checkpoint_every=0, device=args.device, **overrides)
+        cfg = TrainConfig.from_values(dict(out_dir=str(out), steps=args.steps, sample_every=0,
+                          checkpoint_every=0, device=args.device, **overrides))
         t0 = time.process_time()
-        Trainer(cfg).run(progress=False)
+        DiffusionRecipe(cfg).run(progress=False)
         seconds[name] = time.process_time() - t0
         print(f"trained {name} in {seconds[name]:.0f} s CPU", flush=True)
     return seconds
@@ -118,7 +118,7 @@ def evaluate(name: str, args: argparse.Namespace, extractor, test, test_feats) -
     row["n"], row["n_long"] = args.n, args.n_long
     pipe = Pipeline.from_pretrained(ckpt)
     den = pipe.denoiser()
-    row["train_steps"] = pipe.card.training["steps"]
+    row["train_steps"] = pipe.card.training.get("optim", pipe.card.training)["steps"]
     configs = CONFIGS
     if name == ABLATION:  # DDIM never uses the variance: only the ancestral columns differ
         den, configs = FixedVariance(den), [c for c in CONFIGS if c[0] == "ddpm"]

@@ -34,9 +34,10 @@ from difflab.evaluation import (
 )
 from difflab.evaluation.classifier import accuracy
 from difflab.pipeline import Pipeline
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
-from difflab.training import TrainConfig, Trainer, pick_device
+from difflab.training import pick_device
 
 CONFIGS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("ddpm", 1000)]
 COLUMNS = ["set", "steps", "fid", "kid_mean", "kid_std", "precision", "recall", "seconds"]
@@ -51,7 +52,8 @@ def get_checkpoint(args: argparse.Namespace) -> tuple[str, float | None]:
     if args.checkpoint:
         return args.checkpoint, None
     t0 = time.perf_counter()
-    result = Trainer(TrainConfig(out_dir=args.out_dir, device=args.device)).run(progress=False)
+    config = TrainConfig.from_values(dict(out_dir=args.out_dir, device=args.device))
+    result = DiffusionRecipe(config).run(progress=False)
     return result["checkpoint"], time.perf_counter() - t0
 
 

@@ -27,18 +27,18 @@ from difflab.evaluation.shapes import ATTRIBUTES, ShapeAttributeChecker, attribu
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.parameterization import ClippedDenoiser, Denoiser
 from difflab.pipeline import Pipeline
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import get_sampler
 from difflab.samplers.generate import generate
-from difflab.training import TrainConfig, Trainer
 
 
-def train(args: argparse.Namespace) -> tuple[Trainer, float, float]:
-    cfg = TrainConfig(dataset="shapes", resolution=16, steps=args.steps,
+def train(args: argparse.Namespace) -> tuple[DiffusionRecipe, float, float]:
+    cfg = TrainConfig.from_values(dict(dataset="shapes", resolution=16, steps=args.steps,
                       batch_size=args.batch_size, attention_resolutions=[8], lr=2e-3,
                       warmup_steps=100, ema_decay=0.999, sample_every=0, checkpoint_every=0,
-                      log_every=250, out_dir=args.out, seed=args.seed)
+                      log_every=250, out_dir=args.out, seed=args.seed))
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer = Trainer(cfg)
+    trainer = DiffusionRecipe(cfg)
     trainer.run(progress=False)
     return trainer, time.perf_counter() - wall, time.process_time() - cpu
 
@@ -87,7 +87,7 @@ def main() -> None:
         trainer, wall, cpu = train(args)
         print(f"training: {args.steps} steps x {args.batch_size} images, wall {wall:.0f} s, "
               f"process CPU {cpu:.0f} s, torch threads {torch.get_num_threads()}")
-        den = Denoiser(trainer.ema.model, trainer.process, trainer.config.prediction)
+        den = Denoiser(trainer.ema.model, trainer.process, trainer.config.diffusion.prediction)
         encoder = trainer.text_encoder
     checker = fit_checker(args.seed)
     held = load_shapes(16, "test", 1, seed=args.seed)

@@ -45,7 +45,7 @@ import torch
 
 from difflab.data import ImageData
 from difflab.networks import native, unet
-from difflab.training import TrainConfig, Trainer
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.training.memory import reuse_freed_memory
 
 #: Architectures: CIFAR-10 DDPM (35.7M parameters) and a narrower one for CPU timings.
@@ -72,16 +72,17 @@ class Case:
 
 def difflab_case(arch: dict, size: int, batch: int, args: argparse.Namespace,
                  reuse_memory: bool = True) -> Case:
-    """difflab's own Trainer.train_step on random images (unconditional)."""
+    """difflab's own training step (DiffusionRecipe.train_step) on random images (unconditional)."""
     n = max(4 * batch, 256)
     data = ImageData(torch.rand(n, 3, size, size) * 2 - 1)
-    cfg = TrainConfig(dataset="bench", resolution=size, channels=3, batch_size=batch,
-                      lr=1e-4, warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
+    cfg = TrainConfig.from_values(dict(
+                      dataset="bench", resolution=size, channels=3, batch_size=batch, lr=1e-4,
+                      warmup_steps=0, grad_clip=1.0, ema_decay=0.9999,
                       schedule="linear", device=args.device, precision=args.precision,
                       compile=args.compile, compile_mode=args.compile_mode,
                       channels_last=not args.no_channels_last,
-                      reuse_cpu_memory=reuse_memory, out_dir="/tmp/difflab-bench", **arch)
-    tr = Trainer(cfg, data=data)
+                      reuse_cpu_memory=reuse_memory, out_dir="/tmp/difflab-bench", **arch))
+    tr = DiffusionRecipe(cfg, data=data)
     nparams = sum(p.numel() for p in tr.net.parameters())
     return Case(f"difflab{_label(args.precision, args.compile)}", lambda: tr.train_step(),
                 nparams)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from difflab.cli.main import main
 from difflab.data import load_digits, save_grid
-from difflab.training import TrainConfig, Trainer
+from difflab.recipes import DiffusionRecipe, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +15,11 @@ def run(tmp_path_factory):
     d = load_digits()
     idx = torch.arange(0, len(d), 20)
     data = type(d)(images=d.images[idx], labels=d.labels[idx], class_names=d.class_names)
-    cfg = TrainConfig(out_dir=str(tmp / "run"), steps=2, batch_size=8, base_channels=16,
+    cfg = TrainConfig.from_values(dict(
+                      out_dir=str(tmp / "run"), steps=2, batch_size=8, base_channels=16,
                       channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-                      sample_every=0, checkpoint_every=0, device="cpu")
-    Trainer(cfg, data=data).run(progress=False)
+                      sample_every=0, checkpoint_every=0, device="cpu"))
+    DiffusionRecipe(cfg, data=data).run(progress=False)
     save_grid(d.images[:1], tmp / "a.png", padding=0)
     save_grid(d.images[1:2], tmp / "b.png", padding=0)
     mask = Image.new("L", (8, 8), 0)

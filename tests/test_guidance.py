@@ -11,8 +11,8 @@ from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance, log_pro
 from difflab.networks import ClassifierConfig, NoisyClassifier, UNet, UNetConfig
 from difflab.parameterization import Denoiser
 from difflab.process import make_process
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import ddim, ddpm, time_grid
-from difflab.training import TrainConfig, Trainer
 
 
 def perturbed(module, seed=0):
@@ -114,9 +114,10 @@ def test_classifier_guidance_shifts_eps_by_sigma_grad(model):
 
 def test_condition_dropout_rate_matches_p_uncond(tmp_path):
     d = load_digits()
-    tr = Trainer(TrainConfig(out_dir=str(tmp_path), p_uncond=0.3, batch_size=512,
+    tr = DiffusionRecipe(TrainConfig.from_values(dict(
+                             out_dir=str(tmp_path), p_uncond=0.3, batch_size=512,
                              base_channels=16, channel_mult=[1], num_res_blocks=1,
-                             attention_resolutions=[], device="cpu"), data=d)
+                             attention_resolutions=[], device="cpu")), data=d)
     labels = torch.cat([tr.batch(k)[1] for k in range(8)])
     rate, n = float((labels == 10).float().mean()), len(labels)
     assert abs(rate - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)

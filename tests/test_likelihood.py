@@ -20,7 +20,7 @@ from difflab.networks import MLPConfig, MLPDenoiser
 from difflab.objectives import simple_loss
 from difflab.parameterization import Denoiser
 from difflab.process import make_process
-from difflab.training import TrainConfig, Trainer
+from difflab.recipes import DiffusionRecipe, TrainConfig
 
 MU = torch.tensor([0.3, -0.5, 0.1, 0.8], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.5, 1.0, 0.7], dtype=torch.float64)
@@ -156,9 +156,9 @@ def _check_vlb_above_ode_nll():
 
 
 def test_nll_command(tmp_path, capsys):
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), device="cpu", base_channels=8,
-                      channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
-    ckpt = Trainer(cfg).save()
+    cfg = TrainConfig.from_values(dict(out_dir=str(tmp_path / "run"), device="cpu", base_channels=8,
+                      channel_mult=[1], num_res_blocks=1, attention_resolutions=[]))
+    ckpt = DiffusionRecipe(cfg).save()
     out = tmp_path / "vlb.json"
     assert main(["nll", "--checkpoint", str(ckpt), "--n", "3", "--steps", "4",
                  "--out", str(out)]) == 0

@@ -9,7 +9,7 @@ import torch
 from difflab.cli.main import main
 from difflab.data import load_digits
 from difflab.pipeline import Pipeline
-from difflab.training import TrainConfig, Trainer
+from difflab.recipes import DiffusionRecipe, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,8 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
                      "--min-snr-gamma", "3") == 0
     meta = json.loads((out / "config.json").read_text())
     c = meta["config"]
-    assert (c["objective"], c["weighting"], c["min_snr_gamma"]) == ("hybrid", "min_snr", 3.0)
+    o = c["objective"]
+    assert (o["name"], o["weighting"], o["min_snr_gamma"]) == ("hybrid", "min_snr", 3.0)
     assert meta["learned_variance"] and meta["network"]["config"]["out_channels"] == 2
     den = Pipeline.from_pretrained(out).denoiser(clip=False)
     assert den.learned_variance
@@ -52,7 +53,7 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
     edm = tmp_path / "edm"
     assert cli_train(edm, "--objective", "edm", "--prediction", "edm") == 0
     pipe = Pipeline.from_pretrained(edm)
-    assert pipe.stage.prediction == "edm" and pipe.card.training["objective"] == "edm"
+    assert pipe.stage.prediction == "edm" and pipe.card.training["objective"]["name"] == "edm"
     capsys.readouterr()
     assert cli_train(tmp_path / "bad", "--objective", "edm") == 2
     assert "needs --prediction edm" in capsys.readouterr().err
@@ -64,8 +65,9 @@ def test_cli_objective_options_round_trip(tmp_path, capsys):
 
 def test_vlb_objective_resumes_bitwise_with_its_importance_history(tmp_path, digits):
     def make(name):  # T = 4: the history of 10 losses per step fills within 5 steps
-        return Trainer(TrainConfig(out_dir=str(tmp_path / name), steps=8, objective="vlb",
-                                   T=4, **TINY), data=digits)
+        config = TrainConfig.from_values(dict(out_dir=str(tmp_path / name), steps=8,
+                                              objective="vlb", T=4, **TINY))
+        return DiffusionRecipe(config, data=digits)
     full = make("full")
     full.run(progress=False)
     assert not bool((full.time_sampler.counts < 10).any())  # importance sampling was on

@@ -186,6 +186,8 @@ def test_model_card_json_round_trip(runs):
     assert back == card and isinstance(back.stages[0], StageCard)
     assert back.stages[0].sample_shape == [1, 8, 8] and back.stages[0].dataset == "digits"
     assert back.training["steps"] == 3 and back.step == 3
+    nested = {**meta, "config": {"data": {"dataset": "folder:x"}, "optim": {"steps": 3}}}
+    assert ModelCard.from_checkpoint_meta(nested).stages[0].dataset == "folder:x"
     mlp = ModelCard.from_checkpoint_meta(runs["mlp"][-1])
     assert mlp.stages[0].sample_shape == [2] and mlp.stages[0].conditioning == "none"
 

@@ -192,13 +192,14 @@ def test_encoder_offline_deterministic_and_cached(encoder):
 
 
 def test_prompt_dropout_rate_and_null_is_empty_prompt(tmp_path, encoder, monkeypatch):
-    from difflab.training import TrainConfig, Trainer
+    from difflab.recipes import DiffusionRecipe, TrainConfig
 
     monkeypatch.setattr("difflab.text.TextEncoder", lambda source: encoder)
-    tr = Trainer(TrainConfig(dataset="shapes", resolution=16, out_dir=str(tmp_path),
+    tr = DiffusionRecipe(TrainConfig.from_values(dict(
+                             dataset="shapes", resolution=16, out_dir=str(tmp_path),
                              p_uncond=0.2, batch_size=512, base_channels=16,
                              channel_mult=[1], num_res_blocks=1, attention_resolutions=[],
-                             device="cpu"))
+                             device="cpu")))
     assert tr.net.config.context_dim == 384 and tr.net.config.num_classes is None
     labels = torch.cat([tr.batch(k)[1] for k in range(6)])
     null = tr.captions.null_index

@@ -11,9 +11,10 @@ from PIL import Image
 from difflab.cli.main import main
 from difflab.data import load_digits
 from difflab.pipeline import Pipeline
+from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import ddim
 from difflab.samplers.generate import generate
-from difflab.training import EMA, NonFiniteLossError, TrainConfig, Trainer
+from difflab.training import EMA, NonFiniteLossError
 
 TINY = dict(resolution=8, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[4], num_heads=2, batch_size=8, log_every=2,
@@ -29,7 +30,8 @@ def digits():
 
 
 def make(tmp_path, digits, name="run", **kw):
-    return Trainer(TrainConfig(out_dir=str(tmp_path / name), **(TINY | kw)), data=digits)
+    config = TrainConfig.from_values(dict(out_dir=str(tmp_path / name), **(TINY | kw)))
+    return DiffusionRecipe(config, data=digits)
 
 
 def params(module):
@@ -71,7 +73,7 @@ def test_checkpoint_round_trip_gives_same_model_and_samples(tmp_path, digits):
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
                          for w in convs + ema_convs)
     from difflab.parameterization import Denoiser
-    ref = Denoiser(tr.ema.model, tr.process, tr.config.prediction)
+    ref = Denoiser(tr.ema.model, tr.process, tr.config.diffusion.prediction)
     labels = torch.arange(4)
     a = generate(ref, ddim, (1, 8, 8), [0, 1, 2, 3], labels=labels, steps=3, progress=False)
     b = generate(den, ddim, (1, 8, 8), [0, 1, 2, 3], labels=labels, steps=3, progress=False)
@@ -94,7 +96,7 @@ def test_checkpoints_are_safetensors_plus_json_and_pruned(tmp_path, digits):
     assert files == ["step_00000004.json", "step_00000004.safetensors",
                      "step_00000006.json", "step_00000006.safetensors"]
     meta = json.loads((tmp_path / "run" / "checkpoints" / files[2]).read_text())
-    assert meta["config"]["batch_size"] == 8 and meta["process"]["schedule"] == "cosine"
+    assert meta["config"]["optim"]["batch_size"] == 8 and meta["process"]["schedule"] == "cosine"
     assert (tmp_path / "run" / "config.json").exists()
 
 
@@ -124,10 +126,10 @@ def test_nan_loss_is_reported_and_nothing_saved(tmp_path, digits):
 
 
 def test_unknown_model_size_and_config_key(tmp_path):
-    with pytest.raises(ValueError, match="unknown config keys"):
-        TrainConfig.from_dict({"stepz": 3})
-    with pytest.raises(ValueError, match="unknown model size"):
-        TrainConfig(model_size="huge").model_config()
+    with pytest.raises(ValueError, match="unknown key 'stepz'"):
+        TrainConfig.from_values({"stepz": 3})
+    with pytest.raises(ValueError, match="model_size = 'huge': expected one of 'tiny'"):
+        TrainConfig.from_values(dict(model_size="huge"))
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def test_cli_train_then_sample(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sample grid:" in out and '"lr": 0.005' in out and '"schedule": "linear"' in out
     saved = json.loads((tmp_path / "cli" / "config.json").read_text())["config"]
-    assert saved["lr"] == 0.005 and saved["steps"] == 2
+    assert saved["optim"]["lr"] == 0.005 and saved["optim"]["steps"] == 2
     # resume to 3 steps; changing the architecture on resume is refused
     assert cli_train(tmp_path, "--resume", "--steps", "3") == 0
     assert "resumed from" in capsys.readouterr().out

@@ -1,17 +1,16 @@
 """Data sets for difflab: built-in digits, image folders, 2-D toys, and image file I/O.
 
 All image loaders return :class:`ImageData` (``[N, C, H, W]`` float32 in ``[-1, 1]``).
-:func:`load_dataset` picks a loader by name.
+:func:`load_data` picks a loader by name from the registry :data:`DATASETS` (2-D toys give
+:class:`PointData`); :func:`load_dataset` is the same for image data sets.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .base import (
     DataError,
     ImageData,
-    check_split,
+    PointData,
     from_uint8,
     split_data,
     split_indices,
@@ -20,7 +19,9 @@ from .base import (
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, load_image_folder
 from .images import load_png, save_grid, save_images, save_scatter
+from .registry import DATASETS, DataRequest, load_data
 from .shapes import CaptionedImageData, load_shapes
+from .source import Batch, BatchSource, EpochSource, RandomSource
 from .toy2d import (
     TOY_DATASETS,
     checkerboard,
@@ -30,19 +31,26 @@ from .toy2d import (
     two_moons,
 )
 
-BUILTIN_DATASETS: tuple[str, ...] = ("digits", "shapes")
-FOLDER_PREFIX = "folder:"
+BUILTIN_DATASETS: tuple[str, ...] = tuple(k for k, (_, arg) in DATASETS.items() if not arg)
 
 __all__ = [
+    "Batch",
+    "BatchSource",
+    "EpochSource",
+    "RandomSource",
     "BUILTIN_DATASETS",
     "CaptionedImageData",
+    "DATASETS",
     "DataError",
+    "DataRequest",
     "IMAGE_EXTENSIONS",
     "ImageData",
+    "PointData",
     "TOY_DATASETS",
     "checkerboard",
     "eight_gaussians",
     "from_uint8",
+    "load_data",
     "load_dataset",
     "load_digits",
     "load_image_folder",
@@ -68,7 +76,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> ImageData:
-    """Load an image data set by name.
+    """Load an image data set by name (a lookup in :data:`DATASETS`).
 
     Args:
         name: ``"digits"`` or ``"shapes"`` (built in, case-insensitive; shapes are captioned,
@@ -83,31 +91,10 @@ def load_dataset(
         seed: seed of the split.
 
     Raises:
-        DataError: unknown name that is not an existing folder, or any loader error.
+        DataError: unknown name that is not an existing folder, a point data set, or any
+            loader error.
     """
-    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
-        raise DataError(f"invalid channels={channels!r} for dataset {name!r}: expected 1 or 3")
-    check_split(split, test_fraction)
-    if name.strip().lower() == "shapes":
-        if channels == 1:
-            raise DataError("the shapes dataset is RGB: channels must be 3")
-        return load_shapes(resolution, split=split, seed=seed)
-    if name.strip().lower() in BUILTIN_DATASETS:
-        data = load_digits(resolution, split=split, test_fraction=test_fraction, seed=seed)
-        if channels == 3:
-            data = ImageData(
-                data.images.repeat(1, 3, 1, 1).contiguous(), data.labels, data.class_names
-            )
-        return data
-    if name.startswith(FOLDER_PREFIX):
-        path = Path(name[len(FOLDER_PREFIX) :]).expanduser()
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise DataError(
-                f"unknown dataset {name!r}: the folder {path} does not exist and the built-in "
-                f"dataset names are {list(BUILTIN_DATASETS)} (use 'folder:PATH' for an image "
-                f"folder)"
-            )
-    data = load_image_folder(path, resolution, channels=3 if channels is None else channels)
-    return split_data(data, split, test_fraction, seed)
+    data = load_data(name, DataRequest(resolution, channels, split, test_fraction, seed))
+    if not isinstance(data, ImageData):
+        raise DataError(f"dataset {name!r} holds points, not images")
+    return data

@@ -80,6 +80,26 @@ class ImageData:
         return ImageData(self.images[indices].contiguous(), labels, list(self.class_names))
 
 
+@dataclass
+class PointData:
+    """A data set of points in R^D (2-D toys): ``points`` [N, D] float32, unlabelled."""
+
+    points: Tensor
+    labels: Tensor | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.points, Tensor) or self.points.ndim != 2:
+            raise DataError("PointData.points must be a [N, D] tensor")
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else len(self.class_names)
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """Map values in ``[-1, 1]`` to uint8 ``0..255`` (clamped, rounded; NaN maps to 0).
 

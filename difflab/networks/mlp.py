@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from difflab.config import option
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 
 __all__ = ["MLPConfig", "MLPDenoiser"]
@@ -24,11 +25,11 @@ class MLPConfig:
         num_classes: if set, class-conditional; label ``num_classes`` is the null label.
     """
 
-    dim: int = 2
-    hidden: int = 256
-    depth: int = 4
-    time_dim: int = 64
-    num_classes: int | None = None
+    dim: int = option(2, "data dimension (set from the data)", cli=False)
+    hidden: int = option(256, "MLP width (2-D data)")
+    depth: int = option(4, "MLP residual blocks (2-D data)")
+    time_dim: int = option(64, "MLP time-embedding width (2-D data)")
+    num_classes: int | None = option(None, "class labels (set from the data)", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "time_dim"):

@@ -14,6 +14,7 @@ of the time embedding (``4 * base_channels``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from difflab.conditioning import TextCond
+from difflab.config import option
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
@@ -64,19 +66,25 @@ class UNetConfig:
             as ``cond``), and their masked mean is added to the time embedding.
     """
 
-    in_channels: int = 1
-    out_channels: int | None = None
-    image_size: int = 16
-    base_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (8,)
-    num_heads: int = 4
-    dropout: float = 0.0
-    time_conditioning: str = "scale_shift"
-    num_classes: int | None = None
-    groups: int = 32
-    context_dim: int | None = None
+    in_channels: int = option(1, "image channels of the input (set from the data)", cli=False)
+    out_channels: int | None = option(None, "output channels; None: in_channels (set from the "
+                                            "objective)", cli=False)
+    image_size: int = option(16, "nominal training resolution (set from the data)", cli=False)
+    base_channels: int = option(64, "U-Net width at the first resolution")
+    channel_mult: tuple[int, ...] = option((1, 2, 2), "width multiplier per resolution level, "
+                                                      "e.g. 1 2 2")
+    num_res_blocks: int = option(2, "residual blocks per resolution level")
+    attention_resolutions: tuple[int, ...] = option((8,), "feature-map sizes with "
+                                                          "self-attention, e.g. 16 8")
+    num_heads: int = option(4, "attention heads")
+    dropout: float = option(0.0, "dropout in residual blocks")
+    time_conditioning: Literal["add", "scale_shift"] = option(
+        "scale_shift", "inject the time embedding by 'add' or adaptive GroupNorm 'scale_shift'")
+    num_classes: int | None = option(None, "class labels 0..K-1 plus a null label (set from the "
+                                           "data)", cli=False)
+    groups: int = option(32, "maximum number of GroupNorm groups")
+    context_dim: int | None = option(None, "width of prompt tokens for cross-attention (set "
+                                           "from the text encoder)", cli=False)
 
     def __post_init__(self) -> None:
         # JSON gives lists back; keep tuples so configs compare equal after a round trip.

@@ -47,9 +47,9 @@ OBJECTIVES: dict[str, type[Objective]] = {
 DEFAULT_TIMES: dict[str, str] = {name: cls.default_times for name, cls in OBJECTIVES.items()}
 
 
-def _opt(default: object, help: str) -> Any:
+def _opt(default: object, help: str, flag: str | None = None) -> Any:
     """A config field with its help text; objective options stay fixed across a resume."""
-    return field(default=default, metadata={"help": help, "resume": False})
+    return field(default=default, metadata={"help": help, "resume": False, "flag": flag})
 
 
 @dataclass
@@ -60,7 +60,7 @@ class ObjectiveConfig:
         "simple", "training objective: simple (MSE, weighted by --weighting), vlb (variational "
         "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
         "learned variance; Nichol & Dhariwal 2021) or edm (needs --prediction edm; log-normal "
-        "noise levels, EDM weight)")
+        "noise levels, EDM weight)", flag="--objective")
     weighting: Weighting | None = _opt(
         None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
         "min_snr (min(SNR, gamma), Hang et al. 2023), truncated_snr (max(SNR, 1)), edm (SNR + "

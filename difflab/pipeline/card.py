@@ -144,9 +144,15 @@ class ModelCard:
             class_names=list(meta.get("class_names") or []),
             text_encoder=meta.get("text_encoder") or None,
             captions=list(meta.get("captions") or []),
-            dataset=(meta.get("config") or {}).get("dataset"))],
+            dataset=_training_dataset(meta.get("config") or {}))],
             difflab_version=meta.get("difflab_version", __version__), ema=ema,
             step=meta.get("step"), training=dict(meta.get("config") or {}))
+
+
+def _training_dataset(config: dict[str, Any]) -> str | None:
+    """The data set of a run config: nested (``data.dataset``) or the older flat one."""
+    data = config.get("data", config)
+    return data.get("dataset") if isinstance(data, dict) else None
 
 
 def sample_shape_of(network: str, config: dict[str, Any]) -> list[int]:

@@ -1,10 +1,18 @@
-"""Generic training: config, EMA, checkpoints, the loop."""
+"""The one generic training loop and what it owns: EMA, precision, checkpoints, DDP."""
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import MODEL_SIZES, TrainConfig, read_config_file
 from .ema import EMA
-from .trainer import NonFiniteLossError, Trainer, pick_device
+from .loop import (
+    BatchSource,
+    LoopConfig,
+    LossFn,
+    NonFiniteLossError,
+    StepContext,
+    TrainLoop,
+    init_device,
+    pick_device,
+)
 
-__all__ = ["EMA", "MODEL_SIZES", "NonFiniteLossError", "TrainConfig", "Trainer",
-           "list_checkpoints", "load_checkpoint", "pick_device", "read_config_file",
+__all__ = ["EMA", "BatchSource", "LoopConfig", "LossFn", "NonFiniteLossError", "StepContext",
+           "TrainLoop", "init_device", "list_checkpoints", "load_checkpoint", "pick_device",
            "resolve_checkpoint", "save_checkpoint"]

@@ -1,0 +1,98 @@
+"""Data sets by name: ``name -> loader``. Adding a data set is its module plus one line here.
+
+A name is ``NAME`` (a built-in with no argument, case-insensitive), ``NAME:ARG`` (a loader
+that takes an argument: ``folder:PATH``, ``toy:moons``) or the path of an existing image
+folder. A built-in name wins over a folder of the same name; use ``folder:NAME`` for that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import DataError, ImageData, PointData, check_split, split_data
+from .digits import load_digits
+from .folder import load_image_folder
+from .shapes import load_shapes
+from .toy2d import TOY_DATASETS, sample_toy
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What a loader is asked for; each loader uses the fields that apply to it."""
+
+    resolution: int = 8
+    channels: int | None = None     # 1 or 3; None: the data set's own
+    split: str = "all"              # "all", "train" or "test"
+    test_fraction: float = 0.2
+    seed: int = 0                   # seed of the split (and of drawn images: shapes)
+    points: int = 20000             # size of a point data set
+    points_seed: int = 0            # seed of the draw of a point data set
+
+
+#: ``loader(arg, request)``; ``arg`` is the text after ``NAME:`` ("" for a bare name).
+Loader = Callable[[str, DataRequest], ImageData | PointData]
+
+
+def _digits(arg: str, r: DataRequest) -> ImageData:
+    data = load_digits(r.resolution, split=r.split, test_fraction=r.test_fraction, seed=r.seed)
+    if r.channels == 3:  # repeat the grey channel
+        data = ImageData(data.images.repeat(1, 3, 1, 1).contiguous(), data.labels,
+                         data.class_names)
+    return data
+
+
+def _shapes(arg: str, r: DataRequest) -> ImageData:
+    if r.channels == 1:
+        raise DataError("the shapes dataset is RGB: channels must be 3")
+    return load_shapes(r.resolution, split=r.split, seed=r.seed)
+
+
+def _folder(arg: str, r: DataRequest) -> ImageData:
+    path = Path(arg).expanduser()
+    data = load_image_folder(path, r.resolution, channels=3 if r.channels is None else r.channels)
+    return split_data(data, r.split, r.test_fraction, r.seed)
+
+
+def _toy(arg: str, r: DataRequest) -> PointData:
+    if arg not in TOY_DATASETS:
+        raise DataError(f"unknown toy dataset {arg!r}; choose from {sorted(TOY_DATASETS)}")
+    return PointData(sample_toy(arg, r.points, torch.Generator().manual_seed(r.points_seed)))
+
+
+#: name -> (loader, takes an argument after "NAME:")
+DATASETS: dict[str, tuple[Loader, bool]] = {
+    "digits": (_digits, False),
+    "shapes": (_shapes, False),
+    "folder": (_folder, True),
+    "toy": (_toy, True),
+}
+
+
+def load_data(name: str, request: DataRequest | None = None) -> ImageData | PointData:
+    """The data set called ``name`` (see the module docstring).
+
+    Raises:
+        DataError: an unknown name that is not an existing folder, bad options, or any
+            loader error; the message names the data set.
+    """
+    r = request or DataRequest()
+    if r.channels is not None and (isinstance(r.channels, bool) or r.channels not in (1, 3)):
+        raise DataError(f"invalid channels={r.channels!r} for dataset {name!r}: expected 1 or 3")
+    check_split(r.split, r.test_fraction)
+    key, sep, arg = name.partition(":")
+    bare = DATASETS.get(name.strip().lower())
+    if bare is not None and not bare[1]:
+        return bare[0]("", r)
+    if sep and key in DATASETS and DATASETS[key][1]:
+        return DATASETS[key][0](arg, r)
+    if not Path(name).expanduser().exists():
+        builtins = [k for k, (_, takes_arg) in DATASETS.items() if not takes_arg]
+        raise DataError(
+            f"unknown dataset {name!r}: the folder {Path(name).expanduser()} does not exist and "
+            f"the built-in dataset names are {builtins} (use 'folder:PATH' for an image "
+            f"folder, 'toy:NAME' for 2-D points)")
+    return _folder(name, r)

