@@ -31,13 +31,14 @@ from ..data import (
 from ..networks import build_network
 from ..objectives import ImportanceSampler, Objective, build_objective
 from ..parameterization import Denoiser
+from ..pipeline import Conditions, ModelCard, Pipeline
 from ..process import Process, make_process
 from ..training import EMA, LoopConfig, StepContext, TrainLoop, init_device
 from ..training.distributed import check_divisible
 from .config import TrainConfig
-from .images import image_grid, unet_config
+from .images import unet_config
 from .text import CaptionTable
-from .toys import mlp_config, toy_scatter
+from .toys import mlp_config
 
 __all__ = ["DiffusionLoss", "DiffusionRecipe", "loop_config"]
 
@@ -236,22 +237,30 @@ class DiffusionRecipe:
                if self.captions is not None else {}),
         }
 
+    def pipeline(self) -> Pipeline:
+        """The EMA model as a :class:`Pipeline` (what loading this run's checkpoint gives)."""
+        card = ModelCard.from_checkpoint_meta(self.meta())
+        return Pipeline(card, self.ema.model, self.device)
+
     def sample_grid(self, per_class: int = 10, seed: int = 0) -> Path:
-        """DDIM samples from the EMA model: one row per class (or a square grid); for 2-D
-        data a scatter plot of 2000 points."""
+        """DDIM samples from the EMA model through the pipeline: one row of ``per_class`` per
+        class (the first 8 captions of a text model; one row for an unconditional one), or
+        for 2-D data a scatter plot of 2000 points."""
         path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
-        den = self.loss.denoiser(self.ema.model)
-        shape = tuple(self.source.x.shape[1:])
         if self.is_toy:
-            return toy_scatter(den, shape[0], path, self.config.run.sample_steps, seed=seed)
-        k = self.num_classes or 1
-        labels: Any = torch.arange(k).repeat_interleave(per_class) if self.num_classes else None
-        if self.captions is not None:  # the first 8 captions, one row each
-            k = min(8, k)
-            labels = self.captions(torch.arange(k, device=self.device)
-                                   .repeat_interleave(per_class))
-        return image_grid(den, shape, path, per_class * k, labels, per_class,
-                          self.config.run.sample_steps, shape[-1], seed)
+            conds = Conditions(n=2000, nrow=per_class)
+        else:
+            k = min(8, self.num_classes) if self.captions is not None else self.num_classes or 1
+            rows = torch.arange(k).repeat_interleave(per_class)
+            if self.captions is not None:
+                conds = Conditions(len(rows), per_class, cond=self.captions(rows.to(self.device)))
+            elif self.num_classes:
+                conds = Conditions(len(rows), per_class, cond=rows, labels=rows)
+            else:
+                conds = Conditions(len(rows), per_class)
+        out = self.pipeline()(sampler="ddim", steps=self.config.run.sample_steps, cond=conds,
+                              seed=seed)
+        return out.save_grid(path)
 
 
 def loop_config(c: TrainConfig) -> LoopConfig:

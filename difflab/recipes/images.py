@@ -1,16 +1,11 @@
-"""The image side of the diffusion recipe: the U-Net's config and the periodic sample grid."""
+"""The image side of the diffusion recipe: U-Net presets and the U-Net's config."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from ..data import save_grid
 from ..networks import UNetConfig
-from ..parameterization import ClippedDenoiser, Denoiser
-from ..samplers import ddim
-from ..samplers.generate import generate
 
 #: U-Net presets: (base_channels, channel_mult, num_res_blocks).
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -29,13 +24,3 @@ def unet_config(arch: UNetConfig, channels: int, resolution: int, learned_varian
     return replace(arch, in_channels=channels, out_channels=out, image_size=resolution,
                    num_classes=None if context_dim is not None else num_classes,
                    context_dim=context_dim)
-
-
-def image_grid(denoiser: Denoiser, shape: tuple[int, ...], path: Path, n: int, labels: Any,
-               per_class: int, steps: int, resolution: int, seed: int = 0) -> Path:
-    """``n`` DDIM samples (x0 clipped to the data range), ``per_class`` to a row; ``labels``
-    ([n] class indices, a text condition, or None) condition them."""
-    x = generate(ClippedDenoiser(denoiser), ddim, shape, list(range(seed, seed + n)),
-                 labels=labels, steps=steps, device=next(denoiser.net.parameters()).device,
-                 progress=False)
-    return save_grid(x, path, nrow=per_class, scale=max(1, 64 // resolution))
