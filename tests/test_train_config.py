@@ -148,3 +148,15 @@ def test_loop_config_is_the_run_configs_share():
     assert names >= {"steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
                      "precision", "compile", "checkpoint_every", "keep_checkpoints", "out_dir",
                      "seed"}
+
+
+def test_network_choice_is_checked_against_the_data(tmp_path, capsys):
+    base = ["train", "--steps", "1", "--no-progress", "--sample-every", "0"]
+    assert main([*base, "--network", "mlp", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "--network mlp does not take images" in capsys.readouterr().err
+    assert main([*base, "--network", "unet", "--dataset", "toy:moons", "--toy-points", "64",
+                 "--batch-size", "8", "--out-dir", str(tmp_path / "b")]) == 2
+    assert "--network unet does not take 2-D points" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--network", "classifier"])  # registered, but not a denoiser group
+    assert "invalid choice: 'classifier'" in capsys.readouterr().err

@@ -135,7 +135,9 @@ class ModelCard:
         return cls(stages=[StageCard(
             name="diffusion", network=net["name"], network_config=dict(net["config"]),
             process=dict(meta["process"]), prediction=meta["prediction"],
-            sample_shape=sample_shape_of(net["name"], net["config"]), weights=weights,
+            sample_shape=list(meta.get("sample_shape") or sample_shape_of(net["name"],
+                                                                          net["config"])),
+            weights=weights,
             weights_prefix="ema" if ema else "model",
             learned_variance=bool(meta.get("learned_variance", False)),
             sigma_data=float(meta.get("sigma_data", 0.5)),
@@ -156,7 +158,8 @@ def _training_dataset(config: dict[str, Any]) -> str | None:
 
 
 def sample_shape_of(network: str, config: dict[str, Any]) -> list[int]:
-    """The shape of one sample of a registered denoiser network, from its config."""
+    """The shape of one sample of a U-Net or MLP denoiser, from its config (checkpoints
+    written before the trainer recorded ``sample_shape`` in their metadata)."""
     if network == "mlp":
         return [int(config["dim"])]
     if network == "unet":

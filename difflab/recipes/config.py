@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
 
 from ..config import deep_merge, from_dict, option, to_dict, unflatten
-from ..networks import MLPConfig, UNetConfig
+from ..networks import NETWORKS, MLPConfig, UNetConfig
 from ..objectives import ObjectiveConfig
 from ..parameterization import PredictionType
 from ..process import PROCESS_NAMES
@@ -58,8 +58,16 @@ def _tiny_unet() -> UNetConfig:
                       **MODEL_SIZES["tiny"])
 
 
+def _denoiser_names() -> list[str]:
+    """The networks a run can train: registered ones with a config group below."""
+    return [f.name for f in fields(NetworkConfig) if f.name in NETWORKS]
+
+
 @dataclass
 class NetworkConfig:
+    name: str | None = option(
+        None, "denoiser network (default: unet for images, mlp for 2-D points)",
+        choices=_denoiser_names, flag="--network")
     model_size: Literal["tiny", "small", "base"] = option(
         "tiny", "U-Net preset: tiny, small or base; sets --base-channels, --channel-mult and "
         "--num-res-blocks where they are not given")

@@ -36,9 +36,8 @@ from ..process import Process, make_process
 from ..training import EMA, LoopConfig, StepContext, TrainLoop, init_device
 from ..training.distributed import check_divisible
 from .config import TrainConfig
-from .images import unet_config
+from .networks import denoiser_name, network_config
 from .text import CaptionTable
-from .toys import mlp_config
 
 __all__ = ["DiffusionLoss", "DiffusionRecipe", "loop_config"]
 
@@ -152,16 +151,12 @@ class DiffusionRecipe:
         return CaptionTable(encoder, self.data.class_names, self.device), encoder
 
     def _network_config(self, x: Tensor) -> tuple[str, Any]:
-        """("mlp", MLPConfig) for points, ("unet", UNetConfig) for images."""
-        net = self.config.network
-        if x.ndim == 2:
-            if self.objective.learned_variance:
-                raise ValueError(f"objective {self.objective.name!r} (learned variance) needs "
-                                 "image data and a U-Net")
-            return "mlp", mlp_config(net.mlp, x.shape[1], self.num_classes)
-        return "unet", unet_config(net.unet, x.shape[1], x.shape[-1],
-                                   self.objective.learned_variance, self.num_classes,
-                                   self.captions.dim if self.captions is not None else None)
+        """The chosen network's name and config (``recipes.networks``)."""
+        name = denoiser_name(self.config.network, x.ndim - 1)
+        ctx = self.captions.dim if self.captions is not None else None
+        return name, network_config(name, getattr(self.config.network, name),
+                                    tuple(x.shape[1:]), self.objective.learned_variance,
+                                    self.num_classes, ctx)
 
     def _build_net(self, ndim: int) -> nn.Module:
         """The network on the device; channels-last for images, label checks off (the data
@@ -230,6 +225,7 @@ class DiffusionRecipe:
             "prediction": c.diffusion.prediction,
             "learned_variance": self.objective.learned_variance,
             "sigma_data": c.diffusion.sigma_data,
+            "sample_shape": list(self.source.x.shape[1:]),
             "data_range": None if self.is_toy else [-1.0, 1.0],
             "class_names": (list(self.data.class_names)
                             if self.num_classes and self.captions is None else []),
