@@ -44,7 +44,8 @@ def test_build_is_cached_and_reused(tmp_path, lib):
     first = native.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left
+    # no temporary left; the SHA-256 recorded at build time sits next to the library
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
 
 
 def test_failed_build_names_the_compiler_and_falls_back(tmp_path, monkeypatch):
@@ -176,8 +177,13 @@ def test_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkeypat
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("DIFFLAB_NATIVE_CACHE", str(blocker / "native"))
-    path = native.build()
+    with pytest.warns(RuntimeWarning, match="native kernel cache not used"):
+        path = native.build()
     assert path.exists() and path.parent.name.startswith("difflab-native-")
+    # a new private folder each time (mkdtemp), never a fixed name someone could make first
+    assert path.parent.stat().st_mode & 0o777 == 0o700 and path.parent.stat().st_uid == os.getuid()
+    with pytest.warns(RuntimeWarning, match="native kernel cache not used"):
+        assert native.build().parent != path.parent
 
 
 @pytest.mark.slow

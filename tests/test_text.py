@@ -46,9 +46,11 @@ def random_cond(n, length, dim=8, seed=0, lengths=None):
 
 @pytest.fixture(scope="module")
 def text_model():
-    net = perturbed(UNet(UNetConfig(in_channels=3, image_size=8, base_channels=16,
-                                    channel_mult=(1, 2), num_res_blocks=1,
-                                    attention_resolutions=(4,), context_dim=8)))
+    with torch.random.fork_rng():  # the same weights whatever ran before (test order)
+        torch.manual_seed(0)
+        net = perturbed(UNet(UNetConfig(in_channels=3, image_size=8, base_channels=16,
+                                        channel_mult=(1, 2), num_res_blocks=1,
+                                        attention_resolutions=(4,), context_dim=8)))
     return Denoiser(net, make_process("linear"), "eps")
 
 
@@ -133,7 +135,16 @@ def test_grad_checkpointing_matches_with_context(text_model):
 
 # -- guidance with prompts -------------------------------------------------------------------
 def test_cfg_with_prompt_limits_and_negative_prompt(text_model):
-    x, t = torch.randn(3, 3, 8, 8), torch.tensor([50, 400, 800])
+    """Guidance is compared with the very network calls it makes, so bitwise. The batched
+    call on [x; x] with [cond; neg padded to 5 tokens] is a different computation from the
+    two calls on x (batch 6 vs 3, 5 keys vs 2 in attention: another summation order in the
+    matmuls), equal only up to rounding. That is checked on eps, where the rounding stays
+    below ~3e-6. It used to be checked on x0 = (x - sigma eps) / alpha of the guided mix
+    3 c - 2 u, where the eps rounding is amplified by 5 sigma / alpha (~128 at t=800): with
+    inputs that changed with test order (unseeded x and weights) it exceeded the 1e-4
+    tolerance for about 1 input in 40 on AVX2-only kernels (issue 15, item 10)."""
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([50, 400, 800])
     cond, neg = random_cond(3, 5, seed=1, lengths=[5, 3, 4]), random_cond(1, 2, seed=2)
     negs = expand_cond(neg, 3)
     c, u = text_model(x, t, cond), text_model(x, t, negs)
@@ -141,11 +152,20 @@ def test_cfg_with_prompt_limits_and_negative_prompt(text_model):
     assert torch.equal(one.eps, c.eps)
     zero = ClassifierFreeGuidance(text_model, 0.0, null_cond=neg)(x, t, cond)
     assert torch.equal(zero.eps, u.eps)
-    for batched in (True, False):  # the negative prompt is exactly the unconditional branch
-        g = ClassifierFreeGuidance(text_model, 3.0, null_cond=neg, batched=batched)(x, t, cond)
-        torch.testing.assert_close(g.eps, u.eps + 3.0 * (c.eps - u.eps), atol=1e-5, rtol=1e-5)
-        # x0 = (x - sigma eps) / alpha amplifies float error by 1 / alpha (~20 at t=800)
-        torch.testing.assert_close(g.x0, u.x0 + 3.0 * (c.x0 - u.x0), atol=1e-4, rtol=1e-4)
+    # the negative prompt is exactly the unconditional branch: separate calls ...
+    g = ClassifierFreeGuidance(text_model, 3.0, null_cond=neg, batched=False)(x, t, cond)
+    assert torch.equal(g.eps, u.eps + 3.0 * (c.eps - u.eps))
+    assert torch.equal(g.x0, u.x0 + 3.0 * (c.x0 - u.x0))
+    # ... and one batched call, against that same call made here
+    both = text_model(torch.cat([x, x]), torch.cat([t, t]), cat_cond([cond, negs]))
+    cb, ub = both.eps[:3], both.eps[3:]
+    g = ClassifierFreeGuidance(text_model, 3.0, null_cond=neg, batched=True)(x, t, cond)
+    assert torch.equal(g.eps, ub + 3.0 * (cb - ub))
+    assert torch.equal(g.x0, both.x0[3:] + 3.0 * (both.x0[:3] - both.x0[3:]))
+    # batching and padding change only the rounding: at most 3.2e-6 over 300 random models
+    # and inputs, AVX-512 or AVX2 kernels, native or PyTorch ops, 1 or 2 threads (the
+    # tolerance, 1e-5 + 1e-5 |eps|, is 4x the worst seen)
+    torch.testing.assert_close(both.eps, torch.cat([c.eps, u.eps]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="exactly one"):
         ClassifierFreeGuidance(text_model, 2.0)
 

@@ -14,8 +14,12 @@ Environment:
 
 * ``DIFFLAB_NATIVE=0`` turns the kernels off.
 * ``DIFFLAB_NATIVE_CACHE`` sets the build folder. The default is
-  ``$XDG_CACHE_HOME/difflab/native``, or ``~/.cache/difflab/native``. If that folder
-  cannot be created, a folder under the system's temporary directory is used.
+  ``$XDG_CACHE_HOME/difflab/native``, or ``~/.cache/difflab/native``. It must be owned by
+  the current user and not writable by group or others (it is created with mode 0700).
+  If it cannot be created or is refused, the kernels are built, with a warning, in a new
+  private temporary folder for this process only. A cached library is loaded only if it
+  matches the SHA-256 recorded next to it when it was built, else it is rebuilt
+  (:mod:`difflab.networks.native.cache`).
 * ``CC`` names the compiler. The default is ``cc``, then ``gcc``.
 """
 
@@ -38,7 +42,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["active", "build", "disabled", "library"]
+from difflab.networks.native import cache
+
+__all__ = ["active", "build", "disabled", "library", "library_path"]
 
 SOURCE = Path(__file__).with_name("gn_act.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
@@ -55,7 +61,7 @@ SIGNATURES = {
 }
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": CDLL | None once tried; "off": disabled() depth
+_state: dict[str, object] = {}  # "lib": CDLL | None once tried; "path"; "off": disabled() depth
 
 
 def _cache_dir() -> Path:
@@ -90,30 +96,36 @@ def _build_key(cc: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile ``gn_act.c`` (if its cached build is missing) and return the library's path.
+def _folder(out_dir: Path | None) -> Path:
+    """The build folder: ``out_dir`` as given (refused with ``RuntimeError`` unless private),
+    else the cache folder, else a new private temporary folder, with one warning saying why."""
+    if out_dir is not None:
+        return cache.private_folder(Path(out_dir))
+    try:
+        return cache.private_folder(_cache_dir())
+    except (OSError, RuntimeError) as err:
+        folder = cache.temporary_folder()
+        warnings.warn(f"difflab: native kernel cache not used ({err}); building in {folder} "
+                      f"for this process only (set DIFFLAB_NATIVE_CACHE to a folder only you "
+                      f"can write to)", RuntimeWarning, stacklevel=3)
+        return folder
 
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile ``gn_act.c`` (unless its cached build checks out) and return the library's path.
+
+    Only a folder private to the current user is used (see :mod:`.cache`). A cached library is
+    reused only if it matches the SHA-256 recorded when it was built; otherwise it is rebuilt.
     The build is written to a temporary name, then renamed, so concurrent processes never
     load a half-written file. Raises ``RuntimeError`` naming the compiler's error.
     """
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    folder = Path(out_dir) if out_dir is not None else _cache_dir()
+    folder = _folder(out_dir)
     target = folder / f"gn_act-{_build_key(cc)}.so"
-    if target.exists():
+    if _checks_out(target):
         return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        if out_dir is not None:
-            raise
-        # e.g. a read-only home: a per-user folder under the temporary directory
-        folder = Path(tempfile.gettempdir()) / f"difflab-native-{os.getuid()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / target.name
-        if target.exists():
-            return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
@@ -121,11 +133,23 @@ def build(out_dir: Path | None = None) -> Path:
                               text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o700)  # the linker made it 0777 & ~umask: maybe group-writable
+        cache.record(Path(tmp), target)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if not _checks_out(target):  # e.g. another process replaced it meanwhile
+        raise RuntimeError(f"{target} does not match its recorded SHA-256 after the build")
     return target
+
+
+def _checks_out(library: Path) -> bool:
+    fd = cache.open_verified(library)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def _openmp_runtimes() -> set[str]:
@@ -139,13 +163,20 @@ def _load() -> ctypes.CDLL:
     if "OpenMP" not in torch.__config__.parallel_info():
         raise RuntimeError("PyTorch was not built with OpenMP")
     path = build()
+    fd = cache.open_verified(path)  # the bytes checked are the bytes loaded
+    if fd is None:
+        raise RuntimeError(f"{path} does not match its recorded SHA-256")
     before = _openmp_runtimes()
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
     if _openmp_runtimes() - before:  # a second OpenMP runtime would fight PyTorch's
         raise RuntimeError(f"{path.name} loaded its own OpenMP runtime, not PyTorch's")
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
+    _state["path"] = path
     return lib
 
 
@@ -168,6 +199,11 @@ def library() -> ctypes.CDLL | None:
 def active() -> ctypes.CDLL | None:
     """:func:`library`, unless inside :func:`disabled`."""
     return None if _state.get("off", 0) else library()
+
+
+def library_path() -> Path | None:
+    """The file the loaded kernels came from (``None`` before a successful load)."""
+    return _state.get("path")  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

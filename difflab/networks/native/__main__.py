@@ -17,7 +17,9 @@ def main() -> int:
         reason = caught[-1].message if caught else "turned off by DIFFLAB_NATIVE=0"
         print(f"native CPU kernels: off ({reason})")
         return 1
-    print(f"native CPU kernels: on ({lib._name})")
+    print(f"native CPU kernels: on ({native.library_path()})")
+    for warning in caught:  # e.g. the cache folder was refused: say why
+        print(f"note: {warning.message}")
     return 0
 
 
