@@ -78,8 +78,8 @@ class Pipeline:
         holds one set (``card.ema``), and asking for the other is an error."""
         card, root = read_source(path, ema)
         cache: dict[str, dict[str, Tensor]] = {}
-        nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last)
-                for s in card.stages]
+        nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last,
+                                    root=root) for s in card.stages]
         return cls(card, nets, device)
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
