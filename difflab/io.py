@@ -119,3 +119,18 @@ def _count(items: list, noun: str) -> str:
 def _reason(e: BaseException) -> str:
     """An OS error's cause without the repeated file name (``Permission denied``)."""
     return getattr(e, "strerror", None) or str(e)
+
+
+class OutputExistsError(ValueError):
+    """An output file that exists and may not be replaced (the CLI's ``--overwrite``)."""
+
+
+def check_new_file(path: str | os.PathLike[str], overwrite: bool = False,
+                   what: str = "output") -> None:
+    """Refuse ``path`` as an output if it exists, unless ``overwrite``: an OutputExistsError
+    naming ``what`` (e.g. the option ``--out``) and the file."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        kind = "folder" if path.is_dir() else "file"
+        raise OutputExistsError(f"{what} {path}: the {kind} exists; pass --overwrite to "
+                                "replace it, or choose another name")

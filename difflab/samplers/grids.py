@@ -98,7 +98,7 @@ def time_grid(process: Process, n: int, spacing: Spacing | None = None, *, rho: 
     ``rho`` and ``sigma_min`` (in sigma~ = sigma / alpha) apply to ``karras`` / ``logsnr``.
     """
     if n < 1:
-        raise ValueError(f"number of steps must be at least 1, got {n}")
+        raise ValueError(f"steps (--steps) must be at least 1, got {n}")
     spacing = spacing or ("trailing" if process.is_discrete else "uniform")
     if spacing == "uniform":
         return torch.linspace(process.t_max, process.t_min, n + 1, dtype=torch.float64)
