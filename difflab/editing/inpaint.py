@@ -78,16 +78,17 @@ def load_mask(path: str | Path, image: str | Path, resolution: int) -> Tensor:
             with Image.open(p) as img:
                 sizes.append(img.size)
                 if p is path:
-                    values = torch.from_numpy(np.asarray(img.convert("RGB"))).flatten()
+                    rgb = np.asarray(img.convert("RGB"))
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image file {p}: {e}") from None
     if sizes[0] != sizes[1]:
         raise DataError(f"mask {path} is {sizes[0][0]}x{sizes[0][1]} pixels but the image "
                         f"{image} is {sizes[1][0]}x{sizes[1][1]}: they must be the same size")
-    grey = int(((values != 0) & (values != 255)).sum())
+    black_or_white = ((rgb == 0) | (rgb == 255)).all(-1) & (rgb == rgb[..., :1]).all(-1)
+    grey = int((~black_or_white).sum())
     if grey:
-        raise DataError(f"mask {path} has {grey} grey or coloured pixel values; use only "
-                        "black (keep) and white (regenerate)")
+        raise DataError(f"mask {path} has {grey} grey or coloured pixels; use only black "
+                        "(keep) and white (regenerate)")
     # bicubic resizing makes edges grey: threshold at mid-grey, as nearest would
     return (load_png(path, 1, resolution) > 0).float()[None]
 
