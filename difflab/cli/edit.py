@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import editing
-from ..data import load_png, save_grid
+from ..data import DataError, load_png, save_grid
 from ..io import atomic_write
 from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
@@ -91,6 +91,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_edit_args(args: argparse.Namespace) -> None:
     """What can be refused before the model is loaded: missing inputs, counts, outputs."""
+    for flag in ("input", "input2", "mask"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise DataError(f"--{flag}: image file does not exist: {path}")
     if args.kind == "inpaint" and not args.mask:
         raise ValueError("inpaint needs --mask (white = regenerate)")
     if args.kind == "interpolate" and not args.input2:
