@@ -134,7 +134,11 @@ def test_a_cut_checkpoint_json_names_the_file(runs, tmp_path, capsys):
     for argv in (sample(run, tmp_path / "s.png"), resume(run)):
         fails(capsys, argv, file, "not valid JSON")
     file.write_text("[1, 2]")  # valid JSON, not a checkpoint
-    fails(capsys, sample(run, tmp_path / "s.png"), file, "not a difflab checkpoint")
+    for argv in (sample(run, tmp_path / "s.png"), resume(run)):
+        fails(capsys, argv, file, "not a difflab checkpoint")
+    file.write_text('{"step": 2}')  # a checkpoint's JSON without what the commands need
+    fails(capsys, sample(run, tmp_path / "s.png"), file, "lacks 'network'")
+    fails(capsys, resume(run), file, "holds no run config")
 
 
 def test_a_pipeline_folder_with_cut_card_or_foreign_weights(runs, tmp_path, capsys):
@@ -317,3 +321,15 @@ def test_fit_grid_default_output_is_checked_too(runs, tmp_path, capsys):
     fails(capsys, ["fit-grid", "--checkpoint", run, "--steps", "3", "--device", "cpu"],
           existing)
     assert existing.read_text() == "keep"
+
+
+def test_resume_from_a_checkpoint_without_its_training_state_names_it(runs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = copy_run(runs, tmp_path)
+    file = run / "checkpoints" / f"{LAST}.safetensors"
+    tensors = read_safetensors(file)
+    del tensors["rng.generator"]  # e.g. weights exported on their own
+    save_file(tensors, str(file))
+    fails(capsys, resume(run), f"{LAST}.json", "not a complete training checkpoint",
+          "rng.generator")
