@@ -113,7 +113,7 @@ def test_sampler_opt_and_its_shortcut_give_the_same_samples(toy_run, tmp_path):
                         ("default", [])]:
         npz = tmp_path / f"{name}.npz"
         assert main(["sample", "--checkpoint", str(toy_run), "--n", "4", "--steps", "5",
-                     "--sampler", "dpm_solver", *extra, "--out", str(tmp_path / "s.png"),
+                     "--sampler", "dpm_solver", *extra, "--out", str(tmp_path / f"{name}.png"),
                      "--save-npz", str(npz), "--no-progress"]) == 0
         runs[name] = np.load(npz)["images"]
     np.testing.assert_array_equal(runs["flag"], runs["opt"])

@@ -42,7 +42,8 @@ def test_every_edit_kind_writes_a_grid(run, kind, extra, capsys):
     sub = {"MASK": str(run / "mask.png"), "NPZ": str(run / "z.npz"), "B": str(run / "b.png")}
     out = run / f"{kind}.png"
     args = ["edit", kind, "--checkpoint", str(run / "run"), "--input", str(run / "a.png"),
-            "--steps", "4", "--out", str(out), "--device", "cpu", *[sub.get(a, a) for a in extra]]
+            "--steps", "4", "--out", str(out), "--device", "cpu", "--overwrite",
+            *[sub.get(a, a) for a in extra]]
     assert main(args) == 0
     assert out.exists() and f"wrote {kind} result" in capsys.readouterr().out
     if kind == "invert":

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from .. import editing
-from ..data import load_png, save_grid
+from ..data import DataError, load_png, save_grid
 from ..io import atomic_write
 from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
+from .outputs import add_overwrite_option, check_outputs
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 KINDS = {
@@ -55,6 +56,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="edit.png", help="output PNG grid (input first)")
     p.add_argument("--save-npz", default=None, help="invert: also save the noise here")
+    add_overwrite_option(p)
     p.add_argument("--inversion", default="ddim", choices=editing.METHODS,
                    help="invert: deterministic sampler run backwards on the grid (and "
                    "forwards to reconstruct)")
@@ -87,7 +89,27 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def check_edit_args(args: argparse.Namespace) -> None:
+    """What can be refused before the model is loaded: missing inputs, counts, outputs."""
+    for flag in ("input", "input2", "mask"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise DataError(f"--{flag}: image file does not exist: {path}")
+    if args.kind == "inpaint" and not args.mask:
+        raise ValueError("inpaint needs --mask (white = regenerate)")
+    if args.kind == "interpolate" and not args.input2:
+        raise ValueError("interpolate needs --input2")
+    least = {"vary": 1, "interpolate": 2}.get(args.kind)
+    if least is not None and args.n < least:
+        raise ValueError(f"--n must be at least {least} for {args.kind}, got {args.n}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    check_outputs(args, out=args.out,
+                  save_npz=args.save_npz if args.kind == "invert" else None)
+
+
 def run_edit(args: argparse.Namespace) -> int:
+    check_edit_args(args)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
     den = pipe.denoiser()
@@ -104,9 +126,7 @@ def run_edit(args: argparse.Namespace) -> int:
         out = editing.variations(den, x, seeds, args.strength, sampler, args.steps,
                                  cond=cond, spacing=args.spacing, **options)
     elif args.kind == "inpaint":
-        if not args.mask:
-            raise ValueError("inpaint needs --mask (white = regenerate)")
-        mask = (_image(args.mask, pipe, device)[:, :1] > 0).to(x.dtype)
+        mask = editing.load_mask(args.mask, args.input, pipe.sample_shape[-1]).to(device)
         eta = 1.0 if args.eta is None else args.eta
         out = editing.inpaint(den, x, mask, ts, gen, cond=cond, eta=eta,
                               jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
@@ -122,10 +142,8 @@ def run_edit(args: argparse.Namespace) -> int:
             atomic_write(Path(args.save_npz), lambda tmp: np.savez(open(tmp, "wb"), noise=arr))
         out = torch.cat([z.clamp(-1, 1), out])
     else:  # interpolate
-        if not args.input2:
-            raise ValueError("interpolate needs --input2")
         x2 = _image(args.input2, pipe, device)
-        lams = torch.linspace(0, 1, max(args.n, 2))
+        lams = torch.linspace(0, 1, args.n)
         out = editing.interpolate(den, x, x2, lams, ts, cond=cond)
         x = torch.cat([x, x2])
     grid = torch.cat([x, out]).float().cpu()

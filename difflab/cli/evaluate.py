@@ -27,6 +27,7 @@ from ..evaluation.report import parse_metrics
 from ..pipeline import Pipeline
 from ..training import pick_device
 from ..training.checkpoint import write_json
+from .outputs import add_overwrite_option, check_outputs
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +60,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    add_overwrite_option(p)
     p.set_defaults(func=run_eval)
     add_nll_parser(sub)
 
@@ -78,6 +80,7 @@ def _reference_features(args: argparse.Namespace, extractor: Any, shape: tuple[i
 
 def run_eval(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics)
+    check_outputs(args, out=args.out, save_reference=args.save_reference)
     extractor = load_extractor(args.features, pick_device(args.device))
     samples = load_sample_set(args.samples, args.resolution)
     fake = extract(extractor, samples.images, args.batch_size)
@@ -131,10 +134,12 @@ def add_nll_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    add_overwrite_option(p)
     p.set_defaults(func=run_nll)
 
 
 def run_nll(args: argparse.Namespace) -> int:
+    check_outputs(args, out=args.out)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
                                     ema=False if args.no_ema else None)

@@ -21,6 +21,7 @@ from ..pipeline import Pipeline
 from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
+from .outputs import add_overwrite_option, check_outputs
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 FIXED_GRID_SAMPLERS = tuple(s for s in ODE_SAMPLERS if s != "rk45")
@@ -39,6 +40,7 @@ def add_fit_grid_parser(sub: argparse._SubParsersAction) -> None:
     add_sampler_opt(p)
     p.add_argument("--out", default=None,
                    help="output JSON (default: RUN/grids/SAMPLER_STEPS.json beside the run)")
+    add_overwrite_option(p)
     p.add_argument("--pool", type=int, default=512, help="noise draws ranked for sensitivity")
     p.add_argument("--hard", type=int, default=48, help="most sensitive draws kept")
     p.add_argument("--easy", type=int, default=48, help="other draws kept (weighted)")
@@ -72,6 +74,16 @@ def run_fit_grid(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be at least 2 to have a grid to fit, got {args.steps}")
     if args.guidance is not None and args.label is None:
         raise ValueError("--guidance needs --class: guidance pushes towards one class")
+    if args.validation < 1:
+        raise ValueError(f"--validation must be at least 1, got {args.validation}")
+    if not args.tol > 0:
+        raise ValueError(f"--tol must be > 0, got {args.tol}")
+    if args.evals < 0:
+        raise ValueError(f"--evals must be at least 0, got {args.evals}")
+    out = Path(args.out) if args.out else (
+        Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
+        Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
+    check_outputs(args, out=out)
     options = sampler_options_from_args(args)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
@@ -107,10 +119,6 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     rows = [("default", weighted_rms(sampler(den, x, default), ref, w),
              weighted_rms(sampler(den, x_val, default), ref_val)),
             ("fitted", fitted_train, weighted_rms(sampler(den, x_val, ts), ref_val))]
-    out = Path(args.out) if args.out else (
-        Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
-        Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
         args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
         train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],

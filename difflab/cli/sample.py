@@ -17,6 +17,7 @@ from ..training.distributed import (
     local_slice,
     process_group,
 )
+from .outputs import add_overwrite_option, check_outputs
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 #: the shortcut flags of --sampler-opt (an option only when given)
@@ -61,6 +62,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="samples.png", help="output PNG grid")
     p.add_argument("--save-npz", default=None,
                    help="also write the images (uint8, NHWC) and labels to this .npz")
+    add_overwrite_option(p)
     p.add_argument("--no-ema", action="store_true", help="use raw weights, not the EMA")
     p.add_argument("--no-clip", action="store_true",
                    help="do not clip the denoised estimate to the data range")
@@ -133,6 +135,7 @@ def sample_conditions(args: argparse.Namespace, pipe: Pipeline, classifier: Any
 def run_sample(args: argparse.Namespace) -> int:
     """Sample; under torchrun each rank draws its shard of the seeds and rank 0 writes."""
     resolve_seed_range(args)
+    check_outputs(args, out=args.out, save_npz=args.save_npz)
     options = sampler_options_from_args(args, SHORTCUTS)
     if args.grid:  # a saved time grid fixes the number of steps
         args.steps = len(load_time_grid(args.grid)) - 1

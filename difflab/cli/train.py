@@ -64,6 +64,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     out_dir = run.get("out_dir", RunConfig().out_dir)
     ckpt = resolve_checkpoint(out_dir if args.resume == "latest" else args.resume)
     _, meta = load_checkpoint(ckpt)
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{ckpt} holds no run config: not a checkpoint of 'difflab train'")
     saved = TrainConfig.from_values(meta["config"], where=str(ckpt))  # flat (old) or nested
     merged = to_dict(saved)
     deep_merge(merged, values)

@@ -52,6 +52,8 @@ def variations(denoiser: DenoiserFn, x0: Tensor, seeds: list[int], strength: flo
                spacing: Spacing | None = None, **options: Any) -> Tensor:
     """len(seeds) SDEdit variations of one input x0 [1, ...], image i drawn with its own
     generator seeded seeds[i] (so each variation is reproducible on its own)."""
+    if len(seeds) == 0:
+        raise ValueError("variations need at least one seed (--n must be at least 1)")
     gens = [torch.Generator(device=x0.device).manual_seed(int(s)) for s in seeds]
     xs = x0.expand(len(seeds), *x0.shape[1:]).clone()
     return sdedit(denoiser, xs, strength, sampler, steps, gens,

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..data import ImageData
-from ..io import atomic_write
+from ..io import LoadError, atomic_write, load_state, read_json, read_safetensors
 
 
 @dataclass
@@ -140,9 +140,12 @@ def load_classifier(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]
         if not p.is_file():
             raise FileNotFoundError(f"feature classifier file not found: {p} (a classifier "
                                     f"is {js.name} + {st.name}, see 'difflab eval --help')")
-    meta = json.loads(js.read_text())
-    model = FeatureClassifier(ClassifierConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(st)))
+    meta = read_json(js)
+    try:
+        model = FeatureClassifier(ClassifierConfig(**meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{js} is not a feature classifier's JSON: {e}") from None
+    load_state(model, read_safetensors(st), str(st))
     return model.eval().requires_grad_(False), meta
 
 

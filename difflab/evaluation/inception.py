@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import LoadError
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_NAME)
@@ -201,7 +203,11 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
             f"InceptionV3 weights not found: {p}. difflab never downloads them; get the "
             f"standard FID weights {FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL} and pass "
             f"--features inception:PATH")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a cut or foreign file
+        raise LoadError(f"{p} is not a readable PyTorch state dict (cut short or corrupt?): "
+                        f"{str(e).splitlines()[0]}") from None
     model = FIDInceptionV3()
     load_state_dict_lenient(model, state, str(p))
     return model.to(device)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from .. import __version__
 from ..config import from_dict, option, to_dict
+from ..io import read_json
 
 #: version of the card format written by this code
 CARD_FORMAT = 1
@@ -115,11 +116,7 @@ class ModelCard:
     def load(cls, path: str | Path) -> ModelCard:
         """Read a card file; any problem is a ValueError naming the file."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:  # json.JSONDecodeError
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     # -- conversions -------------------------------------------------------------------------
     @classmethod

@@ -9,18 +9,22 @@ unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_write
+from ..io import LoadError, atomic_write, load_state, read_safetensors
 from ..networks import build_network
 from ..process import Process, process_from_config
-from ..training.checkpoint import load_checkpoint, resolve_checkpoint, sub_dict
+from ..training.checkpoint import (
+    load_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+    sub_dict,
+)
 from .card import CARD_FILE, ModelCard, StageCard
 
 
@@ -37,9 +41,13 @@ def read_source(path: str | Path, ema: bool | None = None) -> tuple[ModelCard, P
                              f"only; {'EMA' if ema else 'raw'} weights were asked for")
         return card, p
     ckpt = resolve_checkpoint(p)
-    meta = json.loads(ckpt.read_text())
-    card = ModelCard.from_checkpoint_meta(meta, weights=ckpt.with_suffix(".safetensors").name,
-                                          ema=ema is not False)
+    meta = read_checkpoint_meta(ckpt)
+    try:
+        card = ModelCard.from_checkpoint_meta(
+            meta, weights=ckpt.with_suffix(".safetensors").name, ema=ema is not False)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"is not usable: {e}"
+        raise LoadError(f"checkpoint {ckpt} {what}") from None
     return card, ckpt.parent
 
 
@@ -50,7 +58,7 @@ def stage_weights(stage: StageCard, root: Path,
     if not file.is_file():
         raise FileNotFoundError(f"weights file {file} of stage {stage.name!r} not found")
     if stage.weights not in cache:
-        cache[stage.weights] = load_file(str(file))
+        cache[stage.weights] = read_safetensors(file)
     tensors = cache[stage.weights]
     weights = sub_dict(tensors, stage.weights_prefix) if stage.weights_prefix else tensors
     if not weights:
@@ -59,17 +67,16 @@ def stage_weights(stage: StageCard, root: Path,
 
 
 def build_stage_network(stage: StageCard, weights: dict[str, torch.Tensor],
-                        device: torch.device | str = "cpu", channels_last: bool = True
-                        ) -> nn.Module:
+                        device: torch.device | str = "cpu", channels_last: bool = True,
+                        root: Path | None = None) -> nn.Module:
     """The stage's network with ``weights``, on ``device``, in eval mode without gradients.
     With ``channels_last`` its 4-d weights are NHWC, so it computes in that layout whatever
-    its input's (as training does by default; about 1.4x faster on the CPU for the U-Net)."""
+    its input's (as training does by default; about 1.4x faster on the CPU for the U-Net).
+    Weights of other names or shapes are a LoadError naming the file (under ``root``)."""
     net = build_network(stage.network, stage.network_config)
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"weights of stage {stage.name!r} ({stage.weights}) do not fit its "
-                         f"{stage.network} config: {str(e).splitlines()[0]}") from None
+    file = Path(root or ".") / stage.weights
+    source = f"{file}" + (f" ({stage.weights_prefix} tensors)" if stage.weights_prefix else "")
+    load_state(net, weights, source, f"the {stage.network} config of stage {stage.name!r}")
     net.to(device).eval().requires_grad_(False)
     if channels_last:
         net.to(memory_format=torch.channels_last)  # only 4-d weights change
@@ -94,10 +101,15 @@ class LoadedClassifier:
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> LoadedClassifier:
     """A noisy classifier checkpoint, in eval mode without gradients, on ``device``."""
     tensors, meta = load_checkpoint(path)
-    if meta["network"]["name"] != "classifier":
-        raise ValueError(f"{path} is a {meta['network']['name']!r} checkpoint, not a "
-                         "classifier (train one with 'difflab train-classifier')")
-    net = build_network("classifier", meta["network"]["config"])
-    net.load_state_dict(sub_dict(tensors, "model"))
-    return LoadedClassifier(net.to(device).eval().requires_grad_(False),
-                            process_from_config(meta["process"]), list(meta["class_names"]))
+    file = resolve_checkpoint(path)
+    try:
+        name, config = meta["network"]["name"], meta["network"]["config"]
+        process, class_names = process_from_config(meta["process"]), list(meta["class_names"])
+    except (KeyError, TypeError) as e:
+        raise LoadError(f"{file} is not a noisy classifier checkpoint: it lacks {e}") from None
+    if name != "classifier":
+        raise ValueError(f"{path} is a {name!r} checkpoint, not a classifier (train one with "
+                         "'difflab train-classifier')")
+    net = build_network("classifier", config)
+    load_state(net, sub_dict(tensors, "model"), str(file.with_suffix(".safetensors")))
+    return LoadedClassifier(net.to(device).eval().requires_grad_(False), process, class_names)

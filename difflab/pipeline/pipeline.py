@@ -78,8 +78,8 @@ class Pipeline:
         holds one set (``card.ema``), and asking for the other is an error."""
         card, root = read_source(path, ema)
         cache: dict[str, dict[str, Tensor]] = {}
-        nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last)
-                for s in card.stages]
+        nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last,
+                                    root=root) for s in card.stages]
         return cls(card, nets, device)
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -136,6 +136,8 @@ class Pipeline:
         in a row per prompt, 8 by default; none: the empty prompt). Class models, or any with
         a ``classifier`` (whose classes then count): ``labels`` as in
         :func:`~difflab.pipeline.conditions.class_conditions`."""
+        if n is not None and n < 1:
+            raise ValueError(f"n (--n) must be at least 1, got {n}")
         if self.is_text or prompt is not None:
             if labels is not None and not (isinstance(labels, str) and labels == "all"):
                 raise ValueError("--class given but this model takes --prompt")
@@ -213,6 +215,10 @@ class Pipeline:
         ``save_time_grid``) replacing ``steps`` and ``spacing``. Conditions come from
         ``labels``/``prompt`` (see :meth:`condition`) or ready-made as ``cond``; guidance
         options as in :meth:`denoiser`."""
+        for name, flag, value in (("n", "--n", n), ("steps", "--steps", steps),
+                                  ("batch_size", "--batch-size", batch_size)):
+            if value is not None and value < 1:  # before any model call
+                raise ValueError(f"{name} ({flag}) must be at least 1, got {value}")
         clf = self.load_classifier(classifier)
         den = self.denoiser(guidance=guidance, guidance_interval=guidance_interval,
                             guidance_rescale=guidance_rescale, classifier=clf,

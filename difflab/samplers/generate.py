@@ -32,6 +32,10 @@ def generate(denoiser: DenoiserFn, sampler, shape: Sequence[int], seeds: Sequenc
     and ``spacing``; the initial noise is at its first time. Returns a CPU float32 tensor
     [n, *shape].
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be at least 1, got {batch_size}")
+    if len(seeds) == 0:
+        raise ValueError("no images to draw: the number of images (--n) must be at least 1")
     process = denoiser.process
     ts = time_grid(process, steps, spacing) if ts is None else check_grid(ts)
     sigma_max = float(process.sigma(ts[0]))

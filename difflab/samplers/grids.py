@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..io import LoadError, atomic_write, read_json
 from ..process import Process
 from .base import check_grid
 
@@ -97,7 +98,7 @@ def time_grid(process: Process, n: int, spacing: Spacing | None = None, *, rho: 
     ``rho`` and ``sigma_min`` (in sigma~ = sigma / alpha) apply to ``karras`` / ``logsnr``.
     """
     if n < 1:
-        raise ValueError(f"number of steps must be at least 1, got {n}")
+        raise ValueError(f"steps (--steps) must be at least 1, got {n}")
     spacing = spacing or ("trailing" if process.is_discrete else "uniform")
     if spacing == "uniform":
         return torch.linspace(process.t_max, process.t_min, n + 1, dtype=torch.float64)
@@ -116,13 +117,17 @@ def save_time_grid(ts: Tensor, path: str | Path, **meta: Any) -> Path:
     ``difflab sample --grid PATH`` and ``load_time_grid`` read it back."""
     path = Path(path)
     times = [float(t) for t in check_grid(ts)]
-    path.write_text(json.dumps({"times": times, **meta}, indent=1) + "\n")
-    return path
+    text = json.dumps({"times": times, **meta}, indent=1) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_time_grid(path: str | Path) -> Tensor:
     """Read a grid written by ``save_time_grid`` (or a plain JSON list of times) as a float64
     tensor, checked to be strictly decreasing."""
-    data = json.loads(Path(path).read_text())
-    times = data["times"] if isinstance(data, dict) else data
-    return check_grid(torch.tensor(times, dtype=torch.float64))
+    data = read_json(path)
+    times = data.get("times") if isinstance(data, dict) else data
+    try:
+        return check_grid(torch.tensor(times, dtype=torch.float64))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise LoadError(f"{path} is not a time grid ({{'times': [t_0, ..., t_N]}} or a list "
+                        f"of decreasing times): {e}") from None

@@ -52,6 +52,8 @@ def reference_solution(denoiser: DenoiserFn, x_T: Tensor, tol: float = 1e-8,
                        sigma_end: float = 1e-4) -> Tensor:
     """The model's own PF-ODE solution from x_T at t_max (DOP853 at ``tol``) down to
     sigma~ = ``sigma_end``, then x0_hat there (an O(sigma_end^2) step to clean data)."""
+    if not tol > 0:
+        raise ValueError(f"tol (--tol) must be > 0, got {tol}")
     process = denoiser.process
     t_end = process.t_from_log_snr(torch.tensor(-2 * math.log(sigma_end), dtype=torch.float64))
     ts = torch.stack([torch.tensor(process.t_max, dtype=torch.float64), t_end,
@@ -72,7 +74,8 @@ def stratified_draws(denoiser: DenoiserFn, pool: Tensor, n_hard: int, n_easy: in
 
     n = len(pool)
     if not 0 <= n_hard < n or not 0 < n_easy <= n - n_hard:
-        raise ValueError(f"need 0 <= n_hard < n and 0 < n_easy <= n - n_hard, got n={n}, "
+        raise ValueError(f"need 0 <= n_hard (--hard) < n (--pool) and 0 < n_easy (--easy) "
+                         f"<= n - n_hard, got n={n}, "
                          f"n_hard={n_hard}, n_easy={n_easy}")
     process = denoiser.process
     gap = (plms(denoiser, pool, time_grid(process, coarse))

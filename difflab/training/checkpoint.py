@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..io import atomic_write
+from ..io import LoadError, atomic_write, read_json, read_safetensors
 
 CKPT_RE = re.compile(r"step_(\d{8})\.json$")
 
@@ -105,10 +105,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return (tensors, meta) of the checkpoint at ``path`` (see ``resolve_checkpoint``)."""
+    """Return (tensors, meta) of the checkpoint at ``path`` (see ``resolve_checkpoint``).
+
+    Raises:
+        LoadError: either file is cut short or corrupt (the message names it).
+    """
     p = resolve_checkpoint(path)
-    meta = json.loads(p.read_text())
-    return load_file(str(p.with_suffix(".safetensors"))), meta
+    meta = read_checkpoint_meta(p)
+    return read_safetensors(p.with_suffix(".safetensors")), meta
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint: an object with an integer ``step``, else a LoadError."""
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise LoadError(f"{path} is not a difflab checkpoint (a JSON object with its 'step')")
+    return meta
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

@@ -35,12 +35,14 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import option
+from ..io import LoadError, load_state
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_optimizer,
     optimizer_tensors,
     prune_checkpoints,
+    resolve_checkpoint,
     save_checkpoint,
     sub_dict,
     write_json,
@@ -254,14 +256,32 @@ class TrainLoop:
         return path
 
     def resume(self, path: str | Path) -> None:
-        """Restore weights, EMA, optimizer, RNG states, extra state and step."""
+        """Restore weights, EMA, optimizer, RNG states, extra state and step.
+
+        Raises:
+            LoadError: a file of the checkpoint is cut short or corrupt, its tensors are
+                another network's, or it lacks what a training checkpoint holds; the
+                message names the file. Nothing is restored unless the weights all fit.
+        """
         tensors, meta = load_checkpoint(path)
-        self.model.load_state_dict(sub_dict(tensors, "model"))
-        if self.ema is not None:
-            self.ema.load_state_dict(sub_dict(tensors, "ema"), meta["ema_updates"])
-        load_optimizer(self.opt, tensors, meta["optimizer"])
-        self.generator.set_state(tensors["rng.generator"].to("cpu"))
-        torch.set_rng_state(tensors["rng.torch"])
+        file = resolve_checkpoint(path).with_suffix(".safetensors")
+        # names and shapes are compared first (load_state): one line instead of PyTorch's
+        # one line per tensor, and no half-restored model
+        load_state(self.model, sub_dict(tensors, "model"), str(file))
+        try:
+            if self.ema is not None:
+                load_state(self.ema.model, sub_dict(tensors, "ema"), f"{file} (EMA weights)")
+                self.ema.updates = int(meta["ema_updates"])
+            load_optimizer(self.opt, tensors, meta["optimizer"])
+            self.generator.set_state(tensors["rng.generator"].to("cpu"))
+            torch.set_rng_state(tensors["rng.torch"])
+        except KeyError as e:
+            raise LoadError(f"{file.with_suffix('.json')} + .safetensors is not a complete "
+                            f"training checkpoint: {e} is missing") from None
+        except (ValueError, RuntimeError) as e:  # optimizer groups or RNG states that do not fit
+            if isinstance(e, LoadError):
+                raise
+            raise LoadError(f"{file} does not fit this run: {str(e).splitlines()[0]}") from None
         for prefix, obj in self.state.items():
             obj.load_state_dict(sub_dict(tensors, prefix))
         if "rng.cuda" in tensors and self.device.type == "cuda":
