@@ -138,7 +138,8 @@ class DiffusionRecipe:
                                   self.time_sampler, c.speed.channels_last)
         self.source = EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed)
         self.loop = TrainLoop(
-            loop_config(c, overwrite), net, self.source, self.loss, self.meta, self.dist, self.device,
+            loop_config(c, overwrite), net, self.source, self.loss, self.meta, self.dist,
+            self.device,
             callbacks=[lambda loop: self.sample_grid()],
             state={"importance": self.time_sampler} if self.time_sampler is not None else {})
         # The EMA samples like a loaded checkpoint (channels-last weights, labels checked).

@@ -374,7 +374,9 @@ class TrainLoop:
         """NonFiniteLossError if a floating-point tensor to save holds NaN or Inf (a finite
         loss does not imply finite weights: an update can overflow them)."""
         floats = [(k, v) for k, v in tensors.items() if v.is_floating_point()]
-        if not floats or bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all()):
+        flags = [torch.isfinite(v).all() for _, v in floats]
+        devices = {f.device for f in flags}  # one read-back per device (GPU weights, CPU state)
+        if all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in devices):
             return
         name = next(k for k, v in floats if not bool(torch.isfinite(v).all()))
         raise NonFiniteLossError(
