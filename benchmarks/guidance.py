@@ -57,7 +57,7 @@ def main() -> None:
     if args.classifier is None:
         args.classifier = "runs/bench_classifier"
         print(train_classifier(ClassifierTrainConfig(out_dir=args.classifier),
-                               progress=False))
+                               progress=False, overwrite=True))
     svm, real_acc = digit_classifier()
     labels = torch.arange(10).repeat_interleave(args.per_class)
     real = load_digits(8, split="test")

@@ -53,7 +53,7 @@ def get_checkpoint(args: argparse.Namespace) -> tuple[str, float | None]:
         return args.checkpoint, None
     t0 = time.perf_counter()
     config = TrainConfig.from_values(dict(out_dir=args.out_dir, device=args.device))
-    result = DiffusionRecipe(config).run(progress=False)
+    result = DiffusionRecipe(config, overwrite=True).run(progress=False)  # retrain
     return result["checkpoint"], time.perf_counter() - t0
 
 

@@ -38,7 +38,7 @@ def train(args: argparse.Namespace) -> tuple[DiffusionRecipe, float, float]:
                       warmup_steps=100, ema_decay=0.999, sample_every=0, checkpoint_every=0,
                       log_every=250, out_dir=args.out, seed=args.seed))
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer = DiffusionRecipe(cfg)
+    trainer = DiffusionRecipe(cfg, overwrite=True)  # a re-run retrains
     trainer.run(progress=False)
     return trainer, time.perf_counter() - wall, time.process_time() - cpu
 

@@ -10,9 +10,12 @@ A config is a (possibly nested) dataclass. Each field is declared with :func:`op
 
 Choices are ``typing.Literal``; lists, tuples, ``X | None``, nested dataclasses and the scalar
 types are checked by :func:`from_dict`, which refuses an unknown key or a value of the wrong
-type with an error naming the key (as a dotted path), the value and the expected type. The
-command line options are generated from the same fields (``difflab.cli.options``), so help text
-lives in one place.
+type with an error naming the key (as a dotted path), the value and the expected type. A
+number's range is declared with the field (``option(1500, "steps", ge=1)``; ``ge``/``gt``/
+``le``/``lt`` as in >=, >, <=, <) and checked by :func:`from_dict` too, and by
+:func:`check_ranges` in a config's ``__post_init__`` when it is built directly. The command
+line options are generated from the same fields (``difflab.cli.options``, which also shows and
+checks the ranges), so help text lives in one place.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, Field
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["ConfigError", "Leaf", "changed_fields", "deep_merge", "from_dict", "leaves",
-           "option", "to_dict", "type_name", "unflatten"]
+__all__ = ["ConfigError", "Leaf", "changed_fields", "check_range", "check_ranges", "deep_merge",
+           "from_dict", "leaves", "option", "range_text", "to_dict", "type_name", "unflatten"]
 
 C = TypeVar("C")
 
@@ -36,16 +39,55 @@ class ConfigError(ValueError):
 
 def option(default: Any = MISSING, help: str = "", *, resume: bool = False,
            factory: Any = None, cli: bool = True, flag: str | None = None,
-           choices: Any = None) -> Any:
+           choices: Any = None, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with ``help`` text and a ``resume`` mark (True: the value may change
     when a run is resumed). ``factory`` gives a mutable default; ``cli=False`` keeps the field
     off the command line (derived values such as a network's input channels); ``flag``
     overrides the generated option name; ``choices`` (a list or a function returning one)
-    restricts a ``str`` field to names from a registry that a ``Literal`` cannot list."""
-    metadata = {"help": help, "resume": resume, "cli": cli, "flag": flag, "choices": choices}
+    restricts a ``str`` field to names from a registry that a ``Literal`` cannot list;
+    ``ge``/``gt``/``le``/``lt`` bound a number (value >= ge, > gt, <= le, < lt; ``None``
+    values of an optional field are not bounded)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+              if v is not None}
+    metadata = {"help": help, "resume": resume, "cli": cli, "flag": flag, "choices": choices,
+                "range": bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def range_text(f: Field) -> str:
+    """A field's declared range as text (``>= 0 and < 1``); empty when it has none."""
+    bounds = f.metadata.get("range") or {}
+    return " and ".join(f"{_BOUNDS[k][0]} {bounds[k]:g}" for k in _BOUNDS if k in bounds)
+
+
+def check_range(value: Any, f: Field) -> str | None:
+    """Why ``value`` is outside field ``f``'s range (``must be >= 1``), or None if it is in it
+    (or not a number: the type check reports that)."""
+    bounds = f.metadata.get("range") or {}
+    if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    ok = all(test(value, bounds[k]) for k, (_, test) in _BOUNDS.items() if k in bounds)
+    return None if ok else f"must be {range_text(f)}"
+
+
+def check_ranges(config: Any) -> None:
+    """Check a config's own (not nested) fields against their ranges; for ``__post_init__``.
+
+    Raises:
+        ConfigError: naming the first field out of range, its value and the range.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = check_range(value, f)
+        if problem:
+            raise ConfigError(f"{f.name} = {value!r}: {problem}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -87,6 +129,10 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
         raise ConfigError(f"{where}: unknown key {prefix + unknown[0]!r}; valid keys"
                           f"{' in ' + prefix.rstrip('.') if prefix else ''}: {sorted(known)}")
     values = {k: _check(v, hints[k], where, prefix + k) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        problem = check_range(values.get(f.name), f)
+        if problem:
+            raise ConfigError(f"{where}: {prefix + f.name} = {values[f.name]!r}: {problem}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks

@@ -7,6 +7,8 @@ import sys
 
 from .. import __version__
 from ..data import DataError
+from ..io import WriteError
+from ..training import NonFiniteLossError
 from .edit import add_edit_parser
 from .evaluate import add_eval_parsers
 from .fit_grid import add_fit_grid_parser
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, WriteError, NonFiniteLossError) as e:
         print(f"difflab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

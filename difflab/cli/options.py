@@ -1,9 +1,11 @@
 """Command-line options generated from typed config dataclasses (``difflab.config``).
 
 Every leaf field of a (nested) config becomes one ``--field-name`` option, typed from its
-annotation, with the field's help text and default, ``Literal`` choices, and one argument
-group per nested config. Options the user does not give stay absent from the namespace, so
-precedence (defaults < config file < command line) is decided by the caller.
+annotation, with the field's help text, range and default, ``Literal`` choices, and one
+argument group per nested config. A value outside the field's range is refused by argparse
+naming the option (``argument --steps: must be >= 1, got 0``), exit status 2. Options the
+user does not give stay absent from the namespace, so precedence (defaults < config file <
+command line) is decided by the caller.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from ..config import Leaf, leaves, type_name, unflatten
+from ..config import Leaf, check_range, leaves, range_text, type_name, unflatten
 
 __all__ = ["add_config_options", "given_options", "parse_bool"]
 
@@ -48,6 +50,21 @@ def _flag(leaf: Leaf) -> str:
     return leaf.field.metadata.get("flag") or "--" + leaf.name.replace("_", "-")
 
 
+def _ranged(tp: Any, leaf: Leaf) -> Any:
+    """``tp`` as an argparse type that also refuses values outside the leaf's range."""
+    if not range_text(leaf.field):
+        return tp
+
+    def convert(text: str) -> Any:
+        value = tp(text)  # a ValueError here: argparse's "invalid int value"
+        problem = check_range(value, leaf.field)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+    convert.__name__ = tp.__name__
+    return convert
+
+
 def _default_text(leaf: Leaf, defaults: Any) -> str:
     value: Any = defaults
     for p in leaf.path.split("."):
@@ -77,10 +94,12 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type,
         dynamic = leaf.field.metadata.get("choices")
         if dynamic is not None:
             choices = list(dynamic() if callable(dynamic) else dynamic)
+        bounds = range_text(leaf.field)
         kwargs: dict[str, Any] = {
             "default": argparse.SUPPRESS, "dest": leaf.path, "nargs": nargs,
-            "type": parse_bool if tp is bool else tp,
-            "help": f"{leaf.help} (default: {_default_text(leaf, defaults)})"}
+            "type": parse_bool if tp is bool else _ranged(tp, leaf),
+            "help": f"{leaf.help} ({bounds + '; ' if bounds else ''}"
+                    f"default: {_default_text(leaf, defaults)})"}
         if tp is bool:  # "--compile" alone means true; "--compile false" still works
             kwargs |= {"nargs": "?", "const": True}
         if choices is not None:

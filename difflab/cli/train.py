@@ -26,6 +26,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint path, or from the latest one in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --out-dir holds another run: delete its "
+                        "config.json, metrics.jsonl, checkpoints and sample grids (without "
+                        "it, such a folder is refused unless --resume continues that run)")
     add_config_options(p, TrainConfig, aliases={"run.out_dir": ["--out"]})
     p.set_defaults(func=run_train)
 
@@ -35,6 +39,8 @@ def add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train p(y | x_t, t) on noised labelled images, for "
                                    "classifier guidance (difflab sample --classifier).")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --out-dir holds another run (deleting its files)")
     add_config_options(p, ClassifierTrainConfig)
     p.set_defaults(func=run_train_classifier)
 
@@ -43,7 +49,8 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     config = from_dict(ClassifierTrainConfig, given_options(args, ClassifierTrainConfig),
                        where="command line")
     print("config:", json.dumps(to_dict(config), sort_keys=True))
-    result = train_classifier(config, progress=not args.no_progress)
+    result = train_classifier(config, progress=not args.no_progress,
+                              overwrite=args.overwrite)
     print(f"classifier checkpoint: {result['checkpoint']}\n"
           f"accuracy on noised training images: {result['accuracy']}")
     return 0
@@ -91,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
             recipe.release_distributed()
 
     with process_group(release):
-        recipe = DiffusionRecipe(config)
+        recipe = DiffusionRecipe(config, overwrite=args.overwrite)
         if ckpt is not None:
             recipe.resume(ckpt)
             if main:

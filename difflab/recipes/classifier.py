@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import option
+from ..config import check_ranges, option
 from ..data import Batch, ImageData, RandomSource, load_dataset
 from ..networks import ClassifierConfig, NoisyClassifier
 from ..process import PROCESS_NAMES, Process, make_process, q_sample
@@ -30,28 +30,31 @@ class ClassifierTrainConfig:
 
     dataset: str = option("digits", "a labelled image data set: 'digits', 'shapes' or a folder "
                                     "of images (sub-folders = class labels)")
-    resolution: int = option(8, "image size the data is resized/cropped to")
+    resolution: int = option(8, "image size the data is resized/cropped to", ge=1)
     channels: Literal[1, 3] | None = option(None, "1 (grey) or 3 (RGB); default 1 for digits, "
                                                   "3 for folders")
-    base_channels: int = option(32, "classifier width at the first resolution")
+    base_channels: int = option(32, "classifier width at the first resolution", ge=1)
     channel_mult: list[int] = option(factory=lambda: [1, 2],
                                      help="width multiplier per resolution level")
-    num_res_blocks: int = option(1, "residual blocks per resolution level")
+    num_res_blocks: int = option(1, "residual blocks per resolution level", ge=1)
     attention_resolutions: list[int] = option(factory=list,
                                               help="feature-map sizes with self-attention")
-    dropout: float = option(0.0, "dropout in residual blocks")
+    dropout: float = option(0.0, "dropout in residual blocks", ge=0, lt=1)
     schedule: str = option("cosine", "noise schedule of the diffusion model it will guide",
                            choices=PROCESS_NAMES)
-    T: int = option(1000, "number of diffusion steps of a discrete schedule")
-    steps: int = option(1500, "total optimisation steps", resume=True)
-    batch_size: int = option(128, "images per step (drawn with replacement)")
-    lr: float = option(1e-3, "AdamW learning rate")
-    weight_decay: float = option(0.05, "AdamW weight decay")
+    T: int = option(1000, "number of diffusion steps of a discrete schedule", ge=1)
+    steps: int = option(1500, "total optimisation steps", resume=True, ge=1)
+    batch_size: int = option(128, "images per step (drawn with replacement)", ge=1)
+    lr: float = option(1e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = option(0.05, "AdamW weight decay", ge=0)
     seed: int = option(0, "seed of the initialisation, batches and noise")
     out_dir: str = option("runs/classifier", "run folder: metrics.jsonl, checkpoints/",
                           resume=True)
-    log_every: int = option(50, "steps between metric lines", resume=True)
+    log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
     device: str = option("auto", "auto, cpu, cuda, cuda:N", resume=True)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the same range checks when built directly as from a file
 
 
 @dataclass
@@ -83,8 +86,9 @@ def noisy_accuracy(net: NoisyClassifier, process, data: ImageData, t: float,
 
 
 def train_classifier(config: ClassifierTrainConfig, data: ImageData | None = None,
-                     progress: bool = True) -> dict[str, Any]:
-    """Train, save a checkpoint in ``config.out_dir`` and return a summary."""
+                     progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train, save a checkpoint in ``config.out_dir`` and return a summary (``overwrite``:
+    delete another run found in ``out_dir`` instead of refusing)."""
     c = config
     dist, device = init_device(c.device)
     data = data or load_dataset(c.dataset, c.resolution, c.channels)
@@ -111,7 +115,8 @@ def train_classifier(config: ClassifierTrainConfig, data: ImageData | None = Non
         LoopConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup_steps=0,
                    grad_clip=0.0, ema_decay=None, fused_adamw=False, log_every=c.log_every,
                    sample_every=0, checkpoint_every=0, keep_checkpoints=0, out_dir=c.out_dir,
-                   seed=c.seed, reuse_cpu_memory=False, progress_desc="classifier"),
+                   seed=c.seed, reuse_cpu_memory=False, progress_desc="classifier",
+                   overwrite=overwrite),
         net, source, ClassifierLoss(process), meta, dist, device)
     result = loop.run(progress=progress, save_final=False)
     net.eval()

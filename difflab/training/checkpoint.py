@@ -7,17 +7,22 @@ A checkpoint of step k is two files in the run's ``checkpoints/`` folder:
 - ``step_{k:08d}.json``: the full run config, the step, and the optimizer's hyperparameters.
 
 Each file is written to a temporary name in the same folder and renamed into place; the JSON is
-written last, so a checkpoint counts only once both exist. Nothing already saved is overwritten.
+written last, so a checkpoint counts only once both exist. Nothing already saved is overwritten
+(except a checkpoint of the same step, whose JSON is removed first so that a crash cannot pair
+it with the new tensors). A refused write (disk full, quota, read-only) raises
+``difflab.io.WriteError`` naming the file; the checkpoints already saved stay intact.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..io import LoadError, atomic_write, read_json, read_safetensors
@@ -64,9 +69,27 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor],
     folder = Path(folder)
     stem = folder / f"step_{step:08d}"
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
-    write_json(stem.with_suffix(".json"), {**meta, "step": step})
+    stem.with_suffix(".json").unlink(missing_ok=True)  # never old JSON + new tensors
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: _save_tensors(tensors, tmp))
+    try:
+        write_json(stem.with_suffix(".json"), {**meta, "step": step})
+    except BaseException:
+        stem.with_suffix(".safetensors").unlink(missing_ok=True)  # no half checkpoint left
+        raise
     return stem.with_suffix(".json")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """``save_file``, with its I/O failures as ``OSError`` (safetensors reports a full disk
+    as ``SafetensorError("... I/O error: No space left on device (os error 28)")``)."""
+    try:
+        save_file(tensors, path)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code)) from e
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -3,9 +3,14 @@
 A recipe (``difflab.recipes``) builds a module to train, a :class:`BatchSource` and a loss
 function, and hands them to :class:`TrainLoop`. The loop owns what every run shares: AdamW
 with linear warm-up, gradient clipping, an optional EMA of the weights, autocast and loss
-scaling, ``torch.compile``, DDP under ``torchrun``, metrics.jsonl, the non-finite-loss check,
-periodic callbacks (sample grids) and checkpoints with bitwise resume. It knows nothing of
-networks, data sets, labels or text.
+scaling, ``torch.compile``, DDP under ``torchrun``, metrics.jsonl, the non-finite check,
+periodic callbacks (sample grids), checkpoints with bitwise resume, and the run folder
+(``run_folder``: stale temporary files removed, another run in it refused unless
+``overwrite``). It knows nothing of networks, data sets, labels or text.
+
+Non-finite values are never saved: every step's detached loss is kept on the device (no host
+sync) until the next metric line or checkpoint, where one reduction over them is read back;
+a checkpoint is written only if all of those losses and every tensor it holds are finite.
 
 Reproducibility: everything random that a step draws (batch positions of a with-replacement
 source, times, noise, label dropout) comes from one ``torch.Generator`` seeded by ``seed``,
@@ -21,6 +26,7 @@ writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -34,8 +40,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import option
-from ..io import LoadError, load_state
+from ..config import check_ranges, option
+from ..io import LoadError, append_text, load_state
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -51,13 +57,15 @@ from .distributed import DistInfo, init_distributed, local_slice, mean_over_rank
 from .ema import EMA
 from .memory import reuse_freed_memory
 from .precision import autocast, check_precision, grad_scaler
+from .run_folder import prepare_run_folder, run_lock
 
 __all__ = ["BatchSource", "LoopConfig", "LossFn", "NonFiniteLossError",
            "StepContext", "TrainLoop", "init_device", "pick_device"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss becomes NaN or infinite; no checkpoint is written for that step."""
+    """Raised when the loss (or a tensor about to be checkpointed) becomes NaN or infinite;
+    no checkpoint is written from that step on. The message names the last good one."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,12 +117,13 @@ class Stateful(Protocol):
 class LoopConfig:
     """What the loop itself needs; a recipe fills it from its own typed config."""
 
-    steps: int = option(1500, "total optimisation steps", resume=True)
-    lr: float = option(2e-3, "AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(200, "linear learning-rate warm-up steps (0: none)")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
-    ema_decay: float | None = option(0.999, "EMA decay of the weights (None: no EMA)")
+    steps: int = option(1500, "total optimisation steps", resume=True, ge=1)
+    lr: float = option(2e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = option(200, "linear learning-rate warm-up steps (0: none)", ge=0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", ge=0)
+    ema_decay: float | None = option(0.999, "EMA decay of the weights (None: no EMA)",
+                                      ge=0, lt=1)
     fused_adamw: bool = option(True, "AdamW as one kernel for all parameters (the same "
                                      "update rule; False: PyTorch's per-tensor default)")
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision",
@@ -123,14 +132,20 @@ class LoopConfig:
     compile_mode: str = option("default", "torch.compile mode", resume=True)
     reuse_cpu_memory: bool = option(True, "CPU: keep freed memory in the process",
                                     resume=True)
-    log_every: int = option(50, "steps between metric lines", resume=True)
-    sample_every: int = option(500, "steps between callbacks (0: never)", resume=True)
+    log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
+    sample_every: int = option(500, "steps between callbacks (0: never)", resume=True, ge=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
-                                   resume=True)
-    keep_checkpoints: int = option(2, "recent checkpoints kept (0: all)", resume=True)
+                                   resume=True, ge=0)
+    keep_checkpoints: int = option(2, "recent checkpoints kept (0: all)", resume=True, ge=0)
     out_dir: str = option("runs/run", "run folder", resume=True)
     seed: int = option(0, "seed of the run's generator (and of ranks' dropout streams)")
     progress_desc: str = option("training", "label of the progress bar", resume=True)
+    overwrite: bool = option(False, "start afresh in a run folder that holds another run, "
+                                    "deleting its files (run_folder.py); False: refuse",
+                             resume=True)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the same range checks when built directly as from a file
 
 
 @dataclass
@@ -176,6 +191,8 @@ class TrainLoop:
         self._seed_dropout(0)
         self.step = 0
         self.out_dir = Path(c.out_dir)
+        self.resumed_from: Path | None = None
+        self._folder_ready = False  # prepare_run_folder ran (at the first run())
 
     def _step_module(self) -> nn.Module:
         """What the step calls: the model, wrapped in DDP and/or compiled."""
@@ -237,7 +254,12 @@ class TrainLoop:
         return {"difflab_version": __version__, **self.meta(), **extra}
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (weights, EMA, optimizer, RNG, state)."""
+        """Write a checkpoint of the current step (weights, EMA, optimizer, RNG, state).
+
+        Raises:
+            NonFiniteLossError: a tensor to save is not finite (nothing is written).
+            difflab.io.WriteError: the file system refused the write (earlier checkpoints
+                stay intact)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
@@ -249,6 +271,7 @@ class TrainLoop:
             tensors |= {f"{prefix}.{k}": v for k, v in obj.state_dict().items()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        self._check_tensors(tensors)
         folder = self.out_dir / "checkpoints"
         path = save_checkpoint(folder, self.step, tensors,
                                {**self.full_meta(), "optimizer": opt_meta})
@@ -264,7 +287,8 @@ class TrainLoop:
                 message names the file. Nothing is restored unless the weights all fit.
         """
         tensors, meta = load_checkpoint(path)
-        file = resolve_checkpoint(path).with_suffix(".safetensors")
+        self.resumed_from = resolve_checkpoint(path)
+        file = self.resumed_from.with_suffix(".safetensors")
         # names and shapes are compared first (load_state): one line instead of PyTorch's
         # one line per tensor, and no half-restored model
         load_state(self.model, sub_dict(tensors, "model"), str(file))
@@ -299,11 +323,27 @@ class TrainLoop:
         """Train until ``steps`` (default: config.steps) total steps; returns a summary.
         With ``save_final`` the last step is checkpointed (unless it already is).
 
-        Under torchrun every rank runs this; only rank 0 writes files or shows progress."""
+        Rank 0 holds a lock on the run folder while it trains and, at the first call, makes
+        the folder ready (``run_folder.prepare_run_folder``: stale temporary files removed;
+        another run there refused unless ``config.overwrite``).
+
+        Under torchrun every rank runs this; only rank 0 writes files or shows progress.
+
+        Raises:
+            NonFiniteLossError: a loss or a tensor to save became NaN/Inf (nothing saved).
+            RunFolderError: the run folder holds another run, or is in use.
+            difflab.io.WriteError: a checkpoint or log could not be written."""
+        lock = run_lock(self.out_dir) if self.dist.is_main else contextlib.nullcontext()
+        with lock:
+            if self.dist.is_main and not self._folder_ready:
+                prepare_run_folder(self.out_dir, self.resumed_from, self.config.overwrite)
+            self._folder_ready = True
+            return self._run(self.config.steps if steps is None else steps, progress,
+                             save_final)
+
+    def _run(self, total: int, progress: bool, save_final: bool) -> dict[str, Any]:
         c, main = self.config, self.dist.is_main
-        total = c.steps if steps is None else steps
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.out_dir / "config.json", self.full_meta())
         log_path = self.out_dir / "metrics.jsonl"
         bar = tqdm(total=total, initial=self.step, desc=c.progress_desc, unit="step",
@@ -315,14 +355,17 @@ class TrainLoop:
             losses.append(loss)
             items += n
             bar.update(1)
+            save_now = c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0
             if self.step % c.log_every == 0 or self.step == total:
                 last = self._log(log_path, losses, items, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
                 losses, t0, items = [], time.perf_counter(), 0
+            elif save_now:  # the steps since the last metric line; every rank takes part
+                self._mean_loss(losses)
             if main and c.sample_every > 0 and self.step % c.sample_every == 0:
                 for callback in self.callbacks:
                     callback(self)
-            if main and c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0:
+            if main and save_now:
                 self.save()
         bar.close()
         ckpt = self.out_dir / "checkpoints" / f"step_{self.step:08d}.json"
@@ -330,17 +373,41 @@ class TrainLoop:
             ckpt = self.save()
         return {"step": self.step, "checkpoint": str(ckpt), "metrics": str(log_path), **last}
 
-    def _log(self, path: Path, losses: list[Tensor], items: int,
-             seconds: float) -> dict[str, Any]:
-        # the only host sync, once per interval (and the only collective outside DDP)
+    def _mean_loss(self, losses: list[Tensor]) -> float:
+        """The mean over ranks and ``losses`` (the last ``len(losses)`` steps), read back in
+        one host sync; NonFiniteLossError naming the first bad step if it is not finite (a
+        NaN or Inf in any term makes the mean non-finite)."""
         loss = float(mean_over_ranks(torch.stack(losses).mean(), self.dist))
         if not math.isfinite(loss):
+            local = torch.stack(losses).float().cpu()
+            bad = (~torch.isfinite(local)).nonzero()
+            first = self.step - len(losses) + 1 + (int(bad[0]) if len(bad) else 0)
             raise NonFiniteLossError(
-                f"loss became {loss} by step {self.step}; not saving this state. Last good "
-                f"checkpoint: {self.latest_checkpoint()}. Try a lower --lr or --grad-clip.")
+                f"loss became {loss} by step {first}; not saving this state. Last good "
+                f"checkpoint: {self.latest_checkpoint() or 'none'}. Try a lower --lr or "
+                f"--grad-clip.")
+        return loss
+
+    def _check_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """NonFiniteLossError if a floating-point tensor to save holds NaN or Inf (a finite
+        loss does not imply finite weights: an update can overflow them)."""
+        floats = [(k, v) for k, v in tensors.items() if v.is_floating_point()]
+        flags = [torch.isfinite(v).all() for _, v in floats]
+        devices = {f.device for f in flags}  # one read-back per device (GPU weights, CPU state)
+        if all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in devices):
+            return
+        name = next(k for k, v in floats if not bool(torch.isfinite(v).all()))
+        raise NonFiniteLossError(
+            f"{name} became non-finite by step {self.step}; not saving this state. Last good "
+            f"checkpoint: {self.latest_checkpoint() or 'none'}. Try a lower --lr or "
+            f"--grad-clip.")
+
+    def _log(self, path: Path, losses: list[Tensor], items: int,
+             seconds: float) -> dict[str, Any]:
+        # a host sync once per interval (and a collective outside DDP); see _mean_loss
+        loss = self._mean_loss(losses)
         row = {"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
                "images_per_s": items / max(seconds, 1e-9), "time": time.time()}
         if self.dist.is_main:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_text(path, json.dumps(row) + "\n")
         return row
