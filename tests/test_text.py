@@ -251,9 +251,9 @@ def test_cli_train_and_sample_with_prompts(tmp_path, encoder, monkeypatch, capsy
     from difflab.data import save_grid
     src = tmp_path / "in.png"
     save_grid(torch.rand(1, 3, 16, 16) * 2 - 1, src, nrow=1, scale=1, padding=0)
-    edited = tmp_path / "e.png"
     for kind in ("sdedit", "vary"):
         prompt = f"a large red square ({kind})"
+        edited = tmp_path / f"{kind}.png"
         assert main(["edit", kind, "--checkpoint", str(tmp_path / "m"), "--input", str(src),
                      "--prompt", prompt, "--n", "2", "--steps", "2", "--out", str(edited),
                      "--device", "cpu"]) == 0
