@@ -18,6 +18,9 @@ import pytest
 from difflab.networks import native
 from difflab.networks.native import cache
 
+# every test compiles the kernels (about a second each)
+pytestmark = pytest.mark.slow
+
 OTHER_UID = 65534  # nobody
 
 

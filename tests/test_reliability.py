@@ -170,6 +170,7 @@ def test_a_refused_json_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):
                                                         "step_00000001.safetensors"]
 
 
+@pytest.mark.slow
 def test_real_process_over_its_file_size_limit_fails_in_one_line(tmp_path, base_run):
     """A real write failure inside safetensors (not an injected one): the training process
     runs under RLIMIT_FSIZE, so the checkpoint's tensors cannot be written (EFBIG)."""
@@ -307,6 +308,7 @@ def test_ranges_are_exact_limits_and_shown_in_help(capsys):
 
 # -- 8: a killed run's temporary files go at the next start; it resumes bitwise ---------------
 
+@pytest.mark.slow
 def test_sigkill_then_the_next_start_cleans_up_and_resumes_bitwise(tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
     common = ["--steps", "30", "--log-every", "5", "--keep-checkpoints", "0"]
