@@ -4,7 +4,7 @@ Trains five class-conditional tiny U-Nets (the README's default ``TrainConfig`` 
 the objective and ``--steps``): L_simple-eps, v-prediction (v-space MSE), min-SNR-5 (eps
 prediction), hybrid with learned variance (Nichol & Dhariwal 2021) and EDM (preconditioning,
 log-normal noise levels, lambda(sigma)), all on the cosine schedule with T = 1000. Then, per
-model: FID in the digits feature classifier's space (``difflab eval --features classifier:``)
+model: FID in the digits feature network's space (``difflab eval --features featurenet:``)
 of ``--n`` class-balanced samples against the held-out test digits, for DDPM ancestral
 sampling (learned Sigma_theta for the hybrid model, beta_tilde otherwise; trailing spacing)
 at 10, 25, 50 and 1000 steps and DDIM (eta = 0) at 10, 25 and 50 steps; and bits/dim of the
@@ -30,13 +30,13 @@ from difflab.evaluation import (
     ModuleExtractor,
     extract,
     format_table,
-    load_classifier,
+    load_feature_net,
     model_bits_per_dim,
     sample_metrics,
-    save_classifier,
-    train_classifier,
+    save_feature_net,
+    train_feature_net,
 )
-from difflab.evaluation.classifier import accuracy
+from difflab.evaluation.featurenet import feature_net_accuracy as accuracy
 from difflab.parameterization import Prediction
 from difflab.pipeline import Pipeline
 from difflab.recipes import DiffusionRecipe, TrainConfig
@@ -99,10 +99,10 @@ def feature_extractor(args: argparse.Namespace):
     path = Path(args.out_dir) / "digits_classifier.json"
     test = load_digits(8, split="test")
     if path.is_file():
-        clf, _ = load_classifier(path)
+        clf, _ = load_feature_net(path)
     else:
-        clf = train_classifier(load_digits(8, split="train"), steps=args.classifier_steps)
-        save_classifier(clf, path.with_suffix(""), {"test_accuracy": accuracy(clf, test)})
+        clf = train_feature_net(load_digits(8, split="train"), steps=args.classifier_steps)
+        save_feature_net(clf, path.with_suffix(""), {"test_accuracy": accuracy(clf, test)})
     ex = ModuleExtractor(clf, f"classifier ({path.name})", "cpu")
     return ex, test, float(accuracy(clf, test))
 

@@ -29,10 +29,10 @@ from difflab.evaluation import (
     format_table,
     model_bits_per_dim,
     sample_metrics,
-    save_classifier,
-    train_classifier,
+    save_feature_net,
+    train_feature_net,
 )
-from difflab.evaluation.classifier import accuracy
+from difflab.evaluation.featurenet import feature_net_accuracy as accuracy
 from difflab.pipeline import Pipeline
 from difflab.recipes import DiffusionRecipe, TrainConfig
 from difflab.samplers import get_sampler
@@ -114,9 +114,9 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(ckpt, device=device)
     denoiser = pipe.denoiser()
     train, test = load_digits(8, split="train"), load_digits(8, split="test")
-    clf = train_classifier(train, steps=args.classifier_steps, device=device)
+    clf = train_feature_net(train, steps=args.classifier_steps, device=device)
     clf_acc = accuracy(clf, test)
-    clf_path = save_classifier(clf, Path(args.out_dir) / "digits_classifier",
+    clf_path = save_feature_net(clf, Path(args.out_dir) / "digits_classifier",
                                {"test_accuracy": clf_acc, "trained_on": "digits:train"})
     extractor = ModuleExtractor(clf.to(device), f"classifier ({clf_path.name})", device)
     test_feats = extract(extractor, quantize(test.images)).features

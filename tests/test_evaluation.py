@@ -11,7 +11,7 @@ from torch import nn
 from difflab.cli.main import main
 from difflab.data import load_digits
 from difflab.evaluation import (
-    ClassifierConfig,
+    FeatureNetConfig,
     FIDInceptionV3,
     extract,
     feature_stats,
@@ -19,17 +19,17 @@ from difflab.evaluation import (
     frechet_distance,
     inception_score,
     kid,
-    load_classifier,
+    load_feature_net,
     load_fid_inception,
     load_reference,
     load_sample_set,
     mmd2_unbiased,
     precision_recall,
-    save_classifier,
+    save_feature_net,
     save_reference,
-    train_classifier,
+    train_feature_net,
 )
-from difflab.evaluation.classifier import accuracy
+from difflab.evaluation.featurenet import feature_net_accuracy as accuracy
 from difflab.evaluation.inception import FID_WEIGHTS_NAME
 
 
@@ -165,15 +165,15 @@ def test_inception_loads_standard_fid_weight_names(tmp_path):
 @pytest.fixture(scope="module")
 def classifier_file(tmp_path_factory):
     train = load_digits(8, split="train")
-    config = ClassifierConfig(width=8, feature_dim=32, class_names=train.class_names)
+    config = FeatureNetConfig(width=8, feature_dim=32, class_names=train.class_names)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny CNN trains fastest on one thread, above all on a busy CPU
     try:
-        model = train_classifier(train, steps=100, batch_size=32, lr=5e-3, seed=0, config=config)
+        model = train_feature_net(train, steps=100, batch_size=32, lr=5e-3, seed=0, config=config)
     finally:
         torch.set_num_threads(threads)
     acc = accuracy(model, load_digits(8, split="test"))
-    path = save_classifier(model, tmp_path_factory.mktemp("clf") / "digits_classifier",
+    path = save_feature_net(model, tmp_path_factory.mktemp("clf") / "digits_classifier",
                            {"test_accuracy": acc})
     return path, acc
 
@@ -181,11 +181,11 @@ def classifier_file(tmp_path_factory):
 def test_classifier_learns_digits_and_round_trips(classifier_file):
     path, acc = classifier_file
     assert acc > 0.6  # chance is 0.1; a short run in the test (the benchmark trains longer)
-    model, meta = load_classifier(path)
+    model, meta = load_feature_net(path)
     assert meta["info"]["test_accuracy"] == acc
     assert accuracy(model, load_digits(8, split="test")) == acc
     with pytest.raises(FileNotFoundError, match="nothere.json"):
-        load_classifier(path.parent / "nothere")
+        load_feature_net(path.parent / "nothere")
 
 
 def test_reference_stats_and_sample_sets_round_trip(tmp_path):
@@ -209,29 +209,29 @@ def test_reference_stats_and_sample_sets_round_trip(tmp_path):
 
 def test_eval_command_writes_json_and_names_missing_files(tmp_path, classifier_file, capsys):
     clf, _ = classifier_file
-    model, _ = load_classifier(clf)
+    model, _ = load_feature_net(clf)
     test = load_digits(8, split="test")
     from difflab.data import to_uint8
     np.savez(tmp_path / "s.npz", images=to_uint8(test.images[:200]).permute(0, 2, 3, 1).numpy())
     out = tmp_path / "eval.json"
     assert main(["eval", "--samples", str(tmp_path / "s.npz"), "--reference", "digits:train",
-                 "--features", f"classifier:{clf}", "--metrics", "fid,kid,is,pr",
+                 "--features", f"featurenet:{clf}", "--metrics", "fid,kid,is,pr",
                  "--kid-subset-size", "100", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("fid", "kid_mean", "kid_std", "is_mean", "precision", "recall", "extractor"):
         assert key in report
-    assert "classifier" in report["extractor"] and "| fid |" in capsys.readouterr().out
+    assert "featurenet" in report["extractor"] and "| fid |" in capsys.readouterr().out
     # reference statistics saved once, then reused
     stats = tmp_path / "ref.npz"
     assert main(["eval", "--samples", "digits:train", "--resolution", "8",
-                 "--features", f"classifier:{clf}", "--save-reference", str(stats)]) == 0
+                 "--features", f"featurenet:{clf}", "--save-reference", str(stats)]) == 0
     assert main(["eval", "--samples", str(tmp_path / "s.npz"), "--reference", str(stats),
-                 "--features", f"classifier:{clf}", "--metrics", "fid",
+                 "--features", f"featurenet:{clf}", "--metrics", "fid",
                  "--out", str(tmp_path / "e2.json")]) == 0
     assert json.loads((tmp_path / "e2.json").read_text())["fid"] == pytest.approx(report["fid"])
     capsys.readouterr()
     assert main(["eval", "--samples", str(tmp_path / "none.npz"), "--reference", "digits",
-                 "--features", f"classifier:{clf}"]) == 2
+                 "--features", f"featurenet:{clf}"]) == 2
     assert "none.npz" in capsys.readouterr().err
     assert main(["eval", "--samples", str(tmp_path / "s.npz"), "--reference", "digits",
                  "--features", f"inception:{tmp_path / 'w.pth'}"]) == 2
@@ -240,7 +240,7 @@ def test_eval_command_writes_json_and_names_missing_files(tmp_path, classifier_f
 
 
 def test_extract_accepts_uint8_and_float(classifier_file):
-    model, _ = load_classifier(classifier_file[0])
+    model, _ = load_feature_net(classifier_file[0])
     from difflab.evaluation import ModuleExtractor
     ex = ModuleExtractor(model, "clf")
     from difflab.data import from_uint8, to_uint8

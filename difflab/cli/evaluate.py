@@ -15,19 +15,33 @@ from ..evaluation import (
     METRICS,
     extract,
     format_table,
-    load_extractor,
     load_reference,
     load_sample_set,
     model_bits_per_dim,
+    parse_features,
     sample_metrics,
     save_reference,
 )
-from ..evaluation.reference import is_reference_file
+from ..evaluation.builtin import BUILTIN_STEPS, dataset_of_builtin_name
+from ..evaluation.inception import FID_WEIGHTS_NAME
+from ..evaluation.reference import dataset_spec, is_reference_file
 from ..evaluation.report import parse_metrics
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, load_extractor
 from ..training import pick_device
 from ..training.checkpoint import write_json
 from .outputs import add_overwrite_option, check_outputs
+
+FEATURES_OPTION_HELP = (
+    "feature space of the metrics. 'builtin' (or builtin:DATASET): a small CNN trained on the "
+    "train split of the --reference data set (digits, shapes, a labelled image folder) on "
+    "first use, on the CPU from fixed seeds, and cached in $DIFFLAB_CACHE_DIR or "
+    "~/.cache/difflab/features; nothing is downloaded. classifier:RUN: the noisy classifier "
+    "of 'difflab train-classifier' (run folder or checkpoint) at t ~ 0, features = its pooled "
+    "last layer. featurenet:PATH: a saved feature network (.json + .safetensors). "
+    "inception:PATH: the official FID protocol (Heusel et al. 2017, as pytorch-fid computes "
+    "it): InceptionV3 pool3 features, 2048-d, images resized bilinearly to 299 x 299, with "
+    f"pytorch-fid's weights {FID_WEIGHTS_NAME} (a port of TensorFlow's "
+    "pt_inception-2015-12-05) read from the local file PATH; never downloaded")
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
@@ -42,10 +56,10 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default=None,
                    help="the same kinds as --samples, or a statistics .npz from "
                         "--save-reference")
-    p.add_argument("--features", required=True,
-                   help="inception:PATH (FID weights pt_inception-2015-12-05-6726825d.pth from "
-                        "pytorch-fid's releases; never downloaded) or classifier:PATH (a "
-                        "difflab feature classifier .json)")
+    p.add_argument("--features", default="builtin", help=FEATURES_OPTION_HELP)
+    p.add_argument("--feature-steps", type=int, default=BUILTIN_STEPS,
+                   help="training steps of the built-in feature network (first use only; "
+                        "each value is cached apart)")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of "
                    f"{','.join(METRICS)}")
     p.add_argument("--save-reference", default=None,
@@ -78,11 +92,27 @@ def _reference_features(args: argparse.Namespace, extractor: Any, shape: tuple[i
     return extract(extractor, ref_set.images, args.batch_size).features, None, ref_set.source
 
 
+def _builtin_dataset(args: argparse.Namespace) -> str | None:
+    """The data set the built-in features are trained on: that of --reference (a data set, or
+    statistics saved with built-in features), else --samples when it names a data set."""
+    if args.reference is not None:
+        if is_reference_file(args.reference):
+            return dataset_of_builtin_name(load_reference(args.reference).extractor)
+        return dataset_spec(args.reference)
+    return dataset_spec(args.samples, named_only=True)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics)
+    parse_features(args.features)  # a bad value fails before any loading
+    if args.feature_steps < 1:
+        raise ValueError(f"--feature-steps must be >= 1, got {args.feature_steps}")
     check_outputs(args, out=args.out, save_reference=args.save_reference)
-    extractor = load_extractor(args.features, pick_device(args.device))
     samples = load_sample_set(args.samples, args.resolution)
+    _, height, _, channels = samples.images.shape
+    extractor = load_extractor(args.features, pick_device(args.device),
+                               dataset=_builtin_dataset(args), resolution=height,
+                               channels=channels, builtin_steps=args.feature_steps)
     fake = extract(extractor, samples.images, args.batch_size)
     if args.save_reference:
         path = save_reference(args.save_reference, fake.features, extractor.name)

@@ -2,9 +2,9 @@
 
 - :mod:`.metrics`: Fréchet distance / FID, KID, inception score, improved precision/recall.
 - :mod:`.inception`: the FID InceptionV3 (weights from a local file only).
-- :mod:`.classifier`: a small classifier trained on labelled data, used as the extractor on
-  small domains.
-- :mod:`.features`: the extractor interface and ``extract``.
+- :mod:`.featurenet`: the feature network, a small CNN trained on labelled data, used as the
+  extractor on small domains; :mod:`.builtin`: the one trained and cached per data set.
+- :mod:`.features`: the extractor interface, ``--features`` forms and ``extract``.
 - :mod:`.reference`: sample sets (PNG folders, ``--save-npz`` files) and reference stats.
 - :mod:`.likelihood`: the variational bound (DDPM) with the discretized Gaussian decoder.
 - :mod:`.ode_likelihood`: exact likelihood through the probability-flow ODE.
@@ -12,14 +12,23 @@
 """
 
 from .bits import model_bits_per_dim
-from .classifier import (
-    ClassifierConfig,
-    FeatureClassifier,
-    load_classifier,
-    save_classifier,
-    train_classifier,
+from .builtin import builtin_feature_net, cache_dir
+from .featurenet import (
+    FeatureNet,
+    FeatureNetConfig,
+    feature_net_accuracy,
+    load_feature_net,
+    save_feature_net,
+    train_feature_net,
 )
-from .features import Extracted, FeatureExtractor, ModuleExtractor, extract, load_extractor
+from .features import (
+    Extracted,
+    FeatureExtractor,
+    ModuleExtractor,
+    NoisyClassifierFeatures,
+    extract,
+    parse_features,
+)
 from .inception import FIDInceptionV3, load_fid_inception
 from .likelihood import (
     VLBResult,
@@ -43,13 +52,13 @@ from .reference import load_reference, load_sample_set, save_reference
 from .report import METRICS, format_table, sample_metrics
 
 __all__ = [
-    "METRICS", "ClassifierConfig", "Extracted", "FIDInceptionV3", "FeatureClassifier",
-    "FeatureExtractor", "FeatureStats", "ModuleExtractor", "ODEResult", "VLBResult",
-    "dequantize", "discretized_gaussian_log_likelihood", "extract", "feature_stats", "fid",
-    "format_table", "frechet_distance", "gaussian_log_likelihood", "inception_score", "kid",
-    "load_classifier", "load_extractor", "load_fid_inception", "load_reference",
-    "load_sample_set", "mmd2_unbiased", "normal_kl", "ode_bits_per_dim", "ode_nll",
-    "precision_recall", "sample_metrics", "save_classifier", "save_reference",
-    "train_classifier", "vlb",
+    "METRICS", "Extracted", "FIDInceptionV3", "FeatureExtractor", "FeatureNet",
+    "FeatureNetConfig", "FeatureStats", "ModuleExtractor", "NoisyClassifierFeatures",
+    "ODEResult", "VLBResult", "builtin_feature_net", "cache_dir", "dequantize",
+    "discretized_gaussian_log_likelihood", "extract", "feature_net_accuracy", "feature_stats",
+    "fid", "format_table", "frechet_distance", "gaussian_log_likelihood", "inception_score",
+    "kid", "load_feature_net", "load_fid_inception", "load_reference", "load_sample_set",
+    "mmd2_unbiased", "model_bits_per_dim", "normal_kl", "ode_bits_per_dim", "ode_nll",
+    "parse_features", "precision_recall", "sample_metrics", "save_feature_net",
+    "save_reference", "train_feature_net", "vlb",
 ]
-__all__ += ["model_bits_per_dim"]

@@ -2,14 +2,23 @@
 
 An extractor is any object with a ``name`` (reported next to every metric) and a call
 ``extractor(images [B, C, H, W] in [-1, 1]) -> (features [B, D], logits [B, K] or None)``.
-Two ship with difflab: the FID InceptionV3 (``inception:PATH``) and the small trained
-classifier (``classifier:PATH``).
+``--features`` names one (:func:`parse_features`; loaded by
+:func:`difflab.pipeline.load_extractor`):
+
+- ``builtin[:DATASET]`` (the default): a :class:`~.featurenet.FeatureNet` trained on the data
+  set's train split on first use and cached (:mod:`.builtin`); nothing is downloaded.
+- ``classifier:RUN``: the noisy classifier of ``difflab train-classifier`` (run folder or
+  checkpoint) at the least noise, features = its pooled penultimate layer
+  (:class:`NoisyClassifierFeatures`).
+- ``featurenet:PATH``: a feature network saved by :func:`~.featurenet.save_feature_net`.
+- ``inception:PATH``: the official FID protocol, the 2048-d pool3 features of the FID
+  InceptionV3 with pytorch-fid's weights ``pt_inception-2015-12-05-6726825d.pth`` read from
+  PATH (:mod:`.inception`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -17,8 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from ..data import from_uint8
-from .classifier import load_classifier
-from .inception import load_fid_inception
+from ..process import Process
+
+FEATURE_KINDS = ("builtin", "classifier", "featurenet", "inception")
+FEATURES_HELP = ("builtin[:DATASET], classifier:RUN (a 'difflab train-classifier' run folder "
+                 "or checkpoint), featurenet:PATH or inception:PATH")
 
 
 class FeatureExtractor(Protocol):
@@ -39,17 +51,36 @@ class ModuleExtractor:
         return self.module(images.to(self.device))
 
 
-def load_extractor(spec: str, device: str | torch.device = "cpu") -> ModuleExtractor:
-    """``inception:PATH`` (FID InceptionV3 weights) or ``classifier:PATH`` (a classifier saved
-    by :func:`difflab.evaluation.classifier.save_classifier`)."""
-    kind, _, path = spec.partition(":")
-    if kind == "inception" and path:
-        return ModuleExtractor(load_fid_inception(path, device), f"inception-v3-fid "
-                               f"({Path(path).name})", device)
-    if kind == "classifier" and path:
-        model, _ = load_classifier(path)
-        return ModuleExtractor(model.to(device), f"classifier ({Path(path).name})", device)
-    raise ValueError(f"unknown --features {spec!r}: use inception:PATH or classifier:PATH")
+def parse_features(spec: str) -> tuple[str, str]:
+    """``KIND:ARG`` -> (kind, arg); ``builtin`` alone gives (``"builtin"``, ``""``). Anything
+    else is a one-line ValueError listing the forms."""
+    kind, _, arg = spec.partition(":")
+    if kind == "builtin" or (kind in FEATURE_KINDS and arg):
+        return kind, arg
+    raise ValueError(f"bad --features {spec!r}: use {FEATURES_HELP}")
+
+
+class NoisyClassifierFeatures(nn.Module):
+    """A noisy classifier p(y | x_t, t) as an extractor at the least noise: (pooled
+    penultimate features [B, C], logits [B, K]) of clean images at t = t_min + 1e-3 (t_max -
+    t_min) (t = 1 of T = 1000 for a discrete schedule: a time it was trained on)."""
+
+    def __init__(self, net: nn.Module, process: Process):
+        super().__init__()
+        self.net = net
+        t = process.t_min + 1e-3 * (process.t_max - process.t_min)
+        c_noise = process.c_noise(torch.tensor([t], dtype=torch.float64)).float()
+        self.register_buffer("c_noise", c_noise, persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.net.config
+        if images.shape[1] != cfg.in_channels or images.shape[-1] != cfg.image_size:
+            raise ValueError(f"the classifier was trained on {cfg.in_channels}-channel "
+                             f"{cfg.image_size} px images, not {images.shape[1]}-channel "
+                             f"{images.shape[-1]} px")
+        x = images.to(self.c_noise.device).float()
+        f = self.net.features(x, self.c_noise.expand(len(x)))
+        return f, self.net.head[-1](f)
 
 
 @dataclass
@@ -76,4 +107,5 @@ def extract(extractor: FeatureExtractor, images: Tensor | np.ndarray,
     return Extracted(torch.cat(feats).numpy(), torch.cat(probs).numpy() if probs else None)
 
 
-__all__ = ["Extracted", "FeatureExtractor", "ModuleExtractor", "extract", "load_extractor"]
+__all__ = ["FEATURES_HELP", "FEATURE_KINDS", "Extracted", "FeatureExtractor", "ModuleExtractor",
+           "NoisyClassifierFeatures", "extract", "parse_features"]

@@ -79,6 +79,17 @@ def load_sample_set(spec: str, resolution: int | None = None,
     return SampleSet(to_uint8(data.images).permute(0, 2, 3, 1).numpy(), labels, spec)
 
 
+def dataset_spec(spec: str, named_only: bool = False) -> str | None:
+    """The data set of a ``--samples`` / ``--reference`` value without its split (``digits``
+    of ``digits:test``, ``folder:PATH``, or an image folder), None for an ``.npz`` file.
+    ``named_only``: None for a plain folder too (generated images are saved as folders)."""
+    if spec.endswith(".npz"):
+        return None
+    if named_only and Path(spec).expanduser().is_dir():
+        return None
+    return spec.rpartition(":")[0] if spec.endswith((":train", ":test", ":all")) else spec
+
+
 def save_reference(path: str | Path, features: np.ndarray, extractor: str,
                    keep_features: bool = True) -> Path:
     """Write reference statistics (and, by default, the features) to ``path`` (.npz)."""
@@ -118,5 +129,5 @@ def load_reference(path: str | Path) -> Reference:
         return Reference(FeatureStats(z["mu"], z["sigma"], n), feats, extractor)
 
 
-__all__ = ["Reference", "SampleSet", "is_reference_file", "load_image_dir", "load_npz_samples",
-           "load_reference", "load_sample_set", "save_reference"]
+__all__ = ["Reference", "SampleSet", "dataset_spec", "is_reference_file", "load_image_dir",
+           "load_npz_samples", "load_reference", "load_sample_set", "save_reference"]

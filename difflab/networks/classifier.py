@@ -47,7 +47,8 @@ class ClassifierConfig:
 
 
 class NoisyClassifier(nn.Module):
-    """``forward(x [B, C, H, W], c_noise [B]) -> logits [B, num_classes]``."""
+    """The noisy classifier: ``forward(x [B, C, H, W], c_noise [B]) -> logits [B,
+    num_classes]`` (``labels`` is ignored: the guidance interface passes it)."""
 
     def __init__(self, config: ClassifierConfig | None = None) -> None:
         super().__init__()
@@ -60,11 +61,16 @@ class NoisyClassifier(nn.Module):
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(ch, cfg.num_classes))
 
-    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        """The pooled penultimate activations [B, C] (GroupNorm, SiLU, average pool): what
+        the linear head sees; ``difflab eval --features classifier:RUN`` uses them at t ~ 0."""
         c_noise = broadcast_c_noise(c_noise, x.shape[0])
         temb = timestep_embedding(c_noise, self.config.base_channels).to(x.dtype)
         emb = F.silu(self.time_mlp(temb))
         h = self.conv_in(x)
         for block in self.down:
             h = block(h, emb)
-        return self.head(self.middle(h, emb))  # [B, num_classes]
+        return self.head[:-1](self.middle(h, emb))
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.head[-1](self.features(x, c_noise))  # [B, num_classes]

@@ -11,10 +11,10 @@
 
 from .card import CARD_FILE, CARD_FORMAT, ModelCard, StageCard
 from .conditions import Conditions, class_index
-from .loading import LoadedClassifier, load_classifier
+from .loading import LoadedClassifier, load_classifier, load_extractor
 from .output import PipelineOutput
 from .pipeline import Pipeline, resolve_sampler
 
 __all__ = ["CARD_FILE", "CARD_FORMAT", "Conditions", "LoadedClassifier", "ModelCard",
            "Pipeline", "PipelineOutput", "StageCard", "class_index", "load_classifier",
-           "resolve_sampler"]
+           "load_extractor", "resolve_sampler"]

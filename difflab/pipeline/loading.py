@@ -1,4 +1,5 @@
-"""Reading and writing what a pipeline is made of: cards, stage weights, noisy classifiers.
+"""Reading and writing what a pipeline is made of: cards, stage weights, noisy classifiers,
+and the feature extractors of ``difflab eval`` (which may be a noisy classifier).
 
 A source is a pipeline folder (``model_card.json`` + safetensors), a training run folder, its
 ``checkpoints/`` folder, or one checkpoint's ``step_*.json`` / ``.safetensors`` (the latest
@@ -16,7 +17,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import LoadError, atomic_write, load_state, read_safetensors
+from ..evaluation import (
+    ModuleExtractor,
+    NoisyClassifierFeatures,
+    builtin_feature_net,
+    load_feature_net,
+    load_fid_inception,
+    parse_features,
+)
+from ..evaluation.builtin import BUILTIN_STEPS
+from ..evaluation.featurenet import FEATURE_NET_KINDS
+from ..io import LoadError, atomic_write, load_state, read_json, read_safetensors
 from ..networks import build_network
 from ..process import Process, process_from_config
 from ..training.checkpoint import (
@@ -99,7 +110,8 @@ class LoadedClassifier:
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> LoadedClassifier:
-    """A noisy classifier checkpoint, in eval mode without gradients, on ``device``."""
+    """A noisy classifier (``difflab train-classifier``: its run folder, ``checkpoints/`` or
+    one checkpoint's .json / .safetensors), in eval mode without gradients, on ``device``."""
     tensors, meta = load_checkpoint(path)
     file = resolve_checkpoint(path)
     try:
@@ -113,3 +125,42 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Loa
     net = build_network("classifier", config)
     load_state(net, sub_dict(tensors, "model"), str(file.with_suffix(".safetensors")))
     return LoadedClassifier(net.to(device).eval().requires_grad_(False), process, class_names)
+
+
+def _refuse_feature_net(path: Path) -> None:
+    """A feature network's file given as ``classifier:`` is told apart from a bad checkpoint."""
+    js = path.with_suffix(".json") if path.suffix in (".json", ".safetensors") else None
+    if js is not None and js.is_file():
+        meta = read_json(js)
+        if isinstance(meta, dict) and meta.get("kind") in FEATURE_NET_KINDS:
+            raise ValueError(f"{js} is a feature network, not a noisy classifier: use "
+                             f"--features featurenet:{js}")
+
+
+def load_extractor(spec: str, device: torch.device | str = "cpu", *,
+                   dataset: str | None = None, resolution: int | None = None,
+                   channels: int | None = None,
+                   builtin_steps: int = BUILTIN_STEPS) -> ModuleExtractor:
+    """The feature extractor named by ``spec`` (``--features``, see
+    :mod:`difflab.evaluation.features`). ``builtin`` without a data set uses ``dataset``;
+    the built-in network is made for ``resolution`` x ``resolution`` images of ``channels``."""
+    kind, arg = parse_features(spec)
+    if kind == "inception":
+        return ModuleExtractor(load_fid_inception(arg, device),
+                               f"inception-v3-fid ({Path(arg).name})", device)
+    if kind == "featurenet":
+        model, _ = load_feature_net(arg)
+        return ModuleExtractor(model.to(device), f"featurenet ({Path(arg).name})", device)
+    if kind == "classifier":
+        _refuse_feature_net(Path(arg))
+        clf = load_classifier(arg, device)
+        return ModuleExtractor(NoisyClassifierFeatures(clf.net, clf.process).to(device),
+                               f"classifier ({Path(arg).name})", device)
+    name = arg or dataset
+    if not name:
+        raise ValueError("the built-in features need a data set: give --reference as a data "
+                         "set (digits:test, folder:PATH), or --features builtin:DATASET")
+    if resolution is None or channels is None:
+        raise ValueError("the built-in features need the images' resolution and channels")
+    model, label = builtin_feature_net(name, resolution, channels, builtin_steps)
+    return ModuleExtractor(model.to(device), label, device)

@@ -1,11 +1,12 @@
-"""A small CNN classifier trained on a labelled image set, used as a feature extractor.
+"""The feature network: a small CNN trained on clean labelled images, for metrics only.
 
 On small domains (8 x 8 digits, a labelled folder of icons) ImageNet Inception features say
 little, so difflab trains this network on the labelled data and computes FID / KID / IS /
 precision-recall in its penultimate feature space (the idea of "domain-specific FID", e.g. the
-LeNet features used for MNIST). It is saved beside the run as ``NAME.safetensors`` (weights)
-plus ``NAME.json`` (architecture, class names, test accuracy), so any later evaluation uses the
-exact same extractor.
+LeNet features used for MNIST). It is not a classifier for guidance (that is the noisy
+classifier p(y | x_t, t) of ``difflab train-classifier``). It is saved as ``NAME.safetensors``
+(weights) plus ``NAME.json`` (architecture, class names, test accuracy), so any later
+evaluation uses the exact same extractor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..io import LoadError, atomic_write, load_state, read_json, read_safetensor
 
 
 @dataclass
-class ClassifierConfig:
+class FeatureNetConfig:
     in_channels: int = 1
     num_classes: int = 10
     width: int = 32
@@ -34,11 +35,11 @@ class ClassifierConfig:
     class_names: list[str] = field(default_factory=list)
 
 
-class FeatureClassifier(nn.Module):
+class FeatureNet(nn.Module):
     """conv-conv-pool-conv-pool to a 4 x 4 map, then a ``feature_dim`` ReLU layer (the
     features) and a linear classifier. Works at any input resolution >= 4."""
 
-    def __init__(self, config: ClassifierConfig):
+    def __init__(self, config: FeatureNetConfig):
         super().__init__()
         self.config = c = config
         w = c.width
@@ -50,7 +51,7 @@ class FeatureClassifier(nn.Module):
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, c.feature_dim),
                                       nn.ReLU())
         self.head = nn.Linear(c.feature_dim, c.num_classes)
-        # per-feature mean and std on the training data (set by train_classifier): features
+        # per-feature mean and std on the training data (set by train_feature_net): features
         # are reported standardised so that kernel metrics (KID's (x.y / D + 1)^3) see O(1)
         # values, as they do for Inception features
         self.register_buffer("feature_mean", torch.zeros(c.feature_dim))
@@ -73,7 +74,7 @@ class FeatureClassifier(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(model: FeatureClassifier, data: ImageData, batch_size: int = 512) -> float:
+def feature_net_accuracy(model: FeatureNet, data: ImageData, batch_size: int = 512) -> float:
     model.eval()
     correct = 0
     for s in range(0, len(data), batch_size):
@@ -82,20 +83,20 @@ def accuracy(model: FeatureClassifier, data: ImageData, batch_size: int = 512) -
     return correct / max(1, len(data))
 
 
-def train_classifier(train: ImageData, steps: int = 1500, batch_size: int = 128,
-                     lr: float = 2e-3, seed: int = 0, noise: float = 0.1,
-                     config: ClassifierConfig | None = None,
-                     device: str | torch.device = "cpu") -> FeatureClassifier:
+def train_feature_net(train: ImageData, steps: int = 1500, batch_size: int = 128,
+                      lr: float = 2e-3, seed: int = 0, noise: float = 0.1,
+                      config: FeatureNetConfig | None = None,
+                      device: str | torch.device = "cpu") -> FeatureNet:
     """Train with AdamW and cross-entropy on ``train`` (labels required); returns the model on
     the CPU. Small Gaussian input noise and random one-pixel shifts make the features less
     brittle on generated images."""
     if train.labels is None:
-        raise ValueError("the feature classifier needs a labelled data set")
+        raise ValueError("the feature network needs a labelled data set")
     torch.manual_seed(seed)
-    config = config or ClassifierConfig(in_channels=train.channels,
+    config = config or FeatureNetConfig(in_channels=train.channels,
                                         num_classes=int(train.num_classes or 0),
                                         class_names=list(train.class_names))
-    model = FeatureClassifier(config).to(device)
+    model = FeatureNet(config).to(device)
     images, labels = train.images.to(device), train.labels.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -116,38 +117,47 @@ def train_classifier(train: ImageData, steps: int = 1500, batch_size: int = 128,
     return model.cpu().requires_grad_(False)
 
 
-def save_classifier(model: FeatureClassifier, path: str | Path,
-                    info: dict[str, Any] | None = None) -> Path:
+def save_feature_net(model: FeatureNet, path: str | Path,
+                     info: dict[str, Any] | None = None) -> Path:
     """Write ``path.safetensors`` and ``path.json`` (architecture + ``info``); returns the
     JSON path."""
     stem = Path(path).with_suffix("")
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(weights, tmp))
-    meta = {"kind": "difflab.FeatureClassifier", "config": asdict(model.config),
+    meta = {"kind": "difflab.FeatureNet", "config": asdict(model.config),
             "info": info or {}}
     atomic_write(stem.with_suffix(".json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return stem.with_suffix(".json")
 
 
-def load_classifier(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
-    """Load a classifier saved by :func:`save_classifier` (``.json`` or ``.safetensors`` path,
-    or the common stem); returns the model in eval mode and its metadata."""
+FEATURE_NET_KINDS = ("difflab.FeatureNet", "difflab.FeatureClassifier")  # the second: old files
+
+
+def load_feature_net(path: str | Path) -> tuple[FeatureNet, dict[str, Any]]:
+    """Load a feature network saved by :func:`save_feature_net` (``.json`` or ``.safetensors``
+    path, or the common stem); returns the model in eval mode and its metadata."""
     stem = Path(path).expanduser()
     stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
     js, st = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     for p in (js, st):
         if not p.is_file():
-            raise FileNotFoundError(f"feature classifier file not found: {p} (a classifier "
+            raise FileNotFoundError(f"feature network file not found: {p} (a feature network "
                                     f"is {js.name} + {st.name}, see 'difflab eval --help')")
     meta = read_json(js)
+    if not isinstance(meta, dict) or meta.get("kind") not in FEATURE_NET_KINDS:
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        hint = (" (a checkpoint: for a 'difflab train-classifier' run use "
+                "--features classifier:PATH)" if isinstance(meta, dict) and "network" in meta
+                else "")
+        raise LoadError(f"{js} is not a feature network's JSON (kind {kind!r}){hint}")
     try:
-        model = FeatureClassifier(ClassifierConfig(**meta["config"]))
+        model = FeatureNet(FeatureNetConfig(**meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise LoadError(f"{js} is not a feature classifier's JSON: {e}") from None
+        raise LoadError(f"{js} is not a feature network's JSON: {e}") from None
     load_state(model, read_safetensors(st), str(st))
     return model.eval().requires_grad_(False), meta
 
 
-__all__ = ["ClassifierConfig", "FeatureClassifier", "accuracy", "load_classifier",
-           "save_classifier", "train_classifier"]
+__all__ = ["FEATURE_NET_KINDS", "FeatureNet", "FeatureNetConfig", "feature_net_accuracy",
+           "load_feature_net", "save_feature_net", "train_feature_net"]
