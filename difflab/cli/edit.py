@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from .. import editing
-from ..data import DataError, load_png, save_grid
+from ..data import DataError, load_png, save_labelled_grid
 from ..io import atomic_write
 from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
 from .outputs import add_overwrite_option, check_outputs
+from .progress import nfe_progress
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 KINDS = {
@@ -61,6 +62,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
                    help="invert: deterministic sampler run backwards on the grid (and "
                    "forwards to reconstruct)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_edit)
 
 
@@ -108,11 +110,44 @@ def check_edit_args(args: argparse.Namespace) -> None:
                   save_npz=args.save_npz if args.kind == "invert" else None)
 
 
+def strip_text(args: argparse.Namespace, n_out: int) -> tuple[list[str], str]:
+    """Column labels of the edit strip (the inputs, then the results) and its caption."""
+    results = {
+        "sdedit": ["result"], "inpaint": ["kept part", "result"],
+        "invert": ["noise", "reconstruction"],
+        "vary": [f"seed {args.seed + i}" for i in range(n_out)],
+        "interpolate": ["input 2"] + [f"{float(v):.2f}" for v in torch.linspace(0, 1, n_out)],
+    }[args.kind]
+    if args.kind == "invert":
+        how = f"{args.inversion} inversion, {args.steps} steps"
+    elif args.kind == "interpolate":
+        how = f"slerp of inverted noises, {args.steps} steps"
+    elif args.kind == "inpaint":
+        how = f"RePaint, {args.steps} steps, seed {args.seed}"
+    else:
+        how = f"strength {args.strength:g}, {args.sampler} {args.steps} steps, seed {args.seed}"
+    toward = "".join(f", {k} {v}" for k, v in (("class", args.label), ("prompt", args.prompt))
+                     if v is not None)
+    return ["input", *results], f"{args.kind}: {how}{toward}"
+
+
 def run_edit(args: argparse.Namespace) -> int:
     check_edit_args(args)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
-    den = pipe.denoiser()
+    with nfe_progress(pipe.denoiser(), f"edit {args.kind}", not args.no_progress) as den:
+        x, out = _run_kind(args, pipe, den, device)
+    grid = torch.cat([x, out]).float().cpu()
+    labels, caption = strip_text(args, len(out))
+    path = save_labelled_grid(grid, args.out, nrow=len(grid), scale=max(1, 64 // grid.shape[-1]),
+                              col_labels=labels, caption=caption)
+    print(f"wrote {args.kind} result ({len(out)} images after {len(x)} input(s)) to {path}")
+    return 0
+
+
+def _run_kind(args: argparse.Namespace, pipe: Pipeline, den: Any, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edit of ``args.kind``: (what the strip shows first, the results)."""
     x = _image(args.input, pipe, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler, options = resolve_sampler(args.sampler, _options(args))
@@ -146,7 +181,4 @@ def run_edit(args: argparse.Namespace) -> int:
         lams = torch.linspace(0, 1, args.n)
         out = editing.interpolate(den, x, x2, lams, ts, cond=cond)
         x = torch.cat([x, x2])
-    grid = torch.cat([x, out]).float().cpu()
-    path = save_grid(grid, args.out, nrow=len(grid), scale=max(1, 64 // grid.shape[-1]))
-    print(f"wrote {args.kind} result ({len(out)} images after {len(x)} input(s)) to {path}")
-    return 0
+    return x, out

@@ -165,6 +165,7 @@ def add_nll_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     add_overwrite_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_nll)
 
 
@@ -195,7 +196,8 @@ def run_nll(args: argparse.Namespace) -> int:
     result = {"checkpoint": str(args.checkpoint), "data": spec, "method": args.method,
               "conditional": labels is not None, **{k: v for k, v in options.items()},
               **model_bits_per_dim(denoiser, images, labels, args.method, args.batch_size,
-                                   args.seed, device, **options)}
+                                   args.seed, device, progress=not args.no_progress,
+                                   **options)}
     print(format_table([result], ["data", "method", "n", "bits_per_dim", "stderr"]))
     if args.out:
         write_json(Path(args.out), result)

@@ -1,4 +1,4 @@
-"""The ``difflab`` command: train, train-classifier, sample, fit-grid, edit, eval, nll."""
+"""The ``difflab`` command: train, train-classifier, sample, fit-grid, edit, eval, nll, plot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..training import NonFiniteLossError
 from .edit import add_edit_parser
 from .evaluate import add_eval_parsers
 from .fit_grid import add_fit_grid_parser
+from .plot import add_plot_parser
 from .sample import add_sample_parser
 from .train import add_train_classifier_parser, add_train_parser
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_grid_parser(sub)
     add_edit_parser(sub)
     add_eval_parsers(sub)
+    add_plot_parser(sub)
     return p
 
 

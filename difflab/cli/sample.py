@@ -162,7 +162,11 @@ def run_sample(args: argparse.Namespace) -> int:
     out = PipelineOutput(samples=from_uint8(x) if out.is_image else x, nrow=conds.nrow,
                          seeds=list(range(args.seed, args.seed + n)), labels=conds.labels,
                          prompts=conds.prompts)
-    path = out.save_grid(args.out)
+    guidance = "no guidance" if args.guidance is None else f"guidance {args.guidance:g}"
+    path = out.save_grid(args.out, labelled=True,
+                         class_names=pipe.class_names or getattr(clf, "class_names", None),
+                         caption=f"{args.sampler}, {args.steps} steps, {guidance}, "
+                                 f"seeds {args.seed}-{args.seed + n - 1}")
     print(f"wrote {n} samples ({args.sampler}, {args.steps} steps) to {path}")
     if args.save_npz:
         print(f"wrote arrays to {out.save_npz(args.save_npz)}")

@@ -18,7 +18,14 @@ from .base import (
 )
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, load_image_folder
-from .images import load_png, save_grid, save_images, save_scatter
+from .images import (
+    labelled_grid_image,
+    load_png,
+    save_grid,
+    save_images,
+    save_labelled_grid,
+    save_scatter,
+)
 from .registry import DATASETS, DataRequest, load_data
 from .shapes import CaptionedImageData, load_shapes
 from .source import Batch, BatchSource, EpochSource, RandomSource
@@ -59,6 +66,8 @@ __all__ = [
     "sample_toy",
     "save_grid",
     "save_images",
+    "save_labelled_grid",
+    "labelled_grid_image",
     "save_scatter",
     "split_data",
     "split_indices",

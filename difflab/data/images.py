@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
 from ..io import atomic_write
@@ -102,6 +102,37 @@ def _as_batch(images: Tensor, what: str) -> Tensor:
     return images
 
 
+def _grid_uint8(images: Tensor, what: str, nrow: int | None, scale: int, padding: int,
+                pad_value: float) -> tuple[Tensor, int, int]:
+    """The uint8 grid ``[C, H', W']`` of :func:`save_grid` and its cell size (h, w), scaled."""
+    images = _as_batch(images, what)
+    for name, value, low in (("scale", scale, 1), ("padding", padding, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"{what}: invalid {name}={value!r}, must be an int >= {low}")
+    n, c, h, w = images.shape
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(n))
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise DataError(f"{what}: invalid nrow={nrow!r}, must be an int >= 1")
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    u8 = to_uint8(images)
+    if scale > 1:
+        u8 = u8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    fill = int(to_uint8(torch.tensor(float(pad_value))).item())
+    grid = torch.full(
+        (c, nrows * h + (nrows + 1) * padding, ncol * w + (ncol + 1) * padding),
+        fill,
+        dtype=torch.uint8,
+    )
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = u8[i]
+    return grid, h, w
+
+
 def save_grid(
     images: Tensor,
     path: str | os.PathLike[str],
@@ -127,32 +158,87 @@ def save_grid(
     Returns:
         The path written.
     """
-    images = _as_batch(images, f"save_grid({path})")
-    for name, value, low in (("scale", scale, 1), ("padding", padding, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise DataError(f"save_grid({path}): invalid {name}={value!r}, must be an int >= {low}")
-    n, c, h, w = images.shape
-    if nrow is None:
-        nrow = math.ceil(math.sqrt(n))
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise DataError(f"save_grid({path}): invalid nrow={nrow!r}, must be an int >= 1")
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    u8 = to_uint8(images)
-    if scale > 1:
-        u8 = u8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-        h, w = h * scale, w * scale
-    fill = int(to_uint8(torch.tensor(float(pad_value))).item())
-    grid = torch.full(
-        (c, nrows * h + (nrows + 1) * padding, ncol * w + (ncol + 1) * padding),
-        fill,
-        dtype=torch.uint8,
-    )
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, top : top + h, left : left + w] = u8[i]
+    grid, _, _ = _grid_uint8(images, f"save_grid({path})", nrow, scale, padding, pad_value)
     return _atomic_save_png(_uint8_to_pil(grid), Path(path))
+
+
+#: white space (pixels) around label text
+_GAP = 4
+#: margin and text colours per Pillow mode (opaque for RGBA)
+_PAPER_INK = {"L": (255, 0), "RGB": ((255, 255, 255), (0, 0, 0)),
+              "RGBA": ((255, 255, 255, 255), (0, 0, 0, 255))}
+
+
+def _fit(text: str, font: ImageFont.ImageFont, width: float) -> str:
+    """``text`` cut (with "...") to at most ``width`` pixels in ``font``."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..." if text else ""
+
+
+def labelled_grid_image(
+    images: Tensor,
+    nrow: int | None = None,
+    scale: int = 1,
+    *,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    caption: str | None = None,
+    padding: int = 1,
+    pad_value: float = 1.0,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The :func:`save_grid` grid with margins for text, and where the grid sits in it.
+
+    ``row_labels`` (one per grid row, cut to 200 pixels) go in a left margin, vertically
+    centred on their row; ``col_labels`` (one per column, cut to the cell width) in a top
+    margin; ``caption`` in a bottom line (the image widens for a long caption). Text is black on
+    white, in Pillow's built-in default font. The raw grid is pasted unchanged, so its cells
+    are pixel-identical to :func:`save_grid`'s. Returns (image, (left, top) of the raw grid).
+    """
+    grid_u8, h, w = _grid_uint8(images, "labelled grid", nrow, scale, padding, pad_value)
+    grid = _uint8_to_pil(grid_u8)
+    font = ImageFont.load_default()
+    line = int(font.getbbox("Ag|")[3]) + 2 * _GAP
+    rows = [_fit(t, font, 200) for t in row_labels or []]
+    left = int(max((font.getlength(t) for t in rows), default=-2 * _GAP)) + 2 * _GAP
+    top = line if col_labels else 0
+    cap_w = int(font.getlength(caption)) + 2 * _GAP if caption else 0
+    width = max(left + grid.width, cap_w)
+    height = top + grid.height + (line if caption else 0)
+    white, black = _PAPER_INK[grid.mode]
+    canvas = Image.new(grid.mode, (width, height), white)
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(rows):  # centred on row r
+        y = top + padding + r * (h + padding) + h // 2
+        draw.text((_GAP, y), text, fill=black, font=font, anchor="lm")
+    for c, text in enumerate(col_labels or []):
+        x = left + padding + c * (w + padding) + w // 2
+        draw.text((x, line // 2), _fit(text, font, w + padding), fill=black, font=font,
+                  anchor="mm")
+    if caption:
+        draw.text((_GAP, top + grid.height + line // 2), caption, fill=black, font=font,
+                  anchor="lm")
+    return canvas, (left, top)
+
+
+def save_labelled_grid(
+    images: Tensor,
+    path: str | os.PathLike[str],
+    nrow: int | None = None,
+    scale: int = 1,
+    *,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    caption: str | None = None,
+) -> Path:
+    """Save :func:`labelled_grid_image` as PNG, atomically (for a grid without text, with exact
+    pixels only, use :func:`save_grid`)."""
+    img, _ = labelled_grid_image(images, nrow, scale, row_labels=row_labels,
+                                 col_labels=col_labels, caption=caption)
+    return _atomic_save_png(img, Path(path))
 
 
 def save_images(

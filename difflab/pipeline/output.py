@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import from_uint8, save_grid, save_scatter, to_uint8
+from ..data import from_uint8, save_grid, save_labelled_grid, save_scatter, to_uint8
 from ..io import atomic_write
 
 
@@ -40,13 +40,37 @@ class PipelineOutput:
             return None
         return to_uint8(self.samples).permute(0, 2, 3, 1).numpy()
 
-    def save_grid(self, path: str | Path) -> Path:
+    def save_grid(self, path: str | Path, *, caption: str | None = None,
+                  class_names: list[str] | None = None, labelled: bool = False) -> Path:
         """A PNG grid of the 8-bit images, ``nrow`` per row, upscaled to at least 64 pixels
-        (or a scatter plot of 2-D points)."""
+        (or a scatter plot of 2-D points). ``labelled``: with :meth:`row_labels` (class names
+        from ``class_names``) in a left margin and ``caption`` below; the image cells stay
+        pixel-identical to the unlabelled grid's."""
         if not self.is_image:
             return save_scatter(self.samples, path)
         x = from_uint8(to_uint8(self.samples))
-        return save_grid(x, path, nrow=self.nrow, scale=max(1, 64 // x.shape[-1]))
+        scale = max(1, 64 // x.shape[-1])
+        if not labelled:
+            return save_grid(x, path, nrow=self.nrow, scale=scale)
+        return save_labelled_grid(x, path, nrow=self.nrow, scale=scale, caption=caption,
+                                  row_labels=self.row_labels(class_names))
+
+    def row_labels(self, class_names: list[str] | None = None) -> list[str] | None:
+        """The prompt or class (name, else index) of each grid row, when every image of
+        each row shares one; else None."""
+        rows = [range(s, min(s + self.nrow, len(self.seeds)))
+                for s in range(0, len(self.seeds), self.nrow)]
+        if self.prompts is not None:
+            keys = [{self.prompts[i] for i in row} for row in rows]
+            return [repr(k.pop()) for k in keys] if all(len(k) == 1 for k in keys) else None
+        if self.labels is None:
+            return None
+        keys = [{int(self.labels[i]) for i in row} for row in rows]
+        if not all(len(k) == 1 for k in keys):
+            return None
+        names = class_names or []
+        return [names[k] if 0 <= k < len(names) else str(k)
+                for k in (k.pop() for k in keys)]
 
     def save_npz(self, path: str | Path) -> Path:
         """``images`` (uint8 NHWC, or float points [n, D]), ``labels`` (-1 where none) and
