@@ -4,10 +4,12 @@ options print as one line after the run is validated, an error is one line befor
 else, and booleans are ``--flag`` / ``--no-flag``."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 from PIL import Image
+from torch import nn
 
 from difflab.cli.main import build_parser, main
 from difflab.cli.options import given_options
@@ -15,8 +17,9 @@ from difflab.config import to_dict
 from difflab.data.registry import dataset_folder, dataset_slug, folder_resolution
 from difflab.networks import UNetConfig
 from difflab.recipes import TrainConfig
-from difflab.recipes.config import default_attention, resolve_values
+from difflab.recipes.config import OptimConfig, default_attention, resolve_values
 from difflab.recipes.images import MODEL_SIZES
+from difflab.training import EMA
 
 
 def image_folder(root, size, odd=(50, 20)):
@@ -186,3 +189,14 @@ def test_a_bad_option_is_refused_before_any_config(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""
     assert "attention_resolutions [5] match no feature-map size" in captured.err
+
+
+@pytest.mark.parametrize("steps", [5, 20, 100, 1500, 20000])
+def test_the_ema_of_a_short_run_needs_no_cap(steps):
+    """docs/training.md: the EMA's warm-up keeps its half-life under about a tenth of the
+    steps done, so the default --ema-decay is not scaled for short runs."""
+    ema = EMA(nn.Linear(1, 1), OptimConfig().ema_decay)
+    ema.updates = steps - 1  # the decay of the last update of the run
+    half_life = math.log(0.5) / math.log(ema.current_decay())
+    assert half_life <= 0.08 * (10 + steps)
+    assert half_life <= max(steps / 10, 1)
