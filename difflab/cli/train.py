@@ -9,11 +9,11 @@ from pathlib import Path
 
 from ..config import changed_fields, deep_merge, from_dict, leaves, to_dict
 from ..recipes import ClassifierTrainConfig, DiffusionRecipe, TrainConfig, train_classifier
-from ..recipes.config import RunConfig, nested_values, read_config_file
+from ..recipes.config import DERIVED_DEFAULTS, nested_values, read_config_file, resolve_values
 from ..training import resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import env_info, process_group
-from .options import add_config_options, given_options
+from .options import add_config_options, changed_options, given_options
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="start afresh even if --out-dir holds another run: delete its "
                         "config.json, metrics.jsonl, checkpoints and sample grids (without "
                         "it, such a folder is refused unless --resume continues that run)")
-    add_config_options(p, TrainConfig, aliases={"run.out_dir": ["--out"]})
+    add_config_options(p, TrainConfig, aliases={"run.out_dir": ["--out"]},
+                       default_text=DERIVED_DEFAULTS)
     p.set_defaults(func=run_train)
 
 
@@ -56,8 +57,10 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
-    """Merge defaults, config file, checkpoint (when resuming) and command-line options.
+def resolve_config(args: argparse.Namespace, notes: list[str] | None = None
+                   ) -> tuple[TrainConfig, Path | None]:
+    """Merge defaults, config file, checkpoint (when resuming) and command-line options;
+    ``notes`` collects the values derived from the data (``resolve_values``).
 
     A resumed run keeps its saved config; only fields marked ``resume`` may change."""
     values = {}
@@ -66,9 +69,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
         TrainConfig.from_values(values, where=str(args.config))  # errors name the file
     deep_merge(values, given_options(args, TrainConfig))
     if not args.resume:
-        return TrainConfig.from_values(values), None
-    run = values.get("run") if isinstance(values.get("run"), dict) else {}
-    out_dir = run.get("out_dir", RunConfig().out_dir)
+        return TrainConfig.from_values(values, notes=notes), None
+    out_dir = resolve_values(values)["run"]["out_dir"]  # the derived one when not given
     ckpt = resolve_checkpoint(out_dir if args.resume == "latest" else args.resume)
     _, meta = load_checkpoint(ckpt)
     if not isinstance(meta.get("config"), dict):
@@ -85,12 +87,24 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     return config, ckpt
 
 
+def config_summary(config: TrainConfig, notes: list[str]) -> str:
+    """What a run prints before training: the derived values, then one line of the options
+    that differ from the defaults (the full config is the run folder's ``config.json``)."""
+    changed = " ".join(changed_options(config, TrainConfig)) or "all defaults"
+    lines = [f"note: {n}" if not n.startswith("warning:") else n for n in notes]
+    lines.append(f"config: {changed} (full config: "
+                 f"{Path(config.run.out_dir) / 'config.json'})")
+    return "\n".join(lines)
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """Train (under torchrun: as one rank of a DDP job; rank 0 prints and writes)."""
-    config, ckpt = resolve_config(args)
+    """Train (under torchrun: as one rank of a DDP job; rank 0 prints and writes).
+
+    The config is checked and the recipe built (data loaded, run folder claimed) before
+    anything is printed, so an error is the only line."""
+    notes: list[str] = []
+    config, ckpt = resolve_config(args, notes)
     main = env_info().is_main
-    if main:
-        print("config:", json.dumps(config.to_dict(), indent=1, sort_keys=True))
     recipe: DiffusionRecipe | None = None
 
     def release() -> None:
@@ -99,6 +113,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     with process_group(release):
         recipe = DiffusionRecipe(config, overwrite=args.overwrite)
+        if main:
+            print(config_summary(config, notes), flush=True)
         if ckpt is not None:
             recipe.resume(ckpt)
             if main:

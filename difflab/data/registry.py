@@ -3,19 +3,24 @@
 A name is ``NAME`` (a built-in with no argument, case-insensitive), ``NAME:ARG`` (a loader
 that takes an argument: ``folder:PATH``, ``toy:moons``) or the path of an existing image
 folder. A built-in name wins over a folder of the same name; use ``folder:NAME`` for that.
+
+:func:`dataset_folder`, :func:`dataset_slug` and :func:`folder_resolution` tell a recipe what a
+name refers to before loading it (the defaults of ``difflab train`` follow from them).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .base import DataError, ImageData, PointData, check_split, split_data
 from .digits import load_digits
-from .folder import load_image_folder
+from .folder import IMAGE_EXTENSIONS, _images_under, load_image_folder
 from .shapes import load_shapes
 from .toy2d import TOY_DATASETS, sample_toy
 
@@ -92,7 +97,61 @@ def load_data(name: str, request: DataRequest | None = None) -> ImageData | Poin
     if not Path(name).expanduser().exists():
         builtins = [k for k, (_, takes_arg) in DATASETS.items() if not takes_arg]
         raise DataError(
-            f"unknown dataset {name!r}: the folder {Path(name).expanduser()} does not exist and "
-            f"the built-in dataset names are {builtins} (use 'folder:PATH' for an image "
-            f"folder, 'toy:NAME' for 2-D points)")
+            f"unknown dataset {name!r}: the folder {Path(name).expanduser()} does not exist "
+            f"and no built-in dataset has that name (built-in: {', '.join(builtins)}; "
+            f"toy:NAME for 2-D points)")
     return _folder(name, r)
+
+
+def dataset_folder(name: str) -> Path | None:
+    """The image folder ``name`` refers to (``folder:PATH`` or an existing folder that is not
+    shadowed by a built-in name), or None for a built-in or toy data set or a missing path."""
+    key, sep, arg = name.partition(":")
+    if DATASETS.get(name.strip().lower(), (None, True))[1] is False:
+        return None
+    if sep and key in DATASETS and DATASETS[key][1]:
+        path = Path(arg).expanduser() if key == "folder" else None
+    else:
+        path = Path(name).expanduser()
+    return path if path is not None and path.is_dir() else None
+
+
+def dataset_slug(name: str) -> str:
+    """A short name for the data set, for its default run folder: the built-in's name
+    (``digits``), ``toy-moons`` for ``toy:moons``, and an image folder's own name."""
+    key, sep, arg = name.strip().partition(":")
+    if DATASETS.get(key.lower(), (None, True))[1] is False and not sep:
+        return key.lower()
+    if sep and key in DATASETS and key != "folder":
+        return f"{key}-{arg}".replace("/", "-")
+    folder = Path(arg if sep and key == "folder" else name).expanduser()
+    return folder.resolve().name or "data"
+
+
+def folder_resolution(folder: Path, max_files: int = 2000) -> tuple[int, str]:
+    """The resolution to train an image folder at when none is given, and a note saying why:
+    the most common shorter side of its images (ties: the smaller), rounded down to a
+    multiple of 8 (at least 8). Only the headers are read, of at most ``max_files`` files
+    spread evenly over the sorted list.
+
+    Raises:
+        DataError: the folder holds no image files, or none whose header can be read."""
+    paths = _images_under(folder, IMAGE_EXTENSIONS)
+    if not paths:
+        raise DataError(f"no image files in image folder {folder}")
+    stride = max(1, len(paths) // max_files)
+    sides: Counter[int] = Counter()
+    for path in paths[::stride]:
+        try:
+            with Image.open(path) as img:  # lazy: reads the header only
+                sides[min(img.size)] += 1
+        except Exception:  # Pillow raises many types; the loader lists unreadable files
+            continue
+    if not sides:
+        raise DataError(f"no readable image in image folder {folder}")
+    side = min(sides, key=lambda s: (-sides[s], s))
+    resolution = max(8, side // 8 * 8)
+    seen = sum(sides.values())
+    return resolution, (f"resolution {resolution}: the most common image size in {folder} is "
+                        f"{side} px ({sides[side]} of {seen} images read), rounded down to a "
+                        f"multiple of 8; give --resolution to choose")

@@ -9,7 +9,8 @@ resumed; the rest are fixed by the checkpoint.
 
 :meth:`TrainConfig.from_values` reads nested tables, dotted keys (``optim.lr``) and the old
 flat keys (``lr``, as in config files and checkpoints written before the nesting), applies the
-``network.model_size`` preset to the U-Net fields not given, and checks every value.
+``network.model_size`` preset to the U-Net fields not given, derives the defaults that depend
+on the data (:func:`resolve_values`), and checks every value.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from typing import Any, Literal
 import tomllib
 
 from ..config import check_ranges, deep_merge, from_dict, option, to_dict, unflatten
+from ..data import DataError
+from ..data.registry import dataset_folder, dataset_slug, folder_resolution
 from ..networks import NETWORKS, MLPConfig, UNetConfig
 from ..objectives import ObjectiveConfig
 from ..parameterization import PredictionType
 from ..process import PROCESS_NAMES
 from .images import MODEL_SIZES
 
-__all__ = ["DataConfig", "DiffusionConfig", "NetworkConfig", "OptimConfig", "RunConfig",
-           "SpeedConfig", "TrainConfig", "read_config_file"]
+__all__ = ["DERIVED_DEFAULTS", "DataConfig", "DiffusionConfig", "NetworkConfig", "OptimConfig",
+           "RunConfig", "SpeedConfig", "TrainConfig", "default_attention", "read_config_file",
+           "resolve_values"]
 
 
 @dataclass
@@ -176,9 +180,11 @@ class TrainConfig:
         return from_dict(cls, d, where)
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any], where: str = "config") -> TrainConfig:
-        """From nested, dotted or old flat keys; the preset fills the U-Net fields not given."""
-        return cls.from_dict(resolve_values(nested_values(values, where)), where)
+    def from_values(cls, values: Mapping[str, Any], where: str = "config",
+                    notes: list[str] | None = None) -> TrainConfig:
+        """From nested, dotted or old flat keys; the preset fills the U-Net fields not given
+        and the data the defaults that depend on it (``notes`` collects what was derived)."""
+        return cls.from_dict(resolve_values(nested_values(values, where), notes), where)
 
 
 #: old flat keys whose meaning moved (the rest map by their leaf name)
@@ -199,29 +205,124 @@ def nested_values(values: Mapping[str, Any], where: str = "config") -> dict[str,
     return unflatten(TrainConfig, flat, where)
 
 
-def resolve_values(given: Mapping[str, Any]) -> dict[str, Any]:
+#: what the help shows as the default of the options derived from the data
+DERIVED_DEFAULTS = {
+    "data.resolution": "8; an image folder: its most common image size, rounded down to a "
+                       "multiple of 8",
+    "network.unet.attention_resolutions": "the largest feature-map size <= 16 below the "
+                                          "resolution, else the smallest; 4 at 8 px",
+    "run.out_dir": "runs/DATASET, e.g. runs/digits, runs/toy-moons, runs/FOLDER-NAME",
+    "optim.warmup_steps": "200, at most a fifth of --steps",
+}
+#: warm-up steps not given are capped at ``steps // WARMUP_FRACTION``
+WARMUP_FRACTION = 5
+
+
+def _table(d: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = d.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> dict[str, Any]:
     """The run's defaults overlaid with ``given`` (nested), plus what follows from it: the
     preset's U-Net fields where not given, the U-Net's nominal size (the data resolution),
-    and for 2-D data the MLP width from ``--base-channels`` (its meaning before the MLP had
-    its own ``--hidden``)."""
+    for 2-D data the MLP width from ``--base-channels`` (its meaning before the MLP had its
+    own ``--hidden``), and where not given the values that depend on the data: an image
+    folder's resolution, the attention sizes (:func:`default_attention`), the run folder and
+    the warm-up of a short run. A sentence per derived value is appended to ``notes``."""
     out = to_dict(TrainConfig())
     deep_merge(out, given)
     net, data = out.get("network"), out.get("data")
     if not (isinstance(net, dict) and isinstance(net.get("unet"), dict)
             and isinstance(data, dict)):
         return out  # from_dict names what is wrong
-    given_net = given.get("network") if isinstance(given.get("network"), Mapping) else {}
-    given_unet = given_net.get("unet") if isinstance(given_net.get("unet"), Mapping) else {}
+    given_net = _table(given, "network")
+    given_unet = _table(given_net, "unet")
+    _derive_resolution(data, _table(given, "data"), notes)
     size = net.get("model_size")
     for key, value in MODEL_SIZES.get(size if isinstance(size, str) else "", {}).items():
         if key not in given_unet:
             net["unet"][key] = value
     net["unet"]["image_size"] = data.get("resolution")
-    given_mlp = given_net.get("mlp") if isinstance(given_net.get("mlp"), Mapping) else {}
+    if "attention_resolutions" not in given_unet:
+        net["unet"]["attention_resolutions"] = default_attention(
+            net["unet"]["image_size"], net["unet"].get("channel_mult"))
+    given_mlp = _table(given_net, "mlp")
     if (str(data.get("dataset")).startswith("toy:") and "base_channels" in given_unet
             and "hidden" not in given_mlp and isinstance(net.get("mlp"), dict)):
         net["mlp"]["hidden"] = given_unet["base_channels"]
+    _derive_out_dir(out, given, notes)
+    _derive_warmup(out, _table(given, "optim"), notes)
     return out
+
+
+def default_attention(image_size: Any, channel_mult: Any) -> list[int]:
+    """Where the U-Net attends when ``--attention-resolutions`` is not given: the largest
+    feature-map size <= 16 below the image size (DDPM attends at 16 of 32 px; the 8 px
+    digits at 4), else -- every level above 16 -- the smallest one. Always one of the
+    sizes, so the U-Net accepts it. For values of the wrong type: ``[4]``, and the config
+    check reports the real problem."""
+    if not (isinstance(image_size, int) and isinstance(channel_mult, (list, tuple))
+            and channel_mult and image_size >= 1):
+        return [4]
+    sizes = [image_size // 2**i for i in range(len(channel_mult))]
+    below = [s for s in sizes if 1 <= s <= 16 and s < image_size]
+    return [max(below)] if below else [min(sizes)]
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    if notes is not None:
+        notes.append(text)
+
+
+def _derive_resolution(data: dict[str, Any], given_data: Mapping[str, Any],
+                       notes: list[str] | None) -> None:
+    """An image folder trained without ``--resolution``: its most common image size."""
+    if "resolution" in given_data or not isinstance(data.get("dataset"), str):
+        return
+    folder = dataset_folder(data["dataset"])
+    if folder is None:
+        return
+    try:
+        data["resolution"], note = folder_resolution(folder)
+    except DataError:
+        return  # loading the folder reports it, naming the files
+    _note(notes, note)
+
+
+def _derive_out_dir(out: dict[str, Any], given: Mapping[str, Any],
+                    notes: list[str] | None) -> None:
+    """No ``--out-dir``: ``runs/`` and the data set's short name."""
+    dataset = out["data"].get("dataset")
+    if "out_dir" in _table(given, "run") or not isinstance(dataset, str) \
+            or not isinstance(out.get("run"), dict):
+        return
+    out["run"]["out_dir"] = f"runs/{dataset_slug(dataset)}"
+    _note(notes, f"run folder {out['run']['out_dir']} (named after the dataset; give "
+                 f"--out-dir to choose)")
+
+
+def _derive_warmup(out: dict[str, Any], given_optim: Mapping[str, Any],
+                   notes: list[str] | None) -> None:
+    """The default warm-up on a run too short for it: a fifth of the steps (a 100-step run
+    with 200 warm-up steps would never reach its learning rate and sample noise). A warm-up
+    given that outlasts the run is kept, with a warning."""
+    optim = out.get("optim")
+    if not isinstance(optim, dict):
+        return
+    steps, warmup = optim.get("steps"), optim.get("warmup_steps")
+    if not (isinstance(steps, int) and isinstance(warmup, int)) or steps < 1:
+        return
+    if "warmup_steps" in given_optim:
+        if warmup >= steps:
+            _note(notes, f"warning: --warmup-steps {warmup} >= --steps {steps}: the learning "
+                         f"rate never reaches --lr {optim.get('lr')}")
+        return
+    cap = steps // WARMUP_FRACTION
+    if warmup > cap:
+        optim["warmup_steps"] = cap
+        _note(notes, f"warm-up {cap} steps: the default {warmup} is over a fifth of the "
+                     f"{steps} steps; give --warmup-steps to choose")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
