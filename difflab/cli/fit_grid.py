@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..pipeline import Pipeline
 from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
 from .outputs import add_overwrite_option, check_outputs
-from .progress import CountingDenoiser
+from .progress import ProgressDenoiser
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
 FIXED_GRID_SAMPLERS = tuple(s for s in ODE_SAMPLERS if s != "rk45")
@@ -102,8 +101,7 @@ def run_fit_grid(args: argparse.Namespace) -> int:
             raise ValueError(f"--class must be in 0..{n_classes - 1} for this model"
                              if n_classes else "--class needs a class-conditional model")
         den = _FixedLabel(den, args.label)
-    bar = tqdm(desc="fit-grid", unit="NFE", disable=args.no_progress)
-    den = CountingDenoiser(den, bar)
+    den = ProgressDenoiser(den, desc="fit-grid", unit="NFE", disable=args.no_progress)
     shape = pipe.sample_shape
     process = den.process
     sampler = functools.partial(get_sampler(args.sampler), **options)
@@ -129,7 +127,7 @@ def run_fit_grid(args: argparse.Namespace) -> int:
         args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
         train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
         **({"sampler_options": options} if options else {}))
-    bar.close()
+    den.close()
     print("| grid | training RMS (weighted) | validation RMS |\n|---|---|---|")
     for name, tr, va in rows:
         print(f"| {name} | {tr:.4e} | {va:.4e} |")
