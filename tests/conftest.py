@@ -12,3 +12,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def train_tiny_digits(tmp, steps: int, **options):
+    """A tiny class-conditional U-Net trained ``steps`` steps on every 20th digit into
+    ``tmp/run``; returns the digits (for input images). ``options`` are further config keys."""
+    from difflab.data import load_digits
+    from difflab.recipes import DiffusionRecipe, TrainConfig
+
+    d = load_digits()
+    idx = torch.arange(0, len(d), 20)
+    data = type(d)(images=d.images[idx], labels=d.labels[idx], class_names=d.class_names)
+    cfg = TrainConfig.from_values(dict(
+        out_dir=str(tmp / "run"), steps=steps, batch_size=8, base_channels=16,
+        channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], sample_every=0,
+        checkpoint_every=0, device="cpu", **options))
+    DiffusionRecipe(cfg, data=data).run(progress=False)
+    return d

@@ -1,25 +1,17 @@
 """`difflab edit` end to end on a tiny checkpoint: every kind writes its grid; bad input errors."""
 
 import pytest
-import torch
+from conftest import train_tiny_digits
 from PIL import Image
 
 from difflab.cli.main import main
-from difflab.data import load_digits, save_grid
-from difflab.recipes import DiffusionRecipe, TrainConfig
+from difflab.data import save_grid
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edit")
-    d = load_digits()
-    idx = torch.arange(0, len(d), 20)
-    data = type(d)(images=d.images[idx], labels=d.labels[idx], class_names=d.class_names)
-    cfg = TrainConfig.from_values(dict(
-                      out_dir=str(tmp / "run"), steps=2, batch_size=8, base_channels=16,
-                      channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
-                      sample_every=0, checkpoint_every=0, device="cpu"))
-    DiffusionRecipe(cfg, data=data).run(progress=False)
+    d = train_tiny_digits(tmp, steps=2)
     save_grid(d.images[:1], tmp / "a.png", padding=0)
     save_grid(d.images[1:2], tmp / "b.png", padding=0)
     mask = Image.new("L", (8, 8), 0)

@@ -6,25 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import train_tiny_digits
 from PIL import Image
 
 from difflab.cli.main import main
-from difflab.data import labelled_grid_image, load_digits, save_grid, save_labelled_grid
+from difflab.data import labelled_grid_image, save_grid, save_labelled_grid
 from difflab.pipeline import PipelineOutput
-from difflab.recipes import DiffusionRecipe, TrainConfig
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pictures")
-    d = load_digits()
-    idx = torch.arange(0, len(d), 20)
-    data = type(d)(images=d.images[idx], labels=d.labels[idx], class_names=d.class_names)
-    cfg = TrainConfig.from_values(dict(
-        out_dir=str(tmp / "run"), steps=3, batch_size=8, base_channels=16, channel_mult=[1, 2],
-        num_res_blocks=1, attention_resolutions=[], sample_every=0, checkpoint_every=0,
-        log_every=1, device="cpu"))
-    DiffusionRecipe(cfg, data=data).run(progress=False)
+    d = train_tiny_digits(tmp, steps=3, log_every=1)
     save_grid(d.images[:1], tmp / "a.png", padding=0)
     return tmp
 
