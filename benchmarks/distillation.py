@@ -43,6 +43,7 @@ NFES = (1, 2, 4, 8)
 GRID_STEPS = (1, 2, 4)
 FEW_STEP_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2", "heun",
                      "dpm_solver")
+SAMPLERS_ARG = ",".join(FEW_STEP_SAMPLERS)
 TEACHER_DEFAULT = ("ddim", 50)  # difflab sample's default sampler for a trained model
 
 
@@ -79,7 +80,8 @@ def best_teacher_row(pipe: Pipeline, judge: Judge, nfe: int, args) -> dict:
         tried.append({**row, "nfe": fit[1]})
         print(f"  teacher {sampler:>10} {fit[0]} steps ({fit[1]} NFE): "
               f"FID {row['fid']:.4f}, accuracy {row['accuracy']:.3f}", flush=True)
-    best = min(tried, key=lambda r: r["fid"])
+    # ties (at 1-2 NFE several samplers reduce to DDIM): the first in --samplers order
+    best = min(tried, key=lambda r: (round(r["fid"], 4), args.samplers.index(r["sampler"])))
     return {"method": "teacher", **best, "target_nfe": nfe,
             "tried": [public(r) for r in tried]}
 
@@ -104,7 +106,7 @@ def distill(method: str, teacher: Path, out: Path, quick: bool) -> dict:
     return {"command": cmd, "wall_s": cost.wall_s, "cpu_s": cost.cpu_s}
 
 
-def student_rows(method: str, args, judge: Judge, teacher_cpu_s: float) -> list[dict]:
+def student_rows(method: str, args, judge: Judge, teacher_cpu_s: float | None) -> list[dict]:
     """Distil ``method`` and score its student at 1, 2, 4 and 8 of its own sampler's steps."""
     cost = distill(method, Path(args.teacher), Path(args.out) / method, args.quick)
     pipe = Pipeline.from_pretrained(Path(args.out) / method)
@@ -115,7 +117,8 @@ def student_rows(method: str, args, judge: Judge, teacher_cpu_s: float) -> list[
         rows.append({"method": method, **row, "nfe": nfe_of(pipe, sampler, steps, options),
                      "target_nfe": steps, "distill_cpu_s": cost["cpu_s"],
                      "distill_wall_s": cost["wall_s"],
-                     "cost_ratio": cost["cpu_s"] / teacher_cpu_s, "options": options})
+                     "cost_ratio": cost["cpu_s"] / teacher_cpu_s if teacher_cpu_s else None,
+                     "options": options})
         print(f"  {method} {steps} steps: FID {row['fid']:.4f}, accuracy "
               f"{row['accuracy']:.3f}", flush=True)
     return rows
@@ -125,7 +128,8 @@ def save_sample_grid(rows: list[dict], path: Path) -> Path:
     """One grid row (digits 0-9) per method and step count in ``GRID_STEPS``."""
     chosen = [r for r in rows if r.get("target_nfe") in GRID_STEPS]
     images = torch.cat([r["x"][:10] for r in chosen])
-    labels = [f"{r['method']} {r['target_nfe']} ({r['sampler']})" for r in chosen]
+    labels = [f"{r['method']}, {r['steps']} step{'s' * (r['steps'] > 1)} ({r['sampler']})"
+              for r in chosen]
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_labelled_grid(images, path, nrow=10, scale=8, row_labels=labels,
                               caption="digits 0-9, seeds 1000-1009; teacher rows: its best "
@@ -138,8 +142,8 @@ def report_text(rows: list[dict], floor: dict, teacher: dict, judge: Judge, args
     return "\n".join([
         "```bash", "python benchmarks/distillation.py --teacher runs/distill-teacher --readme",
         "```", "",
-        f"Teacher: `difflab train` defaults ({teacher['steps'] or 1500} steps), trained in "
-        f"{teacher['wall_s'] / 60:.1f} min wall, {teacher['cpu_s'] / 60:.1f} CPU-min{quick}. "
+        f"Teacher: `difflab train` defaults ({teacher['steps'] or 1500} steps), "
+        f"{training_time(teacher)}{quick}. "
         f"{args.n} class-balanced samples per row (seeds {args.seed}.., digits 0-9 in turn), "
         f"8-bit. Accuracy: the SVM of `digits_accuracy.py` (real held-out digits: "
         f"{judge.svm_real_accuracy:.3f}). FID: built-in digits features "
@@ -151,7 +155,13 @@ def report_text(rows: list[dict], floor: dict, teacher: dict, judge: Judge, args
         f"to the teacher's training CPU time.", "",
         markdown(rows, floor), "", "Teacher, every training-free sampler tried (FID, steps, "
         "NFE):", "", samplers_table(rows), "", "Goals of issue 17:", "",
-        *goal_lines(rows, teacher), "", f"![1/2/4-step samples]({grid_link(args)})"])
+        *goal_lines(rows, teacher, floor), "", f"![1/2/4-step samples]({grid_link(args)})"])
+
+
+def training_time(teacher: dict) -> str:
+    if teacher["cpu_s"] is None:
+        return "reused without a time record (training time unknown)"
+    return f"trained in {teacher['wall_s'] / 60:.1f} min wall, {teacher['cpu_s'] / 60:.1f} CPU-min"
 
 
 def grid_link(args: argparse.Namespace) -> str:
@@ -169,11 +179,12 @@ def main() -> None:
                     "registered)")
     ap.add_argument("--n", type=int, default=1000, help="samples per row")
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--samplers", default=",".join(FEW_STEP_SAMPLERS),
+    ap.add_argument("--samplers", default=SAMPLERS_ARG,
                     help="training-free samplers tried on the teacher")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads here")
-    ap.add_argument("--quick", action="store_true", help="smoke run: a 40-step teacher, 100 "
-                    "samples, a 50-step feature network, 4 distillation steps")
+    ap.add_argument("--quick", action="store_true", help="smoke run: a 40-step teacher "
+                    "(batch 32), 100 samples, 3 samplers, a 50-step feature network, 4 "
+                    "distillation steps")
     ap.add_argument("--json", default=None, help="write the raw results here")
     ap.add_argument("--grid", default="docs/images/distill_grid.png")
     ap.add_argument("--readme", nargs="?", const="benchmarks/README.md", default=None,
@@ -185,14 +196,16 @@ def main() -> None:
 def run(args: argparse.Namespace) -> dict:
     if args.quick:
         args.n = min(args.n, 100)
+        args.samplers = "ddim,dpmpp_2m,heun" if args.samplers == SAMPLERS_ARG else args.samplers
     args.samplers = args.samplers.split(",")
     args.teacher, args.out = str(Path(args.teacher).resolve()), str(Path(args.out).resolve())
     methods = available_methods(args.methods.split(",") if args.methods else None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = train_teacher(args.teacher, 40 if args.quick else None)
-    print(f"teacher: {teacher['wall_s']:.0f} s wall, {teacher['cpu_s']:.0f} CPU-s"
-          f"{' (reused)' if teacher['reused'] else ''}", flush=True)
+    teacher = train_teacher(args.teacher, 40 if args.quick else None,
+                            ["--batch-size", "32"] if args.quick else [])
+    print(f"teacher: {training_time(teacher)}{' (reused)' if teacher['reused'] else ''}",
+          flush=True)
     judge = make_judge(50 if args.quick else 1500)
     rows = teacher_rows(Pipeline.from_pretrained(args.teacher), judge, args)
     for method in methods:

@@ -54,14 +54,15 @@ def test_distillation_benchmark_smoke_run(tmp_path):
            "--json", str(tmp_path / "r.json"), "--readme", str(readme), "--threads", "1"]
     env = {**os.environ, "DIFFLAB_CACHE_DIR": str(tmp_path / "cache")}
     for _ in range(2):  # the second run reuses the teacher and replaces the section
-        subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900, env=env)
+        subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1200, env=env)
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["teacher"]["reused"] and result["teacher"]["cpu_s"] > 0
     teacher = [r for r in result["rows"] if r["method"] == "teacher"]
     assert [r["target_nfe"] for r in teacher] == [1, 2, 4, 8, None]
     for r in teacher[:4]:
         assert r["nfe"] <= r["target_nfe"]
-        assert r["fid"] == min(t["fid"] for t in r["tried"])  # the best sampler is kept
+        # the best sampler is kept (FIDs equal to 4 decimals are ties)
+        assert round(r["fid"], 4) == round(min(t["fid"] for t in r["tried"]), 4)
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 100
     assert teacher[4]["nfe"] == 50 and teacher[4]["sampler"] == "ddim"
     for method in result["methods"]:
