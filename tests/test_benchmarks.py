@@ -106,3 +106,29 @@ def test_readme_index_row_added_once_at_the_end_of_the_table():
     assert rs.add_index_row(new, row, "d.py") == new
     with pytest.raises(ValueError, match="index table"):
         rs.add_index_row("# no table\n", row, "d.py")
+
+
+def test_sampler_benchmark_plots_rms_against_nfe(tmp_path):
+    """benchmarks/samplers.py --plot: its RMS table rows (error, NFE used, ...) as a log-log
+    PNG; here on two real rows of a 2-sampler run on the benchmark's exact mixture."""
+    import importlib.util
+
+    import torch
+
+    path = SCRIPT.with_name("samplers.py")
+    spec = importlib.util.spec_from_file_location("bench_samplers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    process, data = bench.make_problem()
+    x_T = torch.randn(8, bench.DIM, generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64) * process.sigma(process.t_max)
+    ref = data.ode_solution(x_T, process.t_max, process.t_min, rtol=1e-6, atol=1e-6)
+    rows = []
+    for label, fn, opts, spacing, k in bench.DIFFLAB[:2]:
+        rows.append((label, {m: bench.cell(bench.rms(o, ref), n) for m in (5, 10)
+                             for o, n in [bench.run_difflab(fn, opts, spacing, k, data, x_T,
+                                                            m)]}))
+    errors = [v[0] for _, vals in rows for v in vals.values()]
+    assert all(e > 0 for e in errors)
+    png = bench.plot_rms(rows, tmp_path / "samplers.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000

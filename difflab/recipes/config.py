@@ -123,6 +123,9 @@ class RunConfig:
     out_dir: str = option("runs/digits", "run folder: config.json, metrics.jsonl, "
                                          "checkpoints/, samples/", resume=True)
     log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
+    log: Literal["jsonl", "tensorboard"] = option(
+        "jsonl", "metric lines: jsonl (RUN/metrics.jsonl) or tensorboard (also TensorBoard "
+        "scalars in RUN/tensorboard; pip install -e '.[tensorboard]')", resume=True)
     sample_every: int = option(500, "steps between sample grids (0: never)", resume=True,
                               ge=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
