@@ -7,9 +7,10 @@ Notation map (code name -> paper symbol):
 - ``sigma``   -> sqrt(1 - alpha_bar_t), sigma_t in VDM, the "noise rate";
 - ``log_snr`` -> lambda_t = log(alpha_t^2 / sigma_t^2).
 
-Every process here except ``VEProcess`` (EDM's alpha = 1, sigma = t, which overrides
-``alpha_sigma``) is variance preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes
-both rates: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda). Working through lambda keeps
+Every process here except ``VEProcess`` (EDM's alpha = 1, sigma = t) and ``RectifiedFlow``
+(alpha = 1 - t, sigma = t), which override the methods below that assume it, is variance
+preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes both rates: alpha^2 = sigmoid(lambda),
+sigma^2 = sigmoid(-lambda). Working through lambda keeps
 the endpoints exact: lambda = +inf gives clean data (alpha = 1, sigma = 0) and lambda = -inf
 pure noise, with no 0/0 on the way.
 
@@ -41,7 +42,9 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
 
 
 class Process(ABC):
-    """A variance-preserving Gaussian process q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)."""
+    """A Gaussian process q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I); the defaults here are
+    those of a variance-preserving one (alpha^2 + sigma^2 = 1), which other processes
+    override (``alpha_sigma``, ``rates_from_log_snr``, ``log_alpha_slope``)."""
 
     t_min: float = 0.0
     t_max: float = 1.0
@@ -59,6 +62,29 @@ class Process(ABC):
         """(alpha_t, sigma_t) in float64, exact at lambda = +-inf."""
         lam = self.log_snr(t)
         return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def rates_from_log_snr(self, lam: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha, sigma) at log-SNR lambda, float64 (VP: sqrt(sigmoid(+-lambda)))."""
+        lam = as_time(lam)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def log_alpha_slope(self, lam: Tensor | float) -> Tensor:
+        """d log alpha / d lambda at log-SNR lambda: with it the probability-flow ODE in
+        lambda-time is dx/dlambda = slope x - sigma eps_hat / 2 (VP: sigma^2 / 2, from
+        alpha^2 = sigmoid(lambda); ``samplers.euler_ode``)."""
+        return 0.5 * torch.sigmoid(-as_time(lam))
+
+    def alpha_sigma_dt(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(d alpha / dt, d sigma / dt) in float64, by automatic differentiation of
+        ``alpha_sigma`` (processes with closed forms override it); the velocity of the path
+        is u = alpha' x_0 + sigma' eps (the ``flow`` prediction)."""
+        with torch.enable_grad():
+            t = as_time(t).detach().clone().requires_grad_(True)
+            a, s = self.alpha_sigma(t)
+            grads = [torch.autograd.grad(r.sum(), t, retain_graph=True, allow_unused=True)[0]
+                     if r.requires_grad else None for r in (a, s)]
+        zero = torch.zeros_like(t.detach())
+        return tuple(zero if g is None else g for g in grads)  # type: ignore[return-value]
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return self.alpha_sigma(t)[0]
