@@ -1,4 +1,5 @@
-"""The ``difflab`` command: train, train-classifier, sample, fit-grid, edit, eval, nll, plot."""
+"""The ``difflab`` command: train, train-classifier, distill, sample, fit-grid, edit, eval,
+nll, plot."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from .. import __version__
 from ..data import DataError
 from ..io import WriteError
 from ..training import NonFiniteLossError
+from .distill import add_distill_parser
 from .edit import add_edit_parser
 from .evaluate import add_eval_parsers
 from .fit_grid import add_fit_grid_parser
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_parser(sub)
     add_train_classifier_parser(sub)
+    add_distill_parser(sub)
     add_sample_parser(sub)
     add_fit_grid_parser(sub)
     add_edit_parser(sub)

@@ -9,7 +9,7 @@ import torch
 
 from ..data import from_uint8, to_uint8
 from ..pipeline import Conditions, Pipeline, PipelineOutput
-from ..samplers import SAMPLERS, SPACINGS, load_time_grid
+from ..samplers import SAMPLERS, SPACINGS, check_sampler_options, load_time_grid
 from ..training import pick_device
 from ..training.distributed import (
     gather_to_main,
@@ -35,8 +35,11 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                         "folder, or a step_*.json file")
     p.add_argument("--n", type=int, default=None,
                    help="number of images (default: 10 per class, or 64)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (network evaluations)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler (default: the model's own -- a distilled student's -- else "
+                        "ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model's own sampler's, else 50)")
     p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid (default: trailing for discrete schedules, else uniform)")
     p.add_argument("--grid", default=None,
@@ -132,17 +135,30 @@ def sample_conditions(args: argparse.Namespace, pipe: Pipeline, classifier: Any
     return pipe.condition(args.label, n=args.n, classifier=classifier)
 
 
+def resolve_sampler_args(args: argparse.Namespace, pipe: Pipeline) -> dict[str, Any]:
+    """Fill ``--sampler`` and ``--steps`` from the model's own sampler where not given (with
+    its options unless some are given); the sampler options, checked for that sampler."""
+    own, own_steps, own_options = pipe.default_sampler()
+    if args.grid:  # a saved time grid fixes the number of steps
+        args.steps = len(load_time_grid(args.grid)) - 1
+    if args.sampler is None:
+        args.sampler = own
+        args.steps = own_steps if args.steps is None else args.steps
+        options = sampler_options_from_args(args, SHORTCUTS)
+        return options or check_sampler_options(own, own_options)
+    args.steps = 50 if args.steps is None else args.steps
+    return sampler_options_from_args(args, SHORTCUTS)
+
+
 def run_sample(args: argparse.Namespace) -> int:
     """Sample; under torchrun each rank draws its shard of the seeds and rank 0 writes."""
     resolve_seed_range(args)
     check_outputs(args, out=args.out, save_npz=args.save_npz)
-    options = sampler_options_from_args(args, SHORTCUTS)
-    if args.grid:  # a saved time grid fixes the number of steps
-        args.steps = len(load_time_grid(args.grid)) - 1
     info, device = init_distributed(pick_device(args.device))
     with process_group():
         pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
                                         ema=False if args.no_ema else None)
+        options = resolve_sampler_args(args, pipe)
         clf = pipe.load_classifier(args.classifier)
         conds = sample_conditions(args, pipe, clf)
         n, part = len(conds), local_slice(len(conds), info)

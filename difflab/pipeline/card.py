@@ -63,6 +63,13 @@ class StageCard:
                                  factory=list)
     dataset: str | None = option(
         None, "data set the stage was trained on (default data of 'difflab nll')")
+    sampler: str | None = option(
+        None, "the stage's own sampler (a distilled student's), used when none is asked for; "
+              "None: ddim")
+    sampler_steps: int | None = option(
+        None, "the steps of ``sampler`` used when none are asked for; None: 50")
+    sampler_options: dict[str, Any] = option(
+        help="options of ``sampler`` used with it when no sampler is asked for", factory=dict)
 
     def __post_init__(self) -> None:
         """Checks that types cannot express (``from_dict`` reports them with the file)."""
@@ -77,6 +84,8 @@ class StageCard:
             raise ValueError(f"stage {self.name!r}: data_range must be [lo, hi]")
         if not self.sample_shape or min(self.sample_shape) < 1:
             raise ValueError(f"stage {self.name!r}: bad sample_shape {self.sample_shape}")
+        if self.sampler_steps is not None and self.sampler_steps < 1:
+            raise ValueError(f"stage {self.name!r}: sampler_steps must be at least 1")
 
 
 @dataclass
@@ -126,6 +135,12 @@ class ModelCard:
         """The card of a training checkpoint's metadata (``step_*.json`` as written by the
         trainer); ``weights`` is the checkpoint's safetensors file name, whose ``ema.*`` (or,
         with ``ema=False``, ``model.*``) tensors are the network's."""
+        prefix = "ema" if ema else "model"
+        if "stage" in meta:  # a distilled student: its whole card (difflab.recipes.distill)
+            stage = from_dict(StageCard, {**meta["stage"], "weights": weights,
+                                          "weights_prefix": prefix}, "checkpoint stage")
+            return cls(stages=[stage], difflab_version=meta.get("difflab_version", __version__),
+                       ema=ema, step=meta.get("step"), training=dict(meta.get("config") or {}))
         net = meta["network"]
         if net["name"] == "classifier":
             raise ValueError("this is a noisy classifier checkpoint, not a diffusion model "
@@ -136,7 +151,7 @@ class ModelCard:
             sample_shape=list(meta.get("sample_shape") or sample_shape_of(net["name"],
                                                                           net["config"])),
             weights=weights,
-            weights_prefix="ema" if ema else "model",
+            weights_prefix=prefix,
             learned_variance=bool(meta.get("learned_variance", False)),
             sigma_data=float(meta.get("sigma_data", 0.5)),
             data_range=None if meta.get("data_range") is None else list(meta["data_range"]),

@@ -194,8 +194,14 @@ class Pipeline:
         return den
 
     # -- sampling ---------------------------------------------------------------------------------
-    def __call__(self, n: int | None = None, *, sampler: str | Callable = "ddim",
-                 steps: int = 50, spacing: str | None = None,
+    def default_sampler(self) -> tuple[str, int, dict[str, Any]]:
+        """(sampler, steps, options) used when none are asked for: the stage's own (a
+        distilled student's, e.g. ``consistency`` with 1 step), else DDIM with 50 steps."""
+        st = self.stage
+        return st.sampler or "ddim", st.sampler_steps or 50, dict(st.sampler_options)
+
+    def __call__(self, n: int | None = None, *, sampler: str | Callable | None = None,
+                 steps: int | None = None, spacing: str | None = None,
                  grid: Tensor | str | Path | None = None,
                  sampler_options: Mapping[str, Any] | None = None,
                  guidance: float | None = None,
@@ -211,10 +217,18 @@ class Pipeline:
         so it does not depend on ``batch_size`` or on the other images.
 
         ``sampler``: a name in ``samplers.SAMPLERS`` (or the function) with keyword
-        ``sampler_options``; ``grid``: a decreasing time grid (tensor or JSON from
+        ``sampler_options`` (None: :meth:`default_sampler`, with its options unless others
+        are given); ``steps`` None: the default sampler's steps when ``sampler`` is None,
+        else 50; ``grid``: a decreasing time grid (tensor or JSON from
         ``save_time_grid``) replacing ``steps`` and ``spacing``. Conditions come from
         ``labels``/``prompt`` (see :meth:`condition`) or ready-made as ``cond``; guidance
         options as in :meth:`denoiser`."""
+        own, own_steps, own_options = self.default_sampler()
+        if sampler is None:
+            sampler = own
+            sampler_options = own_options if sampler_options is None else sampler_options
+            steps = own_steps if steps is None else steps
+        steps = 50 if steps is None else steps
         for name, flag, value in (("n", "--n", n), ("steps", "--steps", steps),
                                   ("batch_size", "--batch-size", batch_size)):
             if value is not None and value < 1:  # before any model call
