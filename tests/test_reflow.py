@@ -112,6 +112,7 @@ def test_registered_and_bad_options():
         build_reflow(ReflowConfig(teacher="x", teacher_sampler="ddpm"))
 
 
+@pytest.mark.slow
 def test_distill_reflow_cli_makes_a_one_step_flow_pipeline(tmp_path, capsys):
     """A VP eps-prediction digits teacher: the student is a flow model on the rectified-flow
     process, its own sampler is one DDIM step, and its pairs are the teacher pipeline's own
