@@ -55,9 +55,9 @@ def test_process_closed_forms_and_exact_ends():
     assert torch.allclose(p.c_noise(t), 1000 * t)
 
 
-def test_derivatives_match_autograd_and_finite_differences():
-    """alpha_sigma_dt is (-1, 1) as the base class's autograd finds; d log alpha / d lambda
-    matches a central difference of log alpha in lambda."""
+def test_derivatives_match_finite_differences():
+    """alpha_sigma_dt is (-1, 1), as the base class's central differences find;
+    d log alpha / d lambda matches a central difference of log alpha in lambda."""
     p = make_process("rectified_flow")
     t = torch.linspace(0.05, 0.95, 7, dtype=F64)
     for mine, generic in zip(p.alpha_sigma_dt(t), Process.alpha_sigma_dt(p, t), strict=True):
