@@ -20,6 +20,7 @@ from typing import Any, Literal
 from .. import __version__
 from ..config import from_dict, option, to_dict
 from ..io import read_json
+from ..parameterization import PredictionType
 
 #: version of the card format written by this code
 CARD_FORMAT = 1
@@ -38,7 +39,7 @@ class StageCard:
     network_config: dict[str, Any] = option(
         help="the network's own config, as build_network takes it")
     process: dict[str, Any] = option(help="Process.to_config() of the process")
-    prediction: Literal["eps", "x0", "v", "edm", "score"] = option(
+    prediction: PredictionType = option(
         help="what the network predicts (parameterization.Denoiser)")
     sample_shape: list[int] = option(
         help="shape of one sample: [C, H, W] for images, [D] for points")

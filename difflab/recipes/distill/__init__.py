@@ -25,6 +25,7 @@ from .base import (
     student_stage,
     teacher_data,
 )
+from .reflow import ReflowConfig, build_reflow, reflow_pairs, teacher_pairs
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,14 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
-DISTILL_METHODS: dict[str, DistillMethod] = {}
+DISTILL_METHODS: dict[str, DistillMethod] = {
+    "reflow": DistillMethod(
+        ReflowConfig, build_reflow,
+        "reflow (Liu et al. 2022): train a rectified-flow student on the straight paths "
+        "between noise and the teacher's ODE samples, for one-step generation"),
+}
 
-__all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "StudentLoop", "TeacherData",
-           "data_source", "distill_optim", "distill_run", "load_teacher", "student_network",
-           "student_stage", "teacher_data"]
+__all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "ReflowConfig", "StudentLoop",
+           "TeacherData", "build_reflow", "data_source", "distill_optim", "distill_run",
+           "load_teacher", "reflow_pairs", "student_network", "student_stage", "teacher_data",
+           "teacher_pairs"]
