@@ -36,7 +36,15 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
-DISTILL_METHODS: dict[str, DistillMethod] = {}
+from . import progressive  # noqa: E402  (after DistillMethod, which the registry needs)
+
+DISTILL_METHODS: dict[str, DistillMethod] = {
+    "progressive": DistillMethod(
+        progressive.ProgressiveConfig, progressive.build,
+        "progressive distillation (Salimans & Ho 2022): a v-prediction student learns two "
+        "teacher DDIM steps in one, halving the steps round by round; --guided: the guidance "
+        "scale as an input (Meng et al. 2023)"),
+}
 
 __all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "StudentLoop", "TeacherData",
            "data_source", "distill_optim", "distill_run", "load_teacher", "student_network",
