@@ -23,6 +23,7 @@ from difflab.recipes.distill.progressive import (
     halving_schedule,
     loss_weight,
     progressive_loss,
+    progressive_students,
     round_grid,
     two_step_target,
 )
@@ -247,11 +248,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     train_tiny_digits(tmp_path, steps=2)
     out = tmp_path / "pd"
     args = ["distill", "progressive", "--teacher", str(tmp_path / "run"), "--start-steps", "4",
-            "--steps", "2", "--batch-size", "8", "--out-dir", str(out), "--device", "cpu",
+            "--round-steps", "2", "--batch-size", "8", "--out-dir", str(out), "--device", "cpu",
             "--no-progress"]
     assert main(args) == 0
     index = json.loads((out / "rounds.json").read_text())
     assert [r["student_steps"] for r in index["rounds"]] == [2, 1]
+    assert progressive_students(out) == {2: out / "steps_2", 1: out / "steps_1"}
     assert main(["sample", "--checkpoint", str(out), "--n", "2", "--class", "1",
                  "--out", str(tmp_path / "g.png"), "--no-progress"]) == 0
     assert "(ddim, 1 steps)" in capsys.readouterr().out
@@ -283,8 +285,8 @@ def test_guided_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "gpd"
     assert main(["distill", "progressive", "--teacher", str(tmp_path / "run"), "--guided",
                  "--guided-steps", "2", "--w-min", "1", "--w-max", "3", "--start-steps", "2",
-                 "--steps", "2", "--batch-size", "8", "--out-dir", str(out), "--device", "cpu",
-                 "--no-progress"]) == 0
+                 "--round-steps", "2", "--batch-size", "8", "--out-dir", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
     assert (out / "guided").is_dir() and (out / "steps_1").is_dir()
     pipe = Pipeline.from_pretrained(out)
     assert pipe.stage.guidance_input and pipe.stage.guidance_range == [1.0, 3.0]
@@ -308,6 +310,6 @@ def test_bad_options_are_one_line(tmp_path, capsys):
             "--out-dir", str(tmp_path / "x"), "--device", "cpu"]
     assert main(base + ["--start-steps", "12", "--end-steps", "5"]) == 2
     assert "--start-steps" in capsys.readouterr().err
-    assert main(base + ["--start-steps", "8", "--round-steps", "1", "2"]) == 2
+    assert main(base + ["--start-steps", "4", "--round-steps", "1", "2", "3"]) == 2
     assert "--round-steps" in capsys.readouterr().err
     assert main(base + ["--w-min", "3", "--w-max", "2"]) == 2

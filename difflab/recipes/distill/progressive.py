@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ...conditioning import GuidanceCond
 from ...config import check_ranges, option, to_dict
 from ...guidance import ScaleInputCFG
-from ...io import atomic_write
+from ...io import atomic_write, read_json
 from ...networks import UNet, with_guidance_embedding
 from ...parameterization import ClippedDenoiser, Denoiser, DenoiserFn
 from ...pipeline import Pipeline
@@ -75,7 +75,7 @@ from .base import (
 )
 
 __all__ = ["ProgressiveConfig", "ProgressiveDistillation", "build", "halving_schedule",
-           "progressive_loss", "round_grid", "two_step_target"]
+           "progressive_loss", "progressive_students", "round_grid", "two_step_target"]
 
 Weighting = Literal["snr+1", "truncated-snr"]
 
@@ -90,8 +90,9 @@ class ProgressiveConfig:
     end_steps: int = option(1, "student steps after the last round (--start-steps / 2^k)",
                             ge=1)
     round_steps: list[int] = option(
-        help="optimisation steps of each round, first to last (one value: every round; "
-             "none: --steps for every round)", factory=list)
+        help="optimisation steps of each round, first to last; the last value repeats for "
+             "the remaining rounds (none: --steps for every round)",
+        factory=lambda: [900, 700])
     weighting: Weighting = option(
         "snr+1", "loss weight of the x0 error: snr+1 (= the student's v-space MSE) or "
                  "truncated-snr, max(SNR, 1) (Salimans & Ho 2022, sec. 4)")
@@ -109,8 +110,8 @@ class ProgressiveConfig:
                                   "teacher's x0_hat at w); 0: the first round learns from the "
                                   "guided teacher directly", ge=0)
     optim: OptimConfig = option(
-        factory=distill_optim(steps=300, batch_size=64, lr=3e-4, ema_decay=0.995),
-        help="optimisation (--steps: per round)")
+        factory=distill_optim(steps=700, batch_size=64, lr=5e-4, ema_decay=0.995),
+        help="optimisation (--steps: per round when --round-steps is empty)")
     run: RunConfig = option(factory=distill_run("progressive"), help="run folder and device")
 
     def __post_init__(self) -> None:
@@ -271,11 +272,11 @@ class ProgressiveDistillation:
         c = self.config
         schedule = halving_schedule(c.start_steps, c.end_steps)
         per = list(c.round_steps) or [c.optim.steps]
-        if len(per) == 1:
-            per = per * len(schedule)
-        if len(per) != len(schedule) or min(per) < 1:
-            raise ValueError(f"--round-steps: give one value or {len(schedule)} (one per round "
-                             f"{[2 * n for n in schedule]} -> {schedule}), each at least 1")
+        if len(per) > len(schedule) or min(per) < 1:
+            raise ValueError(f"--round-steps: give at most {len(schedule)} values (one per "
+                             f"round: {[2 * n for n in schedule]} -> {schedule} steps), each at "
+                             "least 1")
+        per += per[-1:] * (len(schedule) - len(per))
         rounds = []
         if c.guided and c.guided_steps:
             rounds.append(Round(0, "guided", c.start_steps, c.start_steps, c.guided_steps))
@@ -369,3 +370,16 @@ class ProgressiveDistillation:
 def build(config: ProgressiveConfig, overwrite: bool = False) -> ProgressiveDistillation:
     """The ``difflab distill progressive`` recipe (errors before anything runs)."""
     return ProgressiveDistillation(config, overwrite)
+
+
+def progressive_students(run: str | Path) -> dict[int, Path]:
+    """The students of a progressive-distillation run folder by their step count, e.g.
+    ``{8: RUN/steps_8, 4: RUN/steps_4, 2: RUN/steps_2, 1: RUN/steps_1}`` (from
+    ``RUN/rounds.json``; the guided stage one is left out). Each loads with
+    ``Pipeline.from_pretrained`` and samples with DDIM in its own steps by default."""
+    path = Path(run) / "rounds.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run} is not a progressive-distillation "
+                                "run folder")
+    rounds = read_json(path)["rounds"]
+    return {int(r["student_steps"]): Path(run) / r["folder"] for r in rounds if r["round"] > 0}
