@@ -278,6 +278,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     before = (out / "steps_1" / "metrics.jsonl").read_text()
     assert main(args) == 0
     assert (out / "steps_1" / "metrics.jsonl").read_text() == before
+    # ... unless it is another run's folder
+    assert main(args[:-1] + ["--weighting", "truncated-snr", "--no-progress"]) == 2
+    assert "--weighting" in capsys.readouterr().err
 
 
 def test_guided_cli_end_to_end(tmp_path, capsys):

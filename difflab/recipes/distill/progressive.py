@@ -264,9 +264,28 @@ class ProgressiveDistillation:
             if r.index > 0:
                 round_grid(self.teacher.process, r.student_steps)
         self.data = teacher_data(self.teacher)
-        if run_files(self.out) and not overwrite:
+        if not overwrite:
+            self._check_folder()
+
+    #: config fields that a resumed run must share with the one that wrote the folder
+    SAME_ON_RESUME = ("teacher", "start_steps", "end_steps", "weighting", "clip", "guided",
+                      "w_min", "w_max", "guided_steps")
+
+    def _check_folder(self) -> None:
+        """Refuse a run folder that holds a training run or another progressive run."""
+        if run_files(self.out):
             raise RunFolderError(f"{self.out} holds a training run; pass --overwrite to "
                                  "delete it or choose another --out-dir")
+        index = self.out / "rounds.json"
+        if not index.is_file():
+            return
+        old = read_json(index).get("config", {})
+        new = to_dict(self.config)
+        differ = [k for k in self.SAME_ON_RESUME if old.get(k) != new[k]]
+        if differ:
+            raise RunFolderError(f"{self.out} holds a progressive run with other "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in differ)}; "
+                                 "pass --overwrite to start afresh or choose another --out-dir")
 
     def _plan(self) -> list[Round]:
         c = self.config
@@ -350,6 +369,8 @@ class ProgressiveDistillation:
         """Train every round; ``{"checkpoint", "out_dir", "rounds"}``."""
         if self.overwrite:
             clear_run(self.out)
+            for name in ("rounds.json", "model_card.json", "diffusion.safetensors"):
+                (self.out / name).unlink(missing_ok=True)
         teacher, done = self.teacher, []
         for r in self.rounds:
             result = self._loop(r, teacher).run(progress=progress)
