@@ -92,7 +92,7 @@ class ProgressiveConfig:
     round_steps: list[int] = option(
         help="optimisation steps of each round, first to last; the last value repeats for "
              "the remaining rounds (none: --steps for every round)",
-        factory=lambda: [900, 700])
+        factory=lambda: [1200, 600])
     weighting: Weighting = option(
         "snr+1", "loss weight of the x0 error: snr+1 (= the student's v-space MSE) or "
                  "truncated-snr, max(SNR, 1) (Salimans & Ho 2022, sec. 4)")
@@ -110,7 +110,7 @@ class ProgressiveConfig:
                                   "teacher's x0_hat at w); 0: the first round learns from the "
                                   "guided teacher directly", ge=0)
     optim: OptimConfig = option(
-        factory=distill_optim(steps=700, batch_size=64, lr=5e-4, ema_decay=0.995),
+        factory=distill_optim(steps=600, batch_size=64, lr=5e-4, ema_decay=0.995),
         help="optimisation (--steps: per round when --round-steps is empty)")
     run: RunConfig = option(factory=distill_run("progressive"), help="run folder and device")
 
