@@ -70,6 +70,13 @@ class StageCard:
         None, "the steps of ``sampler`` used when none are asked for; None: 50")
     sampler_options: dict[str, Any] = option(
         help="options of ``sampler`` used with it when no sampler is asked for", factory=dict)
+    guidance_input: bool = option(
+        False, "the network takes the guidance scale w as an input (a guidance-distilled "
+               "student, Meng et al. 2023): guidance=w is one network call with w instead of "
+               "classifier-free guidance's two; no guidance given means w = 1")
+    guidance_range: list[float] | None = option(
+        None, "[w_min, w_max]: the guidance scales a guidance_input network was trained on "
+              "(for reference; other scales extrapolate)")
 
     def __post_init__(self) -> None:
         """Checks that types cannot express (``from_dict`` reports them with the file)."""
@@ -84,6 +91,12 @@ class StageCard:
             raise ValueError(f"stage {self.name!r}: data_range must be [lo, hi]")
         if not self.sample_shape or min(self.sample_shape) < 1:
             raise ValueError(f"stage {self.name!r}: bad sample_shape {self.sample_shape}")
+        if self.guidance_input and self.conditioning == "none":
+            raise ValueError(f"stage {self.name!r}: guidance_input needs a class- or "
+                             "text-conditional stage")
+        if self.guidance_range is not None and (len(self.guidance_range) != 2
+                                                or self.guidance_range[0] > self.guidance_range[1]):
+            raise ValueError(f"stage {self.name!r}: guidance_range must be [w_min, w_max]")
         if self.sampler_steps is not None and self.sampler_steps < 1:
             raise ValueError(f"stage {self.name!r}: sampler_steps must be at least 1")
 

@@ -37,7 +37,14 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
+from . import progressive  # noqa: E402  (after DistillMethod, which the registry needs)
+
 DISTILL_METHODS: dict[str, DistillMethod] = {
+    "progressive": DistillMethod(
+        progressive.ProgressiveConfig, progressive.build,
+        "progressive distillation (Salimans & Ho 2022): a v-prediction student learns two "
+        "teacher DDIM steps in one, halving the steps round by round; --guided: the guidance "
+        "scale as an input (Meng et al. 2023)"),
     "reflow": DistillMethod(
         ReflowConfig, build_reflow,
         "reflow (Liu et al. 2022): train a rectified-flow student on the straight paths "
