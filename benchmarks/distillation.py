@@ -45,6 +45,11 @@ FEW_STEP_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2", "
                      "dpm_solver")
 SAMPLERS_ARG = ",".join(FEW_STEP_SAMPLERS)
 TEACHER_DEFAULT = ("ddim", 50)  # difflab sample's default sampler for a trained model
+#: extra options of a ``--quick`` smoke run (the rest: ``--steps 4``)
+QUICK_OPTIONS = {"progressive": ["--start-steps", "8", "--round-steps", "4"],
+                 "reflow": ["--pairs", "64", "--teacher-steps", "4"]}
+#: the rows computed so far, kept in ``--out`` so that methods can be (re)run one at a time
+RESULTS = "results.json"
 
 
 def available_methods(wanted: list[str] | None) -> list[str]:
@@ -66,6 +71,36 @@ def available_methods(wanted: list[str] | None) -> list[str]:
 def public(row: dict) -> dict:
     """A row without its samples (for JSON)."""
     return {k: v for k, v in row.items() if k != "x"}
+
+
+def stored(row: dict) -> dict:
+    """A row for the results file: the first 10 samples (the grid's) kept as lists."""
+    return {**public(row), "grid_x": row["x"][:10].tolist()}
+
+
+def restored(row: dict) -> dict:
+    return {**row, "x": torch.tensor(row["grid_x"])}
+
+
+def load_results(out: Path, key: dict) -> dict:
+    """Rows of an earlier run into ``out`` with the same teacher, samples and seeds
+    (``key``); empty otherwise."""
+    path = out / RESULTS
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    return old if old.get("key") == key else {}
+
+
+def student_pipelines(method: str, out: Path) -> dict[int, Path]:
+    """The student to run at each step count: progressive distillation keeps one per round
+    (``RUN/steps_N``); the other methods have one student for every step count."""
+    if method == "progressive":
+        from difflab.recipes.distill.progressive import progressive_students
+        rounds = {int(k): Path(v) for k, v in progressive_students(out).items()}
+        final = min(rounds)
+        return {k: rounds.get(k, rounds[final]) for k in NFES}
+    return dict.fromkeys(NFES, out)
 
 
 def best_teacher_row(pipe: Pipeline, judge: Judge, nfe: int, args) -> dict:
@@ -100,7 +135,7 @@ def distill(method: str, teacher: Path, out: Path, quick: bool) -> dict:
     cmd = [sys.executable, "-m", "difflab", "distill", method, "--teacher", str(teacher),
            "--out-dir", str(out), "--no-progress", "--overwrite"]
     if quick:
-        cmd += ["--steps", "4"]
+        cmd += ["--steps", "4", *QUICK_OPTIONS.get(method, [])]
     print("distilling:", " ".join(cmd), flush=True)
     cost = run_timed(cmd, ROOT)
     return {"command": cmd, "wall_s": cost.wall_s, "cpu_s": cost.cpu_s}
@@ -109,10 +144,10 @@ def distill(method: str, teacher: Path, out: Path, quick: bool) -> dict:
 def student_rows(method: str, args, judge: Judge, teacher_cpu_s: float | None) -> list[dict]:
     """Distil ``method`` and score its student at 1, 2, 4 and 8 of its own sampler's steps."""
     cost = distill(method, Path(args.teacher), Path(args.out) / method, args.quick)
-    pipe = Pipeline.from_pretrained(Path(args.out) / method)
-    sampler, _, options = pipe.default_sampler()
     rows = []
-    for steps in NFES:
+    for steps, folder in student_pipelines(method, Path(args.out) / method).items():
+        pipe = Pipeline.from_pretrained(folder)
+        sampler, _, options = pipe.default_sampler()
         row = sample_and_score(pipe, judge, sampler, steps, args.n, args.seed, options)
         rows.append({"method": method, **row, "nfe": nfe_of(pipe, sampler, steps, options),
                      "target_nfe": steps, "distill_cpu_s": cost["cpu_s"],
@@ -170,13 +205,20 @@ def grid_link(args: argparse.Namespace) -> str:
     return os.path.relpath(Path(args.grid).resolve(), readme.parent)
 
 
+def save_results(out: Path, key: dict, by_method: dict[str, list[dict]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {m: [stored(r) for r in rs] for m, rs in by_method.items()}
+    (out / RESULTS).write_text(json.dumps({"key": key, "rows": rows}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default="runs/distill-teacher",
                     help="teacher run folder: trained here once, reused after")
     ap.add_argument("--out", default="runs/distill-bench", help="folder of the students")
-    ap.add_argument("--methods", default=None, help="comma-separated methods (default: all "
-                    "registered)")
+    ap.add_argument("--methods", default=None, help="comma-separated methods to distil now "
+                    "(default: all registered); rows of methods distilled by an earlier run "
+                    "into the same --out (same teacher, --n, --seed) are kept in the table")
     ap.add_argument("--n", type=int, default=1000, help="samples per row")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--samplers", default=SAMPLERS_ARG,
@@ -207,9 +249,18 @@ def run(args: argparse.Namespace) -> dict:
     print(f"teacher: {training_time(teacher)}{' (reused)' if teacher['reused'] else ''}",
           flush=True)
     judge = make_judge(50 if args.quick else 1500)
-    rows = teacher_rows(Pipeline.from_pretrained(args.teacher), judge, args)
+    key = {"teacher": args.teacher, "n": args.n, "seed": args.seed, "samplers": args.samplers,
+           "quick": args.quick}
+    done = load_results(Path(args.out), key)
+    by_method = {m: [restored(r) for r in rs] for m, rs in done.get("rows", {}).items()}
+    if "teacher" not in by_method:
+        by_method["teacher"] = teacher_rows(Pipeline.from_pretrained(args.teacher), judge, args)
     for method in methods:
-        rows += student_rows(method, args, judge, teacher["cpu_s"])
+        by_method[method] = student_rows(method, args, judge, teacher["cpu_s"])
+        save_results(Path(args.out), key, by_method)
+    save_results(Path(args.out), key, by_method)
+    methods = [m for m in by_method if m != "teacher" and m in available_methods(None)]
+    rows = [r for m in ("teacher", *methods) for r in by_method[m]]
     floor = real_floor(judge, args.n)
     text = report_text(rows, floor, teacher, judge, args)
     print(text)
