@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import adversarial
 from .base import (
     Distillation,
     StudentLoop,
@@ -36,7 +37,12 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
-DISTILL_METHODS: dict[str, DistillMethod] = {}
+DISTILL_METHODS: dict[str, DistillMethod] = {
+    "adversarial": DistillMethod(
+        adversarial.AdversarialConfig, adversarial.build,
+        "adversarial diffusion distillation (Sauer et al. 2023): a K-step student trained "
+        "with a discriminator on frozen teacher features plus score distillation"),
+}
 
 __all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "StudentLoop", "TeacherData",
            "data_source", "distill_optim", "distill_run", "load_teacher", "student_network",
