@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TextCond", "cat_cond", "expand_cond"]
+__all__ = ["LatentCond", "TextCond", "cat_cond", "expand_cond"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,16 @@ class TextCond:
         length = max(c.tokens.shape[1] for c in conds)
         parts = [c.pad_to(length) for c in conds]
         return TextCond(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
+
+
+@dataclass(frozen=True)
+class LatentCond:
+    """A condition plus a latent z for a generator G(x_t, z, t) (the denoising diffusion
+    GAN, Xiao et al. 2022): ``labels`` as a network takes them (or None), ``z`` drawn by the
+    sampler from its generator (``samplers.ddgan``)."""
+
+    labels: Any
+    z: Tensor
 
 
 def cat_cond(conds: Sequence[Any]) -> Any:

@@ -163,6 +163,7 @@ def test_renoise_step_is_a_fresh_forward_draw():
     assert torch.allclose(out, den(x1, ts[1]).x0)
 
 
+@pytest.mark.slow
 def test_cli_distils_and_the_student_samples_at_1_2_4_steps(tmp_path, capsys):
     train_tiny_digits(tmp_path, steps=2)
     out = tmp_path / "add"

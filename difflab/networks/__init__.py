@@ -9,12 +9,15 @@ from torch import nn
 
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.embeddings import timestep_embedding
+from difflab.networks.latent import LatentUNet, LatentUNetConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.unet import UNet, UNetConfig
 
 __all__ = [
     "NETWORKS",
     "ClassifierConfig",
+    "LatentUNet",
+    "LatentUNetConfig",
     "NoisyClassifier",
     "MLPConfig",
     "MLPDenoiser",
@@ -30,6 +33,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "unet": (UNet, UNetConfig),
     "mlp": (MLPDenoiser, MLPConfig),
     "classifier": (NoisyClassifier, ClassifierConfig),
+    "latent_unet": (LatentUNet, LatentUNetConfig),
 }
 
 

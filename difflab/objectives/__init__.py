@@ -36,7 +36,10 @@ from .times import (
 from .vlb import VLBObjective, model_prediction, vlb_loss, vlb_term_from_prediction
 from .weighting import WEIGHTINGS, Weighting, loss_weight
 
-ObjectiveName = Literal["simple", "vlb", "hybrid", "edm"]
+ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "ddgan"]
+#: objectives trained by a recipe of their own rather than as a loss of the diffusion recipe
+#: (``ddgan``: ``difflab.recipes.ddgan``); ``difflab train --objective NAME`` dispatches there
+RECIPE_OBJECTIVES: tuple[str, ...] = ("ddgan",)
 OBJECTIVES: dict[str, type[Objective]] = {
     "simple": SimpleObjective,
     "vlb": VLBObjective,
@@ -59,8 +62,10 @@ class ObjectiveConfig:
     name: ObjectiveName = _opt(
         "simple", "training objective: simple (MSE, weighted by --weighting), vlb (variational "
         "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
-        "learned variance; Nichol & Dhariwal 2021) or edm (needs --prediction edm; log-normal "
-        "noise levels, EDM weight)", flag="--objective")
+        "learned variance; Nichol & Dhariwal 2021), edm (needs --prediction edm; log-normal "
+        "noise levels, EDM weight) or ddgan (denoising diffusion GAN, Xiao et al. 2022: "
+        "--gan-steps steps, an x0 generator with latent z; try --lr 2e-4)",
+        flag="--objective")
     weighting: Weighting | None = _opt(
         None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
         "min_snr (min(SNR, gamma), Hang et al. 2023), truncated_snr (max(SNR, 1)), edm (SNR + "
@@ -78,11 +83,18 @@ class ObjectiveConfig:
                                  "(EDM's P_mean)")
     p_std: float = _opt(P_STD, "standard deviation of ln(sigma / alpha) under lognormal time "
                                "sampling (EDM's P_std)")
+    gan_steps: int = _opt(4, "ddgan: number of large reverse steps (its sampling grid: the "
+                             "trailing grid of the process)")
+    r1_gamma: float = _opt(0.02, "ddgan: R1 penalty weight gamma ((gamma/2)|grad D|^2 on real "
+                                 "x_{t-1}; 0: off)")
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
     """The objective ``config.name`` from the registry, given the fields it uses (its
     ``options``)."""
+    if config.name in RECIPE_OBJECTIVES:
+        raise ValueError(f"objective {config.name!r} is trained by its own recipe "
+                         f"(difflab.recipes.{config.name}), not as a diffusion loss")
     if config.name not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.name!r}; choose from {tuple(OBJECTIVES)}")
     cls = OBJECTIVES[config.name]
@@ -92,6 +104,7 @@ def build_objective(config: ObjectiveConfig) -> Objective:
 __all__ = ["DEFAULT_TIMES", "LOSS_SPACES", "OBJECTIVES", "P_MEAN", "P_STD", "TIME_SAMPLINGS",
            "WEIGHTINGS", "EDMObjective", "HybridObjective", "ImportanceSampler", "LossOutput",
            "LossSpace", "Objective", "ObjectiveConfig", "ObjectiveName", "ObjectiveOutput",
+           "RECIPE_OBJECTIVES",
            "SimpleObjective", "TimeSampling", "VLBObjective", "Weighting", "build_objective",
            "continuous_times", "lognormal_times", "loss_weight", "model_prediction",
            "simple_loss", "vlb_loss", "vlb_term_from_prediction"]

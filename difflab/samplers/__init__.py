@@ -17,6 +17,7 @@ from typing import Any
 
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
+from .ddgan import ddgan
 from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
 from .grids import (
     SPACINGS,
@@ -54,7 +55,7 @@ SAMPLERS: dict[str, Callable] = {
     "heun": heun, "rk45": rk45, "plms": plms, "lms": lms, "dpm_solver": dpm_solver,
     "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "dpmpp_sde": dpmpp_sde, "unipc_bh1": unipc_bh1,
     "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
-    "renoise": renoise,
+    "renoise": renoise, "ddgan": ddgan,
 }
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
@@ -103,7 +104,7 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
            "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]
-__all__ += ["ODE_SAMPLERS", "renoise", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
-            "three_piece_grid"]
+__all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
+            "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]
