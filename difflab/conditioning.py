@@ -76,9 +76,17 @@ class LatentCond:
     labels: Any
     z: Tensor
 
+    def __len__(self) -> int:
+        return len(self.z)
+
 
 def cat_cond(conds: Sequence[Any]) -> Any:
-    """``torch.cat`` for label tensors, :meth:`TextCond.cat` for token conditions."""
+    """``torch.cat`` for label tensors, :meth:`TextCond.cat` for token conditions (and
+    both parts of :class:`LatentCond` ones)."""
+    if isinstance(conds[0], LatentCond):
+        labels = [c.labels for c in conds]
+        return LatentCond(None if labels[0] is None else cat_cond(labels),
+                          torch.cat([c.z for c in conds]))
     if isinstance(conds[0], TextCond):
         return TextCond.cat(conds)
     return torch.cat(list(conds))

@@ -159,6 +159,8 @@ def test_cli_trains_ddgan_and_samples_with_its_own_sampler(tmp_path, capsys):
     a = pipe(3, labels=4, seed=7).samples
     assert a.shape == (3, 1, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, pipe(3, labels=4, seed=7).samples)   # z from the seeds
+    guided = pipe(3, labels=4, seed=7, guidance=2.0).samples  # both branches share z
+    assert torch.isfinite(guided).all() and not torch.equal(guided, a)
     assert main(["sample", "--checkpoint", str(out), "--n", "2", "--class", "1", "--out",
                  str(tmp_path / "g.png"), "--no-progress"]) == 0
     assert "(ddgan, 2 steps)" in capsys.readouterr().out
