@@ -15,10 +15,10 @@ import torch
 from difflab.objectives import (
     DEFAULT_TIMES,
     OBJECTIVES,
+    RECIPE_OBJECTIVES,
     EDMObjective,
     Objective,
     ObjectiveConfig,
-    RECIPE_OBJECTIVES,
     ObjectiveName,
     SimpleObjective,
     build_objective,
