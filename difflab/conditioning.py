@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GuidanceCond", "TextCond", "cat_cond", "expand_cond", "split_guidance"]
+__all__ = ["GuidanceCond", "LatentCond", "TextCond", "cat_cond", "expand_cond",
+           "split_guidance"]
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,32 @@ def split_guidance(cond: Any) -> tuple[Any, Tensor | None]:
     return cond, None
 
 
+class LatentCond:
+    """A condition plus a latent z for a generator G(x_t, z, t) (the denoising diffusion
+    GAN, Xiao et al. 2022): ``labels`` as a network takes them (or None), ``z`` drawn by the
+    sampler from its generator (``samplers.ddgan``)."""
+
+    labels: Any
+    z: Tensor
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+
 def cat_cond(conds: Sequence[Any]) -> Any:
     """``torch.cat`` for label tensors, :meth:`TextCond.cat` for token conditions, both parts
-    for :class:`GuidanceCond` (whose inner conditions must all be given or all be None)."""
+    for :class:`GuidanceCond` (whose inner conditions must all be given or all be None)
+    and for :class:`LatentCond`."""
     if isinstance(conds[0], GuidanceCond):
         inner = [c.cond for c in conds]
         if any(c is None for c in inner) and not all(c is None for c in inner):
             raise ValueError("cannot concatenate guidance conditions with and without labels")
         return GuidanceCond(None if inner[0] is None else cat_cond(inner),
                             torch.cat([c.w for c in conds]))
+    if isinstance(conds[0], LatentCond):
+        labels = [c.labels for c in conds]
+        return LatentCond(None if labels[0] is None else cat_cond(labels),
+                          torch.cat([c.z for c in conds]))
     if isinstance(conds[0], TextCond):
         return TextCond.cat(conds)
     return torch.cat(list(conds))

@@ -128,7 +128,9 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key {prefix + unknown[0]!r}; valid keys"
                           f"{' in ' + prefix.rstrip('.') if prefix else ''}: {sorted(known)}")
-    values = {k: _check(v, hints[k], where, prefix + k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: _check(_on_factory_default(fields[k], v), hints[k], where, prefix + k)
+              for k, v in data.items()}
     for f in dataclasses.fields(cls):
         problem = check_range(values.get(f.name), f)
         if problem:
@@ -137,6 +139,20 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks
         raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _on_factory_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial table for a nested config whose field has a factory default (e.g. a
+    distillation method's own ``optim`` defaults) fills its gaps from that default, not
+    from the nested class's own defaults."""
+    if not (isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING):
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    out = to_dict(default)
+    deep_merge(out, value)
+    return out
 
 
 def _check(value: Any, tp: Any, where: str, path: str) -> Any:

@@ -15,6 +15,7 @@ import torch
 from difflab.objectives import (
     DEFAULT_TIMES,
     OBJECTIVES,
+    RECIPE_OBJECTIVES,
     EDMObjective,
     Objective,
     ObjectiveConfig,
@@ -26,7 +27,7 @@ from difflab.process import VPSDE, DiscreteProcess, VEProcess
 
 
 def test_registry_names_match_the_config_choices_and_the_classes():
-    assert set(typing.get_args(ObjectiveName)) == set(OBJECTIVES)
+    assert set(typing.get_args(ObjectiveName)) == set(OBJECTIVES) | set(RECIPE_OBJECTIVES)
     for name, cls in OBJECTIVES.items():
         obj = build_objective(ObjectiveConfig(name=name))
         assert type(obj) is cls and obj.name == name and isinstance(obj, Objective)

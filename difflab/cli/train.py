@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import changed_fields, deep_merge, from_dict, leaves, to_dict
 from ..recipes import ClassifierTrainConfig, DiffusionRecipe, TrainConfig, train_classifier
 from ..recipes.config import DERIVED_DEFAULTS, nested_values, read_config_file, resolve_values
+from ..recipes.ddgan import DDGANRecipe
 from ..training import check_log, resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import env_info, process_group
@@ -109,14 +110,16 @@ def run_train(args: argparse.Namespace) -> int:
     notes: list[str] = []
     config, ckpt = resolve_config(args, notes)
     main = env_info().is_main
-    recipe: DiffusionRecipe | None = None
+    recipe: DiffusionRecipe | DDGANRecipe | None = None
 
     def release() -> None:
         if recipe is not None:
             recipe.release_distributed()
 
     with process_group(release):
-        recipe = DiffusionRecipe(config, overwrite=args.overwrite)
+        # an objective with a recipe of its own (objectives.RECIPE_OBJECTIVES) trains there
+        kind = DDGANRecipe if config.objective.name == "ddgan" else DiffusionRecipe
+        recipe = kind(config, overwrite=args.overwrite)
         if main:
             print(config_summary(config, notes), flush=True)
         if ckpt is not None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..conditioning import cat_cond, expand_cond
+from ..conditioning import LatentCond, cat_cond, expand_cond
 from ..parameterization import DenoiserFn, Prediction
 from ..process import as_time, expand_like
 
@@ -61,12 +61,15 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         t = as_time(t, x)
-        if cond is None or self.scale == 1.0 or not self._active(t):
+        labels = cond.labels if isinstance(cond, LatentCond) else cond  # a DDGAN latent
+        if labels is None or self.scale == 1.0 or not self._active(t):
             return self.inner(x, t, cond)
         if self.null_cond is not None:  # one row, repeated; on the condition's device
-            null = expand_cond(self.null_cond, len(cond))
+            null = expand_cond(self.null_cond, len(labels))
         else:
-            null = torch.full_like(cond, self.null_label)
+            null = torch.full_like(labels, self.null_label)
+        if isinstance(cond, LatentCond):  # both branches see the same latent z
+            null = LatentCond(null, cond.z)
         if self.scale == 0.0:
             return self.inner(x, t, null)
         tt = t.expand(x.shape[0]) if t.ndim == 0 else t

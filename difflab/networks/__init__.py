@@ -9,12 +9,15 @@ from torch import nn
 
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.embeddings import timestep_embedding
+from difflab.networks.latent import LatentUNet, LatentUNetConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
     "NETWORKS",
     "ClassifierConfig",
+    "LatentUNet",
+    "LatentUNetConfig",
     "NoisyClassifier",
     "MLPConfig",
     "MLPDenoiser",
@@ -31,6 +34,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "unet": (UNet, UNetConfig),
     "mlp": (MLPDenoiser, MLPConfig),
     "classifier": (NoisyClassifier, ClassifierConfig),
+    "latent_unet": (LatentUNet, LatentUNetConfig),
 }
 
 

@@ -35,23 +35,43 @@ dropout requires.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.networks.fused_native import group_norm_act_native, native_dropout_mask, supports
 
-__all__ = ["dropout_mask", "dropout_rate", "group_norm_act", "use_fused"]
+__all__ = ["dropout_mask", "dropout_rate", "group_norm_act", "reference_ops", "use_fused"]
 
 _WORD = 2**16  # dropout resolution: 16-bit words
 
 
+_REFERENCE_ONLY = [0]  # depth of reference_ops() contexts
+
+
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Inside it the blocks use the reference PyTorch ops, whose graphs can be
+    differentiated twice (the fused node's closed-form backward is once-differentiable):
+    for gradient penalties such as R1 through a network."""
+    _REFERENCE_ONLY[0] += 1
+    try:  # attention too: the math kernel of scaled_dot_product_attention
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            yield
+    finally:
+        _REFERENCE_ONLY[0] -= 1
+
+
 def use_fused(x: Tensor) -> bool:
     """Whether a block should take the fused path for ``x``: eager float32/float64 on the
-    CPU. Under autocast the reference ops keep autocast's per-op precision, under
-    ``torch.compile`` they leave fusion to the compiler, and on CUDA the native kernels
-    are already fast."""
+    CPU, outside :func:`reference_ops`. Under autocast the reference ops keep autocast's
+    per-op precision, under ``torch.compile`` they leave fusion to the compiler, and on
+    CUDA the native kernels are already fast."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not _REFERENCE_ONLY[0]
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 

@@ -40,7 +40,10 @@ from .times import (
 from .vlb import VLBObjective, model_prediction, vlb_loss, vlb_term_from_prediction
 from .weighting import WEIGHTINGS, Weighting, loss_weight
 
-ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "rectified-flow"]
+ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "rectified-flow", "ddgan"]
+#: objectives trained by a recipe of their own rather than as a loss of the diffusion recipe
+#: (``ddgan``: ``difflab.recipes.ddgan``); ``difflab train --objective NAME`` dispatches there
+RECIPE_OBJECTIVES: tuple[str, ...] = ("ddgan",)
 OBJECTIVES: dict[str, type[Objective]] = {
     "simple": SimpleObjective,
     "vlb": VLBObjective,
@@ -65,8 +68,10 @@ class ObjectiveConfig:
         "simple", "training objective: simple (MSE, weighted by --weighting), vlb (variational "
         "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
         "learned variance; Nichol & Dhariwal 2021), edm (needs --prediction edm; log-normal "
-        "noise levels, EDM weight) or rectified-flow (velocity MSE on x_t = (1 - t) x_0 + t "
-        "eps; sets --schedule rectified_flow and --prediction flow when not given)",
+        "noise levels, EDM weight), rectified-flow (velocity MSE on x_t = (1 - t) x_0 + t "
+        "eps; sets --schedule rectified_flow and --prediction flow when not given) or ddgan "
+        "(denoising diffusion GAN, Xiao et al. 2022: --gan-steps steps, an x0 generator with "
+        "latent z; try --lr 2e-4)",
         flag="--objective")
     weighting: Weighting | None = _opt(
         None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
@@ -89,11 +94,18 @@ class ObjectiveConfig:
                                   "(Esser et al. 2024)")
     logit_std: float = _opt(1.0, "standard deviation s of logit(t) under logit_normal time "
                                  "sampling")
+    gan_steps: int = _opt(4, "ddgan: number of large reverse steps (its sampling grid: the "
+                             "trailing grid of the process)")
+    r1_gamma: float = _opt(0.02, "ddgan: R1 penalty weight gamma ((gamma/2)|grad D|^2 on real "
+                                 "x_{t-1}; 0: off)")
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
     """The objective ``config.name`` from the registry, given the fields it uses (its
     ``options``)."""
+    if config.name in RECIPE_OBJECTIVES:
+        raise ValueError(f"objective {config.name!r} is trained by its own recipe "
+                         f"(difflab.recipes.{config.name}), not as a diffusion loss")
     if config.name not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.name!r}; choose from {tuple(OBJECTIVES)}")
     cls = OBJECTIVES[config.name]
@@ -103,7 +115,8 @@ def build_objective(config: ObjectiveConfig) -> Objective:
 __all__ = ["DEFAULT_TIMES", "FLOW_TIMES", "LOSS_SPACES", "OBJECTIVES", "P_MEAN", "P_STD",
            "TIME_SAMPLINGS", "WEIGHTINGS", "EDMObjective", "HybridObjective",
            "ImportanceSampler", "LossOutput", "LossSpace", "Objective", "ObjectiveConfig",
-           "ObjectiveName", "ObjectiveOutput", "RectifiedFlowObjective", "SimpleObjective",
+           "ObjectiveName", "ObjectiveOutput", "RECIPE_OBJECTIVES", "RectifiedFlowObjective",
+           "SimpleObjective",
            "TimeSampling", "VLBObjective", "Weighting", "build_objective", "continuous_times",
            "logit_normal_times", "lognormal_times", "loss_weight", "model_prediction",
            "simple_loss", "velocity_loss", "vlb_loss", "vlb_term_from_prediction"]

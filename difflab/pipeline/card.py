@@ -150,8 +150,12 @@ class ModelCard:
         with ``ema=False``, ``model.*``) tensors are the network's."""
         prefix = "ema" if ema else "model"
         if "stage" in meta:  # a distilled student: its whole card (difflab.recipes.distill)
+            # a stage's own prefix points inside the trained module (e.g. "student")
+            inner = meta["stage"].get("weights_prefix") or ""
             stage = from_dict(StageCard, {**meta["stage"], "weights": weights,
-                                          "weights_prefix": prefix}, "checkpoint stage")
+                                          "weights_prefix": ".".join(filter(None, (prefix,
+                                                                                   inner)))},
+                              "checkpoint stage")
             return cls(stages=[stage], difflab_version=meta.get("difflab_version", __version__),
                        ema=ema, step=meta.get("step"), training=dict(meta.get("config") or {}))
         net = meta["network"]

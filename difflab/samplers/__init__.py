@@ -17,6 +17,7 @@ from typing import Any
 
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
+from .ddgan import ddgan
 from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
 from .grids import (
     SPACINGS,
@@ -44,6 +45,7 @@ from .options import (
     describe_options,
     parse_options,
 )
+from .renoise import renoise
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
 from .unipc import unipc, unipc_bh1, unipc_bh2
@@ -53,6 +55,7 @@ SAMPLERS: dict[str, Callable] = {
     "heun": heun, "rk45": rk45, "plms": plms, "lms": lms, "dpm_solver": dpm_solver,
     "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "dpmpp_sde": dpmpp_sde, "unipc_bh1": unipc_bh1,
     "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
+    "renoise": renoise, "ddgan": ddgan,
 }
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
@@ -102,6 +105,6 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]
 __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
-            "three_piece_grid"]
+            "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]

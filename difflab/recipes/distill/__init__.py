@@ -37,9 +37,13 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
-from . import progressive  # noqa: E402  (after DistillMethod, which the registry needs)
+from . import adversarial, progressive  # noqa: E402  (after DistillMethod)
 
 DISTILL_METHODS: dict[str, DistillMethod] = {
+    "adversarial": DistillMethod(
+        adversarial.AdversarialConfig, adversarial.build,
+        "adversarial diffusion distillation (Sauer et al. 2023): a K-step student trained "
+        "with a discriminator on frozen teacher features plus score distillation"),
     "progressive": DistillMethod(
         progressive.ProgressiveConfig, progressive.build,
         "progressive distillation (Salimans & Ho 2022): a v-prediction student learns two "

@@ -77,8 +77,10 @@ def student_network(teacher: Pipeline) -> nn.Module:
 
 def student_stage(teacher: Pipeline, **changes: Any) -> StageCard:
     """The teacher's diffusion stage with ``changes`` (e.g. ``prediction``, ``process``,
-    ``sampler``, ``sampler_steps``); weights are filled in when the checkpoint is read."""
-    return replace(teacher.stage, weights="", weights_prefix="", **changes)
+    ``sampler``, ``sampler_steps``; ``weights_prefix``: where the student's tensors lie inside
+    the trained module, e.g. ``"student"``); weights are filled in when the checkpoint is
+    read."""
+    return replace(teacher.stage, **{"weights": "", "weights_prefix": "", **changes})
 
 
 @dataclass
