@@ -116,6 +116,7 @@ def split_guidance(cond: Any) -> tuple[Any, Tensor | None]:
     return cond, None
 
 
+@dataclass(frozen=True)
 class LatentCond:
     """A condition plus a latent z for a generator G(x_t, z, t) (the denoising diffusion
     GAN, Xiao et al. 2022): ``labels`` as a network takes them (or None), ``z`` drawn by the
