@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import consistency
 from .base import (
     Distillation,
     StudentLoop,
@@ -36,7 +37,12 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
-DISTILL_METHODS: dict[str, DistillMethod] = {}
+DISTILL_METHODS: dict[str, DistillMethod] = {
+    "consistency": DistillMethod(
+        consistency.ConsistencyConfig, consistency.build,
+        "consistency distillation (Song et al. 2023): a 1-4 step consistency model from the "
+        "teacher's ODE"),
+}
 
 __all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "StudentLoop", "TeacherData",
            "data_source", "distill_optim", "distill_run", "load_teacher", "student_network",
