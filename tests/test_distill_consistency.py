@@ -202,3 +202,14 @@ def test_distill_and_sample_end_to_end(tmp_path, capsys):
                      "--sampler", "consistency", "--steps", steps, "--out",
                      str(tmp_path / f"g{steps}.png"), "--no-progress"]) == 0
         assert f"(consistency, {steps} step" in capsys.readouterr().out
+
+
+def test_consistency_training_saves_a_consistency_model(tmp_path):
+    train_tiny_digits(tmp_path, steps=3, objective="consistency-training", prediction="edm",
+                      curriculum_start=2, curriculum_end=8)
+    pipe = Pipeline.from_pretrained(tmp_path / "run")
+    st = pipe.stage
+    assert (st.prediction, st.base_prediction, st.sampler, st.sampler_steps) == (
+        "consistency", "edm", "consistency", 1)
+    x = pipe(3, labels=0, steps=2).samples
+    assert x.shape == (3, 1, 8, 8) and bool(x.isfinite().all())

@@ -10,6 +10,9 @@ objective      loss per example                                      default tim
 ``vlb``        (L_T + term(t) / p(t)) / dims, learned variance       ``importance``
 ``hybrid``     L_simple + 0.001 L_vlb (mean detached in L_vlb)       ``uniform``
 ``edm``        lambda(sigma) |x0 - D(x_t)|^2, EDM preconditioning    ``lognormal``
+``consis-      lambda(s_n) d(f(x_{n+1}), sg f(x_n)), the student     log-normal over the
+tency-         its own target (iCT, Song & Dhariwal 2023)            levels, N(k) curriculum
+training``
 =============  ====================================================  =====================
 
 A new objective is a module with its class and one entry here (registry and ``ObjectiveName``).
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .base import Objective, ObjectiveOutput
+from .consistency import ConsistencyTrainingObjective
 from .edm import EDMObjective
 from .hybrid import HybridObjective
 from .simple import LOSS_SPACES, LossOutput, LossSpace, SimpleObjective, simple_loss
@@ -36,12 +40,13 @@ from .times import (
 from .vlb import VLBObjective, model_prediction, vlb_loss, vlb_term_from_prediction
 from .weighting import WEIGHTINGS, Weighting, loss_weight
 
-ObjectiveName = Literal["simple", "vlb", "hybrid", "edm"]
+ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "consistency-training"]
 OBJECTIVES: dict[str, type[Objective]] = {
     "simple": SimpleObjective,
     "vlb": VLBObjective,
     "hybrid": HybridObjective,
     "edm": EDMObjective,
+    "consistency-training": ConsistencyTrainingObjective,
 }
 #: each objective's time distribution when ``time_sampling`` is None
 DEFAULT_TIMES: dict[str, str] = {name: cls.default_times for name, cls in OBJECTIVES.items()}
@@ -59,8 +64,9 @@ class ObjectiveConfig:
     name: ObjectiveName = _opt(
         "simple", "training objective: simple (MSE, weighted by --weighting), vlb (variational "
         "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
-        "learned variance; Nichol & Dhariwal 2021) or edm (needs --prediction edm; log-normal "
-        "noise levels, EDM weight)", flag="--objective")
+        "learned variance; Nichol & Dhariwal 2021), edm (needs --prediction edm; log-normal "
+        "noise levels, EDM weight) or consistency-training (a consistency model without a "
+        "teacher, Song & Dhariwal 2023; needs --prediction edm)", flag="--objective")
     weighting: Weighting | None = _opt(
         None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
         "min_snr (min(SNR, gamma), Hang et al. 2023), truncated_snr (max(SNR, 1)), edm (SNR + "
@@ -78,6 +84,10 @@ class ObjectiveConfig:
                                  "(EDM's P_mean)")
     p_std: float = _opt(P_STD, "standard deviation of ln(sigma / alpha) under lognormal time "
                                "sampling (EDM's P_std)")
+    curriculum_start: int = _opt(10, "consistency-training: s0, the number of noise-level "
+                                     "intervals at the start (N(0) = s0 + 1)")
+    curriculum_end: int = _opt(160, "consistency-training: s1, the most intervals; N doubles "
+                                    "from s0 + 1 to s1 + 1 over the run (the paper: 1280)")
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
@@ -89,7 +99,8 @@ def build_objective(config: ObjectiveConfig) -> Objective:
     return cls(**{name: getattr(config, name) for name in cls.options})
 
 
-__all__ = ["DEFAULT_TIMES", "LOSS_SPACES", "OBJECTIVES", "P_MEAN", "P_STD", "TIME_SAMPLINGS",
+__all__ = ["ConsistencyTrainingObjective", "DEFAULT_TIMES", "LOSS_SPACES",
+           "OBJECTIVES", "P_MEAN", "P_STD", "TIME_SAMPLINGS",
            "WEIGHTINGS", "EDMObjective", "HybridObjective", "ImportanceSampler", "LossOutput",
            "LossSpace", "Objective", "ObjectiveConfig", "ObjectiveName", "ObjectiveOutput",
            "SimpleObjective", "TimeSampling", "VLBObjective", "Weighting", "build_objective",

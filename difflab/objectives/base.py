@@ -72,6 +72,11 @@ class Objective(ABC):
         if self.times == "importance" and not self.importance_sampling:
             raise ValueError("importance sampling of t applies to the 'vlb' objective only")
 
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Told the training step before each step's draws (by the training loss); objectives
+        with a schedule over training use it (consistency training's curriculum)."""
+        return None
+
     def time_sampler(self, process: Process) -> ImportanceSampler | None:
         """The state of an importance-sampled time distribution (None for the others)."""
         return ImportanceSampler(int(process.T)) if self.times == "importance" else None
