@@ -84,7 +84,7 @@ class ConsistencyConfig:
                                    "(its card's default; any k works at sampling)", ge=1)
     dataset: str | None = option(None, "data to distil on (default: the teacher's)")
     optim: OptimConfig = option(
-        factory=distill_optim(steps=800, batch_size=64, lr=1e-4, ema_decay=0.995),
+        factory=distill_optim(steps=1000, batch_size=128, lr=2e-4, ema_decay=0.998),
         help="optimisation")
     run: RunConfig = option(factory=distill_run("consistency"), help="bookkeeping")
 
