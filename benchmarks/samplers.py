@@ -1,7 +1,10 @@
 """Samplers against exact mathematics and against diffusers, at equal NFE.
 
-    python benchmarks/samplers.py            # prints markdown tables
+    python benchmarks/samplers.py            # prints markdown tables, plots RMS against NFE
     python benchmarks/samplers.py --readme   # also writes them into benchmarks/README.md
+
+The plot (``--plot``, default ``benchmarks/samplers.png`` beside this script): the RMS error
+of each deterministic sampler of difflab against the evaluations it used, log-log.
 
 Data: a 64-dimensional mixture of 8 Gaussians under DDPM's linear schedule (T = 1000), whose
 denoiser, score and noisy marginals are exact (``difflab.analytic.GaussianMixture``). Every
@@ -215,6 +218,17 @@ def table(title, rows, cols=NFES, fmt="{:.2e}"):
     return "\n".join(lines)
 
 
+def plot_rms(rows, path):
+    """The RMS-to-ODE table rows as curves of error against the NFE used, log-log (one line
+    per sampler, difflab.cli.plot)."""
+    from difflab.cli.plot import plot_error_vs_nfe
+
+    curves = {label: ([v[1] for v in vals.values()], [v[0] for v in vals.values()])
+              for label, vals in rows}
+    return plot_error_vs_nfe(curves, Path(path), "RMS distance to the exact PF-ODE solution "
+                             f"({DIM}-dim Gaussian mixture)", "RMS error", legend_size=6)
+
+
 def deterministic_tables(data, x_T, ref):
     ours, theirs = [], []
     for label, fn, opts, spacing, k in DIFFLAB:
@@ -365,6 +379,8 @@ def overhead_table(steps=20):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="write benchmarks/README.md")
+    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("samplers.png"),
+                        help="PNG of each deterministic sampler's RMS error against NFE")
     args = parser.parse_args()
     process, data = make_problem()
     g = torch.Generator().manual_seed(1)
@@ -379,6 +395,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours += optimised_rows(data, x_T, ref)
     print(f"grid optimisation: {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {plot_rms(ours, args.plot)}")
     sections = ["### RMS distance to the exact PF-ODE solution (deterministic samplers)\n",
                 table("difflab", ours), "", table("diffusers", theirs), "",
                 "### Error ratios at equal NFE\n", comparison(ours, theirs), ""]

@@ -56,7 +56,7 @@ class GaussianData:
 
 
 class GaussianMixture:
-    """x0 ~ sum_k pi_k N(mu_k, diag(std_k^2)), with everything exact for a VP process.
+    """x0 ~ sum_k pi_k N(mu_k, diag(std_k^2)), with everything exact for any Gaussian process.
 
     The noisy marginal is q_t = sum_k pi_k N(alpha mu_k, diag(m_k^2)), m_k^2 = alpha^2 std_k^2 +
     sigma^2. With posterior weights w_k(x) = pi_k N(x; alpha mu_k, m_k^2) / q_t(x), Tweedie gives
@@ -116,9 +116,13 @@ class GaussianMixture:
     def ode_solution(self, x: Tensor, t_from: float, t_to: float, rtol: float = 1e-11,
                      atol: float = 1e-11) -> Tensor:
         """The probability-flow ODE map x_{t_from} -> x_{t_to} in float64 (scipy DOP853 on
-        dy/du = sigma~ eps_hat, y = x / alpha, u = log sigma~; to sigma~ = 1e-9 for clean t_to)."""
+        dy/du = sigma~ eps_hat, y = x / alpha, u = log sigma~; to sigma~ = 1e-9 for clean t_to).
+        From pure noise (alpha(t_from) = 0, e.g. rectified flow at t = 1, where y is
+        infinite) it integrates dx/dt = alpha' x0_hat + sigma' eps_hat in t instead."""
         from scipy.integrate import solve_ivp
 
+        if float(self.process.alpha(t_from)) == 0:
+            return self._ode_in_t(x, t_from, t_to, rtol, atol)
         lam = self.process.log_snr(torch.tensor([t_from, t_to], dtype=torch.float64))
         u0 = float(-0.5 * lam[0])
         u1 = max(float(-0.5 * lam[1]), math.log(1e-9))
@@ -136,8 +140,29 @@ class GaussianMixture:
                         rtol=rtol, atol=atol)
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-        a1 = 1 / math.sqrt(1 + math.exp(2 * u1))  # alpha = 1 / sqrt(1 + sigma~^2)
+        a1 = float(self.process.rates_from_log_snr(torch.tensor(-2.0 * u1))[0])
         return a1 * torch.from_numpy(sol.y[:, -1]).reshape(shape)
+
+    def _ode_in_t(self, x: Tensor, t_from: float, t_to: float, rtol: float, atol: float
+                  ) -> Tensor:
+        """The PF-ODE map in the process time: dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat
+        (the marginal velocity of the path x_t = alpha x_0 + sigma eps, Lipman et al. 2022)."""
+        from scipy.integrate import solve_ivp
+
+        x = x.to(torch.float64)
+        shape = x.shape
+
+        def rhs(t: float, y: np.ndarray) -> np.ndarray:
+            tt = torch.tensor(t, dtype=torch.float64)
+            da, ds = (float(r) for r in self.process.alpha_sigma_dt(tt))
+            pred = self(torch.from_numpy(y).reshape(shape), tt)
+            return (da * pred.x0 + ds * pred.eps).flatten().numpy()
+
+        sol = solve_ivp(rhs, (float(t_from), float(t_to)), x.flatten().numpy(),
+                        method="DOP853", rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+        return torch.from_numpy(sol.y[:, -1]).reshape(shape)
 
 
 def sliced_wasserstein(a: Tensor, b: Tensor, n_proj: int = 256,

@@ -1,10 +1,17 @@
-"""Conditions a denoiser can receive besides class labels: token embeddings of a prompt.
+"""Conditions a denoiser can receive besides class labels: token embeddings of a prompt, and
+the guidance scale as a network input.
 
 A :class:`TextCond` is what flows through ``Denoiser(x, t, cond)`` into a U-Net built with a
 ``context_dim``: per-token embeddings ``[B, L, D]`` and a key-padding mask ``[B, L]``
 (True = real token). It behaves like a batch tensor where samplers, ``generate`` and the
 guidance wrappers need one: ``len``, indexing along the batch, ``.to(device)``, and
 :func:`cat_cond` / :func:`expand_cond` that also accept plain label tensors.
+
+A :class:`GuidanceCond` wraps any of these (labels, a ``TextCond`` or None) together with a
+per-example guidance scale ``w [B]``, for networks that take the scale as an input instead of
+being guided by two calls (guidance-distilled students, Meng et al. 2023; latent consistency
+models, Luo et al. 2023). A U-Net built with ``guidance_embedding=True`` reads it; the
+pipeline's :class:`~difflab.guidance.GuidanceInput` wrapper builds it from ``guidance=w``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TextCond", "cat_cond", "expand_cond"]
+__all__ = ["GuidanceCond", "TextCond", "cat_cond", "expand_cond", "split_guidance"]
 
 
 @dataclass(frozen=True)
@@ -67,15 +74,66 @@ class TextCond:
         return TextCond(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
 
 
+@dataclass(frozen=True)
+class GuidanceCond:
+    """A condition ``cond`` ([B] labels, a :class:`TextCond`, or None for the null condition)
+    plus the guidance scale ``w [B]`` (float) that a guidance-input network takes as an input.
+
+    ``w`` is the scale in the pipeline's convention, gamma in eps(null) + gamma (eps(y) -
+    eps(null)) (``Pipeline.denoiser(guidance=...)``): 1 is the conditional model. It behaves
+    like a batch tensor (``len``, indexing, ``.to``, :func:`cat_cond`, :func:`expand_cond`).
+    """
+
+    cond: Any
+    w: Tensor
+
+    def __post_init__(self) -> None:
+        if self.w.ndim != 1:
+            raise ValueError(f"GuidanceCond needs w of shape [B]; got {tuple(self.w.shape)}")
+        if self.cond is not None and len(self.cond) != len(self.w):
+            raise ValueError(f"GuidanceCond: {len(self.cond)} conditions but {len(self.w)} "
+                             "guidance scales")
+
+    def __len__(self) -> int:
+        return int(self.w.shape[0])
+
+    def __getitem__(self, index: Any) -> GuidanceCond:
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return GuidanceCond(None if self.cond is None else self.cond[index], self.w[index])
+
+    def to(self, device: torch.device | str | None = None) -> GuidanceCond:
+        """Move the condition and the scales to ``device``."""
+        cond = None if self.cond is None else self.cond.to(device)
+        return GuidanceCond(cond, self.w.to(device))
+
+
+def split_guidance(cond: Any) -> tuple[Any, Tensor | None]:
+    """(the inner condition, the guidance scales [B] or None) of any condition."""
+    if isinstance(cond, GuidanceCond):
+        return cond.cond, cond.w
+    return cond, None
+
+
 def cat_cond(conds: Sequence[Any]) -> Any:
-    """``torch.cat`` for label tensors, :meth:`TextCond.cat` for token conditions."""
+    """``torch.cat`` for label tensors, :meth:`TextCond.cat` for token conditions, both parts
+    for :class:`GuidanceCond` (whose inner conditions must all be given or all be None)."""
+    if isinstance(conds[0], GuidanceCond):
+        inner = [c.cond for c in conds]
+        if any(c is None for c in inner) and not all(c is None for c in inner):
+            raise ValueError("cannot concatenate guidance conditions with and without labels")
+        return GuidanceCond(None if inner[0] is None else cat_cond(inner),
+                            torch.cat([c.w for c in conds]))
     if isinstance(conds[0], TextCond):
         return TextCond.cat(conds)
     return torch.cat(list(conds))
 
 
 def expand_cond(cond: Any, n: int) -> Any:
-    """Repeat a one-example condition (a [1] label tensor or a one-row TextCond) to n rows."""
+    """Repeat a one-example condition (a [1] label tensor, a one-row TextCond or
+    GuidanceCond) to n rows."""
+    if isinstance(cond, GuidanceCond) and len(cond) == 1 and n != 1:
+        return GuidanceCond(expand_cond(cond.cond, n), cond.w.expand(n))
     if isinstance(cond, TextCond) and len(cond) == 1 and n != 1:
         return TextCond(cond.tokens.expand(n, -1, -1), cond.mask.expand(n, -1))
     if torch.is_tensor(cond) and cond.ndim >= 1 and len(cond) == 1 and n != 1:

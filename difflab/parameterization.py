@@ -15,10 +15,21 @@ predicts   network output          x0_hat                       eps_hat
            (Karras et al. 2022)
 ``score``  s = grad log q(x_t)     (x_t + sigma^2 s) / alpha    -sigma s
            (Song & Ermon 2019)
+``flow``   u = dx_t/dt = alpha'    (sigma' x_t - sigma u) / d   (alpha u - alpha' x_t) / d
+           x_0 + sigma' eps (Liu
+           et al. 2022)
 ``consis-  F of a base type, under  c_skip^CM x~ + c_out^CM F   (x_t - alpha x0_hat) / sigma
 tency``    the consistency boundary (Song et al. 2023)
            parameterisation
 =========  ======================  ===========================  ==========================
+
+For ``flow`` (velocity prediction of flow matching, Lipman et al. 2022; rectified flow,
+Liu et al. 2022) x_t and u are two linear combinations of (x_0, eps), solved with the
+determinant d = alpha sigma' - sigma alpha', where ' is d/dt of the process
+(``Process.alpha_sigma_dt``). On the linear path alpha = 1 - t, sigma = t
+(``process.RectifiedFlow``): u = eps - x_0, d = 1, x0_hat = x_t - t u and
+eps_hat = x_t + (1 - t) u. Without the derivatives (``rates_dt`` None) the conversion assumes
+that linear path and checks alpha + sigma = 1.
 
 A raw score output must grow like 1 / sigma near the data, so score models are trained with
 the denoising-score-matching weight lambda = sigma^2 (Song & Ermon 2019, eq. 6), which is the
@@ -70,10 +81,10 @@ from torch import Tensor, nn
 from .conditioning import expand_cond
 from .process import Process, as_time, expand_like
 
-PredictionType = Literal["eps", "x0", "v", "edm", "score", "consistency"]
-PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score", "consistency")
+PredictionType = Literal["eps", "x0", "v", "edm", "score", "flow", "consistency"]
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score", "flow", "consistency")
 #: what a consistency model's network can predict underneath (``base_prediction``)
-BASE_PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score")
+BASE_PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score", "flow")
 #: |log-SNR| is clamped to this where it enters c_noise (it is infinite at both ends).
 LOG_SNR_CLAMP = 40.0
 #: The U-Net's sinusoidal time embedding is made for inputs in [0, 1000]; EDM's
@@ -163,14 +174,32 @@ def consistency_x0(x0_base: Tensor, x: Tensor, alpha: Tensor, s: Tensor, sigma_m
     return c_skip * x_ve + ratio * (x0_base - skip_edm * x_ve)
 
 
+def flow_rates_dt(alpha: Tensor, sigma: Tensor,
+                  rates_dt: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """(alpha', sigma') for the ``flow`` conversions: ``rates_dt`` when given, else those of
+    the linear path (-1, 1), after checking that alpha + sigma = 1 there."""
+    if rates_dt is not None:
+        return rates_dt
+    if not bool(torch.allclose(alpha + sigma, torch.ones_like(alpha), atol=1e-6)):
+        raise ValueError("prediction 'flow' off the linear path alpha + sigma = 1 needs the "
+                         "time derivatives of alpha and sigma (rates_dt)")
+    return torch.full_like(alpha, -1.0), torch.ones_like(sigma)
+
+
 def prediction_from_output(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
-                           kind: PredictionType, sigma_data: float = 0.5) -> Prediction:
+                           kind: PredictionType, sigma_data: float = 0.5,
+                           rates_dt: tuple[Tensor, Tensor] | None = None) -> Prediction:
     """Convert a raw network output of type ``kind`` at x_t into (x0_hat, eps_hat).
 
     eps-prediction cannot recover x0 where alpha = 0 (zero terminal SNR: x_T is pure noise);
     there x0_hat is defined as 0, the centre of the [-1, 1] data range, rather than 0/0 (use
-    v- or x0-prediction to learn x0 at t = T; Lin et al. 2024, sec. 3.2)."""
+    v- or x0-prediction to learn x0 at t = T; Lin et al. 2024, sec. 3.2). ``rates_dt`` =
+    (d alpha / dt, d sigma / dt) is used by ``flow`` only (``flow_rates_dt``)."""
     a, s = expand_like(alpha, x), expand_like(sigma, x)
+    if kind == "flow":
+        da, ds = (expand_like(r, x) for r in flow_rates_dt(alpha, sigma, rates_dt))
+        det = a * ds - s * da  # 1 on the linear path
+        return Prediction(x0=(ds * x - s * out) / det, eps=(a * out - da * x) / det)
     if kind in ("eps", "score"):
         eps = out if kind == "eps" else -s * out  # score = -eps / sigma
         safe = torch.where(a > 0, a, torch.ones_like(a))  # no inf in either branch: no NaN grads
@@ -191,8 +220,13 @@ def prediction_from_output(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
 
 
 def output_from_prediction(pred: Prediction, alpha: Tensor, sigma: Tensor,
-                           kind: PredictionType) -> Tensor:
-    """The network output of type ``kind`` that ``pred`` corresponds to (training targets)."""
+                           kind: PredictionType,
+                           rates_dt: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The network output of type ``kind`` that ``pred`` corresponds to (training targets);
+    ``rates_dt`` as in :func:`prediction_from_output`."""
+    if kind == "flow":  # u = alpha' x_0 + sigma' eps
+        da, ds = flow_rates_dt(alpha, sigma, rates_dt)
+        return expand_like(da, pred.x0) * pred.x0 + expand_like(ds, pred.eps) * pred.eps
     if kind == "eps":
         return pred.eps
     if kind == "x0":
@@ -295,7 +329,9 @@ class Denoiser:
         """The Prediction of a raw output at x_t, times t [B]."""
         mean, var = self.split(out)
         alpha, sigma = self.process.alpha_sigma(t)
-        pred = prediction_from_output(mean, x, alpha, sigma, self.input_kind, self.sigma_data)
+        rates_dt = self.process.alpha_sigma_dt(t) if self.input_kind == "flow" else None
+        pred = prediction_from_output(mean, x, alpha, sigma, self.input_kind, self.sigma_data,
+                                      rates_dt)
         if self.prediction == "consistency":
             assert self.sigma_min is not None  # checked in __init__
             x0 = consistency_x0(pred.x0, x, alpha, noise_level(self.process, t),

@@ -1,7 +1,9 @@
 """Shared test fixtures."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -29,3 +31,15 @@ def train_tiny_digits(tmp, steps: int, **options):
         checkpoint_every=0, device="cpu", **options))
     DiffusionRecipe(cfg, data=data).run(progress=False)
     return d
+
+
+def image_folder(root, size, odd=(50, 20)):
+    """Two classes of 3 random RGB images of ``size`` px, plus one ``odd``-sized image."""
+    rng = np.random.default_rng(size)
+    for name in ["cats", "dogs"]:
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    Image.new("RGB", odd, (9, 9, 9)).save(root / "cats" / "odd.png")
+    return root

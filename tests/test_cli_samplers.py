@@ -1,5 +1,7 @@
 """`difflab sample` reaches every registered sampler and forwards its options."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,23 +71,50 @@ def test_time_grid_saves_loads_and_drives_sample(toy_run, tmp_path):
 def test_fit_grid_writes_a_grid_no_worse_than_the_default(toy_run, tmp_path, capsys):
     """``difflab fit-grid`` keeps the default grid unless it finds a better one on its own
     training draws, and ``difflab sample --grid`` runs with what it wrote."""
-    import json
-
     out = tmp_path / "grid.json"
     assert main(["fit-grid", "--checkpoint", str(toy_run), "--sampler", "dpmpp_2m",
                  "--steps", "4", "--pool", "48", "--hard", "6", "--easy", "6",
                  "--validation", "8", "--evals", "20", "--tol", "1e-3", "--out", str(out),
                  "--device", "cpu"]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out
+    rows = [line.split("|") for line in printed.splitlines()
             if line.startswith(("| default", "| fitted"))]
     (_, _, default_train, _, _), (_, _, fitted_train, _, _) = rows
     assert float(fitted_train) <= float(default_train)
     saved = json.loads(out.read_text())
     assert saved["sampler"] == "dpmpp_2m" and len(saved["times"]) == 5
+    assert saved["nfe"] == 4  # dpmpp_2m: one evaluation per step
+    png = out.with_suffix(".png")  # error against NFE, beside the JSON
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert f"wrote {png} (error against NFE, 1 grid(s)" in printed
     assert main(["sample", "--checkpoint", str(toy_run), "--sampler", "dpmpp_2m", "--grid",
                  str(out), "--n", "4", "--out", str(tmp_path / "s.png"),
                  "--no-progress"]) == 0
     assert main(["fit-grid", "--checkpoint", str(toy_run), "--class", "1"]) == 2
+
+
+def test_fit_grid_plots_every_step_count_fitted_in_its_folder(toy_run, tmp_path, capsys):
+    """Grids fitted for several --steps into one folder make the error-versus-NFE curves;
+    a grid of another sampler stays off them; the PNG is an output like the JSON."""
+    from difflab.cli.fit_grid import error_curves
+
+    tiny = ["--pool", "8", "--hard", "2", "--easy", "2", "--validation", "4", "--evals", "4",
+            "--tol", "1e-3", "--device", "cpu", "--no-progress"]
+    for sampler, steps in [("ddim", 2), ("ddim", 3), ("heun", 2)]:
+        assert main(["fit-grid", "--checkpoint", str(toy_run), "--sampler", sampler,
+                     "--steps", str(steps), "--out", str(tmp_path / f"{sampler}_{steps}.json"),
+                     *tiny]) == 0
+    curves = error_curves(tmp_path / "ddim_3.json")
+    assert curves["default grid"][0] == curves["fitted grid"][0] == [2.0, 3.0]  # NFE
+    saved = [json.loads((tmp_path / f"ddim_{k}.json").read_text()) for k in (2, 3)]
+    assert curves["fitted grid"][1] == [g["validation_rms"] for g in saved]
+    assert curves["default grid"][1] == [g["default_validation_rms"] for g in saved]
+    assert error_curves(tmp_path / "heun_2.json")["fitted grid"][0] == [3.0]  # 2nd order
+    (tmp_path / "ddim_2.json").unlink()  # the PNG alone is still refused, before any work
+    capsys.readouterr()
+    assert main(["fit-grid", "--checkpoint", str(toy_run), "--sampler", "ddim", "--steps",
+                 "2", "--out", str(tmp_path / "ddim_2.json"), *tiny]) == 2
+    assert "--plot" in capsys.readouterr().err
 
 
 def test_an_option_the_sampler_does_not_take_exits_2_naming_its_options(toy_run, tmp_path,

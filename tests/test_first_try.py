@@ -6,9 +6,8 @@ else, and booleans are ``--flag`` / ``--no-flag``."""
 import json
 import math
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import image_folder
 from torch import nn
 
 from difflab.cli.main import build_parser, main
@@ -20,18 +19,6 @@ from difflab.recipes import TrainConfig
 from difflab.recipes.config import OptimConfig, default_attention, resolve_values
 from difflab.recipes.images import MODEL_SIZES
 from difflab.training import EMA
-
-
-def image_folder(root, size, odd=(50, 20)):
-    """Two classes of 3 random RGB images of ``size`` px, plus one ``odd``-sized image."""
-    rng = np.random.default_rng(size)
-    for name in ["cats", "dogs"]:
-        (root / name).mkdir(parents=True)
-        for i in range(3):
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    Image.new("RGB", odd, (9, 9, 9)).save(root / "cats" / "odd.png")
-    return root
 
 
 def saved_config(run):

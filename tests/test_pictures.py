@@ -138,3 +138,15 @@ def test_edit_fit_grid_and_nll_show_progress(run, tmp_path, capsys):
         assert desc in capsys.readouterr().err
         assert main([*argv, "--no-progress"]) == 0
         assert desc not in capsys.readouterr().err
+
+
+def test_the_nll_bar_advances_per_term_of_the_bound(run, capsys):
+    """2 images in batches of 1, --steps 2 (two KL terms) and the decoder term: 6 network
+    evaluations, each one a tick of the bar, which knows its total."""
+    from difflab.evaluation import vlb_evaluations
+
+    assert vlb_evaluations(1000, 2, 1, 2) == 6 and vlb_evaluations(20, 5, 2, None) == 3 * 20
+    assert main(["nll", "--checkpoint", str(run / "run"), "--n", "2", "--steps", "2",
+                 "--batch-size", "1", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "nll (vlb)" in err and "6/6" in err and "term" in err

@@ -8,7 +8,7 @@ from torch import nn
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.objectives import OBJECTIVES, WEIGHTINGS, ObjectiveConfig, build_objective
 from difflab.parameterization import PREDICTION_TYPES, Denoiser
-from difflab.process import VPSDE, DiscreteProcess, ZeroTerminalSNR
+from difflab.process import VPSDE, DiscreteProcess, RectifiedFlow, ZeroTerminalSNR
 from difflab.samplers import SAMPLERS, time_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,6 +17,7 @@ PROCESSES = {
     "discrete cosine": lambda: DiscreteProcess("cosine", T=100, zero_terminal_snr=True),
     "discrete linear": lambda: DiscreteProcess("linear", T=100, zero_terminal_snr=True),
     "continuous vpsde": lambda: ZeroTerminalSNR(VPSDE()),
+    "rectified flow": RectifiedFlow,  # alpha(1) = 0 by construction
 }
 
 
@@ -46,7 +47,8 @@ def test_losses_gradients_and_denoiser_are_finite_at_t_max(name, prediction):
     x0 = torch.rand(8, 3, generator=g) * 2 - 1
     noise = torch.randn(8, 3, generator=g)
     t = torch.full((8,), process.t_max, dtype=torch.float64)
-    objectives = [o for o in OBJECTIVES if (o == "edm") == (prediction == "edm")]
+    objectives = [o for o in OBJECTIVES if (o == "edm") == (prediction == "edm")
+                  and (o == "rectified-flow") == (prediction == "flow")]
     for objective in objectives:
         if objective in ("vlb", "hybrid") and not process.is_discrete:
             continue

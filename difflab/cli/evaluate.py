@@ -21,6 +21,7 @@ from ..evaluation import (
     parse_features,
     sample_metrics,
     save_reference,
+    vlb_evaluations,
 )
 from ..evaluation.builtin import BUILTIN_STEPS, dataset_of_builtin_name
 from ..evaluation.inception import FID_WEIGHTS_NAME
@@ -30,6 +31,7 @@ from ..pipeline import Pipeline, load_extractor
 from ..training import pick_device
 from ..training.checkpoint import write_json
 from .outputs import add_overwrite_option, check_outputs
+from .progress import ProgressDenoiser
 
 FEATURES_OPTION_HELP = (
     "feature space of the metrics. 'builtin' (or builtin:DATASET): a small CNN trained on the "
@@ -193,11 +195,21 @@ def run_nll(args: argparse.Namespace) -> int:
     else:
         options = {"trace": args.trace, "probe": args.probe, "rtol": args.rtol,
                    "atol": args.atol}
+    # the bar advances per network evaluation: per term of the bound (and batch) for the
+    # VLB, per ODE function evaluation (unknown count) for the ODE; it opens at the first
+    total = (vlb_evaluations(int(denoiser.process.T), len(images), args.batch_size,
+                             args.steps) if args.method == "vlb" else None)
+    counted = ProgressDenoiser(denoiser, total=total, desc=f"nll ({args.method})",
+                               unit="term" if args.method == "vlb" else "NFE",
+                               disable=args.no_progress)
+    try:
+        bits = model_bits_per_dim(counted, images, labels, args.method, args.batch_size,
+                                  args.seed, device, **options)
+    finally:
+        counted.close()
     result = {"checkpoint": str(args.checkpoint), "data": spec, "method": args.method,
               "conditional": labels is not None, **{k: v for k, v in options.items()},
-              **model_bits_per_dim(denoiser, images, labels, args.method, args.batch_size,
-                                   args.seed, device, progress=not args.no_progress,
-                                   **options)}
+              **bits}
     print(format_table([result], ["data", "method", "n", "bits_per_dim", "stderr"]))
     if args.out:
         write_json(Path(args.out), result)

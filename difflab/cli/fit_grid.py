@@ -6,6 +6,11 @@ own probability-flow ODE from them accurately (``reference_solution``), then ref
 default grid and the best three-piece grid by Nelder-Mead and keep the better
 (``fit_grid``). Fresh validation draws, not used in the fit, show whether the grid
 generalises. ``difflab sample --grid`` reads the result.
+
+Beside the JSON goes a PNG of the validation RMS error against the number of network
+evaluations (NFE), log-log, for the default and the fitted grid: one point each for this fit,
+joined by the grids fitted before for the same sampler (other ``--steps``) in the same folder,
+so fitting a few step counts draws the error-versus-NFE curves.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..io import LoadError, read_json
 from ..pipeline import Pipeline
 from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
 from .outputs import add_overwrite_option, check_outputs
+from .plot import plot_error_vs_nfe
 from .progress import ProgressDenoiser
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
@@ -72,6 +79,29 @@ class _FixedLabel:
         return self.inner(x, t, y)
 
 
+def error_curves(out: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Validation RMS against NFE of the default and the fitted grids saved in ``out``'s
+    folder that were fitted like ``out`` (sampler, its options, class, guidance, clipping,
+    checkpoint); ``out`` itself included."""
+    this = read_json(out)
+    same = ("sampler", "sampler_options", "label", "guidance", "clip", "checkpoint")
+    curves: dict[str, tuple[list[float], list[float]]] = {"default grid": ([], []),
+                                                          "fitted grid": ([], [])}
+    for path in sorted(out.parent.glob("*.json")):
+        try:
+            grid = read_json(path)
+        except LoadError:
+            continue
+        if not isinstance(grid, dict) or "nfe" not in grid or any(
+                grid.get(k) != this.get(k) for k in same):
+            continue
+        for name, key in (("default grid", "default_validation_rms"),
+                          ("fitted grid", "validation_rms")):
+            curves[name][0].append(float(grid["nfe"]))
+            curves[name][1].append(float(grid[key]))
+    return curves
+
+
 def run_fit_grid(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2 to have a grid to fit, got {args.steps}")
@@ -86,7 +116,8 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
         Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
-    check_outputs(args, out=out)
+    plot = out.with_suffix(".png")
+    check_outputs(args, out=out, plot=plot)
     options = sampler_options_from_args(args)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
@@ -120,17 +151,24 @@ def run_fit_grid(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.0f} s)")
     ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
     default = time_grid(process, args.steps)
-    rows = [("default", weighted_rms(sampler(den, x, default), ref, w),
-             weighted_rms(sampler(den, x_val, default), ref_val)),
-            ("fitted", fitted_train, weighted_rms(sampler(den, x_val, ts), ref_val))]
+    calls = den.calls
+    rows = [("fitted", fitted_train, weighted_rms(sampler(den, x_val, ts), ref_val))]
+    nfe = den.calls - calls  # of one sampling run on the grid (batched)
+    rows.insert(0, ("default", weighted_rms(sampler(den, x, default), ref, w),
+                    weighted_rms(sampler(den, x_val, default), ref_val)))
     save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
         args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
         train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
-        **({"sampler_options": options} if options else {}))
+        nfe=nfe, **({"sampler_options": options} if options else {}))
     den.close()
     print("| grid | training RMS (weighted) | validation RMS |\n|---|---|---|")
     for name, tr, va in rows:
         print(f"| {name} | {tr:.4e} | {va:.4e} |")
+    curves = error_curves(out)
+    plot_error_vs_nfe(curves, plot, f"{args.sampler} grids of {args.checkpoint}",
+                      "validation RMS to the ODE solution")
+    print(f"wrote {plot} (error against NFE, {len(curves['fitted grid'][0])} grid(s) of "
+          f"{out.parent})")
     opts = "".join(f" --sampler-opt {k}={v}" for k, v in options.items())
     print(f"times: {[round(float(t), 2) for t in ts]}\nwrote {out}  (use: difflab sample "
           f"--checkpoint {args.checkpoint} --sampler {args.sampler}{opts} --grid {out})")

@@ -140,6 +140,32 @@ def plot_evals(results: dict[str, dict[str, float]], path: Path, title: str) -> 
     return _save(fig, path)
 
 
+def plot_error_vs_nfe(curves: dict[str, tuple[list[float], list[float]]], path: Path,
+                      title: str, ylabel: str = "RMS error", legend_size: float = 8) -> Path:
+    """One line per curve, error against the number of network evaluations, log-log (a
+    curve of one point is a marker); points with a non-positive error are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4) if len(curves) < 6 else (9, 6))
+    for name, (nfe, err) in curves.items():
+        pts = sorted((n, e) for n, e in zip(nfe, err, strict=True)
+                     if n > 0 and math.isfinite(e) and e > 0)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    if curves:
+        ax.legend(fontsize=legend_size)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def run_plot(args: argparse.Namespace) -> int:
     run = Path(args.run)
     out_dir = Path(args.out_dir) if args.out_dir else run / "plots"

@@ -19,9 +19,11 @@ class ProgressDenoiser:
 
     def __init__(self, denoiser: Any, **bar_options: Any):
         self.inner, self.bar_options, self.bar = denoiser, bar_options, None
+        self.calls = 0  # network evaluations so far (also with the bar disabled)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs)
+        self.calls += 1
         if self.bar is None:
             self.bar = tqdm(**self.bar_options)
         self.bar.update(1)

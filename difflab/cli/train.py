@@ -4,13 +4,12 @@ typed configs, a config file, resume; then the recipe runs."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..config import changed_fields, deep_merge, from_dict, leaves, to_dict
 from ..recipes import ClassifierTrainConfig, DiffusionRecipe, TrainConfig, train_classifier
 from ..recipes.config import DERIVED_DEFAULTS, nested_values, read_config_file, resolve_values
-from ..training import resolve_checkpoint
+from ..training import check_log, resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import env_info, process_group
 from .options import add_config_options, changed_options, given_options
@@ -49,7 +48,8 @@ def add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
 def run_train_classifier(args: argparse.Namespace) -> int:
     config = from_dict(ClassifierTrainConfig, given_options(args, ClassifierTrainConfig),
                        where="command line")
-    print("config:", json.dumps(to_dict(config), sort_keys=True))
+    check_log(config.log)  # a missing optional package: one line, before anything else
+    print(config_line(config, ClassifierTrainConfig, config.out_dir), flush=True)
     result = train_classifier(config, progress=not args.no_progress,
                               overwrite=args.overwrite)
     print(f"classifier checkpoint: {result['checkpoint']}\n"
@@ -87,13 +87,17 @@ def resolve_config(args: argparse.Namespace, notes: list[str] | None = None
     return config, ckpt
 
 
+def config_line(config: object, cls: type, out_dir: str | Path) -> str:
+    """One line of the options that make ``cls()`` into ``config``, and where the full
+    config is (the run folder's ``config.json``)."""
+    changed = " ".join(changed_options(config, cls)) or "all defaults"
+    return f"config: {changed} (full config: {Path(out_dir) / 'config.json'})"
+
+
 def config_summary(config: TrainConfig, notes: list[str]) -> str:
-    """What a run prints before training: the derived values, then one line of the options
-    that differ from the defaults (the full config is the run folder's ``config.json``)."""
-    changed = " ".join(changed_options(config, TrainConfig)) or "all defaults"
+    """What a run prints before training: the derived values, then :func:`config_line`."""
     lines = [f"note: {n}" if not n.startswith("warning:") else n for n in notes]
-    lines.append(f"config: {changed} (full config: "
-                 f"{Path(config.run.out_dir) / 'config.json'})")
+    lines.append(config_line(config, TrainConfig, config.run.out_dir))
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@
 - :mod:`.bits`: bits/dim of a model on a set of images, by either.
 """
 
-from .bits import model_bits_per_dim
+from .bits import model_bits_per_dim, vlb_evaluations
 from .builtin import builtin_feature_net, cache_dir
 from .featurenet import (
     FeatureNet,
@@ -60,5 +60,5 @@ __all__ = [
     "kid", "load_feature_net", "load_fid_inception", "load_reference", "load_sample_set",
     "mmd2_unbiased", "model_bits_per_dim", "normal_kl", "ode_bits_per_dim", "ode_nll",
     "parse_features", "precision_recall", "sample_metrics", "save_feature_net",
-    "save_reference", "train_feature_net", "vlb",
+    "save_reference", "train_feature_net", "vlb", "vlb_evaluations",
 ]

@@ -7,7 +7,9 @@ sigmoid(-lambda)), is
 
   dx/dlambda = sigma^2 / 2 * x + sigma^2 / 2 * score = sigma^2 / 2 * x - sigma / 2 * eps_hat,
 
-because d log alpha / dlambda = sigma^2 / 2 and g^2 in lambda-time is -sigma^2. It depends on
+because d log alpha / dlambda = sigma^2 / 2 and g^2 in lambda-time is -sigma^2. For a process
+that is not VP, sigma^2 / 2 x becomes k x with k = d log alpha / d lambda and sigma its own
+(``Process.log_alpha_slope``, ``Process.rates_from_log_snr``: rectified flow, VE). It depends on
 the process only through lambda, so one code path serves every schedule (discrete ones through
 their continuous extension); the denoiser is queried at t = process.t_from_log_snr(lambda).
 
@@ -66,13 +68,15 @@ class TimeOfLogSNR:
 
 def pf_ode_drift(denoiser: DenoiserFn, x: Tensor, lam: float, cond: Any = None,
                  time_of: TimeOfLogSNR | None = None) -> Tensor:
-    """F(x, lambda) = sigma^2 / 2 x - sigma / 2 eps_hat(x, t(lambda)) (see module docstring)."""
+    """F(x, lambda) = k x - sigma / 2 eps_hat(x, t(lambda)), k = d log alpha / d lambda
+    (sigma^2 / 2 for VP processes; see module docstring)."""
     process = denoiser.process
     lam_t = torch.tensor(lam, dtype=torch.float64)
     t = process.t_from_log_snr(lam_t) if time_of is None else time_of(lam)
-    sigma2 = float(torch.sigmoid(-lam_t))
+    k = float(process.log_alpha_slope(lam_t))
+    sigma = float(process.rates_from_log_snr(lam_t)[1])
     eps = denoiser(x, t.expand(x.shape[0]), cond).eps
-    return 0.5 * sigma2 * x - 0.5 * math.sqrt(sigma2) * eps
+    return k * x - 0.5 * sigma * eps
 
 
 def drift_and_divergence(denoiser: DenoiserFn, x: Tensor, lam: float, cond: Any,

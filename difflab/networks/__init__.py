@@ -10,7 +10,7 @@ from torch import nn
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
-from difflab.networks.unet import UNet, UNetConfig
+from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
     "NETWORKS",
@@ -22,6 +22,7 @@ __all__ = [
     "UNetConfig",
     "build_network",
     "count_parameters",
+    "with_guidance_embedding",
     "timestep_embedding",
 ]
 

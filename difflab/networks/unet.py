@@ -13,7 +13,7 @@ of the time embedding (``4 * base_channels``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from difflab.conditioning import TextCond
+from difflab.conditioning import GuidanceCond, TextCond
 from difflab.config import option
 from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
@@ -29,13 +29,17 @@ from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
 from difflab.networks.fused_native import supports
 from difflab.networks.upsample import is_channels_last, upsample_conv3x3
 
-__all__ = ["UNet", "UNetConfig", "group_count"]
+__all__ = ["GUIDANCE_EMBED_SCALE", "UNet", "UNetConfig", "group_count",
+           "with_guidance_embedding"]
 
 TIME_CONDITIONING_MODES = ("add", "scale_shift")
 #: Without the native kernels, smaller feature maps (H * W) keep PyTorch's GroupNorm in
 #: :func:`norm_act`: below 16x16 its kernel is as fast as the PyTorch-ops node or faster
 #: (``benchmarks/fused_ops.py``). The native node is faster at every size.
 MIN_FUSED_PIXELS = 256
+#: The guidance scale w is embedded like c_noise, as sinusoid(w * this): scales in [0, 10]
+#: then span the [0, 1000] range the sinusoidal features are made for.
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 @dataclass
@@ -64,6 +68,12 @@ class UNetConfig:
         context_dim: if set, text-conditional: every attention block is followed by a
             cross-attention block to prompt tokens of this width (a :class:`TextCond` given
             as ``cond``), and their masked mean is added to the time embedding.
+        guidance_embedding: if True, the network also takes the guidance scale w as an
+            input (a :class:`~difflab.conditioning.GuidanceCond` given as ``cond``): an MLP
+            of sinusoid(w) added to the time embedding, its last layer zero-initialised so
+            that a network whose other weights come from a teacher starts exactly as the
+            teacher (guidance distillation, Meng et al. 2023; latent consistency models,
+            Luo et al. 2023). See :func:`with_guidance_embedding`.
     """
 
     in_channels: int = option(1, "image channels of the input (set from the data)", cli=False)
@@ -85,6 +95,8 @@ class UNetConfig:
     groups: int = option(32, "maximum number of GroupNorm groups")
     context_dim: int | None = option(None, "width of prompt tokens for cross-attention (set "
                                            "from the text encoder)", cli=False)
+    guidance_embedding: bool = option(False, "take the guidance scale as an input (set by "
+                                             "guidance distillation)", cli=False)
 
     def __post_init__(self) -> None:
         # JSON gives lists back; keep tuples so configs compare equal after a round trip.
@@ -386,6 +398,12 @@ class UNet(nn.Module):
         self.context_emb: nn.Linear | None = None
         if cfg.context_dim is not None:
             self.context_emb = nn.Linear(cfg.context_dim, emb_dim)
+        # sinusoid(w * GUIDANCE_EMBED_SCALE) [B, base] -> MLP -> [B, E], zero at init
+        self.guidance_mlp: nn.Sequential | None = None
+        if cfg.guidance_embedding:
+            self.guidance_mlp = nn.Sequential(
+                nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(),
+                zero_module(nn.Linear(emb_dim, emb_dim)))
 
     def _build_down(self, cfg: UNetConfig, emb_dim: int) -> list[int]:
         """Build ``self.down``; return the widths of the skip activations it emits."""
@@ -429,10 +447,22 @@ class UNet(nn.Module):
         """The reserved classifier-free-guidance label (``num_classes``), or ``None``."""
         return self.config.num_classes
 
-    def embed(self, c_noise: Tensor, labels: Tensor | TextCond | None, batch: int) -> Tensor:
-        """Time (+ class or pooled prompt) embedding, SiLU-activated: -> [B, E]."""
+    def embed(self, c_noise: Tensor, labels: Tensor | TextCond | None, batch: int,
+              w: Tensor | None = None) -> Tensor:
+        """Time (+ class or pooled prompt, + guidance scale w [B]) embedding, SiLU-activated:
+        -> [B, E]."""
         c_noise = broadcast_c_noise(c_noise, batch)
         emb = self.time_mlp(timestep_embedding(c_noise, self.config.base_channels))
+        if self.guidance_mlp is not None:
+            if w is None:
+                raise ValueError("this network takes the guidance scale as an input: give a "
+                                 "GuidanceCond (Pipeline.denoiser(guidance=w) does)")
+            w = broadcast_c_noise(w.to(device=emb.device, dtype=torch.float32), batch)
+            emb = emb + self.guidance_mlp(timestep_embedding(
+                w * GUIDANCE_EMBED_SCALE, self.config.base_channels)).to(emb.dtype)
+        elif w is not None:
+            raise ValueError("a guidance scale given to a network built without "
+                             "guidance_embedding")
         if self.context_emb is not None:
             if labels is not None:
                 emb = emb + self.context_emb(pooled_context(labels).to(emb.dtype))
@@ -447,7 +477,7 @@ class UNet(nn.Module):
         return F.silu(emb)
 
     def forward(self, x: Tensor, c_noise: Tensor,
-                labels: Tensor | TextCond | None = None) -> Tensor:
+                labels: Tensor | TextCond | GuidanceCond | None = None) -> Tensor:
         """Predict from noisy ``x``.
 
         Args:
@@ -458,12 +488,17 @@ class UNet(nn.Module):
                 (``num_classes`` = null label); ``None`` means the null label. For
                 text-conditional models (``context_dim``) a :class:`TextCond` of ``B`` rows,
                 or ``None`` for no prompt at all (cross-attention off, no pooled term).
+                With ``guidance_embedding``: a :class:`GuidanceCond` of any of these and the
+                guidance scales w [B].
 
         Returns:
             ``[B, out_channels, H, W]``.
         """
         self._check_input(x)
-        emb = self.embed(c_noise, labels, x.shape[0])  # [B, E]
+        w = None
+        if isinstance(labels, GuidanceCond):
+            labels, w = labels.cond, labels.w
+        emb = self.embed(c_noise, labels, x.shape[0], w)  # [B, E]
         ctx = labels if isinstance(labels, TextCond) else None  # tokens [B, L, D] + mask
         h = self.conv_in(x)  # [B, base, H, W]
         skips = [h]
@@ -492,3 +527,22 @@ class UNet(nn.Module):
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}")
+
+
+def with_guidance_embedding(net: UNet) -> UNet:
+    """A copy of ``net`` that also takes the guidance scale as an input (``UNetConfig.
+    guidance_embedding``), with all of ``net``'s weights and a fresh embedding whose last layer
+    is zero: for every w its output equals ``net``'s exactly, until it is trained (the start
+    of guidance distillation, Meng et al. 2023, and of latent consistency distillation, Luo
+    et al. 2023). The copy is in training mode with gradients, in ``net``'s memory format."""
+    if net.config.guidance_embedding:
+        raise ValueError("the network already takes the guidance scale as an input")
+    out = UNet(replace(net.config, guidance_embedding=True))
+    missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("guidance_mlp.") for k in missing)
+    out.check_labels = net.check_labels
+    param = next(net.parameters())
+    out.to(param.device)
+    if any(is_channels_last(p) for p in net.parameters() if p.ndim == 4):
+        out.to(memory_format=torch.channels_last)
+    return out.train().requires_grad_(True)

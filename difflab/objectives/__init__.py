@@ -13,6 +13,8 @@ objective      loss per example                                      default tim
 ``consis-      lambda(s_n) d(f(x_{n+1}), sg f(x_n)), the student     log-normal over the
 tency-         its own target (iCT, Song & Dhariwal 2023)            levels, N(k) curriculum
 training``
+``rectified-   |(eps - x0) - v(x_t)|^2, velocity of the linear path  ``uniform`` (or
+flow``         (``rectified_flow`` process, ``flow`` prediction)     ``logit_normal``)
 =============  ====================================================  =====================
 
 A new objective is a module with its class and one entry here (registry and ``ObjectiveName``).
@@ -26,6 +28,7 @@ from typing import Any, Literal
 from .base import Objective, ObjectiveOutput
 from .consistency import ConsistencyTrainingObjective
 from .edm import EDMObjective
+from .flow import FLOW_TIMES, RectifiedFlowObjective, velocity_loss
 from .hybrid import HybridObjective
 from .simple import LOSS_SPACES, LossOutput, LossSpace, SimpleObjective, simple_loss
 from .times import (
@@ -35,17 +38,20 @@ from .times import (
     ImportanceSampler,
     TimeSampling,
     continuous_times,
+    logit_normal_times,
     lognormal_times,
 )
 from .vlb import VLBObjective, model_prediction, vlb_loss, vlb_term_from_prediction
 from .weighting import WEIGHTINGS, Weighting, loss_weight
 
-ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "consistency-training"]
+ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "rectified-flow",
+                        "consistency-training"]
 OBJECTIVES: dict[str, type[Objective]] = {
     "simple": SimpleObjective,
     "vlb": VLBObjective,
     "hybrid": HybridObjective,
     "edm": EDMObjective,
+    "rectified-flow": RectifiedFlowObjective,
     "consistency-training": ConsistencyTrainingObjective,
 }
 #: each objective's time distribution when ``time_sampling`` is None
@@ -65,8 +71,10 @@ class ObjectiveConfig:
         "simple", "training objective: simple (MSE, weighted by --weighting), vlb (variational "
         "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
         "learned variance; Nichol & Dhariwal 2021), edm (needs --prediction edm; log-normal "
-        "noise levels, EDM weight) or consistency-training (a consistency model without a "
-        "teacher, Song & Dhariwal 2023; needs --prediction edm)", flag="--objective")
+        "noise levels, EDM weight), rectified-flow (velocity MSE on x_t = (1 - t) x_0 + t "
+        "eps; sets --schedule rectified_flow and --prediction flow when not given) or "
+        "consistency-training (a consistency model without a teacher, Song & Dhariwal 2023; "
+        "needs --prediction edm)", flag="--objective")
     weighting: Weighting | None = _opt(
         None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
         "min_snr (min(SNR, gamma), Hang et al. 2023), truncated_snr (max(SNR, 1)), edm (SNR + "
@@ -78,12 +86,16 @@ class ObjectiveConfig:
     vlb_lambda: float = _opt(0.001, "weight of L_vlb in --objective hybrid")
     time_sampling: TimeSampling | None = _opt(
         None, "training-time distribution: uniform (the process's own), continuous "
-        "(real-valued t, also for discrete schedules), lognormal (EDM), importance (vlb only); "
-        "default: the objective's")
+        "(real-valued t, also for discrete schedules), lognormal (EDM), importance (vlb only), "
+        "logit_normal (rectified-flow only; SD3); default: the objective's")
     p_mean: float = _opt(P_MEAN, "mean of ln(sigma / alpha) under lognormal time sampling "
                                  "(EDM's P_mean)")
     p_std: float = _opt(P_STD, "standard deviation of ln(sigma / alpha) under lognormal time "
                                "sampling (EDM's P_std)")
+    logit_mean: float = _opt(0.0, "mean m of logit(t) under logit_normal time sampling "
+                                  "(Esser et al. 2024)")
+    logit_std: float = _opt(1.0, "standard deviation s of logit(t) under logit_normal time "
+                                 "sampling")
     curriculum_start: int = _opt(10, "consistency-training: s0, the number of noise-level "
                                      "intervals at the start (N(0) = s0 + 1)")
     curriculum_end: int = _opt(160, "consistency-training: s1, the most intervals; N doubles "
@@ -99,10 +111,11 @@ def build_objective(config: ObjectiveConfig) -> Objective:
     return cls(**{name: getattr(config, name) for name in cls.options})
 
 
-__all__ = ["ConsistencyTrainingObjective", "DEFAULT_TIMES", "LOSS_SPACES",
-           "OBJECTIVES", "P_MEAN", "P_STD", "TIME_SAMPLINGS",
-           "WEIGHTINGS", "EDMObjective", "HybridObjective", "ImportanceSampler", "LossOutput",
-           "LossSpace", "Objective", "ObjectiveConfig", "ObjectiveName", "ObjectiveOutput",
-           "SimpleObjective", "TimeSampling", "VLBObjective", "Weighting", "build_objective",
-           "continuous_times", "lognormal_times", "loss_weight", "model_prediction",
-           "simple_loss", "vlb_loss", "vlb_term_from_prediction"]
+__all__ = ["ConsistencyTrainingObjective", "DEFAULT_TIMES", "FLOW_TIMES", "LOSS_SPACES",
+           "OBJECTIVES", "P_MEAN", "P_STD",
+           "TIME_SAMPLINGS", "WEIGHTINGS", "EDMObjective", "HybridObjective",
+           "ImportanceSampler", "LossOutput", "LossSpace", "Objective", "ObjectiveConfig",
+           "ObjectiveName", "ObjectiveOutput", "RectifiedFlowObjective", "SimpleObjective",
+           "TimeSampling", "VLBObjective", "Weighting", "build_objective", "continuous_times",
+           "logit_normal_times", "lognormal_times", "loss_weight", "model_prediction",
+           "simple_loss", "velocity_loss", "vlb_loss", "vlb_term_from_prediction"]

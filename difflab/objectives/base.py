@@ -50,6 +50,8 @@ class Objective(ABC):
     default_times: ClassVar[TimeSampling] = "uniform"
     learned_variance: ClassVar[bool] = False   # the network outputs Sigma_theta too
     importance_sampling: ClassVar[bool] = False
+    logit_normal: ClassVar[bool] = False       # accepts times = "logit_normal"
+    velocity: ClassVar[bool] = False           # trains the ``flow`` prediction
     options: ClassVar[tuple[str, ...]] = ("time_sampling", "p_mean", "p_std")
 
     def __init__(self, time_sampling: TimeSampling | None = None, p_mean: float = P_MEAN,
@@ -71,6 +73,12 @@ class Objective(ABC):
         """Raise a clear error for combinations that cannot work."""
         if self.times == "importance" and not self.importance_sampling:
             raise ValueError("importance sampling of t applies to the 'vlb' objective only")
+        if self.times == "logit_normal" and not self.logit_normal:
+            raise ValueError("logit_normal time sampling applies to the 'rectified-flow' "
+                             "objective only")
+        if prediction == "flow" and not self.velocity:
+            raise ValueError(f"--prediction flow trains with --objective rectified-flow, not "
+                             f"{self.name!r}")
 
     def set_step(self, step: int, total_steps: int) -> None:
         """Told the training step before each step's draws (by the training loss); objectives

@@ -7,6 +7,8 @@
 - ``lognormal``:  ln s ~ N(P_mean, P_std^2) for the noise level s = sigma / alpha, mapped to t
                   through lambda = -2 ln s (Karras et al. 2022, sec. 5: P_mean = -1.2,
                   P_std = 1.2).
+- ``logit_normal``: t = t_min + (t_max - t_min) sigmoid(m + s z), z ~ N(0, 1) (Esser et al.
+                  2024, SD3, sec. 3.1; the ``rectified-flow`` objective's option).
 - ``importance``: t ~ p(t) proportional to sqrt(E[L_t^2]) over the last 10 values of each term
                   (Nichol & Dhariwal 2021, eq. 18), uniform until every t has its history; the
                   loss is reweighted by 1 / (T p(t)) so the bound's estimate stays unbiased.
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from ..process import Process
 
-TimeSampling = Literal["uniform", "continuous", "lognormal", "importance"]
+TimeSampling = Literal["uniform", "continuous", "lognormal", "importance", "logit_normal"]
 TIME_SAMPLINGS: tuple[str, ...] = get_args(TimeSampling)
 #: EDM's log-normal noise levels, ln(sigma / alpha) ~ N(P_mean, P_std^2) (Karras et al. 2022).
 P_MEAN, P_STD = -1.2, 1.2
@@ -36,6 +38,14 @@ def lognormal_times(process: Process, n: int, generator: torch.Generator | None 
     t = process.t_from_log_snr(lam)
     # keep clear of t_min, where s = 0 and the loss carries no signal
     return t.clamp(min=process.t_min + 1e-5 * (process.t_max - process.t_min))
+
+
+def logit_normal_times(process: Process, n: int, generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None, mean: float = 0.0,
+                       std: float = 1.0) -> Tensor:
+    """t = t_min + (t_max - t_min) sigmoid(mean + std z), z ~ N(0, 1) (SD3's logit-normal)."""
+    z = torch.randn(n, generator=generator, dtype=torch.float64, device=device)
+    return process.t_min + (process.t_max - process.t_min) * torch.sigmoid(mean + std * z)
 
 
 def continuous_times(process: Process, n: int, generator: torch.Generator | None = None,
@@ -87,4 +97,4 @@ class ImportanceSampler:
 
 
 __all__ = ["P_MEAN", "P_STD", "TIME_SAMPLINGS", "ImportanceSampler", "TimeSampling",
-           "continuous_times", "lognormal_times"]
+           "continuous_times", "logit_normal_times", "lognormal_times"]

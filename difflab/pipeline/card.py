@@ -20,6 +20,7 @@ from typing import Any, Literal
 from .. import __version__
 from ..config import from_dict, option, to_dict
 from ..io import read_json
+from ..parameterization import PredictionType
 
 #: version of the card format written by this code
 CARD_FORMAT = 1
@@ -38,7 +39,7 @@ class StageCard:
     network_config: dict[str, Any] = option(
         help="the network's own config, as build_network takes it")
     process: dict[str, Any] = option(help="Process.to_config() of the process")
-    prediction: Literal["eps", "x0", "v", "edm", "score", "consistency"] = option(
+    prediction: PredictionType = option(
         help="what the network predicts (parameterization.Denoiser)")
     sample_shape: list[int] = option(
         help="shape of one sample: [C, H, W] for images, [D] for points")
@@ -50,7 +51,7 @@ class StageCard:
     learned_variance: bool = option(
         False, "the network also outputs the reverse variance (Nichol & Dhariwal 2021)")
     sigma_data: float = option(0.5, "data std of the edm preconditioning")
-    base_prediction: Literal["eps", "x0", "v", "edm", "score"] = option(
+    base_prediction: Literal["eps", "x0", "v", "edm", "score", "flow"] = option(
         "edm", "consistency models: what the network's raw output is read as underneath the "
                "boundary parameterisation (parameterization.Denoiser)")
     sigma_min: float | None = option(
@@ -78,6 +79,13 @@ class StageCard:
         None, "the steps of ``sampler`` used when none are asked for; None: 50")
     sampler_options: dict[str, Any] = option(
         help="options of ``sampler`` used with it when no sampler is asked for", factory=dict)
+    guidance_input: bool = option(
+        False, "the network takes the guidance scale w as an input (a guidance-distilled "
+               "student, Meng et al. 2023): guidance=w is one network call with w instead of "
+               "classifier-free guidance's two; no guidance given means w = 1")
+    guidance_range: list[float] | None = option(
+        None, "[w_min, w_max]: the guidance scales a guidance_input network was trained on "
+              "(for reference; other scales extrapolate)")
 
     def __post_init__(self) -> None:
         """Checks that types cannot express (``from_dict`` reports them with the file)."""
@@ -96,6 +104,12 @@ class StageCard:
                                                  or not self.sigma_min >= 0):
             raise ValueError(f"stage {self.name!r}: prediction 'consistency' needs "
                              "sigma_min >= 0")
+        if self.guidance_input and self.conditioning == "none":
+            raise ValueError(f"stage {self.name!r}: guidance_input needs a class- or "
+                             "text-conditional stage")
+        if self.guidance_range is not None and (len(self.guidance_range) != 2
+                                                or self.guidance_range[0] > self.guidance_range[1]):
+            raise ValueError(f"stage {self.name!r}: guidance_range must be [w_min, w_max]")
         if self.sampler_steps is not None and self.sampler_steps < 1:
             raise ValueError(f"stage {self.name!r}: sampler_steps must be at least 1")
 

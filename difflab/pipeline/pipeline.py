@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import TextCond
-from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance, GuidanceInput
 from ..parameterization import ClippedDenoiser, Denoiser, DenoiserFn
 from ..process import Process, process_from_config
 from ..samplers import check_sampler_options, get_sampler, load_time_grid
@@ -163,10 +163,23 @@ class Pipeline:
         guided x0_hat).
 
         For a text model the unconditional branch is the empty prompt (its training null)
-        or ``negative_prompt``: eps(neg) + gamma (eps(prompt) - eps(neg))."""
+        or ``negative_prompt``: eps(neg) + gamma (eps(prompt) - eps(neg)).
+
+        A stage that takes the guidance scale as an input (``StageCard.guidance_input``, a
+        guidance-distilled student) gets ``guidance`` (None: 1) as that input instead
+        (:class:`~difflab.guidance.GuidanceInput`): one network call per step."""
         den: DenoiserFn = self.base
         names = self.class_names
         guided = guidance is not None and guidance != 1.0
+        if self.stage.guidance_input:
+            for value, flag in ((guidance_interval, "--guidance-interval"),
+                                (guidance_rescale or None, "--guidance-rescale"),
+                                (negative_prompt, "--negative-prompt")):
+                if value is not None:
+                    raise ValueError(f"{flag} needs classifier-free guidance's two branches; "
+                                     "this model takes the guidance scale as an input")
+            den = GuidanceInput(den, 1.0 if guidance is None else guidance)
+            guided = False
         if negative_prompt is not None and not guided:
             raise ValueError("--negative-prompt acts through classifier-free guidance: give "
                              "--guidance other than 1")

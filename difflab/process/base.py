@@ -7,9 +7,10 @@ Notation map (code name -> paper symbol):
 - ``sigma``   -> sqrt(1 - alpha_bar_t), sigma_t in VDM, the "noise rate";
 - ``log_snr`` -> lambda_t = log(alpha_t^2 / sigma_t^2).
 
-Every process here except ``VEProcess`` (EDM's alpha = 1, sigma = t, which overrides
-``alpha_sigma``) is variance preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes
-both rates: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda). Working through lambda keeps
+Every process here except ``VEProcess`` (EDM's alpha = 1, sigma = t) and ``RectifiedFlow``
+(alpha = 1 - t, sigma = t), which override the methods below that assume it, is variance
+preserving (alpha^2 + sigma^2 = 1), so lambda alone fixes both rates: alpha^2 = sigmoid(lambda),
+sigma^2 = sigmoid(-lambda). Working through lambda keeps
 the endpoints exact: lambda = +inf gives clean data (alpha = 1, sigma = 0) and lambda = -inf
 pure noise, with no 0/0 on the way.
 
@@ -41,7 +42,9 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
 
 
 class Process(ABC):
-    """A variance-preserving Gaussian process q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)."""
+    """A Gaussian process q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I); the defaults here are
+    those of a variance-preserving one (alpha^2 + sigma^2 = 1), which other processes
+    override (``alpha_sigma``, ``rates_from_log_snr``, ``log_alpha_slope``)."""
 
     t_min: float = 0.0
     t_max: float = 1.0
@@ -59,6 +62,29 @@ class Process(ABC):
         """(alpha_t, sigma_t) in float64, exact at lambda = +-inf."""
         lam = self.log_snr(t)
         return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def rates_from_log_snr(self, lam: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha, sigma) at log-SNR lambda, float64 (VP: sqrt(sigmoid(+-lambda)))."""
+        lam = as_time(lam)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def log_alpha_slope(self, lam: Tensor | float) -> Tensor:
+        """d log alpha / d lambda at log-SNR lambda: with it the probability-flow ODE in
+        lambda-time is dx/dlambda = slope x - sigma eps_hat / 2 (VP: sigma^2 / 2, from
+        alpha^2 = sigmoid(lambda); ``samplers.euler_ode``)."""
+        return 0.5 * torch.sigmoid(-as_time(lam))
+
+    def alpha_sigma_dt(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(d alpha / dt, d sigma / dt) in float64 by central differences of ``alpha_sigma``
+        (one-sided at t_min and t_max; finite wherever alpha and sigma are, also at zero
+        terminal SNR, where lambda' is infinite); processes with closed forms override it.
+        The velocity of the path is u = alpha' x_0 + sigma' eps (the ``flow`` prediction)."""
+        t = as_time(t)
+        h = 1e-6 * (self.t_max - self.t_min)
+        lo = (t - h).clamp(min=self.t_min)
+        hi = (t + h).clamp(max=self.t_max)
+        (a0, s0), (a1, s1) = self.alpha_sigma(lo), self.alpha_sigma(hi)
+        return (a1 - a0) / (hi - lo), (s1 - s0) / (hi - lo)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return self.alpha_sigma(t)[0]

@@ -33,6 +33,17 @@ class VEProcess(Process):
         t = as_time(t)
         return torch.ones_like(t), t.clone()
 
+    def alpha_sigma_dt(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        t = as_time(t)
+        return torch.zeros_like(t), torch.ones_like(t)
+
+    def rates_from_log_snr(self, lam: Tensor | float) -> tuple[Tensor, Tensor]:
+        lam = as_time(lam)
+        return torch.ones_like(lam), torch.exp(-0.5 * lam)
+
+    def log_alpha_slope(self, lam: Tensor | float) -> Tensor:
+        return torch.zeros_like(as_time(lam))  # alpha = 1
+
     def log_snr(self, t: Tensor | float) -> Tensor:
         return -2 * torch.log(as_time(t))
 

@@ -51,6 +51,9 @@ class ClassifierTrainConfig:
     out_dir: str = option("runs/classifier", "run folder: metrics.jsonl, checkpoints/",
                           resume=True)
     log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
+    log: Literal["jsonl", "tensorboard"] = option(
+        "jsonl", "metric lines: jsonl (RUN/metrics.jsonl) or tensorboard (also TensorBoard "
+        "scalars in RUN/tensorboard; pip install -e '.[tensorboard]')", resume=True)
     device: str = option("auto", "auto, cpu, cuda, cuda:N", resume=True)
 
     def __post_init__(self) -> None:
@@ -114,6 +117,7 @@ def train_classifier(config: ClassifierTrainConfig, data: ImageData | None = Non
     loop = TrainLoop(
         LoopConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup_steps=0,
                    grad_clip=0.0, ema_decay=None, fused_adamw=False, log_every=c.log_every,
+                   log=c.log,
                    sample_every=0, checkpoint_every=0, keep_checkpoints=0, out_dir=c.out_dir,
                    seed=c.seed, reuse_cpu_memory=False, progress_desc="classifier",
                    overwrite=overwrite),

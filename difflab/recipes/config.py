@@ -86,12 +86,14 @@ class NetworkConfig:
 class DiffusionConfig:
     schedule: str = option(
         "cosine", "noise schedule: linear, quadratic, scaled_linear, cosine, sigmoid (discrete) "
-        "or vpsde, cosine_rates (continuous)", choices=PROCESS_NAMES)
+        "or vpsde, cosine_rates, ve, rectified_flow (continuous; rectified_flow: x_t = (1 - t) "
+        "x_0 + t eps)", choices=PROCESS_NAMES)
     T: int = option(1000, "number of diffusion steps of a discrete schedule", ge=1)
     zero_terminal_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin "
                                             "et al. 2024)")
     prediction: PredictionType = option(
-        "eps", "what the network predicts: eps, x0, v, score, or edm (F of the EDM "
+        "eps", "what the network predicts: eps, x0, v, score, flow (the velocity dx_t/dt; "
+        "--objective rectified-flow), or edm (F of the EDM "
         "preconditioning, Karras et al. 2022)")
     sigma_data: float = option(0.5, "data standard deviation assumed by the EDM "
                                     "preconditioning", gt=0)
@@ -123,6 +125,9 @@ class RunConfig:
     out_dir: str = option("runs/digits", "run folder: config.json, metrics.jsonl, "
                                          "checkpoints/, samples/", resume=True)
     log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
+    log: Literal["jsonl", "tensorboard"] = option(
+        "jsonl", "metric lines: jsonl (RUN/metrics.jsonl) or tensorboard (also TensorBoard "
+        "scalars in RUN/tensorboard; pip install -e '.[tensorboard]')", resume=True)
     sample_every: int = option(500, "steps between sample grids (0: never)", resume=True,
                               ge=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
@@ -213,6 +218,8 @@ DERIVED_DEFAULTS = {
                                           "resolution, else the smallest; 4 at 8 px",
     "run.out_dir": "runs/DATASET, e.g. runs/digits, runs/toy-moons, runs/FOLDER-NAME",
     "optim.warmup_steps": "200, at most a fifth of --steps",
+    "diffusion.schedule": "cosine; rectified_flow with --objective rectified-flow",
+    "diffusion.prediction": "eps; flow with --objective rectified-flow",
 }
 #: warm-up steps not given are capped at ``steps // WARMUP_FRACTION``
 WARMUP_FRACTION = 5
@@ -253,6 +260,7 @@ def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> 
         net["mlp"]["hidden"] = given_unet["base_channels"]
     _derive_out_dir(out, given, notes)
     _derive_warmup(out, _table(given, "optim"), notes)
+    _derive_flow(out, _table(given, "diffusion"), notes)
     return out
 
 
@@ -323,6 +331,21 @@ def _derive_warmup(out: dict[str, Any], given_optim: Mapping[str, Any],
         optim["warmup_steps"] = cap
         _note(notes, f"warm-up {cap} steps: the default {warmup} is over a fifth of the "
                      f"{steps} steps; give --warmup-steps to choose")
+
+
+def _derive_flow(out: dict[str, Any], given_diffusion: Mapping[str, Any],
+                 notes: list[str] | None) -> None:
+    """``--objective rectified-flow`` without ``--schedule`` / ``--prediction``: the
+    rectified-flow process and velocity prediction it needs."""
+    objective, diffusion = out.get("objective"), out.get("diffusion")
+    if not (isinstance(objective, dict) and objective.get("name") == "rectified-flow"
+            and isinstance(diffusion, dict)):
+        return
+    for key, value, flag in (("schedule", "rectified_flow", "--schedule"),
+                             ("prediction", "flow", "--prediction")):
+        if key not in given_diffusion:
+            diffusion[key] = value
+            _note(notes, f"{flag} {value} (what --objective rectified-flow trains)")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -290,6 +290,7 @@ def loop_config(c: TrainConfig, overwrite: bool = False) -> LoopConfig:
                       warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=o.ema_decay,
                       precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                       reuse_cpu_memory=s.reuse_cpu_memory, log_every=r.log_every,
+                      log=r.log,
                       sample_every=r.sample_every, checkpoint_every=r.checkpoint_every,
                       keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed,
                       overwrite=overwrite)

@@ -162,12 +162,22 @@ def zero_snr_start(sampler: Callable) -> Callable:
     take their first step. The first step is then the DDIM (eta = 0) step out of pure noise,
     x_s = alpha_s x0_hat + sigma_s eps_hat (exact given the prediction, finite for every
     prediction type), and the wrapped sampler continues from ts[1] with its own method.
-    Rising (inversion) grids and grids starting at alpha > 0 go to the sampler unchanged."""
+    Symmetrically, a rising (inversion) grid that ends at alpha = 0 takes its last step, into
+    pure noise, as the DDIM step x_T = alpha_T x0_hat + sigma_T eps_hat. Other grids go to the
+    sampler unchanged."""
 
     @functools.wraps(sampler)
     def wrapped(denoiser, x: Tensor, ts: Tensor, generator: Generators = None,
                 callback: Callback | None = None, **options):
         ts, rising = check_ode_grid(ts, denoiser.process)
+        if rising and len(ts) > 2 and float(denoiser.process.alpha(ts[-1])) == 0:
+            x = sampler(denoiser, x, ts[:-1], generator, callback, **options)
+            with torch.no_grad():
+                pred = denoiser(x, ts[-2], options.get("cond"))
+                a, s = denoiser.process.alpha_sigma(ts[-1])
+                x = a.to(x.dtype) * pred.x0 + s.to(x.dtype) * pred.eps
+            report(callback, len(ts) - 2, ts[-2], x, pred)
+            return x
         if rising or float(denoiser.process.alpha(ts[0])) > 0:
             return sampler(denoiser, x, ts, generator, callback, **options)
         with torch.no_grad():

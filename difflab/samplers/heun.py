@@ -69,7 +69,9 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     al = a.tolist()
     y = x / al[0]
     for i in range(len(ts) - 1):
-        if st_hat[i] > st[i]:  # Alg. 2 line 6: y_hat = y + sqrt(s_hat^2 - s^2) eps
+        # Alg. 2 line 6: y_hat = y + sqrt(s_hat^2 - s^2) eps (only with churn: st_hat and st
+        # are computed two ways and may differ by rounding, which must not add noise)
+        if churn > 0 and st_hat[i] > st[i]:
             y = y + s_noise * math.sqrt(st_hat[i] ** 2 - st[i] ** 2) * randn_like(y, generator)
         pred = denoiser(a_hat[i] * y, t_hat[i], cond)
         if i == len(ts) - 2 and not rising:

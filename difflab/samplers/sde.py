@@ -1,12 +1,15 @@
 """Score-SDE samplers (Song et al. 2021): reverse-SDE Euler-Maruyama and probability-flow ODE
-Euler, written in log-SNR lambda so they work for every VP process.
+Euler, written in log-SNR lambda so they work for every process.
 
-For a VP process with lambda(t): f(t) = (1/2) sigma^2 lambda'(t), g(t)^2 = -sigma^2 lambda'(t)
-(from alpha^2 = sigmoid(lambda)). With the score -eps/sigma and h = lambda_{i+1} - lambda_i > 0
-(time runs backwards), eq. 6 (reverse SDE) and eq. 13 (probability flow) become
+For x_t = alpha x_0 + sigma eps with lambda(t) = log(alpha^2 / sigma^2), the forward SDE has
+f(t) = d log alpha / dt = k lambda'(t) with k = d log alpha / d lambda
+(``Process.log_alpha_slope``: sigma^2 / 2 for VP processes, sigma / 2 for rectified flow, 0
+for VE), and g(t)^2 = d sigma^2 / dt - 2 f sigma^2 = -sigma^2 lambda'(t) for every process
+(d log sigma / d lambda = k - 1/2). With the score -eps/sigma and h = lambda_{i+1} - lambda_i
+> 0 (time runs backwards), eq. 6 (reverse SDE) and eq. 13 (probability flow) become
 
-  reverse SDE:  dx = (1/2) sigma^2 x dlambda - sigma eps dlambda + sigma dW_lambda,
-  PF ODE:       dx = (1/2) (sigma^2 x - sigma eps) dlambda,
+  reverse SDE:  dx = k x dlambda - sigma eps dlambda + sigma dW_lambda,
+  PF ODE:       dx = (k x - sigma eps / 2) dlambda,
 
 which Euler(-Maruyama) steps with dlambda = h. The last step returns x0_hat (``final_step``).
 """
@@ -41,17 +44,17 @@ def _euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
     lam = denoiser.process.log_snr(ts)
     s = denoiser.process.sigma(ts)
     h = (lam[1:] - lam[:-1]).tolist()
-    sig = s.tolist()
+    sig, slope = s.tolist(), denoiser.process.log_alpha_slope(lam).tolist()
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
         if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred)
-        si, hi = sig[i], h[i]
+        si, hi, ki = sig[i], h[i], slope[i]
         if stochastic:
-            x = (1 + 0.5 * si**2 * hi) * x - si * hi * pred.eps
+            x = (1 + ki * hi) * x - si * hi * pred.eps
             x = x + si * math.sqrt(hi) * randn_like(x, generator)
         else:
-            x = (1 + 0.5 * si**2 * hi) * x - 0.5 * si * hi * pred.eps
+            x = (1 + ki * hi) * x - 0.5 * si * hi * pred.eps
         report(callback, i, ts[i], x, pred)
     return x
 

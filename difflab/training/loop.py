@@ -3,8 +3,9 @@
 A recipe (``difflab.recipes``) builds a module to train, a :class:`BatchSource` and a loss
 function, and hands them to :class:`TrainLoop`. The loop owns what every run shares: AdamW
 with linear warm-up, gradient clipping, an optional EMA of the weights, autocast and loss
-scaling, ``torch.compile``, DDP under ``torchrun``, metrics.jsonl, the non-finite check,
-periodic callbacks (sample grids), checkpoints with bitwise resume, and the run folder
+scaling, ``torch.compile``, DDP under ``torchrun``, metrics.jsonl (and the sinks of
+``sinks.py``, e.g. TensorBoard), the non-finite check, periodic callbacks (sample grids),
+checkpoints with bitwise resume, and the run folder
 (``run_folder``: stale temporary files removed, another run in it refused unless
 ``overwrite``). It knows nothing of networks, data sets, labels or text.
 
@@ -58,6 +59,7 @@ from .ema import EMA
 from .memory import reuse_freed_memory
 from .precision import autocast, check_precision, grad_scaler
 from .run_folder import prepare_run_folder, run_lock
+from .sinks import MetricsSink, check_log, make_sinks
 
 __all__ = ["BatchSource", "LoopConfig", "LossFn", "NonFiniteLossError",
            "StepContext", "TrainLoop", "init_device", "pick_device"]
@@ -133,6 +135,9 @@ class LoopConfig:
     reuse_cpu_memory: bool = option(True, "CPU: keep freed memory in the process",
                                     resume=True)
     log_every: int = option(50, "steps between metric lines", resume=True, ge=1)
+    log: Literal["jsonl", "tensorboard"] = option(
+        "jsonl", "metric lines: jsonl (metrics.jsonl) or tensorboard (also TensorBoard "
+        "scalars in RUN/tensorboard; sinks.py)", resume=True)
     sample_every: int = option(500, "steps between callbacks (0: never)", resume=True, ge=0)
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end)",
                                    resume=True, ge=0)
@@ -193,6 +198,8 @@ class TrainLoop:
         self.out_dir = Path(c.out_dir)
         self.resumed_from: Path | None = None
         self._folder_ready = False  # prepare_run_folder ran (at the first run())
+        check_log(c.log)  # a missing optional package fails here, before any training
+        self._sinks: list[MetricsSink] = []
 
     def _step_module(self) -> nn.Module:
         """What the step calls: the model, wrapped in DDP and/or compiled."""
@@ -348,6 +355,21 @@ class TrainLoop:
         log_path = self.out_dir / "metrics.jsonl"
         bar = tqdm(total=total, initial=self.step, desc=c.progress_desc, unit="step",
                    disable=not (progress and main))
+        self._sinks = make_sinks(c.log, self.out_dir) if main else []
+        try:
+            last = self._steps(total, bar, log_path)
+        finally:
+            for sink in self._sinks:
+                sink.close()
+        bar.close()
+        ckpt = self.out_dir / "checkpoints" / f"step_{self.step:08d}.json"
+        if main and save_final and not ckpt.exists():
+            ckpt = self.save()
+        return {"step": self.step, "checkpoint": str(ckpt), "metrics": str(log_path), **last}
+
+    def _steps(self, total: int, bar: tqdm, log_path: Path) -> dict[str, Any]:
+        """The steps up to ``total``; returns the last metric line."""
+        c, main = self.config, self.dist.is_main
         losses: list[Tensor] = []
         t0, items, last = time.perf_counter(), 0, {}
         while self.step < total:
@@ -367,11 +389,7 @@ class TrainLoop:
                     callback(self)
             if main and save_now:
                 self.save()
-        bar.close()
-        ckpt = self.out_dir / "checkpoints" / f"step_{self.step:08d}.json"
-        if main and save_final and not ckpt.exists():
-            ckpt = self.save()
-        return {"step": self.step, "checkpoint": str(ckpt), "metrics": str(log_path), **last}
+        return last
 
     def _mean_loss(self, losses: list[Tensor]) -> float:
         """The mean over ranks and ``losses`` (the last ``len(losses)`` steps), read back in
@@ -410,4 +428,6 @@ class TrainLoop:
                "images_per_s": items / max(seconds, 1e-9), "time": time.time()}
         if self.dist.is_main:
             append_text(path, json.dumps(row) + "\n")
+            for sink in self._sinks:
+                sink.write(row)
         return row

@@ -26,6 +26,7 @@ from .base import (
     student_stage,
     teacher_data,
 )
+from .reflow import ReflowConfig, build_reflow, reflow_pairs, teacher_pairs
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,25 @@ class DistillMethod:
     help: str                                          # one line for --help
 
 
+from . import progressive  # noqa: E402  (after DistillMethod, which the registry needs)
+
 DISTILL_METHODS: dict[str, DistillMethod] = {
+    "progressive": DistillMethod(
+        progressive.ProgressiveConfig, progressive.build,
+        "progressive distillation (Salimans & Ho 2022): a v-prediction student learns two "
+        "teacher DDIM steps in one, halving the steps round by round; --guided: the guidance "
+        "scale as an input (Meng et al. 2023)"),
+    "reflow": DistillMethod(
+        ReflowConfig, build_reflow,
+        "reflow (Liu et al. 2022): train a rectified-flow student on the straight paths "
+        "between noise and the teacher's ODE samples, for one-step generation"),
     "consistency": DistillMethod(
         consistency.ConsistencyConfig, consistency.build,
         "consistency distillation (Song et al. 2023): a 1-4 step consistency model from the "
         "teacher's ODE"),
 }
 
-__all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "StudentLoop", "TeacherData",
-           "data_source", "distill_optim", "distill_run", "load_teacher", "student_network",
-           "student_stage", "teacher_data"]
+__all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "ReflowConfig", "StudentLoop",
+           "TeacherData", "build_reflow", "data_source", "distill_optim", "distill_run",
+           "load_teacher", "reflow_pairs", "student_network", "student_stage", "teacher_data",
+           "teacher_pairs"]
