@@ -213,3 +213,34 @@ def test_consistency_training_saves_a_consistency_model(tmp_path):
         "consistency", "edm", "consistency", 1)
     x = pipe(3, labels=0, steps=2).samples
     assert x.shape == (3, 1, 8, 8) and bool(x.isfinite().all())
+
+
+def test_guided_distillation_takes_w_as_an_input(tmp_path):
+    """Latent-consistency-style guidance: the student reads w; the target is the CFG teacher."""
+    from difflab.recipes.config import OptimConfig
+    from difflab.recipes.distill.base import distill_run
+    from difflab.recipes.distill.consistency import ConsistencyConfig, build
+
+    train_tiny_digits(tmp_path, steps=2)
+    config = ConsistencyConfig(
+        teacher=str(tmp_path / "run"), guided=True, w_min=1.0, w_max=3.0, num_scales=4,
+        optim=OptimConfig(steps=2, batch_size=8, lr=1e-4, warmup_steps=0, ema_decay=0.9),
+        run=distill_run("consistency", device="cpu", out_dir=str(tmp_path / "g"))())
+    loop = build(config)
+    # at initialisation (zero w embedding) the student at any w is the unguided student
+    net = loop.loop.model
+    x = torch.randn(2, 1, 8, 8)
+    c = torch.full((2,), 500.0)
+    from difflab.conditioning import GuidanceCond
+    y = torch.tensor([1, 2])
+    net.eval()  # no dropout
+    a = net(x, c, GuidanceCond(y, torch.full((2,), 1.0)))
+    b = net(x, c, GuidanceCond(y, torch.full((2,), 3.0)))
+    assert torch.equal(a, b)
+    net.train()
+    loop.run(progress=False)
+    pipe = Pipeline.from_pretrained(tmp_path / "g")
+    assert pipe.stage.guidance_input and pipe.stage.guidance_range == [1.0, 3.0]
+    assert pipe.stage.prediction == "consistency"
+    one = pipe(2, labels=1, guidance=3.0).samples
+    assert one.shape == (2, 1, 8, 8) and not torch.equal(one, pipe(2, labels=1).samples)

@@ -35,14 +35,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ...conditioning import GuidanceCond
 from ...config import option
+from ...guidance import ScaleInputCFG
+from ...networks import with_guidance_embedding
 from ...objectives.consistency import (
     SIGMA_MAX,
     boundary_sigma,
     consistency_distance,
     consistency_levels,
 )
-from ...parameterization import Denoiser, DenoiserFn
+from ...parameterization import ClippedDenoiser, Denoiser, DenoiserFn
+from ...pipeline import Pipeline
 from ...process import q_sample
 from ...samplers import ode_step
 from ...training import StepContext
@@ -80,6 +84,12 @@ class ConsistencyConfig:
     metric: Literal["l2", "pseudo_huber"] = option(
         "pseudo_huber", "distance d: l2 (mean squared) or pseudo_huber (sqrt(|a-b|^2 + c^2) - "
                         "c, c = 0.00054 sqrt(dim); Song & Dhariwal 2023)")
+    guided: bool = option(False, "latent-consistency-style guidance (Luo et al. 2023): the "
+                                 "student takes the guidance scale w as an input and distils "
+                                 "the classifier-free-guided teacher at w ~ U[--w-min, --w-max]")
+    w_min: float = option(1.0, "smallest guidance scale of --guided (1: the conditional model)",
+                          ge=0)
+    w_max: float = option(4.0, "largest guidance scale of --guided", ge=0)
     sampler_steps: int = option(1, "the student's own number of consistency-sampler steps "
                                    "(its card's default; any k works at sampling)", ge=1)
     dataset: str | None = option(None, "data to distil on (default: the teacher's)")
@@ -120,12 +130,15 @@ class ConsistencyDistillationLoss:
     generator for the whole global batch."""
 
     def __init__(self, teacher: DenoiserFn, target: TargetNetwork, times: Tensor,
-                 student_kwargs: dict[str, Any], solver: str, metric: str):
+                 student_kwargs: dict[str, Any], solver: str, metric: str,
+                 guidance: tuple[float, float] | None = None):
         """``teacher``: the teacher's denoiser (``Pipeline.denoiser()``: clipped to the data
-        range, as it samples); ``times``: the increasing levels of the discretisation."""
+        range, as it samples; for ``guidance`` one that reads w from a GuidanceCond);
+        ``times``: the increasing levels of the discretisation; ``guidance`` (w_min, w_max):
+        w ~ U per example goes to teacher, target and student as a GuidanceCond."""
         self.teacher, self.process = teacher, teacher.process
         self.target, self.times, self.solver, self.metric = target, times, solver, metric
-        self.kwargs = student_kwargs
+        self.kwargs, self.guidance = student_kwargs, guidance
 
     @torch.no_grad()
     def teacher_step(self, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor, cond: Any = None
@@ -149,14 +162,40 @@ class ConsistencyDistillationLoss:
     def __call__(self, module: nn.Module, batch: Any, ctx: StepContext) -> Tensor:
         self.target.update(module, ctx.step)
         t_hi, t_lo, x_hi = self.pairs(batch.x, ctx)
-        sl = ctx.local
-        y = None if batch.labels is None else batch.labels[sl]
+        sl, y = ctx.local, batch.labels
+        if self.guidance is not None:  # Luo et al. 2023: w ~ U[w_min, w_max] as an input
+            lo, hi = self.guidance
+            w = lo + (hi - lo) * torch.rand(len(batch.x), generator=ctx.generator,
+                                            device=ctx.device)
+            y = GuidanceCond(y, w)
+        y = None if y is None else y[sl]
         t_hi, t_lo, x_hi = t_hi[sl], t_lo[sl], x_hi[sl]
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, t_hi, t_lo, y)
             target = self.denoiser(self.target.net)(x_lo, t_lo, y).x0
         pred = self.denoiser(module)(x_hi, t_hi, y).x0
         return consistency_distance(pred, target, self.metric)  # type: ignore[arg-type]
+
+
+def guided_parts(teacher: Pipeline, w_min: float, w_max: float
+                 ) -> tuple[nn.Module, DenoiserFn, dict[str, Any]]:
+    """The guided variant's student (the teacher's U-Net plus a zero-initialised w embedding:
+    it starts as the teacher at every w), the guided teacher (classifier-free guidance with
+    the per-example w of a GuidanceCond, clipped like the pipeline's) and the stage fields."""
+    st = teacher.stage
+    if st.conditioning != "class":
+        raise ValueError("--guided needs a class-conditional teacher")
+    if st.network != "unet" or st.guidance_input:
+        raise ValueError("--guided needs a U-Net teacher without a guidance input")
+    if w_min > w_max:
+        raise ValueError(f"--w-min ({w_min}) must not exceed --w-max ({w_max})")
+    student = with_guidance_embedding(teacher.networks[0])  # type: ignore[arg-type]
+    den: DenoiserFn = ScaleInputCFG(teacher.base, null_label=len(st.class_names))
+    if st.data_range is not None:
+        den = ClippedDenoiser(den, *st.data_range)
+    network_config = {**st.network_config, "guidance_embedding": True}
+    return student, den, {"network_config": network_config, "guidance_input": True,
+                          "guidance_range": [w_min, w_max]}
 
 
 def build(config: ConsistencyConfig, overwrite: bool = False) -> StudentLoop:
@@ -170,14 +209,17 @@ def build(config: ConsistencyConfig, overwrite: bool = False) -> StudentLoop:
     kwargs = {"learned_variance": st.learned_variance, "sigma_data": st.sigma_data,
               "base_prediction": st.prediction, "sigma_min": boundary_sigma(process),
               "sigma_max": config.sigma_max}
-    student = student_network(teacher)
+    student, teacher_den, extra = student_network(teacher), teacher.denoiser(), {}
+    if config.guided:
+        student, teacher_den, extra = guided_parts(teacher, config.w_min, config.w_max)
     target = TargetNetwork(student, config.target_ema)
-    loss = ConsistencyDistillationLoss(teacher.denoiser(), target, times, kwargs, config.solver,
-                                       config.metric)
+    loss = ConsistencyDistillationLoss(teacher_den, target, times, kwargs, config.solver,
+                                       config.metric,
+                                       (config.w_min, config.w_max) if config.guided else None)
     stage = student_stage(teacher, prediction="consistency", base_prediction=st.prediction,
                           sigma_min=kwargs["sigma_min"], sigma_max=config.sigma_max,
                           sampler="consistency", sampler_steps=config.sampler_steps,
-                          sampler_options={})
+                          sampler_options={}, **extra)
     data = teacher_data(teacher, dataset=config.dataset)
     source = data_source(data, config.optim.batch_size, config.run.seed)
     return StudentLoop(config, "consistency", teacher, student, stage, loss, source,
@@ -186,4 +228,4 @@ def build(config: ConsistencyConfig, overwrite: bool = False) -> StudentLoop:
 
 
 __all__ = ["ConsistencyConfig", "ConsistencyDistillationLoss", "TargetNetwork", "build",
-           "unwrap"]
+           "guided_parts", "unwrap"]
