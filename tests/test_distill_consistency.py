@@ -192,7 +192,7 @@ def test_distill_and_sample_end_to_end(tmp_path, capsys):
     pipe = Pipeline.from_pretrained(out)
     st = pipe.stage
     assert (st.prediction, st.base_prediction, st.sampler, st.sampler_steps) == (
-        "consistency", "eps", "consistency", 1)
+        "consistency", "v", "consistency", 1)
     assert st.sigma_min == boundary_sigma(pipe.process) and st.sigma_max == 80.0
     for k in (1, 2, 4):  # the pipeline at any number of steps
         assert pipe(2, labels=1, sampler="consistency", steps=k).samples.shape == (2, 1, 8, 8)

@@ -84,11 +84,11 @@ class ConsistencyConfig:
     metric: Literal["l2", "pseudo_huber"] = option(
         "pseudo_huber", "distance d: l2 (mean squared) or pseudo_huber (sqrt(|a-b|^2 + c^2) - "
                         "c, c = 0.00054 sqrt(dim); Song & Dhariwal 2023)")
-    base_prediction: Literal["eps", "x0", "v", "edm"] | None = option(
-        None, "what the student's network output is read as under the boundary "
-              "parameterisation (default: the teacher's, so the student starts as the teacher; "
-              "v keeps the teacher's inputs and is better conditioned at high noise, where an "
-              "eps output is amplified by s, up to 80: one-step sampling)")
+    base_prediction: Literal["eps", "x0", "v", "edm"] = option(
+        "v", "what the student's network output is read as under the boundary "
+             "parameterisation: v keeps the teacher's inputs and is well conditioned at every "
+             "noise level (an eps output is amplified by s, up to 80, which ruins one-step "
+             "samples); the teacher's own type (eps) starts the student as the teacher")
     guided: bool = option(False, "latent-consistency-style guidance (Luo et al. 2023): the "
                                  "student takes the guidance scale w as an input and distils "
                                  "the classifier-free-guided teacher at w ~ U[--w-min, --w-max]")
@@ -212,7 +212,7 @@ def build(config: ConsistencyConfig, overwrite: bool = False) -> StudentLoop:
     process = teacher.process
     times = consistency_levels(process, config.num_scales, config.sigma_max, config.rho)
     kwargs = {"learned_variance": st.learned_variance, "sigma_data": st.sigma_data,
-              "base_prediction": config.base_prediction or st.prediction,
+              "base_prediction": config.base_prediction,
               "sigma_min": boundary_sigma(process),
               "sigma_max": config.sigma_max}
     student, teacher_den, extra = student_network(teacher), teacher.denoiser(), {}
