@@ -18,6 +18,9 @@ predicts   network output          x0_hat                       eps_hat
 ``flow``   u = dx_t/dt = alpha'    (sigma' x_t - sigma u) / d   (alpha u - alpha' x_t) / d
            x_0 + sigma' eps (Liu
            et al. 2022)
+``consis-  F of a base type, under  c_skip^CM x~ + c_out^CM F   (x_t - alpha x0_hat) / sigma
+tency``    the consistency boundary (Song et al. 2023)
+           parameterisation
 =========  ======================  ===========================  ==========================
 
 For ``flow`` (velocity prediction of flow matching, Lipman et al. 2022; rectified flow,
@@ -42,12 +45,33 @@ Multiplying through by alpha, with r^2 = sigma^2 + alpha^2 sd^2, these read
 c_skip x~ = sd^2 alpha x_t / r^2, c_out = sigma sd / r, c_in x~ = x_t / r: finite on the
 whole path, including alpha = 0 (zero terminal SNR) and, for a VE process, alpha = 1.
 
+``consistency`` (Song et al. 2023, sec. 3 and appendix C; Song & Dhariwal 2023) is the
+consistency function f(x, t) = c_skip(s) x~ + c_out(s) F(x, t) with
+
+  c_skip = sd^2 / ((s - s_min)^2 + sd^2),  c_out = sd (s - s_min) / sqrt(sd^2 + s^2),
+
+so that f(x, t) = x~ exactly where s <= s_min (the boundary condition; s - s_min is clamped
+at 0, so c_skip = 1 and c_out = 0 there in floating point too). F is the EDM-preconditioned
+output implied by the network's *base* prediction type (``base_prediction``): F =
+(x0_base - c_skip^EDM x~) / c_out^EDM, whose consistency form is, with c_out^CM / c_out^EDM =
+(s - s_min) / s,
+
+  f = c_skip^CM x~ + ((s - s_min) / s) (x0_base - c_skip^EDM x~).
+
+With base ``edm`` this is the paper's form exactly (F the network output, EDM inputs); with an
+``eps`` (or v, x0) base the network keeps its inputs, so a student copied from an eps teacher
+starts as f = x0_teacher + O(s_min / s): the teacher's denoiser away from s_min, pulled to the
+identity as s -> s_min. s = sigma / alpha is computed as exp(-lambda / 2) in float64, the same
+way as the noise levels of the consistency discretisation, so s = s_min at the student's
+t_min bit for bit.
+
 The score is grad log q(x_t) = -eps_hat / sigma. The conversion happens once, here; no
 sampler looks at the prediction type.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -57,8 +81,10 @@ from torch import Tensor, nn
 from .conditioning import expand_cond
 from .process import Process, as_time, expand_like
 
-PredictionType = Literal["eps", "x0", "v", "edm", "score", "flow"]
-PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score", "flow")
+PredictionType = Literal["eps", "x0", "v", "edm", "score", "flow", "consistency"]
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score", "flow", "consistency")
+#: what a consistency model's network can predict underneath (``base_prediction``)
+BASE_PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v", "edm", "score", "flow")
 #: |log-SNR| is clamped to this where it enters c_noise (it is infinite at both ends).
 LOG_SNR_CLAMP = 40.0
 #: The U-Net's sinusoidal time embedding is made for inputs in [0, 1000]; EDM's
@@ -101,6 +127,53 @@ def edm_c_noise(alpha: Tensor, sigma: Tensor) -> Tensor:
     return -lam.clamp(-LOG_SNR_CLAMP, LOG_SNR_CLAMP) / 8
 
 
+#: noise levels within this relative distance of s_min count as the boundary (float64 exp may
+#: round s(t_min) and s_min apart by an ulp), so f(x, t_min) = x~ there bit for bit.
+BOUNDARY_RTOL = 1e-12
+
+
+def noise_level(process: Process, t: Tensor) -> Tensor:
+    """s = sigma / alpha = exp(-lambda / 2) in float64 (inf where alpha = 0): the VE noise
+    level of the consistency parameterisation and of its discretisation."""
+    return (-0.5 * process.log_snr(t)).exp()
+
+
+def boundary_distance(s: Tensor, sigma_min: float) -> Tensor:
+    """s - s_min, exactly 0 at and below the boundary (within ``BOUNDARY_RTOL``)."""
+    d = s - sigma_min
+    return torch.where(d <= BOUNDARY_RTOL * sigma_min, torch.zeros_like(d), d)
+
+
+def consistency_coefficients(s: Tensor, sigma_min: float, sigma_data: float
+                             ) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) of the consistency boundary parameterisation at noise levels s (Song et
+    al. 2023, appendix C): c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = sd (s - s_min) /
+    sqrt(sd^2 + s^2); exactly (1, 0) for s <= s_min, and (0, sd) at s = inf."""
+    d = boundary_distance(s, sigma_min)
+    c_skip = sigma_data**2 / (d**2 + sigma_data**2)
+    c_out = torch.where(torch.isinf(s), torch.full_like(s, sigma_data),
+                        sigma_data * d / (sigma_data**2 + s**2).sqrt())
+    return c_skip, c_out
+
+
+def consistency_x0(x0_base: Tensor, x: Tensor, alpha: Tensor, s: Tensor, sigma_min: float,
+                   sigma_data: float) -> Tensor:
+    """f(x_t, t) = c_skip^CM x~ + ((s - s_min) / s) (x0_base - c_skip^EDM x~), x~ = x_t / alpha:
+    the consistency function whose F is the EDM output implied by a base denoiser's x0_base
+    (module docstring; c_out^CM / c_out^EDM = (s - s_min) / s). Coefficients are computed in
+    float64 and cast to x's dtype; at s <= s_min the result is x~ exactly."""
+    c_skip, _ = consistency_coefficients(s, sigma_min, sigma_data)
+    finite = torch.isfinite(s)
+    safe_s = torch.where(finite & (s > 0), s, torch.ones_like(s))
+    ratio = torch.where(finite, boundary_distance(s, sigma_min) / safe_s, torch.ones_like(s))
+    skip_edm = torch.where(finite, sigma_data**2 / (safe_s**2 + sigma_data**2),
+                           torch.zeros_like(s))
+    safe_a = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    x_ve = x / expand_like(safe_a, x)  # x~; only used where alpha > 0 (c_skip = 0 elsewhere)
+    c_skip, ratio, skip_edm = (expand_like(v, x) for v in (c_skip, ratio, skip_edm))
+    return c_skip * x_ve + ratio * (x0_base - skip_edm * x_ve)
+
+
 def flow_rates_dt(alpha: Tensor, sigma: Tensor,
                   rates_dt: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     """(alpha', sigma') for the ``flow`` conversions: ``rates_dt`` when given, else those of
@@ -140,6 +213,9 @@ def prediction_from_output(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
         skip, c_out, _ = edm_coefficients(a, s, sigma_data)
         x0 = skip * x + c_out * out
         return Prediction(x0=x0, eps=(x - a * x0) / s)
+    if kind == "consistency":
+        raise ValueError("a consistency output needs its base type and sigma_min: use "
+                         "Denoiser(..., 'consistency', base_prediction=..., sigma_min=...)")
     raise ValueError(f"unknown prediction type {kind!r}; choose from {PREDICTION_TYPES}")
 
 
@@ -162,6 +238,9 @@ def output_from_prediction(pred: Prediction, alpha: Tensor, sigma: Tensor,
     if kind == "edm":
         raise ValueError("the EDM target F depends on x_t; train EDM models in x0 space "
                          "with the 'edm' weighting (difflab.weighting)")
+    if kind == "consistency":
+        raise ValueError("a consistency model has no regression target of its own; train it "
+                         "with consistency distillation or training")
     raise ValueError(f"unknown prediction type {kind!r}; choose from {PREDICTION_TYPES}")
 
 
@@ -188,21 +267,47 @@ class Denoiser:
     """
 
     def __init__(self, net: nn.Module, process: Process, prediction: PredictionType = "eps",
-                 learned_variance: bool = False, sigma_data: float = 0.5):
+                 learned_variance: bool = False, sigma_data: float = 0.5,
+                 base_prediction: str = "edm", sigma_min: float | None = None,
+                 sigma_max: float | None = None):
         """``learned_variance``: the network outputs 2C channels, the prediction and then
         v in [-1, 1] (mapped to [0, 1], ``Prediction.var_frac``); ``sigma_data``: the data
-        std assumed by the ``edm`` preconditioning."""
+        std assumed by the ``edm`` preconditioning. For ``consistency``: ``base_prediction``
+        is what the network's raw output is read as (and which inputs it sees), and
+        ``sigma_min`` the boundary s_min (required), where f(x, t) = x~; ``sigma_max`` (None:
+        no limit) the top noise level it was trained to: x_t at a higher level s_t is
+        evaluated there as x_top = (sigma_top / sigma_t) x_t, i.e. x~ rescaled to s_max
+        (the noise kept, the tiny signal shrunk: the usual start from N(0, s_max^2))."""
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; "
                              f"choose from {PREDICTION_TYPES}")
+        if prediction == "consistency":
+            if base_prediction not in BASE_PREDICTION_TYPES:
+                raise ValueError(f"unknown base prediction {base_prediction!r} of a "
+                                 f"consistency model; choose from {BASE_PREDICTION_TYPES}")
+            if sigma_min is None or not sigma_min >= 0:
+                raise ValueError("a consistency model needs its boundary sigma_min >= 0")
+            if sigma_max is not None and not sigma_max > sigma_min:
+                raise ValueError("a consistency model's sigma_max must exceed sigma_min")
         self.net, self.process, self.prediction = net, process, prediction
         self.learned_variance, self.sigma_data = learned_variance, sigma_data
+        self.base_prediction, self.sigma_min, self.sigma_max = (base_prediction, sigma_min,
+                                                                 sigma_max)
+        self.t_top = (None if sigma_max is None or prediction != "consistency" else
+                      float(process.t_from_log_snr(torch.tensor(-2 * math.log(sigma_max),
+                                                                dtype=torch.float64))))
+
+    @property
+    def input_kind(self) -> str:
+        """The prediction type whose network inputs and raw output the network has (the base
+        type of a consistency model, else the prediction itself)."""
+        return self.base_prediction if self.prediction == "consistency" else self.prediction
 
     def raw(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """The network output (in x's dtype) for x_t at times t [B]; for ``edm`` the network
         sees c_in x~ and c_noise instead of x_t and the process time."""
         param = next(self.net.parameters())
-        if self.prediction == "edm":
+        if self.input_kind == "edm":
             alpha, sigma = self.process.alpha_sigma(t)
             _, _, c_in = edm_coefficients(alpha, sigma, self.sigma_data)
             x = expand_like(c_in, x) * x
@@ -224,9 +329,17 @@ class Denoiser:
         """The Prediction of a raw output at x_t, times t [B]."""
         mean, var = self.split(out)
         alpha, sigma = self.process.alpha_sigma(t)
-        rates_dt = self.process.alpha_sigma_dt(t) if self.prediction == "flow" else None
-        pred = prediction_from_output(mean, x, alpha, sigma, self.prediction, self.sigma_data,
+        rates_dt = self.process.alpha_sigma_dt(t) if self.input_kind == "flow" else None
+        pred = prediction_from_output(mean, x, alpha, sigma, self.input_kind, self.sigma_data,
                                       rates_dt)
+        if self.prediction == "consistency":
+            assert self.sigma_min is not None  # checked in __init__
+            x0 = consistency_x0(pred.x0, x, alpha, noise_level(self.process, t),
+                                self.sigma_min, self.sigma_data)
+            s = expand_like(sigma, x)
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            eps = torch.where(s > 0, (x - expand_like(alpha, x) * x0) / safe, pred.eps)
+            pred = Prediction(x0=x0, eps=eps)
         if var is None:
             return pred
         return Prediction(x0=pred.x0, eps=pred.eps, var_frac=(var.clamp(-1, 1) + 1) / 2)
@@ -235,7 +348,23 @@ class Denoiser:
         t = as_time(t, x)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return self.predict(self.raw(x, t, cond), x, t)
+        if self.t_top is None:
+            return self.predict(self.raw(x, t, cond), x, t)
+        return self._capped(x, t, cond)
+
+    def _capped(self, x: Tensor, t: Tensor, cond: Any) -> Prediction:
+        """A consistency model above its top level: evaluated at t_top on (sigma_top /
+        sigma_t) x_t; eps_hat is then re-read at the original (x_t, t)."""
+        above = noise_level(self.process, t) > self.sigma_max
+        if not bool(above.any()):
+            return self.predict(self.raw(x, t, cond), x, t)
+        t_eval = torch.where(above, torch.full_like(t, self.t_top), t)
+        scale = torch.where(above, self.process.sigma(t_eval) / self.process.sigma(t),
+                            torch.ones_like(t))
+        x_eval = expand_like(scale, x) * x
+        x0 = self.predict(self.raw(x_eval, t_eval, cond), x_eval, t_eval).x0
+        alpha, sigma = self.process.alpha_sigma(t)
+        return Prediction(x0=x0, eps=(x - expand_like(alpha, x) * x0) / expand_like(sigma, x))
 
 
 class ClippedDenoiser:

@@ -10,6 +10,9 @@ objective      loss per example                                      default tim
 ``vlb``        (L_T + term(t) / p(t)) / dims, learned variance       ``importance``
 ``hybrid``     L_simple + 0.001 L_vlb (mean detached in L_vlb)       ``uniform``
 ``edm``        lambda(sigma) |x0 - D(x_t)|^2, EDM preconditioning    ``lognormal``
+``consis-      lambda(s_n) d(f(x_{n+1}), sg f(x_n)), the student     log-normal over the
+tency-         its own target (iCT, Song & Dhariwal 2023)            levels, N(k) curriculum
+training``
 ``rectified-   |(eps - x0) - v(x_t)|^2, velocity of the linear path  ``uniform`` (or
 flow``         (``rectified_flow`` process, ``flow`` prediction)     ``logit_normal``)
 =============  ====================================================  =====================
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .base import Objective, ObjectiveOutput
+from .consistency import ConsistencyTrainingObjective
 from .edm import EDMObjective
 from .flow import FLOW_TIMES, RectifiedFlowObjective, velocity_loss
 from .hybrid import HybridObjective
@@ -40,7 +44,8 @@ from .times import (
 from .vlb import VLBObjective, model_prediction, vlb_loss, vlb_term_from_prediction
 from .weighting import WEIGHTINGS, Weighting, loss_weight
 
-ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "rectified-flow", "ddgan"]
+ObjectiveName = Literal["simple", "vlb", "hybrid", "edm", "rectified-flow",
+                        "consistency-training", "ddgan"]
 #: objectives trained by a recipe of their own rather than as a loss of the diffusion recipe
 #: (``ddgan``: ``difflab.recipes.ddgan``); ``difflab train --objective NAME`` dispatches there
 RECIPE_OBJECTIVES: tuple[str, ...] = ("ddgan",)
@@ -50,6 +55,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "hybrid": HybridObjective,
     "edm": EDMObjective,
     "rectified-flow": RectifiedFlowObjective,
+    "consistency-training": ConsistencyTrainingObjective,
 }
 #: each objective's time distribution when ``time_sampling`` is None
 DEFAULT_TIMES: dict[str, str] = {name: cls.default_times for name, cls in OBJECTIVES.items()}
@@ -69,9 +75,10 @@ class ObjectiveConfig:
         "bound, learned variance, importance-sampled t), hybrid (simple + --vlb-lambda * vlb, "
         "learned variance; Nichol & Dhariwal 2021), edm (needs --prediction edm; log-normal "
         "noise levels, EDM weight), rectified-flow (velocity MSE on x_t = (1 - t) x_0 + t "
-        "eps; sets --schedule rectified_flow and --prediction flow when not given) or ddgan "
-        "(denoising diffusion GAN, Xiao et al. 2022: --gan-steps steps, an x0 generator with "
-        "latent z; try --lr 2e-4)",
+        "eps; sets --schedule rectified_flow and --prediction flow when not given), "
+        "consistency-training (a consistency model without a teacher, Song & Dhariwal 2023; "
+        "needs --prediction edm) or ddgan (denoising diffusion GAN, Xiao et al. 2022: "
+        "--gan-steps steps, an x0 generator with latent z; try --lr 2e-4)",
         flag="--objective")
     weighting: Weighting | None = _opt(
         None, "loss weight as a function of SNR: constant (the loss space's own MSE), snr, "
@@ -98,6 +105,10 @@ class ObjectiveConfig:
                              "trailing grid of the process)")
     r1_gamma: float = _opt(0.02, "ddgan: R1 penalty weight gamma ((gamma/2)|grad D|^2 on real "
                                  "x_{t-1}; 0: off)")
+    curriculum_start: int = _opt(10, "consistency-training: s0, the number of noise-level "
+                                     "intervals at the start (N(0) = s0 + 1)")
+    curriculum_end: int = _opt(160, "consistency-training: s1, the most intervals; N doubles "
+                                    "from s0 + 1 to s1 + 1 over the run (the paper: 1280)")
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
@@ -112,7 +123,8 @@ def build_objective(config: ObjectiveConfig) -> Objective:
     return cls(**{name: getattr(config, name) for name in cls.options})
 
 
-__all__ = ["DEFAULT_TIMES", "FLOW_TIMES", "LOSS_SPACES", "OBJECTIVES", "P_MEAN", "P_STD",
+__all__ = ["ConsistencyTrainingObjective", "DEFAULT_TIMES", "FLOW_TIMES", "LOSS_SPACES",
+           "OBJECTIVES", "P_MEAN", "P_STD",
            "TIME_SAMPLINGS", "WEIGHTINGS", "EDMObjective", "HybridObjective",
            "ImportanceSampler", "LossOutput", "LossSpace", "Objective", "ObjectiveConfig",
            "ObjectiveName", "ObjectiveOutput", "RECIPE_OBJECTIVES", "RectifiedFlowObjective",

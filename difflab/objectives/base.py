@@ -80,6 +80,11 @@ class Objective(ABC):
             raise ValueError(f"--prediction flow trains with --objective rectified-flow, not "
                              f"{self.name!r}")
 
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Told the training step before each step's draws (by the training loss); objectives
+        with a schedule over training use it (consistency training's curriculum)."""
+        return None
+
     def time_sampler(self, process: Process) -> ImportanceSampler | None:
         """The state of an importance-sampled time distribution (None for the others)."""
         return ImportanceSampler(int(process.T)) if self.times == "importance" else None

@@ -51,6 +51,15 @@ class StageCard:
     learned_variance: bool = option(
         False, "the network also outputs the reverse variance (Nichol & Dhariwal 2021)")
     sigma_data: float = option(0.5, "data std of the edm preconditioning")
+    base_prediction: Literal["eps", "x0", "v", "edm", "score", "flow"] = option(
+        "edm", "consistency models: what the network's raw output is read as underneath the "
+               "boundary parameterisation (parameterization.Denoiser)")
+    sigma_min: float | None = option(
+        None, "consistency models: the boundary noise level s_min = sigma / alpha, where "
+              "f(x, t) = x (Song et al. 2023)")
+    sigma_max: float | None = option(
+        None, "consistency models: the top noise level trained; inputs noisier than it are "
+              "evaluated there (parameterization.Denoiser)")
     data_range: list[float] | None = option(
         None, "[lo, hi] of the data (x0_hat is clipped to it); null for 2-D points")
     conditioning: Conditioning = option(
@@ -91,6 +100,10 @@ class StageCard:
             raise ValueError(f"stage {self.name!r}: data_range must be [lo, hi]")
         if not self.sample_shape or min(self.sample_shape) < 1:
             raise ValueError(f"stage {self.name!r}: bad sample_shape {self.sample_shape}")
+        if self.prediction == "consistency" and (self.sigma_min is None
+                                                 or not self.sigma_min >= 0):
+            raise ValueError(f"stage {self.name!r}: prediction 'consistency' needs "
+                             "sigma_min >= 0")
         if self.guidance_input and self.conditioning == "none":
             raise ValueError(f"stage {self.name!r}: guidance_input needs a class- or "
                              "text-conditional stage")
@@ -171,6 +184,7 @@ class ModelCard:
             weights_prefix=prefix,
             learned_variance=bool(meta.get("learned_variance", False)),
             sigma_data=float(meta.get("sigma_data", 0.5)),
+            **_consistency_fields(meta),
             data_range=None if meta.get("data_range") is None else list(meta["data_range"]),
             conditioning=conditioning_of(meta),
             class_names=list(meta.get("class_names") or []),
@@ -179,6 +193,15 @@ class ModelCard:
             dataset=_training_dataset(meta.get("config") or {}))],
             difflab_version=meta.get("difflab_version", __version__), ema=ema,
             step=meta.get("step"), training=dict(meta.get("config") or {}))
+
+
+def _consistency_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """A trained consistency model's stage fields (``difflab train --objective
+    consistency-training`` writes them into its checkpoint metadata): boundary, base type and
+    its own sampler."""
+    keys = ("base_prediction", "sigma_min", "sigma_max", "sampler", "sampler_steps",
+            "sampler_options")
+    return {k: meta[k] for k in keys if meta.get(k) is not None}
 
 
 def _training_dataset(config: dict[str, Any]) -> str | None:

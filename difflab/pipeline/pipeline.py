@@ -65,7 +65,9 @@ class Pipeline:
         st = self.stage
         self.process: Process = process_from_config(st.process)
         self.base = Denoiser(nets[0], self.process, st.prediction,
-                             learned_variance=st.learned_variance, sigma_data=st.sigma_data)
+                             learned_variance=st.learned_variance, sigma_data=st.sigma_data,
+                             base_prediction=st.base_prediction, sigma_min=st.sigma_min,
+                             sigma_max=st.sigma_max)
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod

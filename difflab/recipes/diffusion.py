@@ -30,6 +30,7 @@ from ..data import (
 )
 from ..networks import build_network
 from ..objectives import ImportanceSampler, Objective, build_objective
+from ..objectives.consistency import SIGMA_MAX, boundary_sigma
 from ..parameterization import Denoiser
 from ..pipeline import Conditions, ModelCard, Pipeline
 from ..process import Process, make_process
@@ -66,10 +67,12 @@ class DiffusionLoss:
     captions: CaptionTable | None = None
     time_sampler: ImportanceSampler | None = None
     channels_last: bool = True
+    total_steps: int = 1                  # the run's steps (objectives with a schedule)
+    consistency: dict[str, Any] | None = None  # base_prediction, sigma_min, sigma_max
 
     def denoiser(self, net: nn.Module) -> Denoiser:
         return Denoiser(net, self.process, self.prediction, self.objective.learned_variance,
-                        self.sigma_data)
+                        self.sigma_data, **(self.consistency or {}))
 
     def draw(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Tensor | None, Tensor,
                                                            Tensor, Tensor | None]:
@@ -78,6 +81,7 @@ class DiffusionLoss:
         Label dropout, times and noise are drawn for the whole global batch (in that order,
         from the one generator) and sliced, so they do not depend on the number of ranks."""
         g, dev, sl, b = ctx.generator, ctx.device, ctx.local, len(batch)
+        self.objective.set_step(ctx.step, self.total_steps)
         x, y = batch.x[sl], None
         if batch.labels is not None:
             drop = torch.rand(b, generator=g, device=dev)[sl]
@@ -129,13 +133,20 @@ class DiffusionRecipe:
         net = self._build_net(x.ndim)
         self.process = make_process(p.schedule, zero_terminal_snr=p.zero_terminal_snr, T=p.T)
         self.objective.check(self.process, p.prediction)
+        self.prediction, self.consistency = p.prediction, None
+        if self.objective.name == "consistency-training":  # a consistency model, EDM inside
+            self.prediction = "consistency"
+            self.consistency = {"base_prediction": "edm",
+                                "sigma_min": boundary_sigma(self.process),
+                                "sigma_max": SIGMA_MAX}
         if self.objective.times == "importance" and self.dist.enabled:
             raise ValueError("importance sampling of t keeps a per-process loss history; "
                              "it is not supported under torchrun")
         self.time_sampler = self.objective.time_sampler(self.process)
-        self.loss = DiffusionLoss(self.objective, self.process, p.prediction, p.sigma_data,
+        self.loss = DiffusionLoss(self.objective, self.process, self.prediction, p.sigma_data,
                                   p.p_uncond, self.num_classes, self.captions,
-                                  self.time_sampler, c.speed.channels_last)
+                                  self.time_sampler, c.speed.channels_last, c.optim.steps,
+                                  self.consistency)
         self.source = EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed)
         self.loop = TrainLoop(
             loop_config(c, overwrite), net, self.source, self.loss, self.meta, self.dist,
@@ -226,7 +237,8 @@ class DiffusionRecipe:
             "config": c.to_dict(),
             "network": {"name": self.net_name, "config": asdict(self.net_config)},
             "process": self.process.to_config(),
-            "prediction": c.diffusion.prediction,
+            "prediction": self.prediction,
+            **(self.consistency_meta() if self.consistency is not None else {}),
             "learned_variance": self.objective.learned_variance,
             "sigma_data": c.diffusion.sigma_data,
             "sample_shape": list(self.source.x.shape[1:]),
@@ -236,6 +248,11 @@ class DiffusionRecipe:
             **({"text_encoder": c.data.text_encoder, "captions": self.data.class_names}
                if self.captions is not None else {}),
         }
+
+    def consistency_meta(self) -> dict[str, Any]:
+        """A consistency model's stage fields: boundary, base type, its own sampler (one
+        step; ``difflab sample --steps K`` for K)."""
+        return {**(self.consistency or {}), "sampler": "consistency", "sampler_steps": 1}
 
     def pipeline(self) -> Pipeline:
         """The EMA model as a :class:`Pipeline` (what loading this run's checkpoint gives)."""
@@ -258,8 +275,11 @@ class DiffusionRecipe:
                 conds = Conditions(len(rows), per_class, cond=rows, labels=rows)
             else:
                 conds = Conditions(len(rows), per_class)
-        out = self.pipeline()(sampler="ddim", steps=self.config.run.sample_steps, cond=conds,
-                              seed=seed)
+        if self.consistency is not None:  # its own sampler and steps
+            out = self.pipeline()(cond=conds, seed=seed)
+        else:
+            out = self.pipeline()(sampler="ddim", steps=self.config.run.sample_steps,
+                                  cond=conds, seed=seed)
         return out.save_grid(path)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
+from .consistency import ODE_SOLVERS, consistency, ode_step
 from .ddgan import ddgan
 from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
 from .grids import (
@@ -55,7 +56,7 @@ SAMPLERS: dict[str, Callable] = {
     "heun": heun, "rk45": rk45, "plms": plms, "lms": lms, "dpm_solver": dpm_solver,
     "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "dpmpp_sde": dpmpp_sde, "unipc_bh1": unipc_bh1,
     "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
-    "renoise": renoise, "ddgan": ddgan,
+    "renoise": renoise, "ddgan": ddgan, "consistency": consistency,
 }
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
@@ -106,5 +107,6 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "unipc", "unipc_bh1", "unipc_bh2"]
 __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
             "three_piece_grid", "ddgan", "renoise"]
+__all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]

@@ -30,8 +30,11 @@ from .options import SamplerOption, declare_options
 
 def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
                 ) -> tuple[list[float], Tensor]:
-    """Raised sigma~ per step and the times they correspond to."""
-    st = (-0.5 * process.log_snr(ts)).exp()
+    """Raised sigma~ per step and the times they correspond to. sigma~ is sigma / alpha as
+    ``heun`` computes it, so without churn sigma~_hat = sigma~ exactly (exp(-lambda / 2) can
+    round an ulp above it, which drew a spurious ~1e-6 churn noise)."""
+    a, s = process.alpha_sigma(ts)
+    st = s / a
     n = len(ts) - 1
     gamma = torch.where((st >= s_tmin) & (st <= s_tmax),
                         torch.full_like(st, min(churn / n, math.sqrt(2) - 1)),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import consistency
 from .base import (
     Distillation,
     StudentLoop,
@@ -53,6 +54,10 @@ DISTILL_METHODS: dict[str, DistillMethod] = {
         ReflowConfig, build_reflow,
         "reflow (Liu et al. 2022): train a rectified-flow student on the straight paths "
         "between noise and the teacher's ODE samples, for one-step generation"),
+    "consistency": DistillMethod(
+        consistency.ConsistencyConfig, consistency.build,
+        "consistency distillation (Song et al. 2023): a 1-4 step consistency model from the "
+        "teacher's ODE"),
 }
 
 __all__ = ["DISTILL_METHODS", "DistillMethod", "Distillation", "ReflowConfig", "StudentLoop",
