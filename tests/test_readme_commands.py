@@ -44,6 +44,7 @@ TINY: dict[str, dict[str, str | tuple[str]]] = {
     "fit-grid": {"--pool": "2", "--hard": "1", "--easy": "1", "--validation": "1",
                  "--evals": "1", "--tol": "1e-2"},
     "plot": {},
+    "distill": {"--steps": "2", "--batch-size": "4"},
 }
 #: appended to every difflab command that has them: the CPU (same on any machine), no bars
 QUIET = ["--device", "cpu", "--no-progress"]
@@ -133,7 +134,8 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread):
         run(tiny(words))
         ran.append(words[1])
     capsys.readouterr()
-    assert {"train", "sample", "edit", "eval", "nll", "fit-grid", "train-classifier"} <= set(ran)
+    assert {"train", "sample", "edit", "eval", "nll", "fit-grid", "train-classifier",
+            "distill"} <= set(ran)
     assert (tmp_path / "runs" / "mine" / "config.json").is_file()
     assert json.loads((tmp_path / "eval.json").read_text())["fid"] >= 0
     assert (tmp_path / "runs" / "digits" / "grids" / "plms_8.json").is_file()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import deep_merge, from_dict, to_dict
+from ..config import from_dict
 from ..recipes.distill import DISTILL_METHODS, DistillMethod
 from .options import add_config_options, changed_options, given_options
 
@@ -29,11 +29,9 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_distill(args: argparse.Namespace) -> int:
     method: DistillMethod = args.distill_method
-    # the options given, laid over the method's defaults (its own optim/run factories: a
-    # partial table passed to from_dict alone would fall back to OptimConfig's defaults)
-    values = to_dict(method.config())
-    deep_merge(values, given_options(args, method.config))
-    config = from_dict(method.config, values, where="command line")
+    # from_dict fills the groups' gaps from the method's own optim/run defaults
+    config = from_dict(method.config, given_options(args, method.config),
+                       where="command line")
     recipe = method.build(config, args.overwrite)  # errors before anything is printed
     changed = " ".join(changed_options(config, method.config))
     print(f"config: {changed} (full config: {config.run.out_dir}/config.json)", flush=True)
