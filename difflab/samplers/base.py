@@ -155,6 +155,29 @@ def final_weights(st: list[float], order: int) -> list[list[float]]:
     return [[h * w for w in lagrange_weights(nodes, h, 0.0)]]
 
 
+#: sigma~ = sigma / alpha falling by more than this factor over the noisiest interval of a grid
+#: marks a schedule that ends abruptly: the discrete cosine schedule, whose last beta is clamped
+#: to 0.999, has sigma~ = 2.0e4 at t = T against 642 at T - 1, so every trailing grid up to 64
+#: steps starts with a drop of 500 to 2e4; smooth schedules stay below about 100 (sigmoid, 2
+#: trailing steps), Karras and log-SNR grids far below.
+STEEP_START_RATIO = 200.0
+
+
+def steep_noisy_end(process, ts: Tensor) -> bool:
+    """Whether the grid's noisiest interval (the first when sampling, the last on a rising
+    inversion grid) spans a drop in sigma~ beyond ``STEEP_START_RATIO``. There a higher-order
+    correction extrapolates the change of eps_hat over orders of magnitude of sigma~ (Heun's
+    trapezoid multiplies it by the step in sigma~, DPM-Solver's noise form by e^h) and is far
+    worse than the first-order DDIM step, which is exact while eps_hat stays constant, as it
+    does out of pure noise. Heun and singlestep DPM-Solver then take that interval first
+    order, as the multistep solvers always do."""
+    ends = ts[-2:].flip(0) if bool(ts[-1] > ts[0]) else ts[:2]
+    a, s = process.alpha_sigma(ends)
+    if not (float(a[0]) > 0 and float(s[1]) > 0):
+        return False
+    return float((s[0] / a[0]) / (s[1] / a[1])) > STEEP_START_RATIO
+
+
 def zero_snr_start(sampler: Callable) -> Callable:
     """Let a sampler start at zero terminal SNR (alpha(ts[0]) = 0, Lin et al. 2024).
 

@@ -28,6 +28,7 @@ from .base import (
     final_step,
     randn_like,
     report,
+    steep_noisy_end,
     zero_snr_start,
 )
 from .expint import half_log_snr_grid, lagrange_weights
@@ -162,14 +163,20 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     them (eq. 3.6 with derivatives by divided differences: order k for any r). The last point
     returns x0_hat. DPM-Solver-1 is DDIM. On a rising grid (inversion) all N intervals are
     grouped, the lower-order remainder last (at the noisy end again, mirroring sampling), and
-    x at ts[-1] is returned."""
+    x at ts[-1] is returned. Where sigma~ falls more than ``STEEP_START_RATIO``-fold over the
+    noisiest interval (the discrete cosine schedule's t = T) that interval is a step of order 1
+    on its own."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
     ts, rising = check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 1.0 if data_prediction else -1.0
     i = 0
-    orders = singlestep_orders(len(ts) - (1 if rising else 2), order)
+    intervals = len(ts) - (1 if rising else 2)
+    orders = singlestep_orders(intervals, order)
+    if intervals > 1 and steep_noisy_end(denoiser.process, ts):
+        # the noisiest interval as a DDIM step alone (``steep_noisy_end``)
+        orders = [1, *singlestep_orders(intervals - 1, order)]
     for k in orders[::-1] if rising else orders:
         outs: list[Tensor] = []
         x_stage = x

@@ -23,6 +23,7 @@ from .base import (
     final_step,
     randn_like,
     report,
+    steep_noisy_end,
     zero_snr_start,
 )
 from .options import SamplerOption, declare_options
@@ -57,7 +58,9 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
          s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> Tensor:
     """EDM Heun sampler (Karras et al. 2022, Alg. 2): 2 evaluations per step, order 2;
     ``churn`` > 0 makes it stochastic. Without churn a rising grid runs the same steps upwards
-    (inversion) and returns x at ts[-1]."""
+    (inversion) and returns x at ts[-1]. Where sigma~ falls more than ``STEEP_START_RATIO``-fold
+    over the noisiest interval (the discrete cosine schedule's t = T) that interval is the
+    Euler (DDIM) step alone."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     if rising and churn > 0:
         raise ValueError("Heun on a rising (inversion) grid needs churn = 0")
@@ -68,6 +71,9 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     a_hat = process.alpha(t_hat).tolist()
     al = a.tolist()
     y = x / al[0]
+    # A steep noisiest interval (discrete cosine's last step, ``steep_noisy_end``) is taken by
+    # the Euler step alone, which is the DDIM step there.
+    euler_only = (len(ts) - 2 if rising else 0) if steep_noisy_end(process, ts) else -1
     for i in range(len(ts) - 1):
         # Alg. 2 line 6: y_hat = y + sqrt(s_hat^2 - s^2) eps (only with churn: st_hat and st
         # are computed two ways and may differ by rounding, which must not add noise)
@@ -78,6 +84,10 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
             return final_step(callback, i, ts[i], pred)
         dt = st[i + 1] - st_hat[i]
         y_euler = y + dt * pred.eps                                   # line 8
+        if i == euler_only:
+            y = y_euler
+            report(callback, i, ts[i], al[i + 1] * y, pred)
+            continue
         pred2 = denoiser(al[i + 1] * y_euler, ts[i + 1], cond)        # line 10
         y = y + dt * 0.5 * (pred.eps + pred2.eps)                     # line 11
         report(callback, i, ts[i], al[i + 1] * y, pred)
