@@ -217,8 +217,9 @@ def main() -> None:
                     help="teacher run folder: trained here once, reused after")
     ap.add_argument("--out", default="runs/distill-bench", help="folder of the students")
     ap.add_argument("--methods", default=None, help="comma-separated methods to distil now "
-                    "(default: all registered); rows of methods distilled by an earlier run "
-                    "into the same --out (same teacher, --n, --seed) are kept in the table")
+                    "(default: all registered; 'none': only the report of earlier rows); rows of "
+                    "methods distilled by an earlier run into the same --out (same teacher, --n, "
+                    "--seed) are kept in the table")
     ap.add_argument("--n", type=int, default=1000, help="samples per row")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--samplers", default=SAMPLERS_ARG,
@@ -241,7 +242,8 @@ def run(args: argparse.Namespace) -> dict:
         args.samplers = "ddim,dpmpp_2m,heun" if args.samplers == SAMPLERS_ARG else args.samplers
     args.samplers = args.samplers.split(",")
     args.teacher, args.out = str(Path(args.teacher).resolve()), str(Path(args.out).resolve())
-    methods = available_methods(args.methods.split(",") if args.methods else None)
+    wanted = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    methods = [] if args.methods == "none" else available_methods(wanted)
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher = train_teacher(args.teacher, 40 if args.quick else None,
