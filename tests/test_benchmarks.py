@@ -44,8 +44,9 @@ DISTILL = Path(__file__).resolve().parents[1] / "benchmarks" / "distillation.py"
 
 @pytest.mark.slow
 def test_distillation_benchmark_smoke_run(tmp_path):
-    """--quick end to end: teacher rows at 1/2/4/8 NFE plus 50, every registered method's
-    student rows, the grid, the JSON, and the README section written in place twice."""
+    """--quick end to end: teacher rows at 1/2/4/8 NFE plus 50, one method's student rows
+    (progressive: a student per round), the grid, the JSON, and the README section written in
+    place twice -- the second time from the rows the first run kept (--methods none)."""
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\n| script | what it measures | section |\n|---|---|---|\n"
                       "| `a.py` | a | [A](#a) |\n\n## A\n\nkept\n")
@@ -53,8 +54,9 @@ def test_distillation_benchmark_smoke_run(tmp_path):
            "--out", str(tmp_path / "students"), "--grid", str(tmp_path / "grid.png"),
            "--json", str(tmp_path / "r.json"), "--readme", str(readme), "--threads", "1"]
     env = {**os.environ, "DIFFLAB_CACHE_DIR": str(tmp_path / "cache")}
-    for _ in range(2):  # the second run reuses the teacher and replaces the section
-        subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1200, env=env)
+    for methods in ("progressive", "none"):  # the second reuses the teacher and the rows
+        subprocess.run([*cmd, "--methods", methods], capture_output=True, text=True,
+                       check=True, timeout=900, env=env)
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["teacher"]["reused"] and result["teacher"]["cpu_s"] > 0
     teacher = [r for r in result["rows"] if r["method"] == "teacher"]
@@ -65,6 +67,7 @@ def test_distillation_benchmark_smoke_run(tmp_path):
         assert round(r["fid"], 4) == round(min(t["fid"] for t in r["tried"]), 4)
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 100
     assert teacher[4]["nfe"] == 50 and teacher[4]["sampler"] == "ddim"
+    assert result["methods"] == ["progressive"]
     for method in result["methods"]:
         rows = [r for r in result["rows"] if r["method"] == method]
         assert [r["target_nfe"] for r in rows] == [1, 2, 4, 8]
