@@ -180,3 +180,19 @@ def test_cli_distils_and_the_student_samples_at_1_2_4_steps(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(out), "--n", "2", "--class", "1", "--out",
                  str(tmp_path / "g.png"), "--no-progress"]) == 0
     assert "(renoise, 4 steps)" in capsys.readouterr().out
+
+
+def test_source_conditioned_heads_add_the_image_projection_term():
+    torch.manual_seed(0)
+    heads = ProjectionHeads([2, 4], hidden=5, num_classes=3, source=True)
+    x, src = torch.randn(6, 4), torch.randn(6, 4)
+    labels = torch.arange(6) % 3
+    feats, sfeats = _features(x), _features(src)
+    extra = 0
+    for k, f in enumerate(feats):
+        a = torch.nn.functional.leaky_relu(heads.mix[k](f), 0.2).mean((2, 3))
+        extra = extra + (heads.source[k](sfeats[k].mean((2, 3))) * a).sum(1)
+    assert torch.allclose(heads(feats, labels, sfeats), heads(feats, labels) + extra,
+                          atol=1e-6)
+    assert not torch.allclose(heads(feats, labels, sfeats), heads(feats, labels, feats))
+    assert ProjectionHeads([2, 4], hidden=5).source is None
