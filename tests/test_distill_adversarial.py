@@ -16,6 +16,7 @@ from difflab.parameterization import Denoiser
 from difflab.pipeline import Pipeline
 from difflab.process import DiscreteProcess
 from difflab.recipes.distill.adversarial import (
+    AdversarialConfig,
     AdversarialPair,
     Frozen,
     distillation_target,
@@ -174,6 +175,7 @@ def test_cli_distils_and_the_student_samples_at_1_2_4_steps(tmp_path, capsys):
     assert pipe.stage.sampler == "renoise" and pipe.stage.sampler_steps == 4
     assert pipe.stage.weights_prefix == "ema.student"
     assert pipe.stage.sampler_options == {"t_start": 950.0}
+    assert pipe.stage.prediction == "eps"  # the tiny teacher's own (--prediction teacher)
     for k in (1, 2, 4):
         x = pipe(3, labels=2, steps=k, seed=0).samples
         assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
@@ -196,3 +198,5 @@ def test_source_conditioned_heads_add_the_image_projection_term():
                           atol=1e-6)
     assert not torch.allclose(heads(feats, labels, sfeats), heads(feats, labels, feats))
     assert ProjectionHeads([2, 4], hidden=5).source is None
+    # the default: without it the digits student collapses to one image per class
+    assert AdversarialConfig().source_cond and AdversarialConfig().prediction == "teacher"

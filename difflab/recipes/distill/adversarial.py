@@ -10,8 +10,9 @@ cannot recover x0 where alpha ~ 0; ADD starts Stable Diffusion at t = 999 likewi
 
 Losses (eq. 4): L = L_adv^G + lambda L_distill, and the discriminator's L_adv^D + R1:
 
-- L_adv^G = -D(x0_hat, y) and L_adv^D = relu(1 - D(x0, y)) + relu(1 + D(x0_hat, y)) (hinge,
-  eqs. 2-3); D = trainable heads (``gan.ProjectionHeads``, class projection) on the frozen
+- L_adv^G = -D(x0_hat, y, x0) and L_adv^D = relu(1 - D(x0, y, x0)) + relu(1 + D(x0_hat, y,
+  x0)) (hinge, eqs. 2-3); D = trainable heads (``gan.ProjectionHeads``: class projection and,
+  with ``source_cond``, a projection of the source image x0's features) on the frozen
   teacher U-Net's encoder activations at the small noise level ``feature_t`` (ADD: frozen ViT
   features); R1 = (gamma / 2) |grad_x D(x0, y)|^2 on real data.
 - L_distill = c(t) |x0_hat - sg(x_psi(x_t, t))|^2 (mean over pixels; eq. 5), where
@@ -87,9 +88,10 @@ class AdversarialConfig:
                                     "teacher U-Net encodes images for the discriminator",
                               ge=0)
     head_channels: int = option(64, "width of each discriminator head", ge=1)
-    source_cond: bool = option(False, "condition the discriminator on the features of the "
-                                      "source image x0 that the student's input was noised "
-                                      "from (ADD's image conditioning, Sec. 3.2)")
+    source_cond: bool = option(True, "condition the discriminator on the features of the "
+                                     "source image x0 that the student's input was noised "
+                                     "from (ADD's image conditioning, Sec. 3.2; off: the "
+                                     "student collapses to one image per class)")
     optim: OptimConfig = option(factory=distill_optim(steps=600, batch_size=64, lr=1e-4,
                                                       grad_clip=0.0, ema_decay=0.99),
                                 help="optimisation")
