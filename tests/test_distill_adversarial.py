@@ -16,6 +16,7 @@ from difflab.parameterization import Denoiser
 from difflab.pipeline import Pipeline
 from difflab.process import DiscreteProcess
 from difflab.recipes.distill.adversarial import (
+    AdversarialConfig,
     AdversarialPair,
     Frozen,
     distillation_target,
@@ -174,9 +175,28 @@ def test_cli_distils_and_the_student_samples_at_1_2_4_steps(tmp_path, capsys):
     assert pipe.stage.sampler == "renoise" and pipe.stage.sampler_steps == 4
     assert pipe.stage.weights_prefix == "ema.student"
     assert pipe.stage.sampler_options == {"t_start": 950.0}
+    assert pipe.stage.prediction == "eps"  # the tiny teacher's own (--prediction teacher)
     for k in (1, 2, 4):
         x = pipe(3, labels=2, steps=k, seed=0).samples
         assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
     assert main(["sample", "--checkpoint", str(out), "--n", "2", "--class", "1", "--out",
                  str(tmp_path / "g.png"), "--no-progress"]) == 0
     assert "(renoise, 4 steps)" in capsys.readouterr().out
+
+
+def test_source_conditioned_heads_add_the_image_projection_term():
+    torch.manual_seed(0)
+    heads = ProjectionHeads([2, 4], hidden=5, num_classes=3, source=True)
+    x, src = torch.randn(6, 4), torch.randn(6, 4)
+    labels = torch.arange(6) % 3
+    feats, sfeats = _features(x), _features(src)
+    extra = 0
+    for k, f in enumerate(feats):
+        a = torch.nn.functional.leaky_relu(heads.mix[k](f), 0.2).mean((2, 3))
+        extra = extra + (heads.source[k](sfeats[k].mean((2, 3))) * a).sum(1)
+    assert torch.allclose(heads(feats, labels, sfeats), heads(feats, labels) + extra,
+                          atol=1e-6)
+    assert not torch.allclose(heads(feats, labels, sfeats), heads(feats, labels, feats))
+    assert ProjectionHeads([2, 4], hidden=5).source is None
+    # the default: without it the digits student collapses to one image per class
+    assert AdversarialConfig().source_cond and AdversarialConfig().prediction == "teacher"

@@ -10,8 +10,9 @@ cannot recover x0 where alpha ~ 0; ADD starts Stable Diffusion at t = 999 likewi
 
 Losses (eq. 4): L = L_adv^G + lambda L_distill, and the discriminator's L_adv^D + R1:
 
-- L_adv^G = -D(x0_hat, y) and L_adv^D = relu(1 - D(x0, y)) + relu(1 + D(x0_hat, y)) (hinge,
-  eqs. 2-3); D = trainable heads (``gan.ProjectionHeads``, class projection) on the frozen
+- L_adv^G = -D(x0_hat, y, x0) and L_adv^D = relu(1 - D(x0, y, x0)) + relu(1 + D(x0_hat, y,
+  x0)) (hinge, eqs. 2-3); D = trainable heads (``gan.ProjectionHeads``: class projection and,
+  with ``source_cond``, a projection of the source image x0's features) on the frozen
   teacher U-Net's encoder activations at the small noise level ``feature_t`` (ADD: frozen ViT
   features); R1 = (gamma / 2) |grad_x D(x0, y)|^2 on real data.
 - L_distill = c(t) |x0_hat - sg(x_psi(x_t, t))|^2 (mean over pixels; eq. 5), where
@@ -71,6 +72,10 @@ class AdversarialConfig:
     student_steps: int = option(4, "K: the student's sampling grid (trailing K-step grid of "
                                    "the teacher's process, top time t_start); it samples at "
                                    "1, 2 or K steps on it", ge=1)
+    prediction: str = option("teacher", "the student's prediction type: 'teacher' (the "
+                                        "teacher's own) or its weights read as v, x0 or eps "
+                                        "(v measured no better on the digits teacher)",
+                             choices=("teacher", "v", "x0", "eps"))
     t_start: float = option(950.0, "top time of the student's grid (where sampling starts "
                                    "from pure noise); at most the process's t_max", gt=0)
     distill_weight: float = option(2.5, "lambda: weight of the score-distillation loss "
@@ -83,6 +88,10 @@ class AdversarialConfig:
                                     "teacher U-Net encodes images for the discriminator",
                               ge=0)
     head_channels: int = option(64, "width of each discriminator head", ge=1)
+    source_cond: bool = option(True, "condition the discriminator on the features of the "
+                                     "source image x0 that the student's input was noised "
+                                     "from (ADD's image conditioning, Sec. 3.2; off: the "
+                                     "student collapses to one image per class)")
     optim: OptimConfig = option(factory=distill_optim(steps=600, batch_size=64, lr=1e-4,
                                                       grad_clip=0.0, ema_decay=0.99),
                                 help="optimisation")
@@ -144,14 +153,18 @@ class AdversarialPair(nn.Module):
         student = Denoiser(self.student, fz.process, fz.prediction, sigma_data=fz.sigma_data)
         fake = student(x_s, s, labels).x0                     # x_theta(x_s, s)
         feats = fz.features(fake)
-        g_adv = hinge_g_loss(detached_call(self.heads, feats, labels))  # D fixed
+        src = None
+        if self.heads.source is not None:  # ADD's image conditioning: D(x | x0), both players
+            with torch.no_grad():
+                src = fz.features(x0)
+        g_adv = hinge_g_loss(detached_call(self.heads, feats, labels, src))  # D fixed
         _, target = distillation_target(fz.teacher, fake, t, noise, labels)
         a_t = fz.process.alpha(t).to(fake.dtype)              # c(t) = alpha_t
         distill = a_t * (fake - target).pow(2).flatten(1).mean(1)
-        d_fake = self.heads([f.detach() for f in feats], labels)  # G fixed
+        d_fake = self.heads([f.detach() for f in feats], labels, src)  # G fixed
 
         def d(x: Tensor) -> Tensor:
-            return self.heads(fz.features(x), labels)
+            return self.heads(fz.features(x), labels, src)
 
         if fz.r1_gamma > 0:
             with reference_ops():  # R1 differentiates through the feature network twice
@@ -226,12 +239,15 @@ def build(config: AdversarialConfig, overwrite: bool = False) -> AdversarialStud
     with torch.no_grad():
         channels = [f.shape[1] for f in features(data.x[:2])]
     torch.manual_seed(config.run.seed)
-    heads = ProjectionHeads(channels, config.head_channels, data.num_classes)
+    heads = ProjectionHeads(channels, config.head_channels, data.num_classes,
+                            source=config.source_cond)
     pair = AdversarialPair(student_network(teacher), heads)
     st = teacher.stage
-    fz = Frozen(teacher.denoiser(guidance=config.guidance), features, process, st.prediction,
+    prediction = st.prediction if config.prediction == "teacher" else config.prediction
+    fz = Frozen(teacher.denoiser(guidance=config.guidance), features, process, prediction,
                 st.sigma_data, config.distill_weight, config.r1_gamma)
     stage = student_stage(teacher, weights_prefix="student", sampler="renoise",
+                          prediction=prediction,
                           sampler_steps=config.student_steps,
                           sampler_options={"t_start": float(times[0])})
     return AdversarialStudentLoop(

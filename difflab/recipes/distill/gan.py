@@ -88,19 +88,27 @@ class ProjectionHeads(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int], hidden: int = 64,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, source: bool = False):
         super().__init__()
         self.mix = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in channels)
         self.out = nn.ModuleList(nn.Conv2d(hidden, 1, 1) for _ in channels)
         self.embed = (nn.ModuleList(nn.Embedding(num_classes, hidden) for _ in channels)
                       if num_classes else None)
+        self.source = (nn.ModuleList(nn.Linear(c, hidden) for c in channels)
+                       if source else None)
 
-    def forward(self, feats: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
-        """Logits [B] of feature maps ``feats`` ([B, C_k, H_k, W_k]) and class ``labels``."""
+    def forward(self, feats: Sequence[Tensor], labels: Tensor | None = None,
+                source: Sequence[Tensor] | None = None) -> Tensor:
+        """Logits [B] of feature maps ``feats`` ([B, C_k, H_k, W_k]), class ``labels`` and,
+        for heads built with ``source=True``, the feature maps ``source`` of a conditioning
+        image (ADD's image conditioning, Sauer et al. 2023, Sec. 3.2: a projection term
+        <W_k mean_hw(source_k), mean_hw(a_k)>)."""
         logit = 0
         for k, f in enumerate(feats):
             a = F.leaky_relu(self.mix[k](f), 0.2)
             logit = logit + self.out[k](a).mean((1, 2, 3))
             if self.embed is not None and labels is not None:
                 logit = logit + (self.embed[k](labels) * a.mean((2, 3))).sum(1)
+            if self.source is not None and source is not None:
+                logit = logit + (self.source[k](source[k].mean((2, 3))) * a.mean((2, 3))).sum(1)
         return logit
