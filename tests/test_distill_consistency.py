@@ -22,6 +22,7 @@ from difflab.objectives.consistency import (
 )
 from difflab.parameterization import (
     Denoiser,
+    Prediction,
     consistency_coefficients,
     edm_coefficients,
     noise_level,
@@ -244,3 +245,35 @@ def test_guided_distillation_takes_w_as_an_input(tmp_path):
     assert pipe.stage.prediction == "consistency"
     one = pipe(2, labels=1, guidance=3.0).samples
     assert one.shape == (2, 1, 8, 8) and not torch.equal(one, pipe(2, labels=1).samples)
+
+
+class GaussianFlowMap:
+    """The exact consistency function of 1-D data N(mu, sd^2): the probability-flow ODE maps
+    x~ = x_t / alpha at level s to mu + sd (x~ - mu) / sqrt(sd^2 + s^2)."""
+
+    def __init__(self, process, mu: float, sd: float):
+        self.process, self.mu, self.sd = process, mu, sd
+
+    def __call__(self, x, t, cond=None):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        a, sig = (float(v) for v in self.process.alpha_sigma(t))
+        s = sig / a
+        x0 = self.mu + self.sd * (x / a - self.mu) / math.sqrt(self.sd**2 + s**2)
+        return Prediction(x0=x0, eps=(x - a * x0) / sig)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_multistep_sampling_with_the_exact_flow_map_keeps_the_data_law(steps):
+    """Algorithm 1 with the exact consistency function of Gaussian data draws exactly from
+    N(mu, sd^2) at every number of steps: the re-noising must put x at the level the model is
+    evaluated at (a wrong alpha, sigma or time there changes the law)."""
+    process, mu, sd, n = make_process("cosine", T=1000), 0.3, 0.5, 200_000
+    ts = time_grid(process, steps)
+    ts[0] = 990.0  # alpha(T) = 0 would make x~ undefined; start from the exact marginal there
+    g = torch.Generator().manual_seed(0)
+    a, sig = (float(v) for v in process.alpha_sigma(ts[0]))
+    x0 = mu + sd * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    x = a * x0 + sig * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    out = consistency(GaussianFlowMap(process, mu, sd), x, ts, g)
+    assert abs(float(out.mean()) - mu) < 5 * sd / math.sqrt(n)
+    assert abs(float(out.std()) / sd - 1) < 0.01
