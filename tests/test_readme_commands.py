@@ -121,8 +121,21 @@ def test_readme_commands_are_all_handled():
             assert skip_reason(line), f"README command neither run nor skipped: {line}"
 
 
-def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.setattr("difflab.text.TextEncoder", FakeEncoder)  # the text extra is
+@pytest.fixture
+def fake_text_encoder(monkeypatch):
+    """FakeEncoder for TextEncoder, with the pipeline's encoder cache emptied before and after
+    (an encoder cached here must not serve later tests as 'minilm')."""
+    from difflab.pipeline.conditions import _text_encoder
+
+    _text_encoder.cache_clear()
+    monkeypatch.setattr("difflab.text.TextEncoder", FakeEncoder)
+    yield
+    _text_encoder.cache_clear()
+
+
+def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread,
+                                   fake_text_encoder):
+    # the text extra is
     monkeypatch.chdir(tmp_path)  # tested in test_text.py; this checks the command lines
     monkeypatch.setenv("DIFFLAB_CACHE_DIR", str(tmp_path / "cache"))
     prepare(tmp_path)
