@@ -216,6 +216,7 @@ def test_consistency_training_saves_a_consistency_model(tmp_path):
     assert x.shape == (3, 1, 8, 8) and bool(x.isfinite().all())
 
 
+@pytest.mark.slow
 def test_guided_distillation_takes_w_as_an_input(tmp_path):
     """Latent-consistency-style guidance: the student reads w; the target is the CFG teacher."""
     from difflab.recipes.config import OptimConfig

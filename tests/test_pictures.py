@@ -120,6 +120,7 @@ def test_plot_errors_in_one_line(tmp_path, capsys, content, message):
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_edit_fit_grid_and_nll_show_progress(run, tmp_path, capsys):
     ckpt = str(run / "run")
     commands = {
