@@ -113,7 +113,9 @@ def test_one_backward_gives_each_player_the_gradient_of_its_own_loss():
     names_g = [f"student.{k}" for k, _ in ref.student.named_parameters()]
     names_d = [f"heads.{k}" for k, _ in ref.heads.named_parameters()]
     for name, gr in zip(names_g + names_d, grads_g + grads_d, strict=True):
-        assert torch.allclose(split[name], gr, atol=1e-6, rtol=1e-5), name
+        # float32 sums in another order: a tolerance relative to the tensor's scale
+        scale = float(gr.abs().max()) + 1e-12
+        assert torch.allclose(split[name], gr, atol=1e-5 * scale, rtol=1e-4), name
     assert any(gr.abs().sum() > 0 for gr in grads_g) and any(gr.abs().sum() > 0
                                                             for gr in grads_d)
 
