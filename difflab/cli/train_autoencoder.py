@@ -47,8 +47,8 @@ def resolve_autoencoder_config(args: argparse.Namespace
         values = unflatten(cls, read_config_file(args.config), where=str(args.config))
         cls.from_dict(values, where=str(args.config))  # errors name the file
     deep_merge(values, given_options(args, cls))
-    _cap_warmup(values)
     if not args.resume:
+        _cap_warmup(values)
         return cls.from_dict(values, where="command line"), None
     out_dir = cls.from_dict(values, where="command line").run.out_dir
     ckpt = resolve_checkpoint(out_dir if args.resume == "latest" else args.resume)

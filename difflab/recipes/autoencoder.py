@@ -211,7 +211,7 @@ class AutoencoderRecipe:
     @staticmethod
     def _derive(config: AutoencoderTrainConfig, channels: int) -> AutoencoderTrainConfig:
         """The config with the network's and discriminator's channels set from the data."""
-        net = replace(config.network, in_channels=channels, out_channels=channels)
+        net = replace(config.network, in_channels=channels)
         disc = replace(config.loss.discriminator, in_channels=channels)
         return replace(config, network=net, loss=replace(config.loss, discriminator=disc))
 
