@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from difflab.networks.autoencoder import Autoencoder, AutoencoderConfig, LatentDistribution
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
@@ -15,8 +16,11 @@ from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
     "NETWORKS",
+    "Autoencoder",
+    "AutoencoderConfig",
     "ClassifierConfig",
     "LatentUNet",
+    "LatentDistribution",
     "LatentUNetConfig",
     "NoisyClassifier",
     "MLPConfig",
@@ -35,6 +39,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "mlp": (MLPDenoiser, MLPConfig),
     "classifier": (NoisyClassifier, ClassifierConfig),
     "latent_unet": (LatentUNet, LatentUNetConfig),
+    "autoencoder": (Autoencoder, AutoencoderConfig),
 }
 
 
