@@ -241,6 +241,7 @@ def exit_code(argv):
     (["--disc-layers", "4"], "--disc-layers 4 needs images of at least 16 px"),
     (["--dataset", "toy:moons"], "needs images"),
     (["--norm-num-groups", "5"], "norm_num_groups"),
+    (["--block-out-channels", *["16"] * 5], "not a multiple of the down-sampling factor 16"),
     (["--reconstruction", "l3"], "invalid choice"),
     (["--kl-weight", "-1"], "must be >= 0"),
 ])

@@ -184,6 +184,11 @@ class AutoencoderRecipe:
         self.held_out = test_data is not None
         x = self.data.images
         self.config = config = self._derive(config, x.shape[1])
+        f = config.network.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"--resolution {d.resolution}: images of {list(x.shape[2:])} px "
+                             f"are not a multiple of the down-sampling factor {f} "
+                             f"(2**(len(--block-out-channels) - 1))")
         c, lc = config, config.loss
         torch.manual_seed(c.run.seed)  # the initialisation: the one global-RNG draw
         disc = None

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..evaluation.psnr import psnr
 from ..networks.patch_discriminator import PatchDiscriminator
 from .distill.gan import detached_call, hinge_d_loss, hinge_g_loss
 
@@ -39,13 +40,6 @@ __all__ = ["AutoencoderPair", "LossWeights", "adaptive_weight", "decoder_last_la
 
 #: delta of VQGAN's adaptive weight (eq. 7) and the clamp of the weight (LDM's code)
 ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-6, 1e4
-
-
-def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
-    """Peak signal-to-noise ratio per image [B] in dB: 10 log10(range^2 / MSE), MSE over
-    each image's pixels; ``data_range`` 2 for images in [-1, 1] (10 log10(4 / MSE))."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-20))
 
 
 def reconstruction_loss(x: Tensor, rec: Tensor, kind: Literal["l1", "l2"]) -> Tensor:
