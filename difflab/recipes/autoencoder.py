@@ -180,7 +180,7 @@ class AutoencoderRecipe:
         self.data = data if data is not None else load_images(d, "train")
         if data is None and test_data is None:
             test_data = load_images(d, "test")
-        self.test_images = (test_data or self.data).images
+        self.test_images = (test_data if test_data is not None else self.data).images
         self.held_out = test_data is not None
         x = self.data.images
         self.config = config = self._derive(config, x.shape[1])
