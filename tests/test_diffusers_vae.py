@@ -119,6 +119,18 @@ def test_scaling_and_shift_factors(small, tmp_path):
     assert diffusers_scaling(tmp_path) == (1.5305, 0.0609)
 
 
+def test_fp16_variant_loads_in_float32(small, tmp_path):
+    folder, _ = small
+    state = load_file(str(folder / WEIGHTS))
+    save_file({k: v.half() for k, v in state.items()},
+              str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    _, half = load_diffusers_autoencoder(tmp_path)
+    _, full = load_diffusers_autoencoder(folder)
+    assert all(v.dtype == torch.float32 for v in half.values())
+    assert all(torch.equal(half[k], full[k].half().float()) for k in full)
+
+
 def test_missing_tensor_names_the_weights_file(small, tmp_path):
     folder, _ = small
     state = load_file(str(folder / WEIGHTS))
@@ -144,6 +156,21 @@ def test_config_conversion_uses_diffusers_defaults():
     config = convert_diffusers_config({"_class_name": "AutoencoderKL", "norm_num_groups": 32})
     assert config.block_out_channels == (64,) and config.latent_channels == 4
     assert config.in_channels == config.out_channels == 3 and config.mid_attention
+
+
+def test_stable_diffusion_and_sd3_style_configs_convert():
+    sd = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", "act_fn": "silu",
+          "block_out_channels": [128, 256, 512, 512], "in_channels": 3, "latent_channels": 4,
+          "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
+          "down_block_types": ["DownEncoderBlock2D"] * 4,
+          "up_block_types": ["UpDecoderBlock2D"] * 4}
+    config = convert_diffusers_config(sd)
+    assert config.downsample_factor == 8 and config.layers_per_block == 2
+    sd3 = {**sd, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+           "shift_factor": 0.0609, "scaling_factor": 1.5305, "force_upcast": True,
+           "mid_block_add_attention": True, "latents_mean": None, "latents_std": None}
+    config = convert_diffusers_config(sd3)
+    assert config.latent_channels == 16 and not config.use_quant_conv
 
 
 @pytest.mark.parametrize("key,value,why", [

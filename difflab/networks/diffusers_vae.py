@@ -173,13 +173,15 @@ def _weights_path(folder: Path) -> Path:
 
 def load_diffusers_autoencoder(folder: str | Path) -> tuple[AutoencoderConfig, dict[str, Tensor]]:
     """(config, state dict) of the diffusers ``AutoencoderKL`` in ``folder``, ready for
-    ``Autoencoder(config).load_state_dict(state)``. Names and shapes are checked against the
-    network built from the config; every problem is one LoadError (a ValueError) naming the
-    file. See :func:`diffusers_scaling` for the latent scale and shift."""
+    ``Autoencoder(config).load_state_dict(state)``, in float32 (also from an ``.fp16`` file).
+    Names and shapes are checked against the network built from the config; every problem is
+    one LoadError (a ValueError) naming the file. See :func:`diffusers_scaling` for the latent
+    scale and shift."""
     folder = _folder(folder)
     config = convert_diffusers_config(_read_config(folder), str(folder / CONFIG))
     path = _weights_path(folder)
-    state = convert_diffusers_state(read_safetensors(path))
+    state = {k: v.float() if v.is_floating_point() else v  # fp16 / bf16 files: float32
+             for k, v in convert_diffusers_state(read_safetensors(path)).items()}
     with torch.device("meta"):  # names and shapes only; no memory, no initialisation cost
         network = Autoencoder(config)
     with warnings.catch_warnings():  # copying into meta tensors is a (warned) no-op
