@@ -23,7 +23,7 @@ from difflab.recipes.autoencoder import (
     estimate_latent_scale,
     psnr,
 )
-from difflab.recipes.autoencoder_loss import AutoencoderPair, LossWeights
+from difflab.recipes.autoencoder_loss import AutoencoderPair, LossWeights, PairStep
 from difflab.training.checkpoint import load_checkpoint, sub_dict
 
 
@@ -121,20 +121,20 @@ def test_scale_factor_gives_unit_variance_on_its_images(posterior):
 def test_discriminator_is_off_before_disc_start():
     pair, x = tiny_pair(), torch.rand(4, 1, 8, 8) * 2 - 1
     w = LossWeights(kl_weight=1e-3)
-    loss, terms = pair(x, w, False, torch.Generator().manual_seed(3))
+    loss, terms = pair(x, w, PairStep(False, torch.Generator().manual_seed(3)))
     rec, q = pair.autoencoder(x, generator=torch.Generator().manual_seed(3))
     expected = (rec - x).abs().flatten(1).mean(1) + 1e-3 * q.reg_loss / 64
     assert torch.equal(loss, expected)
     loss.sum().backward()
     assert all(torch.count_nonzero(p.grad) == 0 for p in pair.discriminator.parameters())
-    on, _ = pair(x, w, True, torch.Generator().manual_seed(3))
+    on, _ = pair(x, w, PairStep(True, torch.Generator().manual_seed(3)))
     assert not torch.allclose(on, expected)
 
 
 def test_one_backward_gives_each_player_the_gradient_of_its_own_loss():
     pair, x = tiny_pair(), torch.rand(6, 1, 8, 8) * 2 - 1
     w = LossWeights(kl_weight=1e-2, disc_weight=0.7)
-    loss, terms = pair(x, w, True, torch.Generator().manual_seed(5))
+    loss, terms = pair(x, w, PairStep(True, torch.Generator().manual_seed(5)))
     loss.sum().backward()
     split = {k: p.grad.clone() for k, p in pair.named_parameters()}
 
@@ -257,3 +257,24 @@ def test_resume_refuses_a_changed_network(tmp_path, capsys):
     assert main([*ARGS, "--steps", "2", "--out-dir", run, "--resume", "--latent-channels",
                  "2"]) == 2
     assert "cannot change ['latent_channels']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_run_matches_the_single_process_run(tmp_path):
+    """Under torchrun (2 CPU processes) the posterior noise is drawn for the global batch and
+    the adaptive weight from the global batch's gradients: the same run as one process."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*ARGS[1:], "--steps", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "difflab", "train-autoencoder", *args, "--out-dir", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["train-autoencoder", *args, "--out-dir", str(tmp_path / "one")]) == 0
+    a, _ = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000004.json")
+    b, _ = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004.json")
+    for k in sub_dict(a, "ema"):
+        assert torch.allclose(a[f"ema.{k}"], b[f"ema.{k}"], atol=1e-5), k

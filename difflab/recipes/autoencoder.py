@@ -14,8 +14,9 @@ metrics.jsonl holds, besides the loop's lines, a line of loss terms and training
 logging interval and the held-out PSNR at each reconstruction grid (``samples/``).
 
 Randomness: the network's initialisation (global RNG seeded by ``seed``), then per step the
-posterior draw z ~ q(z | x) from the run's generator (under torchrun each rank draws its own
-slice's noise from the same stream).
+posterior noise of z ~ q(z | x) from the run's generator, drawn for the global batch and
+sliced (under torchrun each rank keeps its rows; with the adaptive weight's gradients averaged
+over ranks, a DDP run is the single-process run).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..networks.patch_discriminator import PatchDiscriminator
 from ..training import EMA, StepContext, TrainLoop, init_device
 from ..training.distributed import DistInfo, check_divisible, mean_over_ranks
 from .autoencoder_config import AutoencoderDataConfig, AutoencoderTrainConfig
-from .autoencoder_loss import AutoencoderPair, LossWeights, psnr
+from .autoencoder_loss import AutoencoderPair, LossWeights, PairStep, psnr
 from .diffusion import loop_config
 
 __all__ = ["AutoencoderLoss", "AutoencoderRecipe", "AutoencoderTrainConfig",
@@ -139,19 +140,24 @@ class AutoencoderLoop(TrainLoop):
 
 
 class AutoencoderLoss:
-    """The loop's loss: this rank's images through the pair, the discriminator on from
-    ``disc_start``; the terms go to ``log``."""
+    """The loop's loss: this rank's images through the pair (posterior noise drawn for the
+    global batch), the discriminator on from ``disc_start``; the terms go to ``log``."""
 
     def __init__(self, weights: LossWeights, disc_start: int, log: TermLog,
-                 channels_last: bool = True):
+                 channels_last: bool = True, dist: DistInfo | None = None):
         self.weights, self.disc_start, self.log = weights, disc_start, log
-        self.channels_last = channels_last
+        self.channels_last, self.dist = channels_last, dist
 
     def __call__(self, module: nn.Module, batch: Any, ctx: StepContext) -> Tensor:
         x = batch.x[ctx.local]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, terms = module(x, self.weights, ctx.step >= self.disc_start, ctx.generator)
+        dist = self.dist
+        reduce = (lambda t: mean_over_ranks(t, dist)) if dist is not None and dist.enabled \
+            else None
+        step = PairStep(ctx.step >= self.disc_start, ctx.generator, ctx.local, len(batch),
+                        reduce)
+        loss, terms = module(x, self.weights, step)
         self.log.add(terms)
         return loss
 
@@ -205,7 +211,8 @@ class AutoencoderRecipe:
         self.terms = TermLog()
         weights = LossWeights(lc.reconstruction, lc.kl_weight, lc.vq_weight, lc.disc_weight,
                               lc.adaptive_weight)
-        self.loss = AutoencoderLoss(weights, lc.disc_start, self.terms, c.speed.channels_last)
+        self.loss = AutoencoderLoss(weights, lc.disc_start, self.terms, c.speed.channels_last,
+                                    self.dist)
         self.source = EpochSource(x.to(self.device), None, c.optim.batch_size, c.run.seed)
         self.loop = AutoencoderLoop(loop_config(c, overwrite), pair, self.source, self.loss,
                                     self.meta, self.dist, self.device,

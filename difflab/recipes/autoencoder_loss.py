@@ -25,8 +25,9 @@ detached reconstructions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +36,8 @@ from ..evaluation.psnr import psnr
 from ..networks.patch_discriminator import PatchDiscriminator
 from .distill.gan import detached_call, hinge_d_loss, hinge_g_loss
 
-__all__ = ["AutoencoderPair", "LossWeights", "adaptive_weight", "decoder_last_layer", "psnr",
-           "reconstruction_loss"]
+__all__ = ["AutoencoderPair", "LossWeights", "PairStep", "adaptive_weight",
+           "decoder_last_layer", "psnr", "reconstruction_loss"]
 
 #: delta of VQGAN's adaptive weight (eq. 7) and the clamp of the weight (LDM's code)
 ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-6, 1e4
@@ -63,13 +64,17 @@ def decoder_last_layer(autoencoder: nn.Module) -> Tensor:
     return convs[-1].weight
 
 
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
+def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor,
+                    reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """||grad_w rec_loss|| / (||grad_w g_loss|| + delta), clamped to [0, 1e4], detached
     (VQGAN, Esser et al. 2021, eq. 7): the GAN term then moves the decoder's last layer as
     much as the reconstruction does, whatever their scales. Scalar losses; the graphs are
-    kept for the backward pass."""
+    kept for the backward pass. ``reduce`` (DDP: the mean over ranks) turns each rank's
+    gradients into the global batch's before the norms are taken."""
     (g_rec,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_adv,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        g_rec, g_adv = reduce(g_rec), reduce(g_adv)
     ratio = g_rec.float().norm() / (g_adv.float().norm() + ADAPTIVE_EPS)
     return ratio.clamp(0.0, ADAPTIVE_MAX).detach()
 
@@ -83,6 +88,17 @@ class LossWeights:
     vq_weight: float = 1.0
     disc_weight: float = 0.5
     adaptive: bool = True
+
+
+@dataclass(frozen=True)
+class PairStep:
+    """What one step's call of the pair needs besides the images and the weights."""
+
+    disc_on: bool                                 # the discriminator is trained and read
+    generator: torch.Generator | None = None      # draws the posterior noise
+    rows: slice = field(default_factory=lambda: slice(None))  # this rank's rows (DDP)
+    batch: int | None = None                      # the global batch size (None: len(x))
+    reduce: Callable[[Tensor], Tensor] | None = None  # DDP: mean of a tensor over ranks
 
 
 class AutoencoderPair(nn.Module):
@@ -100,11 +116,24 @@ class AutoencoderPair(nn.Module):
             return w.vq_weight * reg_loss
         return w.kl_weight * reg_loss / math.prod(x.shape[1:])
 
-    def forward(self, x: Tensor, w: LossWeights, disc_on: bool,
-                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def sample(self, x: Tensor, s: PairStep) -> tuple[Tensor, Any]:
+        """(decode(z), q(z | x)) with z = mean + exp(logvar / 2) eps (VQ: z = mean); eps is
+        drawn in float32 for the global batch and sliced to this rank's rows, so that the
+        noise an image gets does not depend on the number of ranks."""
+        q = self.autoencoder.encode(x)
+        z = q.mean
+        if q.logvar is not None:
+            g = s.generator
+            eps = torch.randn((s.batch or len(x), *z.shape[1:]), generator=g,
+                              device=g.device if g is not None else z.device)[s.rows]
+            z = z + torch.exp(0.5 * q.logvar) * eps.to(z.device, z.dtype)
+        return self.autoencoder.decode(z), q
+
+    def forward(self, x: Tensor, w: LossWeights, s: PairStep
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss [B], terms): ``rec``, ``reg`` (the raw KL or VQ loss), ``psnr`` and, with a
         discriminator, ``g_adv``, ``d_adv``, ``d_weight`` (detached [B] or scalars)."""
-        rec, posterior = self.autoencoder(x, sample=True, generator=generator)
+        rec, posterior = self.sample(x, s)
         l_rec = reconstruction_loss(x, rec, w.reconstruction)
         loss = l_rec + self.regulariser(posterior.reg_loss, x, w)
         terms = {"rec": l_rec.detach(), "reg": posterior.reg_loss.detach(),
@@ -112,7 +141,7 @@ class AutoencoderPair(nn.Module):
         d = self.discriminator
         if d is None:
             return loss, terms
-        if not disc_on:  # zero-valued gradients keep DDP's every-parameter reduction whole
+        if not s.disc_on:  # zero-valued gradients keep DDP's every-parameter reduction whole
             zero = sum(p.sum() for p in d.parameters()) * 0.0
             return loss + zero, terms | {"g_adv": torch.zeros_like(l_rec),
                                          "d_adv": torch.zeros_like(l_rec),
@@ -121,7 +150,7 @@ class AutoencoderPair(nn.Module):
         lam = torch.tensor(w.disc_weight, device=x.device)
         if w.adaptive and torch.is_grad_enabled():
             last = decoder_last_layer(self.autoencoder)
-            lam = lam * adaptive_weight(l_rec.mean(), g_adv.mean(), last)
+            lam = lam * adaptive_weight(l_rec.mean(), g_adv.mean(), last, s.reduce)
         logits = d(torch.cat([x, rec.detach()]))                       # G fixed
         real, fake = logits.chunk(2)
         d_adv = 0.5 * hinge_d_loss(real, fake).flatten(1).mean(1)
