@@ -237,6 +237,15 @@ def exit_code(argv):
         return e.code
 
 
+def test_cli_vq_run(tmp_path, capsys):
+    run = tmp_path / "vq"
+    assert main([*ARGS, "--regularizer", "vq", "--codebook-size", "16", "--steps", "3",
+                 "--out-dir", str(run)]) == 0
+    _, meta = load_checkpoint(run / "checkpoints" / "step_00000003.json")
+    assert meta["autoencoder"]["network_config"]["codebook_size"] == 16
+    assert "PSNR:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--disc-layers", "4"], "--disc-layers 4 needs images of at least 16 px"),
     (["--dataset", "toy:moons"], "needs images"),
