@@ -237,6 +237,17 @@ def exit_code(argv):
         return e.code
 
 
+def test_cli_config_file_below_command_line(tmp_path):
+    cfg = tmp_path / "ae.toml"
+    cfg.write_text('"optim.lr" = 3e-3\n[loss]\nkl_weight = 1e-4\ndisc_weight = 0.0\n')
+    run = tmp_path / "run"
+    assert main([*ARGS, "--config", str(cfg), "--kl-weight", "2e-4", "--steps", "1",
+                 "--out-dir", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["optim"]["lr"] == 3e-3 and saved["loss"]["kl_weight"] == 2e-4
+    assert saved["loss"]["disc_weight"] == 0.0 and saved["optim"]["warmup_steps"] == 0
+
+
 def test_cli_vq_run(tmp_path, capsys):
     run = tmp_path / "vq"
     assert main([*ARGS, "--regularizer", "vq", "--codebook-size", "16", "--steps", "3",

@@ -16,7 +16,7 @@ from ..networks.patch_discriminator import PatchDiscriminatorConfig
 from .config import OptimConfig, RunConfig, SpeedConfig
 
 __all__ = ["AutoencoderDataConfig", "AutoencoderLossConfig", "AutoencoderRunConfig",
-           "AutoencoderTrainConfig", "LatentScaleConfig"]
+           "AutoencoderSpeedConfig", "AutoencoderTrainConfig", "LatentScaleConfig"]
 
 
 @dataclass
@@ -78,6 +78,12 @@ class AutoencoderRunConfig(RunConfig):
     sample_steps: int = option(50, "unused by autoencoders", cli=False, ge=1)
 
 
+@dataclass
+class AutoencoderSpeedConfig(SpeedConfig):
+    grad_checkpointing: bool = option(False, "unused by autoencoders", cli=False,
+                                      resume=True)
+
+
 def _optim() -> OptimConfig:
     return OptimConfig(steps=4000, batch_size=32, lr=5e-4, warmup_steps=100, grad_clip=1.0,
                        ema_decay=0.999)
@@ -94,7 +100,7 @@ class AutoencoderTrainConfig:
     latent: LatentScaleConfig = option(factory=LatentScaleConfig, help="latent scale")
     optim: OptimConfig = option(factory=_optim, help="optimisation")
     run: AutoencoderRunConfig = option(factory=AutoencoderRunConfig, help="bookkeeping")
-    speed: SpeedConfig = option(factory=SpeedConfig, help="speed")
+    speed: AutoencoderSpeedConfig = option(factory=AutoencoderSpeedConfig, help="speed")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
