@@ -3,7 +3,8 @@ mark (``difflab.config``); the command-line options are generated from it.
 
 Groups: ``data``, ``network`` (a preset plus the networks' own configs, ``UNetConfig`` and
 ``MLPConfig``, whose derived fields -- channels, classes, text width -- the recipe fills),
-``diffusion`` (process and parameterization), ``objective`` (``ObjectiveConfig``), ``optim``,
+``latent`` (an autoencoder to train in the latent space of), ``diffusion`` (process and
+parameterization), ``objective`` (``ObjectiveConfig``), ``optim``,
 ``run`` (bookkeeping) and ``speed``. Fields marked ``resume=True`` may change when a run is
 resumed; the rest are fixed by the checkpoint.
 
@@ -32,9 +33,9 @@ from ..parameterization import PredictionType
 from ..process import PROCESS_NAMES
 from .images import MODEL_SIZES
 
-__all__ = ["DERIVED_DEFAULTS", "DataConfig", "DiffusionConfig", "NetworkConfig", "OptimConfig",
-           "RunConfig", "SpeedConfig", "TrainConfig", "default_attention", "read_config_file",
-           "resolve_values"]
+__all__ = ["DERIVED_DEFAULTS", "DataConfig", "DiffusionConfig", "LatentConfig", "NetworkConfig",
+           "OptimConfig", "RunConfig", "SpeedConfig", "TrainConfig", "default_attention",
+           "read_config_file", "resolve_values"]
 
 
 @dataclass
@@ -80,6 +81,18 @@ class NetworkConfig:
         "--num-res-blocks where they are not given")
     unet: UNetConfig = option(factory=_tiny_unet, help="the U-Net (image data)")
     mlp: MLPConfig = option(factory=MLPConfig, help="the MLP (2-D data)")
+
+
+@dataclass
+class LatentConfig:
+    autoencoder: str | None = option(
+        None, "train in the latent space of this autoencoder (latent diffusion): a 'difflab "
+        "train-autoencoder' run or checkpoint, a pipeline folder with an autoencoder stage, or "
+        "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors); "
+        "the data set is encoded once before training")
+    posterior: Literal["sample", "mean"] = option(
+        "sample", "what the model is trained on: a fresh draw from the encoder's posterior "
+        "each step (as LDM) or its mean")
 
 
 @dataclass
@@ -170,6 +183,7 @@ class TrainConfig:
 
     data: DataConfig = option(factory=DataConfig, help="data")
     network: NetworkConfig = option(factory=NetworkConfig, help="network")
+    latent: LatentConfig = option(factory=LatentConfig, help="latent diffusion")
     diffusion: DiffusionConfig = option(factory=DiffusionConfig, help="process")
     objective: ObjectiveConfig = option(factory=ObjectiveConfig, help="objective")
     optim: OptimConfig = option(factory=OptimConfig, help="optimisation")
