@@ -8,14 +8,18 @@ from typing import Any
 from torch import nn
 
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
+from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
+    "DIT_SIZES",
     "NETWORKS",
     "ClassifierConfig",
+    "DiT",
+    "DiTConfig",
     "LatentUNet",
     "LatentUNetConfig",
     "NoisyClassifier",
@@ -35,6 +39,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "mlp": (MLPDenoiser, MLPConfig),
     "classifier": (NoisyClassifier, ClassifierConfig),
     "latent_unet": (LatentUNet, LatentUNetConfig),
+    "dit": (DiT, DiTConfig),
 }
 
 
