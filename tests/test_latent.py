@@ -208,3 +208,14 @@ def test_nll_refuses_a_latent_model(trained, capsys):
     rc = main(["nll", "--checkpoint", str(trained[0]), "--data", "shapes:test"])
     assert rc == 2
     assert "latent model" in capsys.readouterr().err
+
+
+def test_a_dit_trains_and_samples_in_latent_space(tmp_path):
+    """The transformer on latents: its size follows the latents (8 x 8 x 2, patch 2)."""
+    ae, _ = write_autoencoder(tmp_path / "ae")
+    config = latent_config(tmp_path, ae, **{"network.name": "dit", "optim.steps": 2})
+    recipe = DiffusionRecipe(config, data=images(8))
+    assert (recipe.net_config.image_size, recipe.net_config.in_channels) == (8, 2)
+    recipe.run(progress=False)
+    out = Pipeline.from_pretrained(recipe.out_dir)(2, steps=2, labels=[0, 1])
+    assert out.samples.shape == (2, 3, 16, 16)

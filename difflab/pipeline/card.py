@@ -256,11 +256,11 @@ def _training_dataset(config: dict[str, Any]) -> str | None:
 
 
 def sample_shape_of(network: str, config: dict[str, Any]) -> list[int]:
-    """The shape of one sample of a U-Net or MLP denoiser, from its config (checkpoints
+    """The shape of one sample of a U-Net, DiT or MLP denoiser, from its config (checkpoints
     written before the trainer recorded ``sample_shape`` in their metadata)."""
     if network == "mlp":
         return [int(config["dim"])]
-    if network == "unet":
+    if network in ("unet", "dit"):
         return [int(config["in_channels"]), int(config["image_size"]),
                 int(config["image_size"])]
     raise ValueError(f"no sample shape known for network {network!r}")
