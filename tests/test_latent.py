@@ -219,3 +219,26 @@ def test_a_dit_trains_and_samples_in_latent_space(tmp_path):
     recipe.run(progress=False)
     out = Pipeline.from_pretrained(recipe.out_dir)(2, steps=2, labels=[0, 1])
     assert out.samples.shape == (2, 3, 16, 16)
+
+
+def test_a_diffusers_autoencoder_as_the_latent_space(tmp_path):
+    """--autoencoder takes a diffusers AutoencoderKL folder: its scaling_factor is the
+    stage's, and the trained latent model samples images through it."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1,
+                                  norm_num_groups=4, latent_channels=2, sample_size=16,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
+                                  scaling_factor=0.5).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    recipe = DiffusionRecipe(latent_config(tmp_path, tmp_path / "vae", **{
+        "latent.posterior": "mean", "optim.steps": 1}), data=images(8))
+    x = images(8).images
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mean * 0.5
+    assert torch.allclose(recipe.latent.mean, want, atol=1e-5)
+    recipe.run(progress=False)
+    pipe = Pipeline.from_pretrained(recipe.out_dir)
+    assert pipe.autoencoder_stage.scale_factor == 0.5
+    assert pipe(1, steps=2, labels=[1]).samples.shape == (1, 3, 16, 16)

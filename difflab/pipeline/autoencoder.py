@@ -39,9 +39,11 @@ DIFFUSERS_CONFIG = "config.json"
 
 
 def is_diffusers_autoencoder(path: str | Path) -> bool:
-    """``path`` is a folder with a diffusers ``config.json`` (and no difflab model card)."""
+    """``path`` is a folder with a diffusers ``config.json`` (or a diffusers pipeline folder
+    with a ``vae/`` one) and no difflab model card."""
     p = Path(path)
-    return p.is_dir() and (p / DIFFUSERS_CONFIG).is_file() and not (p / CARD_FILE).is_file()
+    return p.is_dir() and not (p / CARD_FILE).is_file() and (
+        (p / DIFFUSERS_CONFIG).is_file() or (p / "vae" / DIFFUSERS_CONFIG).is_file())
 
 
 def load_autoencoder(path: str | Path, device: torch.device | str = "cpu",
@@ -87,21 +89,20 @@ def autoencoder_stage_of_meta(meta: dict[str, Any], ckpt: Path, ema: bool = True
 
 def _from_diffusers(folder: Path, device: torch.device | str) -> tuple[StageCard, nn.Module]:
     """A diffusers AutoencoderKL folder as a stage (its weights converted to difflab's names;
-    the stage's ``weights`` names the original file, for reference)."""
-    from ..networks.diffusers_vae import load_diffusers_autoencoder  # only for diffusers
+    the stage's ``weights`` names the folder, for reference)."""
+    from ..networks.diffusers_vae import diffusers_scaling, load_diffusers_autoencoder
 
     config, state = load_diffusers_autoencoder(folder)
-    raw = read_json(folder / DIFFUSERS_CONFIG)
+    scale, shift = diffusers_scaling(folder)
     net = build_network("autoencoder", _config_dict(config))
     net.load_state_dict(state)
-    size = int(raw.get("sample_size") or 256)
-    size = size[0] if isinstance(size, list) else size
+    raw = read_json(folder / DIFFUSERS_CONFIG) if (folder / DIFFUSERS_CONFIG).is_file() else {}
+    size = raw.get("sample_size") or 256
+    size = int(size[0] if isinstance(size, list) else size)
     stage = StageCard(
         name=AUTOENCODER_STAGE, kind="autoencoder", network="autoencoder",
         network_config=_config_dict(config), sample_shape=[net.config.in_channels, size, size],
-        weights=str(folder / "diffusion_pytorch_model.safetensors"), data_range=[-1.0, 1.0],
-        scale_factor=float(raw.get("scaling_factor") or 1.0),
-        shift_factor=float(raw.get("shift_factor") or 0.0))
+        weights=str(folder), data_range=[-1.0, 1.0], scale_factor=scale, shift_factor=shift)
     return stage, net.to(device).eval().requires_grad_(False)
 
 
