@@ -9,16 +9,20 @@ from torch import nn
 
 from difflab.networks.autoencoder import Autoencoder, AutoencoderConfig, LatentDistribution
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
+from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
+    "DIT_SIZES",
     "NETWORKS",
     "Autoencoder",
     "AutoencoderConfig",
     "ClassifierConfig",
+    "DiT",
+    "DiTConfig",
     "LatentUNet",
     "LatentDistribution",
     "LatentUNetConfig",
@@ -40,6 +44,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "classifier": (NoisyClassifier, ClassifierConfig),
     "latent_unet": (LatentUNet, LatentUNetConfig),
     "autoencoder": (Autoencoder, AutoencoderConfig),
+    "dit": (DiT, DiTConfig),
 }
 
 
