@@ -323,8 +323,6 @@ def test_a_trained_run_is_a_latent_space_for_diffusion(tmp_path, digits, capsys)
     assert out.samples.shape[1:] == (1, 8, 8) and out.samples.isfinite().all()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.autoencoder.is_diffusers_autoencoder takes a "
-                   "run folder (it has the loop's config.json) for a diffusers folder")
 def test_the_run_folder_itself_loads_as_an_autoencoder(tmp_path, digits):
     from difflab.pipeline import load_autoencoder
 

@@ -39,11 +39,21 @@ DIFFUSERS_CONFIG = "config.json"
 
 
 def is_diffusers_autoencoder(path: str | Path) -> bool:
-    """``path`` is a folder with a diffusers ``config.json`` (or a diffusers pipeline folder
-    with a ``vae/`` one) and no difflab model card."""
+    """``path`` is a diffusers model folder (a ``config.json`` with diffusers'
+    ``_class_name``, unlike a difflab run's), or a diffusers pipeline folder with a ``vae/``
+    one."""
     p = Path(path)
-    return p.is_dir() and not (p / CARD_FILE).is_file() and (
-        (p / DIFFUSERS_CONFIG).is_file() or (p / "vae" / DIFFUSERS_CONFIG).is_file())
+    if not p.is_dir() or (p / CARD_FILE).is_file():
+        return False
+    if (p / "vae" / DIFFUSERS_CONFIG).is_file():
+        return True
+    if not (p / DIFFUSERS_CONFIG).is_file():
+        return False
+    try:
+        config = read_json(p / DIFFUSERS_CONFIG)
+    except LoadError:
+        return False
+    return isinstance(config, dict) and "_class_name" in config
 
 
 def load_autoencoder(path: str | Path, device: torch.device | str = "cpu",
