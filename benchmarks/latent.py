@@ -2,8 +2,8 @@
 
     python benchmarks/latent.py --out /tmp/latent --minutes 8 --ae-minutes 8
 
-1. An autoencoder (f = 4, 4 latent channels) is trained on the train split for
-   ``--ae-minutes``; its PSNR is measured on the test split.
+1. An autoencoder (f = 4, 4 latent channels, KL, L1; no discriminator in so short a run) is
+   trained on the train split for ``--ae-minutes``; its PSNR is measured on the test split.
 2. Three class-conditional diffusion models (cosine schedule, eps-prediction, the same
    optimiser) are trained from the train split:
    - ``pixel U-Net``: on the 64 x 64 images, for ``--minutes`` of wall time;
@@ -26,23 +26,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from difflab.config import unflatten
 from difflab.data import DataRequest, from_uint8, load_data, to_uint8
 from difflab.evaluation import ModuleExtractor, builtin_feature_net, extract, sample_metrics
 from difflab.evaluation.builtin import BUILTIN_STEPS
 from difflab.evaluation.metrics import feature_stats
 from difflab.pipeline import Conditions, Pipeline
-from difflab.recipes import DiffusionRecipe, TrainConfig
+from difflab.recipes import (
+    AutoencoderRecipe,
+    AutoencoderTrainConfig,
+    DiffusionRecipe,
+    TrainConfig,
+)
 from difflab.training.loop import StepContext
 
 RES = 64
+#: the autoencoder: f = 4, 4 latent channels (16 x 16 x 4 latents of the 64 px images)
+AE = {"network.block_out_channels": [32, 64, 64], "network.latent_channels": 4,
+      "optim.lr": 1e-3, "optim.batch_size": 16, "loss.disc_start": 10**7}
 UNET = {"network.unet.base_channels": 32, "network.unet.num_res_blocks": 1}
 MODELS = {
     "pixel U-Net": {**UNET, "network.unet.channel_mult": [1, 2, 2, 2]},
@@ -53,28 +60,26 @@ MODELS = {
 }
 
 
-def train_autoencoder(out: Path, minutes: float, quick: bool) -> Path:
-    """``difflab train-autoencoder`` on the scenes train split; returns its run folder."""
+def train_autoencoder(out: Path, seconds: float) -> tuple[Path, dict]:
+    """An autoencoder on the scenes train split for ``seconds`` of wall time; (its run
+    folder, {psnr on the test split, steps, seconds})."""
     run = out / "autoencoder"
-    if (run / "checkpoints").is_dir():
-        return run
-    steps = 20 if quick else max(1, int(minutes * 60 / AE_SECONDS_PER_STEP))
-    cmd = [sys.executable, "-m", "difflab", "train-autoencoder", "--dataset", "scenes",
-           "--resolution", str(RES), "--block-out-channels", "32,64,64",
-           "--latent-channels", "4", "--steps", str(steps), "--out-dir", str(run),
-           "--no-progress"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    (run / "bench_time.json").write_text(json.dumps({"seconds": time.perf_counter() - t0,
-                                                     "steps": steps}))
-    return run
+    done = run / "bench.json"
+    if done.is_file():
+        return run, json.loads(done.read_text())
+    values = {"data.dataset": "scenes", "data.resolution": RES, **AE,
+              "optim.steps": 10**7, "run.out_dir": str(run), "run.sample_every": 0,
+              "run.checkpoint_every": 0, "run.log_every": 50}
+    recipe = AutoencoderRecipe(AutoencoderTrainConfig.from_dict(
+        unflatten(AutoencoderTrainConfig, values)), overwrite=True)
+    row = train(recipe, seconds, None)
+    row = {**row, "psnr": recipe.held_out_psnr(500)}
+    recipe.reconstruction_grid()
+    done.write_text(json.dumps(row))
+    return run, row
 
 
-#: a measured cost of one autoencoder step (batch 32, 64 px) on the 2-core machine
-AE_SECONDS_PER_STEP = 0.45
-
-
-def config_for(name: str, out: Path, ae: Path | None, quick: bool) -> TrainConfig:
+def config_for(name: str, out: Path, ae: Path | None) -> TrainConfig:
     values = {"data.dataset": "scenes", "data.resolution": RES, "optim.steps": 10**7,
               "optim.batch_size": 32, "optim.lr": 1e-3, "optim.warmup_steps": 100,
               "run.out_dir": str(out / name.replace(" ", "_")), "run.sample_every": 0,
@@ -96,7 +101,8 @@ def step_flops(recipe: DiffusionRecipe) -> float:
     return float(counter.get_total_flops())
 
 
-def train(recipe: DiffusionRecipe, seconds: float | None, steps: int | None) -> dict:
+def train(recipe: DiffusionRecipe | AutoencoderRecipe, seconds: float | None,
+          steps: int | None) -> dict:
     """Train for ``seconds`` of wall time (in chunks of 10 steps) or exactly ``steps``."""
     t0, chunk = time.perf_counter(), 10
     while True:
@@ -143,16 +149,6 @@ def score(judged, x: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"fid": float(fid), "accuracy": float((pred == labels).float().mean())}
 
 
-def ae_psnr(ae_run: Path) -> float:
-    pipe_ae = __import__("difflab.pipeline", fromlist=["load_autoencoder"])
-    stage, net = pipe_ae.load_autoencoder(ae_run)
-    test = load_data("scenes", DataRequest(RES, 3, split="test")).images[:500]
-    with torch.no_grad():
-        rec = torch.cat([net.decode(net.encode(c).mode()).clamp(-1, 1) for c in test.split(50)])
-    mse = float((rec - test).pow(2).mean())
-    return 10 * torch.log10(torch.tensor(4.0 / mse)).item()
-
-
 def table(rows: dict, ae: dict) -> str:
     base = rows.get("pixel U-Net")
     head = ("| model | train img/s | sample img/s (20 steps) | GFLOPs / step | steps | FID | "
@@ -181,8 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    ae_run = train_autoencoder(args.out, args.ae_minutes, args.quick)
-    ae = {"psnr": ae_psnr(ae_run), **json.loads((ae_run / "bench_time.json").read_text())}
+    ae_run, ae = train_autoencoder(args.out, 20 if args.quick else args.ae_minutes * 60)
     results = args.out / "runs.json"
     rows = json.loads(results.read_text()) if results.exists() else {}
     judged = judge()
@@ -190,7 +185,7 @@ def main() -> None:
     for name in MODELS:
         if args.only not in (None, name):
             continue
-        recipe = DiffusionRecipe(config_for(name, args.out, ae_run, args.quick))
+        recipe = DiffusionRecipe(config_for(name, args.out, ae_run), overwrite=True)
         flops = step_flops(recipe)
         if name == "latent DiT":  # the latent U-Net's training compute
             unet = rows["latent U-Net"]

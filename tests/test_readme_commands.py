@@ -35,7 +35,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 #: ``(value,)`` only replaces a README value (sample's --n: 20 samples of --class all for eval).
 TINY: dict[str, dict[str, str | tuple[str]]] = {
     "train": {"--steps": "2", "--batch-size": "4", "--model-size": "tiny",
-              "--sample-every": "0", "--sample-steps": "2"},
+              "--sample-every": "0", "--sample-steps": "2", "--resolution": ("16",)},
     "train-classifier": {"--steps": "2", "--batch-size": "8", "--base-channels": "8"},
     "sample": {"--steps": "2", "--n": ("2",)},
     "edit": {"--steps": "4"},
@@ -45,6 +45,9 @@ TINY: dict[str, dict[str, str | tuple[str]]] = {
                  "--evals": "1", "--tol": "1e-2"},
     "plot": {},
     "distill": {"--steps": "2", "--batch-size": "4"},
+    # the 64 px scenes at 16 px: encoding the data set is the cost of a latent run
+    "train-autoencoder": {"--steps": "2", "--batch-size": "4", "--resolution": ("16",),
+                          "--sample-every": "0"},
 }
 #: appended to every difflab command that has them: the CPU (same on any machine), no bars
 QUIET = ["--device", "cpu", "--no-progress"]
@@ -148,7 +151,7 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread,
         ran.append(words[1])
     capsys.readouterr()
     assert {"train", "sample", "edit", "eval", "nll", "fit-grid", "train-classifier",
-            "distill"} <= set(ran)
+            "distill", "train-autoencoder"} <= set(ran)
     assert (tmp_path / "runs" / "mine" / "config.json").is_file()
     assert json.loads((tmp_path / "eval.json").read_text())["fid"] >= 0
     assert (tmp_path / "runs" / "digits" / "grids" / "plms_8.json").is_file()
