@@ -67,10 +67,10 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _image(path: str, pipe: Pipeline, device: torch.device) -> torch.Tensor:
-    if len(pipe.sample_shape) != 3:
+    if len(pipe.image_shape) != 3:
         raise ValueError("difflab edit works on image models; this checkpoint is "
                          f"{pipe.stage.network!r}")
-    channels, _, size = pipe.sample_shape
+    channels, _, size = pipe.image_shape
     return load_png(path, channels, resolution=size)[None].to(device)
 
 
@@ -147,38 +147,54 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def _run_kind(args: argparse.Namespace, pipe: Pipeline, den: Any, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The edit of ``args.kind``: (what the strip shows first, the results)."""
+    """The edit of ``args.kind``: (what the strip shows first, the results), as images. A
+    latent model edits the encoded inputs (``pipe.encode``) and decodes the results."""
     x = _image(args.input, pipe, device)
+    z = pipe.encode(x)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler, options = resolve_sampler(args.sampler, _options(args))
     ts = time_grid(den.process, args.steps, args.spacing)
     cond = _cond(args, pipe)
     if args.kind == "sdedit":
-        out = editing.sdedit(den, x, args.strength, sampler, args.steps, gen, cond=cond,
-                             spacing=args.spacing, **options)
+        out = pipe.decode(editing.sdedit(den, z, args.strength, sampler, args.steps, gen,
+                                         cond=cond, spacing=args.spacing, **options))
     elif args.kind == "vary":
         seeds = list(range(args.seed, args.seed + args.n))
-        out = editing.variations(den, x, seeds, args.strength, sampler, args.steps,
-                                 cond=cond, spacing=args.spacing, **options)
+        out = pipe.decode(editing.variations(den, z, seeds, args.strength, sampler, args.steps,
+                                             cond=cond, spacing=args.spacing, **options))
     elif args.kind == "inpaint":
-        mask = editing.load_mask(args.mask, args.input, pipe.sample_shape[-1]).to(device)
+        mask = editing.load_mask(args.mask, args.input, pipe.image_shape[-1]).to(device)
         eta = 1.0 if args.eta is None else args.eta
-        out = editing.inpaint(den, x, mask, ts, gen, cond=cond, eta=eta,
-                              jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
+        out = pipe.decode(editing.inpaint(
+            den, z, editing.latent_mask(mask, z.shape[-1]), ts, gen, cond=cond, eta=eta,
+            jump_length=args.jump_length, jump_n_sample=args.jump_n_sample))
+        out = torch.where(mask.bool(), out, x)  # the kept part exactly (latent: re-pasted)
         x = torch.cat([x, torch.where(mask.bool(), -1.0, x)])  # show input and kept part
     elif args.kind == "invert":
-        z = editing.ode_invert(den, x, ts, args.inversion, cond=cond)
-        out = editing.reconstruct(den, z, ts, args.inversion, cond=cond)
+        noise = editing.ode_invert(den, z, ts, args.inversion, cond=cond)
+        out = pipe.decode(editing.reconstruct(den, noise, ts, args.inversion, cond=cond))
         rmse = float((out - x).pow(2).mean().sqrt())
+        via = " (through the autoencoder)" if pipe.is_latent else ""
         print(f"inversion + reconstruction with {args.steps} {args.inversion} steps: RMSE "
-              f"{rmse:.5f} (data range [-1, 1])")
+              f"{rmse:.5f} (data range [-1, 1]){via}")
         if args.save_npz:
-            arr = z.cpu().numpy()
+            arr = noise.cpu().numpy()
             atomic_write(Path(args.save_npz), lambda tmp: np.savez(open(tmp, "wb"), noise=arr))
-        out = torch.cat([z.clamp(-1, 1), out])
+        out = torch.cat([noise_preview(noise, x.shape), out])
     else:  # interpolate
         x2 = _image(args.input2, pipe, device)
         lams = torch.linspace(0, 1, args.n)
-        out = editing.interpolate(den, x, x2, lams, ts, cond=cond)
+        out = pipe.decode(editing.interpolate(den, z, pipe.encode(x2), lams, ts, cond=cond))
         x = torch.cat([x, x2])
     return x, out
+
+
+def noise_preview(noise: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverted noise [B, c, h, w] shown as images of ``shape`` [B, C, H, W]: clamped to
+    [-1, 1]; latents (other channels or size) as their first C channels (the first one
+    repeated if fewer), upsampled by nearest neighbours."""
+    if noise.shape[1:] == shape[1:]:
+        return noise.clamp(-1, 1)
+    c = shape[1]
+    v = noise[:, :c] if noise.shape[1] >= c else noise[:, :1].expand(-1, c, -1, -1)
+    return torch.nn.functional.interpolate(v, size=tuple(shape[-2:]), mode="nearest").clamp(-1, 1)

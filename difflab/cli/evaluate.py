@@ -179,6 +179,10 @@ def run_nll(args: argparse.Namespace) -> int:
     # the ODE needs gradients through x0_hat: no clipping there
     denoiser = pipe.denoiser(clip=args.method == "vlb")
     stage = pipe.stage
+    if pipe.is_latent:
+        raise ValueError("difflab nll scores images by the model's own likelihood; a latent "
+                         "model's is of its latents, not of the images (the autoencoder has "
+                         "none): no bits/dim")
     if len(pipe.sample_shape) != 3 or stage.data_range is None:
         raise ValueError("difflab nll scores 8-bit images; this checkpoint models 2-D points")
     if args.data is None and stage.dataset is None:

@@ -17,6 +17,7 @@ from .fit_grid import add_fit_grid_parser
 from .plot import add_plot_parser
 from .sample import add_sample_parser
 from .train import add_train_classifier_parser, add_train_parser
+from .train_autoencoder import add_train_autoencoder_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_parser(sub)
     add_train_classifier_parser(sub)
+    add_train_autoencoder_parser(sub)
     add_distill_parser(sub)
     add_sample_parser(sub)
     add_fit_grid_parser(sub)

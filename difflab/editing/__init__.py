@@ -4,11 +4,11 @@ All of it drives the same samplers and denoisers as plain sampling: an edit choo
 time, a start point, a mask or a path through the grid.
 """
 
-from .inpaint import check_mask, inpaint, load_mask, repaint_path
+from .inpaint import check_mask, inpaint, latent_mask, load_mask, repaint_path
 from .interpolation import interpolate, interpolate_coarse_to_fine, slerp
 from .inversion import METHODS, ddim_invert, ode_invert, reconstruct
 from .sdedit import sdedit, truncated_grid, variations
 
 __all__ = ["METHODS", "check_mask", "ddim_invert", "inpaint", "interpolate",
-           "interpolate_coarse_to_fine", "load_mask", "ode_invert", "reconstruct",
+           "interpolate_coarse_to_fine", "latent_mask", "load_mask", "ode_invert", "reconstruct",
            "repaint_path", "sdedit", "slerp", "truncated_grid", "variations"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -91,6 +92,16 @@ def load_mask(path: str | Path, image: str | Path, resolution: int) -> Tensor:
                         "(keep) and white (regenerate)")
     # bicubic resizing makes edges grey: threshold at mid-grey, as nearest would
     return (load_png(path, 1, resolution) > 0).float()[None]
+
+
+def latent_mask(mask: Tensor, size: int) -> Tensor:
+    """A 0/1 pixel mask [B, 1, H, W] (1 = regenerate) at a latent resolution ``size``: a
+    latent cell is regenerated when any pixel it covers is (max-pooling), so the region kept
+    from the input's latents never touches the part to regenerate. Identity at ``size`` =
+    H."""
+    if mask.shape[-1] == size:
+        return mask
+    return F.adaptive_max_pool2d(mask, size)
 
 
 @torch.no_grad()

@@ -7,16 +7,24 @@ from typing import Any
 
 from torch import nn
 
+from difflab.networks.autoencoder import Autoencoder, AutoencoderConfig, LatentDistribution
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
+from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
+    "DIT_SIZES",
     "NETWORKS",
+    "Autoencoder",
+    "AutoencoderConfig",
     "ClassifierConfig",
+    "DiT",
+    "DiTConfig",
     "LatentUNet",
+    "LatentDistribution",
     "LatentUNetConfig",
     "NoisyClassifier",
     "MLPConfig",
@@ -35,6 +43,8 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "mlp": (MLPDenoiser, MLPConfig),
     "classifier": (NoisyClassifier, ClassifierConfig),
     "latent_unet": (LatentUNet, LatentUNetConfig),
+    "autoencoder": (Autoencoder, AutoencoderConfig),
+    "dit": (DiT, DiTConfig),
 }
 
 

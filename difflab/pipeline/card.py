@@ -1,8 +1,9 @@
 """The model card: one typed JSON file that says what each stage of a saved model is.
 
-A pipeline folder holds ``model_card.json`` and one safetensors file per stage. Today there is
-one stage kind, ``"diffusion"`` (a network, its process and prediction type); the list of
-stages is where an autoencoder, a cascade's second model or an adapter will go. A training
+A pipeline folder holds ``model_card.json`` and one safetensors file per stage. Stage kinds:
+``"diffusion"`` (a network, its process and prediction type; exactly one per card) and
+``"autoencoder"`` (at most one: the diffusion stage then works in its latent space, Rombach et
+al. 2022; the pipeline encodes images before editing and decodes samples after sampling). A training
 checkpoint (``step_*.json`` + ``.safetensors``) converts to a card through
 :meth:`ModelCard.from_checkpoint_meta`, which is how existing run folders keep loading.
 
@@ -28,23 +29,32 @@ CARD_FORMAT = 1
 CARD_FILE = "model_card.json"
 
 Conditioning = Literal["none", "class", "text"]
+StageKind = Literal["diffusion", "autoencoder"]
 
 
 @dataclass
 class StageCard:
-    """One stage of a pipeline; for ``kind="diffusion"`` a denoiser and how to sample it."""
+    """One stage of a pipeline: for ``kind="diffusion"`` a denoiser and how to sample it; for
+    ``kind="autoencoder"`` an image autoencoder (``sample_shape`` and ``data_range`` are the
+    images'; ``scale_factor``/``shift_factor`` map its latents to the diffusion stage's)."""
 
     name: str = option(help="stage name, unique in the card (e.g. 'diffusion')")
     network: str = option(help="registered network name (networks.NETWORKS)")
     network_config: dict[str, Any] = option(
         help="the network's own config, as build_network takes it")
-    process: dict[str, Any] = option(help="Process.to_config() of the process")
-    prediction: PredictionType = option(
-        help="what the network predicts (parameterization.Denoiser)")
     sample_shape: list[int] = option(
-        help="shape of one sample: [C, H, W] for images, [D] for points")
+        help="shape of one sample: [C, H, W] for images, [D] for points (a latent diffusion "
+             "stage: the latents')")
     weights: str = option(help="safetensors file of this stage, relative to the card's folder")
-    kind: Literal["diffusion"] = option("diffusion", "stage kind")
+    kind: StageKind = option("diffusion", "stage kind")
+    process: dict[str, Any] = option(
+        help="Process.to_config() of the process (diffusion stages)", factory=dict)
+    prediction: PredictionType | None = option(
+        None, "what the network predicts (parameterization.Denoiser; diffusion stages)")
+    scale_factor: float = option(
+        1.0, "autoencoder: the diffusion stage's latent is (z - shift_factor) * scale_factor "
+             "(1 / the latents' std on the training data, as Stable Diffusion's 0.18215)")
+    shift_factor: float = option(0.0, "autoencoder: see scale_factor")
     weights_prefix: str = option(
         "", "prefix of this stage's tensors in the weights file ('' = the whole file; 'ema' or "
             "'model' inside a training checkpoint)")
@@ -89,6 +99,11 @@ class StageCard:
 
     def __post_init__(self) -> None:
         """Checks that types cannot express (``from_dict`` reports them with the file)."""
+        if self.kind == "autoencoder":
+            self._check_autoencoder()
+        elif not self.process or self.prediction is None:
+            raise ValueError(f"stage {self.name!r}: a diffusion stage needs process and "
+                             "prediction")
         if self.conditioning == "class" and not self.class_names:
             raise ValueError(f"stage {self.name!r}: conditioning 'class' needs class_names")
         if self.conditioning == "text" and not self.text_encoder:
@@ -113,6 +128,16 @@ class StageCard:
         if self.sampler_steps is not None and self.sampler_steps < 1:
             raise ValueError(f"stage {self.name!r}: sampler_steps must be at least 1")
 
+    def _check_autoencoder(self) -> None:
+        if self.process or self.prediction is not None:
+            raise ValueError(f"autoencoder stage {self.name!r} takes no process or prediction")
+        if len(self.sample_shape) != 3:
+            raise ValueError(f"autoencoder stage {self.name!r}: sample_shape must be the "
+                             f"images' [C, H, W], got {self.sample_shape}")
+        if not (self.scale_factor > 0 and abs(self.scale_factor) < float("inf")):
+            raise ValueError(f"autoencoder stage {self.name!r}: scale_factor must be a "
+                             f"positive number, got {self.scale_factor}")
+
 
 @dataclass
 class ModelCard:
@@ -135,6 +160,14 @@ class ModelCard:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        kinds = sorted(s.kind for s in self.stages)
+        if kinds not in (["diffusion"], ["autoencoder", "diffusion"]):
+            raise ValueError("a model card holds one diffusion stage and at most one "
+                             f"autoencoder stage; got {[s.kind for s in self.stages]}")
+
+    def stage_of(self, kind: StageKind) -> StageCard | None:
+        """The stage of ``kind`` (None if the card has none)."""
+        return next((s for s in self.stages if s.kind == kind), None)
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +194,19 @@ class ModelCard:
         """The card of a training checkpoint's metadata (``step_*.json`` as written by the
         trainer); ``weights`` is the checkpoint's safetensors file name, whose ``ema.*`` (or,
         with ``ema=False``, ``model.*``) tensors are the network's."""
+        card = cls._diffusion_from_meta(meta, weights, ema)
+        if meta.get("autoencoder_stage"):  # a latent diffusion model (recipes.latent)
+            ae = from_dict(StageCard, meta["autoencoder_stage"], "checkpoint autoencoder stage")
+            card.stages.append(ae)
+            card.__post_init__()
+        return card
+
+    @classmethod
+    def _diffusion_from_meta(cls, meta: dict[str, Any], weights: str, ema: bool) -> ModelCard:
         prefix = "ema" if ema else "model"
+        if "autoencoder" in meta and "network" not in meta and "stage" not in meta:
+            raise ValueError("this is an autoencoder checkpoint, not a diffusion model (train "
+                             "a latent diffusion model on it with --autoencoder)")
         if "stage" in meta:  # a distilled student: its whole card (difflab.recipes.distill)
             # a stage's own prefix points inside the trained module (e.g. "student")
             inner = meta["stage"].get("weights_prefix") or ""
@@ -211,11 +256,11 @@ def _training_dataset(config: dict[str, Any]) -> str | None:
 
 
 def sample_shape_of(network: str, config: dict[str, Any]) -> list[int]:
-    """The shape of one sample of a U-Net or MLP denoiser, from its config (checkpoints
+    """The shape of one sample of a U-Net, DiT or MLP denoiser, from its config (checkpoints
     written before the trainer recorded ``sample_shape`` in their metadata)."""
     if network == "mlp":
         return [int(config["dim"])]
-    if network == "unet":
+    if network in ("unet", "dit"):
         return [int(config["in_channels"]), int(config["image_size"]),
                 int(config["image_size"])]
     raise ValueError(f"no sample shape known for network {network!r}")

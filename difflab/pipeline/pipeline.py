@@ -58,13 +58,15 @@ class Pipeline:
         if len(nets) != len(card.stages):
             raise ValueError(f"the card has {len(card.stages)} stages but {len(nets)} "
                              "networks were given")
-        if [s.kind for s in card.stages] != ["diffusion"]:
-            raise ValueError("this difflab samples single-stage diffusion pipelines; got "
-                             f"stages {[s.kind for s in card.stages]}")
         self.card, self.networks, self.device = card, nets, torch.device(device)
+        kinds = [s.kind for s in card.stages]
+        self.net = nets[kinds.index("diffusion")]
+        #: the autoencoder of a latent model (None: the model works on the data itself)
+        self.autoencoder: nn.Module | None = (nets[kinds.index("autoencoder")]
+                                              if "autoencoder" in kinds else None)
         st = self.stage
         self.process: Process = process_from_config(st.process)
-        self.base = Denoiser(nets[0], self.process, st.prediction,
+        self.base = Denoiser(self.net, self.process, st.prediction,
                              learned_variance=st.learned_variance, sigma_data=st.sigma_data,
                              base_prediction=st.base_prediction, sigma_min=st.sigma_min,
                              sigma_max=st.sigma_max)
@@ -104,12 +106,69 @@ class Pipeline:
     @property
     def stage(self) -> StageCard:
         """The diffusion stage."""
-        return self.card.stages[0]
+        stage = self.card.stage_of("diffusion")
+        assert stage is not None  # ModelCard checks it
+        return stage
+
+    @property
+    def autoencoder_stage(self) -> StageCard | None:
+        """The autoencoder stage of a latent model, else None."""
+        return self.card.stage_of("autoencoder")
+
+    @property
+    def is_latent(self) -> bool:
+        """The diffusion stage works in an autoencoder's latent space."""
+        return self.autoencoder is not None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample: (C, H, W) for images, (D,) for points."""
+        """Shape of what the diffusion stage samples: (C, H, W) for images (a latent
+        model's latents), (D,) for points."""
         return tuple(self.stage.sample_shape)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one output: the images' (C, H, W) for a latent model, else
+        :attr:`sample_shape`."""
+        ae = self.autoencoder_stage
+        return tuple(ae.sample_shape) if ae is not None else self.sample_shape
+
+    @property
+    def data_range(self) -> list[float] | None:
+        """[lo, hi] of the outputs (images), or None for 2-D points."""
+        ae = self.autoencoder_stage
+        return ae.data_range if ae is not None else self.stage.data_range
+
+    # -- latent space ---------------------------------------------------------------------------
+    def encode(self, images: Tensor, *, sample: bool = False,
+               generator: torch.Generator | None = None, batch_size: int = 64) -> Tensor:
+        """Images (in :attr:`data_range`) -> what the diffusion stage works on: the scaled
+        latents (z - shift) * scale of the posterior mean (or, with ``sample``, a draw) for a
+        latent model; the images themselves otherwise."""
+        if self.autoencoder is None:
+            return images
+        ae = self.autoencoder_stage
+        outs = []
+        with torch.no_grad():
+            for chunk in images.split(batch_size):
+                post = self.autoencoder.encode(chunk.to(self.device, torch.float32))
+                z = post.sample(generator) if sample else post.mode()
+                outs.append((z - ae.shift_factor) * ae.scale_factor)
+        return torch.cat(outs)
+
+    def decode(self, latents: Tensor, *, batch_size: int = 64) -> Tensor:
+        """Inverse of :meth:`encode` (the decoder, clamped to :attr:`data_range`); the
+        identity for a model without an autoencoder."""
+        if self.autoencoder is None:
+            return latents
+        ae = self.autoencoder_stage
+        outs = []
+        with torch.no_grad():
+            for chunk in latents.split(batch_size):
+                z = chunk.to(self.device, torch.float32) / ae.scale_factor + ae.shift_factor
+                outs.append(self.autoencoder.decode(z).float())
+        x = torch.cat(outs)
+        return x.clamp(*ae.data_range) if ae.data_range is not None else x
 
     @property
     def class_names(self) -> list[str]:
@@ -268,6 +327,7 @@ class Pipeline:
         x = generate(den, fn, self.sample_shape, seeds, labels=cond.cond, steps=steps,
                      spacing=spacing, ts=ts, batch_size=batch_size, device=self.device,
                      progress=progress, **options)
+        x = self.decode(x, batch_size=batch_size).cpu() if self.is_latent else x
         return PipelineOutput(samples=x, seeds=seeds, nrow=cond.nrow, labels=cond.labels,
                               prompts=cond.prompts)
 

@@ -1,16 +1,18 @@
 """The diffusion run's typed config: nested groups, each field with its help text and resume
 mark (``difflab.config``); the command-line options are generated from it.
 
-Groups: ``data``, ``network`` (a preset plus the networks' own configs, ``UNetConfig`` and
-``MLPConfig``, whose derived fields -- channels, classes, text width -- the recipe fills),
-``diffusion`` (process and parameterization), ``objective`` (``ObjectiveConfig``), ``optim``,
-``run`` (bookkeeping) and ``speed``. Fields marked ``resume=True`` may change when a run is
-resumed; the rest are fixed by the checkpoint.
+Groups: ``data``, ``network`` (presets plus the networks' own configs, ``UNetConfig``,
+``MLPConfig`` and ``DiTConfig``, whose derived fields -- channels, classes, text width -- the
+recipe fills), ``latent`` (an autoencoder to train in the latent space of), ``diffusion``
+(process and parameterization), ``objective`` (``ObjectiveConfig``), ``optim``, ``run``
+(bookkeeping) and ``speed``. Fields marked ``resume=True`` may change when a run is resumed;
+the rest are fixed by the checkpoint.
 
 :meth:`TrainConfig.from_values` reads nested tables, dotted keys (``optim.lr``) and the old
 flat keys (``lr``, as in config files and checkpoints written before the nesting), applies the
-``network.model_size`` preset to the U-Net fields not given, derives the defaults that depend
-on the data (:func:`resolve_values`), and checks every value.
+``network.model_size`` preset to the U-Net fields not given (``network.dit_size`` to the
+DiT's), derives the defaults that depend on the data (:func:`resolve_values`), and checks
+every value.
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ import tomllib
 from ..config import check_ranges, deep_merge, from_dict, option, to_dict, unflatten
 from ..data import DataError
 from ..data.registry import dataset_folder, dataset_slug, folder_resolution
-from ..networks import NETWORKS, MLPConfig, UNetConfig
+from ..networks import DIT_SIZES, NETWORKS, DiTConfig, MLPConfig, UNetConfig
 from ..objectives import ObjectiveConfig
 from ..parameterization import PredictionType
 from ..process import PROCESS_NAMES
 from .images import MODEL_SIZES
 
-__all__ = ["DERIVED_DEFAULTS", "DataConfig", "DiffusionConfig", "NetworkConfig", "OptimConfig",
-           "RunConfig", "SpeedConfig", "TrainConfig", "default_attention", "read_config_file",
-           "resolve_values"]
+__all__ = ["DERIVED_DEFAULTS", "DataConfig", "DiffusionConfig", "LatentConfig", "NetworkConfig",
+           "OptimConfig", "RunConfig", "SpeedConfig", "TrainConfig", "default_attention",
+           "read_config_file", "resolve_values"]
 
 
 @dataclass
@@ -66,6 +68,10 @@ def _tiny_unet() -> UNetConfig:
                       **MODEL_SIZES["tiny"])
 
 
+def _tiny_dit() -> DiTConfig:
+    return DiTConfig(in_channels=1, image_size=8, **DIT_SIZES["tiny"])
+
+
 def _denoiser_names() -> list[str]:
     """The networks a run can train: registered ones with a config group below."""
     return [f.name for f in fields(NetworkConfig) if f.name in NETWORKS]
@@ -81,6 +87,23 @@ class NetworkConfig:
         "--num-res-blocks where they are not given")
     unet: UNetConfig = option(factory=_tiny_unet, help="the U-Net (image data)")
     mlp: MLPConfig = option(factory=MLPConfig, help="the MLP (2-D data)")
+    dit_size: Literal["tiny", "S", "B", "L", "XL"] = option(
+        "tiny", "DiT preset (Peebles & Xie 2023): tiny, S, B, L or XL; sets --dit-hidden-size, "
+        "--dit-depth and --dit-heads where they are not given")
+    dit: DiTConfig = option(factory=_tiny_dit, help="the diffusion transformer (image data; "
+                                                     "--network dit)")
+
+
+@dataclass
+class LatentConfig:
+    autoencoder: str | None = option(
+        None, "train in the latent space of this autoencoder (latent diffusion): a 'difflab "
+        "train-autoencoder' run or checkpoint, a pipeline folder with an autoencoder stage, or "
+        "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors); "
+        "the data set is encoded once before training")
+    posterior: Literal["sample", "mean"] = option(
+        "sample", "what the model is trained on: a fresh draw from the encoder's posterior "
+        "each step (as LDM) or its mean")
 
 
 @dataclass
@@ -171,6 +194,7 @@ class TrainConfig:
 
     data: DataConfig = option(factory=DataConfig, help="data")
     network: NetworkConfig = option(factory=NetworkConfig, help="network")
+    latent: LatentConfig = option(factory=LatentConfig, help="latent diffusion")
     diffusion: DiffusionConfig = option(factory=DiffusionConfig, help="process")
     objective: ObjectiveConfig = option(factory=ObjectiveConfig, help="objective")
     optim: OptimConfig = option(factory=OptimConfig, help="optimisation")
@@ -193,8 +217,9 @@ class TrainConfig:
         return cls.from_dict(resolve_values(nested_values(values, where), notes), where)
 
 
-#: old flat keys whose meaning moved (the rest map by their leaf name)
-_FLAT_RENAMES = {"objective": "objective.name"}
+#: old flat keys whose meaning moved, or that another network's field now shares (the rest
+#: map by their leaf name)
+_FLAT_RENAMES = {"objective": "objective.name", "num_heads": "network.unet.num_heads"}
 #: old flat keys where None meant "from the preset"
 _PRESET_KEYS = ("base_channels", "channel_mult", "num_res_blocks")
 
@@ -252,6 +277,7 @@ def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> 
         if key not in given_unet:
             net["unet"][key] = value
     net["unet"]["image_size"] = data.get("resolution")
+    _apply_dit_size(net, _table(given_net, "dit"), data)
     if "attention_resolutions" not in given_unet:
         net["unet"]["attention_resolutions"] = default_attention(
             net["unet"]["image_size"], net["unet"].get("channel_mult"))
@@ -263,6 +289,20 @@ def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> 
     _derive_warmup(out, _table(given, "optim"), notes)
     _derive_flow(out, _table(given, "diffusion"), notes)
     return out
+
+
+def _apply_dit_size(net: dict[str, Any], given_dit: Mapping[str, Any],
+                    data: dict[str, Any]) -> None:
+    """The ``network.dit_size`` preset's DiT fields where not given; for a DiT run, its
+    nominal size from the data resolution (so that ``--patch-size`` is checked against it)."""
+    dit, size = net.get("dit"), net.get("dit_size")
+    if not isinstance(dit, dict):
+        return
+    for key, value in DIT_SIZES.get(size if isinstance(size, str) else "", {}).items():
+        if key not in given_dit:
+            dit[key] = value
+    if net.get("name") == "dit" and "image_size" not in given_dit:
+        dit["image_size"] = data.get("resolution")
 
 
 def default_attention(image_size: Any, channel_mult: Any) -> list[int]:

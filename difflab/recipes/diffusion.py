@@ -37,6 +37,7 @@ from ..process import Process, make_process
 from ..training import EMA, LoopConfig, StepContext, TrainLoop, init_device
 from ..training.distributed import check_divisible
 from .config import TrainConfig
+from .latent import LatentSpace
 from .networks import denoiser_name, network_config
 from .text import CaptionTable
 
@@ -121,6 +122,13 @@ class DiffusionRecipe:
             d.resolution, d.channels, points=d.toy_points, points_seed=c.run.seed))
         self.is_toy = isinstance(self.data, PointData)
         x = self.data.points if self.is_toy else self.data.images
+        self.latent: LatentSpace | None = None
+        if c.latent.autoencoder:  # latent diffusion: the data set encoded once
+            if self.is_toy:
+                raise ValueError("--autoencoder needs image data, not 2-D points")
+            self.latent = LatentSpace.encode(c.latent.autoencoder, x, self.device,
+                                             c.latent.posterior)
+            x = self.latent.mean
         labels = None
         if d.class_conditional and self.data.labels is not None:
             labels = self.data.labels.to(self.device)
@@ -147,7 +155,9 @@ class DiffusionRecipe:
                                   p.p_uncond, self.num_classes, self.captions,
                                   self.time_sampler, c.speed.channels_last, c.optim.steps,
                                   self.consistency)
-        self.source = EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed)
+        self.source = (self.latent.source(labels, c.optim.batch_size, c.run.seed)
+                       if self.latent is not None else
+                       EpochSource(x.to(self.device), labels, c.optim.batch_size, c.run.seed))
         self.loop = TrainLoop(
             loop_config(c, overwrite), net, self.source, self.loss, self.meta, self.dist,
             self.device,
@@ -233,6 +243,11 @@ class DiffusionRecipe:
     def meta(self) -> dict[str, Any]:
         """What loading a checkpoint relies on (sampling, editing, evaluation)."""
         c = self.config
+        latent = {}
+        if self.latent is not None:  # the autoencoder stage, its weights beside the checkpoints
+            if self.loop.folder_ready and self.dist.is_main:
+                self.latent.write_weights(self.out_dir / "checkpoints")
+            latent = {"autoencoder_stage": self.latent.stage_meta()}
         return {
             "config": c.to_dict(),
             "network": {"name": self.net_name, "config": asdict(self.net_config)},
@@ -242,11 +257,12 @@ class DiffusionRecipe:
             "learned_variance": self.objective.learned_variance,
             "sigma_data": c.diffusion.sigma_data,
             "sample_shape": list(self.source.x.shape[1:]),
-            "data_range": None if self.is_toy else [-1.0, 1.0],
+            "data_range": None if self.is_toy or self.latent is not None else [-1.0, 1.0],
             "class_names": (list(self.data.class_names)
                             if self.num_classes and self.captions is None else []),
             **({"text_encoder": c.data.text_encoder, "captions": self.data.class_names}
                if self.captions is not None else {}),
+            **latent,
         }
 
     def consistency_meta(self) -> dict[str, Any]:
@@ -257,7 +273,8 @@ class DiffusionRecipe:
     def pipeline(self) -> Pipeline:
         """The EMA model as a :class:`Pipeline` (what loading this run's checkpoint gives)."""
         card = ModelCard.from_checkpoint_meta(self.meta())
-        return Pipeline(card, self.ema.model, self.device)
+        nets = [self.ema.model] + ([self.latent.net] if self.latent is not None else [])
+        return Pipeline(card, nets, self.device)
 
     def sample_grid(self, per_class: int = 10, seed: int = 0) -> Path:
         """DDIM samples from the EMA model through the pipeline: one row of ``per_class`` per

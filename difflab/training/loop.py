@@ -223,6 +223,12 @@ class TrainLoop:
         if self.dist.rank > 0:
             torch.manual_seed((self.config.seed * 1_000_003 + step) * 1009 + self.dist.rank)
 
+    @property
+    def folder_ready(self) -> bool:
+        """The run folder has been made ready (the first :meth:`run` call): files may be
+        written into it."""
+        return self._folder_ready
+
     # -- one step ---------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         """Linear warm-up to ``lr`` over ``warmup_steps`` steps, then constant."""

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ...config import option
 from ...networks.fused import reference_ops
 from ...parameterization import Denoiser, DenoiserFn
-from ...pipeline import ModelCard, Pipeline
+from ...pipeline import Pipeline
 from ...samplers import time_grid
 from ..config import OptimConfig, RunConfig
 from .base import (
@@ -210,14 +210,13 @@ class AdversarialStudentLoop(StudentLoop):
     """A :class:`StudentLoop` whose trained module is the pair: it samples the student."""
 
     def pipeline(self) -> Pipeline:
-        card = ModelCard(stages=[replace(self.stage, weights="student", weights_prefix="")],
-                         step=self.loop.step, ema=self.loop.ema is not None)
-        return Pipeline(card, self.sampling_module().student, self.device)
+        return self.student_pipeline(replace(self.stage, weights="student", weights_prefix=""),
+                                     self.sampling_module().student)
 
 
 def teacher_features(teacher: Pipeline, feature_t: float):
     """x -> the frozen teacher U-Net's encoder activations at time ``feature_t``."""
-    net = teacher.networks[0]
+    net = teacher.net
     if teacher.stage.network != "unet":
         raise ValueError("adversarial distillation needs a U-Net teacher (its encoder is the "
                          f"discriminator's feature network); got {teacher.stage.network!r}")

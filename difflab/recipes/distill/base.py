@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from ...config import to_dict
 from ...data import DataRequest, EpochSource, ImageData, PointData, load_data
 from ...pipeline import Conditions, ModelCard, Pipeline, StageCard
+from ...pipeline.loading import write_stage_weights
 from ...training import LoopConfig, LossFn, TrainLoop, init_device
 from ...training.loop import BatchSource
 from ..config import OptimConfig, RunConfig
+from ..latent import AUTOENCODER_WEIGHTS
 
 __all__ = ["Distillation", "StudentLoop", "TeacherData", "data_source", "distill_optim",
            "distill_run", "load_teacher", "student_network", "student_stage", "teacher_data"]
@@ -71,7 +73,7 @@ def load_teacher(path: str, device: torch.device | str = "cpu") -> Pipeline:
 
 def student_network(teacher: Pipeline) -> nn.Module:
     """A trainable copy of the teacher's network (students start from the teacher)."""
-    net = copy.deepcopy(teacher.networks[0])
+    net = copy.deepcopy(teacher.net)
     return net.train().requires_grad_(True)
 
 
@@ -99,7 +101,7 @@ def teacher_data(teacher: Pipeline, device: torch.device | str = "cpu",
     name = dataset or teacher.stage.dataset
     if not name:
         raise ValueError("the teacher's card names no data set: give --dataset")
-    shape = teacher.sample_shape
+    shape = teacher.image_shape
     if len(shape) == 3:
         request = DataRequest(resolution=shape[-1], channels=shape[0], split=split)
     else:
@@ -114,7 +116,8 @@ def teacher_data(teacher: Pipeline, device: torch.device | str = "cpu",
             and data.labels is not None:
         labels = data.labels.to(device)
     n = len(teacher.class_names) if labels is not None else None
-    return TeacherData(x.to(device), labels, n)
+    # a latent teacher's data: the posterior means of its autoencoder, in its units
+    return TeacherData(teacher.encode(x.to(device)), labels, n)
 
 
 class StudentLoop:
@@ -142,6 +145,7 @@ class StudentLoop:
                  callbacks: Sequence[Callable[[TrainLoop], Any]] = ()):
         self.config, self.method, self.teacher, self.stage = config, method, teacher, stage
         self.extra_meta = dict(extra_meta or {})
+        self._ae_written = False
         dist, dev = init_device(config.run.device)
         self.device = device or dev
         o, r = config.optim, config.run
@@ -161,10 +165,34 @@ class StudentLoop:
         return self.loop.out_dir
 
     def meta(self) -> dict[str, Any]:
-        """Checkpoint metadata: the method's config, the teacher, and the student's card."""
+        """Checkpoint metadata: the method's config, the teacher, and the student's card
+        (with a latent teacher's autoencoder stage: the student samples its latents)."""
         return {"config": to_dict(self.config), "method": self.method,
                 "teacher": str(self.config.teacher), "stage": to_dict(self.stage),
-                **self.extra_meta}
+                **self.autoencoder_meta(), **self.extra_meta}
+
+    def autoencoder_meta(self) -> dict[str, Any]:
+        """A latent teacher's autoencoder stage, its weights written once beside the
+        student's checkpoints; {} for a pixel-space teacher."""
+        ae = self.teacher.autoencoder_stage
+        if ae is None:
+            return {}
+        if self.loop.folder_ready and self.loop.dist.is_main and not self._ae_written:
+            write_stage_weights(self.teacher.autoencoder,
+                                self.out_dir / "checkpoints" / AUTOENCODER_WEIGHTS)
+            self._ae_written = True
+        return {"autoencoder_stage": to_dict(replace(ae, weights=AUTOENCODER_WEIGHTS,
+                                                     weights_prefix=""))}
+
+    def student_pipeline(self, stage: StageCard, student: nn.Module) -> Pipeline:
+        """A pipeline of ``stage`` with ``student`` (and a latent teacher's autoencoder)."""
+        stages, nets = [stage], [student]
+        if self.teacher.autoencoder_stage is not None:
+            stages.append(self.teacher.autoencoder_stage)
+            nets.append(self.teacher.autoencoder)
+        card = ModelCard(stages=stages, step=self.loop.step, ema=self.loop.ema is not None,
+                         training=to_dict(self.config))
+        return Pipeline(card, nets, self.device)
 
     def sampling_module(self) -> nn.Module:
         """The EMA student when the run keeps one, else the student itself."""
@@ -172,9 +200,8 @@ class StudentLoop:
 
     def pipeline(self) -> Pipeline:
         """The student as a pipeline (what loading its checkpoint gives)."""
-        card = ModelCard(stages=[replace(self.stage, weights="student")], step=self.loop.step,
-                         ema=self.loop.ema is not None, training=to_dict(self.config))
-        return Pipeline(card, self.sampling_module(), self.device)
+        return self.student_pipeline(replace(self.stage, weights="student"),
+                                     self.sampling_module())
 
     def sample_grid(self, per_class: int = 10, seed: int = 0) -> Path:
         """Samples with the student's own sampler and steps: a row per class (or one row)."""

@@ -194,7 +194,7 @@ def guided_parts(teacher: Pipeline, w_min: float, w_max: float
         raise ValueError("--guided needs a U-Net teacher without a guidance input")
     if w_min > w_max:
         raise ValueError(f"--w-min ({w_min}) must not exceed --w-max ({w_max})")
-    student = with_guidance_embedding(teacher.networks[0])  # type: ignore[arg-type]
+    student = with_guidance_embedding(teacher.net)  # type: ignore[arg-type]
     den: DenoiserFn = ScaleInputCFG(teacher.base, null_label=len(st.class_names))
     if st.data_range is not None:
         den = ClippedDenoiser(den, *st.data_range)

@@ -312,7 +312,7 @@ class ProgressiveDistillation:
         return den
 
     def _student(self, pipe: Pipeline) -> nn.Module:
-        net = pipe.networks[0]
+        net = pipe.net
         if self.config.guided and not pipe.stage.guidance_input:
             if not isinstance(net, UNet):
                 raise ValueError("--guided needs a U-Net teacher")

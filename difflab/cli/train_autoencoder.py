@@ -1,0 +1,117 @@
+"""``difflab train-autoencoder``: the first stage of latent diffusion (options generated from
+:class:`difflab.recipes.autoencoder.AutoencoderTrainConfig`; a config file; resume)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import changed_fields, deep_merge, leaves, to_dict, unflatten
+from ..recipes.autoencoder import AutoencoderRecipe, AutoencoderTrainConfig
+from ..recipes.config import WARMUP_FRACTION, read_config_file
+from ..training import resolve_checkpoint
+from ..training.checkpoint import load_checkpoint
+from ..training.distributed import env_info, process_group
+from .options import add_config_options, changed_options, given_options
+
+#: test images over which the final held-out PSNR is measured
+FINAL_PSNR_IMAGES = 1000
+
+
+def add_train_autoencoder_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-autoencoder", help="train an autoencoder for latent diffusion",
+                       description="Train a KL- or VQ-regularised convolutional autoencoder "
+                                   "(L1/L2 reconstruction, optional patch discriminator), the "
+                                   "first stage of latent diffusion. Writes reconstruction "
+                                   "grids and PSNR; checkpoints hold the latent scale factor. "
+                                   "Precedence: defaults < --config file < command line.")
+    p.add_argument("--config", help="JSON or TOML file: nested tables as in a run's "
+                                    "config.json, or dotted keys (optim.lr)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint path, or from the latest one in --out-dir")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --out-dir holds another run (deleting its "
+                        "files)")
+    add_config_options(p, AutoencoderTrainConfig, aliases={"run.out_dir": ["--out"]})
+    p.set_defaults(func=run_train_autoencoder)
+
+
+def resolve_autoencoder_config(args: argparse.Namespace
+                               ) -> tuple[AutoencoderTrainConfig, Path | None]:
+    """Defaults < config file < (when resuming) the checkpoint's config < command line; a
+    resumed run may change only the fields marked ``resume``."""
+    cls = AutoencoderTrainConfig
+    values: dict = {}
+    if args.config:
+        values = unflatten(cls, read_config_file(args.config), where=str(args.config))
+        cls.from_dict(values, where=str(args.config))  # errors name the file
+    deep_merge(values, given_options(args, cls))
+    if not args.resume:
+        _cap_warmup(values)
+        return cls.from_dict(values, where="command line"), None
+    out_dir = cls.from_dict(values, where="command line").run.out_dir
+    ckpt = resolve_checkpoint(out_dir if args.resume == "latest" else args.resume)
+    _, meta = load_checkpoint(ckpt)
+    if not isinstance(meta.get("config"), dict) or "autoencoder" not in meta:
+        raise ValueError(f"{ckpt} is not a checkpoint of 'difflab train-autoencoder'")
+    saved = cls.from_dict(meta["config"], where=str(ckpt))
+    merged = to_dict(saved)
+    deep_merge(merged, values)
+    config = cls.from_dict(merged, where="command line")
+    clash = sorted(leaf.name for leaf in changed_fields(saved, config) if not leaf.resume)
+    if clash:
+        free = sorted(leaf.name for leaf in leaves(cls) if leaf.resume)
+        raise ValueError(f"cannot change {clash} when resuming from {ckpt}; only {free} may "
+                         f"change")
+    return config, ckpt
+
+
+def _cap_warmup(values: dict) -> None:
+    """No --warmup-steps given: at most a fifth of the steps (as ``difflab train``)."""
+    optim = values.setdefault("optim", {})
+    if "warmup_steps" in optim:
+        return
+    steps = optim.get("steps", AutoencoderTrainConfig().optim.steps)
+    default = AutoencoderTrainConfig().optim.warmup_steps
+    if isinstance(steps, int) and default > steps // WARMUP_FRACTION:
+        optim["warmup_steps"] = steps // WARMUP_FRACTION
+
+
+def run_train_autoencoder(args: argparse.Namespace) -> int:
+    """Train; then print the run's files and the held-out PSNR (rank 0 under torchrun)."""
+    config, ckpt = resolve_autoencoder_config(args)
+    main = env_info().is_main
+    recipe: AutoencoderRecipe | None = None
+
+    def release() -> None:
+        if recipe is not None:
+            recipe.release_distributed()
+
+    with process_group(release):
+        recipe = AutoencoderRecipe(config, overwrite=args.overwrite)
+        if main:
+            changed = " ".join(changed_options(config, AutoencoderTrainConfig))
+            print(f"config: {changed or 'all defaults'} (full config: "
+                  f"{Path(config.run.out_dir) / 'config.json'})", flush=True)
+        if ckpt is not None:
+            recipe.resume(ckpt)
+            if main:
+                print(f"resumed from {ckpt} at step {recipe.step}")
+        result = recipe.run(progress=not args.no_progress)
+    if not main:
+        return 0
+    grid = recipe.grid_path()
+    if not grid.exists():  # the last step's grid unless the callback made it
+        grid = recipe.reconstruction_grid()
+    n = min(FINAL_PSNR_IMAGES, len(recipe.test_images))
+    value = recipe.held_out_psnr(FINAL_PSNR_IMAGES)
+    scale, shift = recipe.latent_scale()
+    out = Path(config.run.out_dir)
+    which = "held-out (test split)" if recipe.held_out else "training"
+    print(f"run folder:  {out}\n  config:      {out / 'config.json'}\n"
+          f"  metrics:     {result['metrics']}\n  checkpoint:  {result['checkpoint']}\n"
+          f"  reconstructions: {grid}\n"
+          f"  latent scale factor: {scale:.5g} (shift {shift:.4g})\n"
+          f"{which} PSNR: {value:.2f} dB over {n} images")
+    return 0
