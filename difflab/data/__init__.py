@@ -27,6 +27,7 @@ from .images import (
     save_scatter,
 )
 from .registry import DATASETS, DataRequest, load_data
+from .scenes import SceneData, load_scenes
 from .shapes import CaptionedImageData, load_shapes
 from .source import Batch, BatchSource, EpochSource, RandomSource
 from .toy2d import (
@@ -53,6 +54,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageData",
     "PointData",
+    "SceneData",
     "TOY_DATASETS",
     "checkerboard",
     "eight_gaussians",
@@ -62,6 +64,7 @@ __all__ = [
     "load_digits",
     "load_image_folder",
     "load_png",
+    "load_scenes",
     "load_shapes",
     "sample_toy",
     "save_grid",
@@ -88,9 +91,11 @@ def load_dataset(
     """Load an image data set by name (a lookup in :data:`DATASETS`).
 
     Args:
-        name: ``"digits"`` or ``"shapes"`` (built in, case-insensitive; shapes are captioned,
-            RGB, and their "test" split holds the held-out attribute pairs, see
-            :mod:`difflab.data.shapes`), ``"folder:PATH"``, or the path of an
+        name: ``"digits"``, ``"shapes"``, ``"scenes"`` or ``"scenes:captions"`` (built in,
+            case-insensitive; shapes are captioned, RGB, and their "test" split holds the
+            held-out attribute pairs, see :mod:`difflab.data.shapes`; scenes are 64 px RGB
+            with 12 classes or captions, see :mod:`difflab.data.scenes`), ``"folder:PATH"``,
+            or the path of an
             existing image folder. A built-in name wins over a folder of the same name; use
             ``"folder:digits"`` for the folder.
         resolution: output side length (a multiple of 8 for digits).

@@ -1,8 +1,9 @@
 """Data sets by name: ``name -> loader``. Adding a data set is its module plus one line here.
 
-A name is ``NAME`` (a built-in with no argument, case-insensitive), ``NAME:ARG`` (a loader
-that takes an argument: ``folder:PATH``, ``toy:moons``) or the path of an existing image
-folder. A built-in name wins over a folder of the same name; use ``folder:NAME`` for that.
+A name is ``NAME`` (a built-in with no argument, case-insensitive; ``scenes:captions`` is one
+such name), ``NAME:ARG`` (a loader that takes an argument: ``folder:PATH``, ``toy:moons``) or
+the path of an existing image folder. A built-in name wins over a folder of the same name; use
+``folder:NAME`` for that.
 
 :func:`dataset_folder`, :func:`dataset_slug` and :func:`folder_resolution` tell a recipe what a
 name refers to before loading it (the defaults of ``difflab train`` follow from them).
@@ -21,6 +22,7 @@ from PIL import Image
 from .base import DataError, ImageData, PointData, check_split, split_data
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, _images_under, load_image_folder
+from .scenes import load_scenes
 from .shapes import load_shapes
 from .toy2d import TOY_DATASETS, sample_toy
 
@@ -33,7 +35,7 @@ class DataRequest:
     channels: int | None = None     # 1 or 3; None: the data set's own
     split: str = "all"              # "all", "train" or "test"
     test_fraction: float = 0.2
-    seed: int = 0                   # seed of the split (and of drawn images: shapes)
+    seed: int = 0                   # seed of the split (and of drawn images: shapes, scenes)
     points: int = 20000             # size of a point data set
     points_seed: int = 0            # seed of the draw of a point data set
 
@@ -56,6 +58,14 @@ def _shapes(arg: str, r: DataRequest) -> ImageData:
     return load_shapes(r.resolution, split=r.split, seed=r.seed)
 
 
+def _scenes(captions: bool) -> Loader:
+    def load(arg: str, r: DataRequest) -> ImageData:
+        if r.channels == 1:
+            raise DataError("the scenes dataset is RGB: channels must be 3")
+        return load_scenes(r.resolution, r.split, r.test_fraction, r.seed, captions=captions)
+    return load
+
+
 def _folder(arg: str, r: DataRequest) -> ImageData:
     path = Path(arg).expanduser()
     data = load_image_folder(path, r.resolution, channels=3 if r.channels is None else r.channels)
@@ -72,6 +82,8 @@ def _toy(arg: str, r: DataRequest) -> PointData:
 DATASETS: dict[str, tuple[Loader, bool]] = {
     "digits": (_digits, False),
     "shapes": (_shapes, False),
+    "scenes": (_scenes(captions=False), False),          # 12 classes: the main object
+    "scenes:captions": (_scenes(captions=True), False),  # the same images, captioned
     "folder": (_folder, True),
     "toy": (_toy, True),
 }

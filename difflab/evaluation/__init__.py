@@ -9,6 +9,7 @@
 - :mod:`.likelihood`: the variational bound (DDPM) with the discretized Gaussian decoder.
 - :mod:`.ode_likelihood`: exact likelihood through the probability-flow ODE.
 - :mod:`.bits`: bits/dim of a model on a set of images, by either.
+- :mod:`.shapes`, :mod:`.scenes`: attribute accuracy of samples of the procedural data sets.
 """
 
 from .bits import model_bits_per_dim, vlb_evaluations
@@ -50,6 +51,7 @@ from .metrics import (
 from .ode_likelihood import ODEResult, dequantize, ode_bits_per_dim, ode_nll
 from .reference import load_reference, load_sample_set, save_reference
 from .report import METRICS, format_table, sample_metrics
+from .scenes import scenes_accuracy
 
 __all__ = [
     "METRICS", "Extracted", "FIDInceptionV3", "FeatureExtractor", "FeatureNet",
@@ -60,5 +62,5 @@ __all__ = [
     "kid", "load_feature_net", "load_fid_inception", "load_reference", "load_sample_set",
     "mmd2_unbiased", "model_bits_per_dim", "normal_kl", "ode_bits_per_dim", "ode_nll",
     "parse_features", "precision_recall", "sample_metrics", "save_feature_net",
-    "save_reference", "train_feature_net", "vlb", "vlb_evaluations",
+    "save_reference", "scenes_accuracy", "train_feature_net", "vlb", "vlb_evaluations",
 ]

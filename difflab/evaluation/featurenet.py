@@ -33,22 +33,33 @@ class FeatureNetConfig:
     width: int = 32
     feature_dim: int = 64
     class_names: list[str] = field(default_factory=list)
+    stem: int = 0  # stride-2 convolutions in front, each halving the resolution (64 px: 2)
+    pool: str = "avg4"  # "avg4": average to a 4 x 4 map; "max": global max over positions
 
 
 class FeatureNet(nn.Module):
-    """conv-conv-pool-conv-pool to a 4 x 4 map, then a ``feature_dim`` ReLU layer (the
-    features) and a linear classifier. Works at any input resolution >= 4."""
+    """``stem`` stride-2 convolutions, three convolutions and an average pool to a 4 x 4
+    map, then a ``feature_dim`` ReLU layer (the features) and a linear classifier. Works at
+    any input resolution >= 4 * 2**stem."""
 
     def __init__(self, config: FeatureNetConfig):
         super().__init__()
         self.config = c = config
+        if c.pool not in ("avg4", "max"):
+            raise ValueError(f"FeatureNetConfig.pool must be 'avg4' or 'max', got {c.pool!r}")
         w = c.width
+        stem: list[nn.Module] = []
+        for i in range(c.stem):  # cheap at high resolution: the 3 convolutions run smaller
+            stem += [nn.Conv2d(c.in_channels if i == 0 else w, w, 3, stride=2, padding=1),
+                     nn.ReLU()]
         self.convs = nn.Sequential(
-            nn.Conv2d(c.in_channels, w, 3, padding=1), nn.ReLU(),
+            *stem,
+            nn.Conv2d(c.in_channels if c.stem == 0 else w, w, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4))
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, c.feature_dim),
+            nn.AdaptiveAvgPool2d(4) if c.pool == "avg4" else nn.AdaptiveMaxPool2d(1))
+        cells = 16 if c.pool == "avg4" else 1
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * cells, c.feature_dim),
                                       nn.ReLU())
         self.head = nn.Linear(c.feature_dim, c.num_classes)
         # per-feature mean and std on the training data (set by train_feature_net): features

@@ -43,7 +43,8 @@ __all__ = ["DERIVED_DEFAULTS", "DataConfig", "DiffusionConfig", "LatentConfig", 
 class DataConfig:
     dataset: str = option(
         "digits", "'digits' (scikit-learn's 8x8 digits, built in), 'shapes' (captioned coloured "
-        "shapes, text-conditioned; use --resolution 16), a folder of images (sub-folders = "
+        "shapes, text-conditioned; use --resolution 16), 'scenes' or 'scenes:captions' (64x64 "
+        "scenes, 12 classes or captions; use --resolution 64), a folder of images (sub-folders = "
         "class labels), or toy:swiss_roll|moons|8gaussians|checkerboard (2-D points, MLP "
         "denoiser)")
     toy_points: int = option(20000, "number of points of a 2-D toy data set", ge=1)
