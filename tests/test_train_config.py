@@ -161,3 +161,12 @@ def test_network_choice_is_checked_against_the_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--network", "classifier"])  # registered, but not a denoiser group
     assert "invalid choice: 'classifier'" in capsys.readouterr().err
+
+
+def test_scenes_default_to_their_own_64_px():
+    notes: list[str] = []
+    config = TrainConfig.from_values({"data.dataset": "scenes:captions"}, notes=notes)
+    assert config.data.resolution == 64 == config.network.unet.image_size
+    assert any("resolution 64" in n for n in notes)
+    assert TrainConfig.from_values({"data.dataset": "scenes",
+                                    "data.resolution": 32}).data.resolution == 32

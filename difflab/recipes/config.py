@@ -44,7 +44,7 @@ class DataConfig:
     dataset: str = option(
         "digits", "'digits' (scikit-learn's 8x8 digits, built in), 'shapes' (captioned coloured "
         "shapes, text-conditioned; use --resolution 16), 'scenes' or 'scenes:captions' (64x64 "
-        "scenes, 12 classes or captions; use --resolution 64), a folder of images (sub-folders = "
+        "scenes, 12 classes or captions; 64 px by default), a folder of images (sub-folders = "
         "class labels), or toy:swiss_roll|moons|8gaussians|checkerboard (2-D points, MLP "
         "denoiser)")
     toy_points: int = option(20000, "number of points of a 2-D toy data set", ge=1)
@@ -238,8 +238,8 @@ def nested_values(values: Mapping[str, Any], where: str = "config") -> dict[str,
 
 #: what the help shows as the default of the options derived from the data
 DERIVED_DEFAULTS = {
-    "data.resolution": "8; an image folder: its most common image size, rounded down to a "
-                       "multiple of 8",
+    "data.resolution": "8; scenes: 64; an image folder: its most common image size, rounded "
+                       "down to a multiple of 8",
     "network.unet.attention_resolutions": "the largest feature-map size <= 16 below the "
                                           "resolution, else the smallest; 4 at 8 px",
     "run.out_dir": "runs/DATASET, e.g. runs/digits, runs/toy-moons, runs/FOLDER-NAME",
@@ -247,6 +247,8 @@ DERIVED_DEFAULTS = {
     "diffusion.schedule": "cosine; rectified_flow with --objective rectified-flow",
     "diffusion.prediction": "eps; flow with --objective rectified-flow",
 }
+#: built-in data sets drawn at a size of their own (the default --resolution for them)
+NATIVE_RESOLUTIONS = {"scenes": 64}
 #: warm-up steps not given are capped at ``steps // WARMUP_FRACTION``
 WARMUP_FRACTION = 5
 
@@ -326,8 +328,15 @@ def _note(notes: list[str] | None, text: str) -> None:
 
 def _derive_resolution(data: dict[str, Any], given_data: Mapping[str, Any],
                        notes: list[str] | None) -> None:
-    """An image folder trained without ``--resolution``: its most common image size."""
+    """No ``--resolution``: an image folder's most common image size; a built-in data set's
+    own size where it has one (the 64 px scenes)."""
     if "resolution" in given_data or not isinstance(data.get("dataset"), str):
+        return
+    own = NATIVE_RESOLUTIONS.get(data["dataset"].lower().split(":")[0])
+    if own is not None:
+        data["resolution"] = own
+        _note(notes, f"resolution {own} (the {data['dataset']} data set's own; give "
+                     "--resolution to choose)")
         return
     folder = dataset_folder(data["dataset"])
     if folder is None:
