@@ -242,3 +242,21 @@ def test_a_diffusers_autoencoder_as_the_latent_space(tmp_path):
     pipe = Pipeline.from_pretrained(recipe.out_dir)
     assert pipe.autoencoder_stage.scale_factor == 0.5
     assert pipe(1, steps=2, labels=[1]).samples.shape == (1, 3, 16, 16)
+
+
+def test_guidance_and_the_sample_command_on_a_latent_model(trained, tmp_path):
+    """Classifier-free guidance wraps the latent denoiser; `difflab sample --save-npz` writes
+    decoded 8-bit images, which is all `difflab eval` reads."""
+    import numpy as np
+
+    pipe = Pipeline.from_pretrained(trained[0])
+    plain = pipe(2, steps=3, labels=[0, 1], seed=1).samples
+    guided = pipe(2, steps=3, labels=[0, 1], seed=1, guidance=3.0).samples
+    assert guided.shape == plain.shape and not torch.equal(guided, plain)
+    npz = tmp_path / "s.npz"
+    rc = main(["sample", "--checkpoint", str(trained[0]), "--n", "3", "--steps", "2",
+               "--save-npz", str(npz), "--out", str(tmp_path / "g.png"), "--no-progress",
+               "--device", "cpu"])
+    assert rc == 0
+    images = np.load(npz)["images"]
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
