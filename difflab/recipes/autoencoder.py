@@ -34,11 +34,12 @@ from ..data import DataRequest, EpochSource, ImageData, load_data, save_labelled
 from ..io import append_text
 from ..networks.autoencoder import Autoencoder
 from ..networks.patch_discriminator import PatchDiscriminator
-from ..training import EMA, StepContext, TrainLoop, init_device
+from ..training import StepContext, TrainLoop, init_device
 from ..training.distributed import DistInfo, check_divisible, mean_over_ranks
 from .autoencoder_config import AutoencoderDataConfig, AutoencoderTrainConfig
 from .autoencoder_loss import AutoencoderPair, LossWeights, PairStep, psnr
 from .diffusion import loop_config
+from .loop_recipe import LoopRecipe
 
 __all__ = ["AutoencoderLoss", "AutoencoderRecipe", "AutoencoderTrainConfig",
            "estimate_latent_scale", "psnr", "reconstruct"]
@@ -170,7 +171,7 @@ def load_images(d: AutoencoderDataConfig, split: str) -> ImageData:
     return data
 
 
-class AutoencoderRecipe:
+class AutoencoderRecipe(LoopRecipe):
     """An autoencoder run built from ``config`` (``data`` replaces the named data set's train
     split, ``test_data`` its test split -- without either, held-out PSNR is measured on the
     training images; ``overwrite`` as :class:`difflab.recipes.DiffusionRecipe`).
@@ -229,44 +230,9 @@ class AutoencoderRecipe:
 
     # -- the loop's state -------------------------------------------------------------------
     @property
-    def net(self) -> AutoencoderPair:
-        return self.loop.model
-
-    @property
-    def ema(self) -> EMA:
-        return self.loop.ema
-
-    @property
     def autoencoder(self) -> Autoencoder:
         """The EMA autoencoder (what the checkpoint's ``ema.autoencoder.*`` tensors hold)."""
         return self.loop.ema.model.autoencoder
-
-    @property
-    def opt(self) -> torch.optim.Optimizer:
-        return self.loop.opt
-
-    @property
-    def step(self) -> int:
-        return self.loop.step
-
-    @property
-    def out_dir(self) -> Path:
-        return self.loop.out_dir
-
-    def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-        return self.loop.run(steps, progress)
-
-    def resume(self, path: str | Path) -> None:
-        self.loop.resume(path)
-
-    def save(self) -> Path:
-        return self.loop.save()
-
-    def latest_checkpoint(self) -> Path | None:
-        return self.loop.latest_checkpoint()
-
-    def release_distributed(self) -> None:
-        self.loop.release_distributed()
 
     # -- checkpoints, PSNR and grids ---------------------------------------------------------
     def latent_scale(self) -> tuple[float, float]:

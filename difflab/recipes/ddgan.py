@@ -41,6 +41,7 @@ from ..training import LoopConfig, TrainLoop, init_device
 from .config import TrainConfig
 from .diffusion import loop_config
 from .distill.gan import detached_call, nonsaturating_d_loss, nonsaturating_g_loss, r1_penalty
+from .loop_recipe import LoopRecipe
 from .networks import network_config
 
 __all__ = ["DDGANLoss", "DDGANPair", "DDGANRecipe", "posterior_coefficients",
@@ -165,7 +166,7 @@ def ddgan_networks(config: TrainConfig, shape: tuple[int, ...], num_classes: int
     return gen, disc
 
 
-class DDGANRecipe:
+class DDGANRecipe(LoopRecipe):
     """A DDGAN run from a :class:`TrainConfig` with ``objective.name == "ddgan"`` (module
     docstring); the interface ``difflab train`` uses (run, resume, sample_grid, step)."""
 
@@ -210,23 +211,6 @@ class DDGANRecipe:
         """The run config and the generator's stage card (what loading relies on)."""
         return {"config": self.config.to_dict(), "stage": to_dict(self.stage),
                 "grid": [float(t) for t in self.grid]}
-
-    @property
-    def step(self) -> int:
-        return self.loop.step
-
-    @property
-    def out_dir(self) -> Path:
-        return self.loop.out_dir
-
-    def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-        return self.loop.run(steps, progress)
-
-    def resume(self, path: str | Path) -> None:
-        self.loop.resume(path)
-
-    def release_distributed(self) -> None:
-        self.loop.release_distributed()
 
     def pipeline(self) -> Pipeline:
         """The EMA generator as a pipeline (what loading the checkpoint gives)."""

@@ -34,10 +34,11 @@ from ..objectives.consistency import SIGMA_MAX, boundary_sigma
 from ..parameterization import Denoiser
 from ..pipeline import Conditions, ModelCard, Pipeline
 from ..process import Process, make_process
-from ..training import EMA, LoopConfig, StepContext, TrainLoop, init_device
+from ..training import LoopConfig, StepContext, TrainLoop, init_device
 from ..training.distributed import check_divisible
 from .config import TrainConfig
 from .latent import LatentSpace
+from .loop_recipe import LoopRecipe
 from .networks import denoiser_name, network_config
 from .text import CaptionTable
 
@@ -104,7 +105,7 @@ class DiffusionLoss:
         return out.loss
 
 
-class DiffusionRecipe:
+class DiffusionRecipe(LoopRecipe):
     """A diffusion run built from ``config`` (``data`` replaces the named data set;
     ``overwrite``: start afresh in a run folder holding another run, deleting its files,
     instead of refusing; see ``difflab.training.run_folder``).
@@ -194,45 +195,6 @@ class DiffusionRecipe:
             net.grad_checkpointing = speed.grad_checkpointing
         set_label_checks(net, False)
         return net
-
-    # -- the loop's state -------------------------------------------------------------------
-    @property
-    def net(self) -> nn.Module:
-        return self.loop.model
-
-    @property
-    def ema(self) -> EMA:
-        return self.loop.ema
-
-    @property
-    def opt(self) -> torch.optim.Optimizer:
-        return self.loop.opt
-
-    @property
-    def step(self) -> int:
-        return self.loop.step
-
-    @property
-    def out_dir(self) -> Path:
-        return self.loop.out_dir
-
-    def run(self, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-        return self.loop.run(steps, progress)
-
-    def resume(self, path: str | Path) -> None:
-        self.loop.resume(path)
-
-    def save(self) -> Path:
-        return self.loop.save()
-
-    def latest_checkpoint(self) -> Path | None:
-        return self.loop.latest_checkpoint()
-
-    def release_distributed(self) -> None:
-        self.loop.release_distributed()
-
-    def train_step(self) -> Tensor:
-        return self.loop.train_step()[0]
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
         """What the loss sees at ``step`` (draws from the run's generator)."""
