@@ -260,3 +260,16 @@ def test_guidance_and_the_sample_command_on_a_latent_model(trained, tmp_path):
     assert rc == 0
     images = np.load(npz)["images"]
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_derived_sizes_are_the_latents(tmp_path):
+    """Without --attention-resolutions the U-Net attends at a size of the latents (here
+    8 x 8 latents of 16 px images attend at 4), not of the pixels."""
+    ae, _ = write_autoencoder(tmp_path / "ae")
+    config = TrainConfig.from_values({"data.resolution": 16, "latent.autoencoder": str(ae),
+                                      "network.unet.channel_mult": [1, 2]})
+    assert config.network.unet.image_size == 8
+    assert config.network.unet.attention_resolutions == (4,)
+    dit = TrainConfig.from_values({"data.resolution": 16, "latent.autoencoder": str(ae),
+                                   "network.name": "dit"})
+    assert dit.network.dit.image_size == 8

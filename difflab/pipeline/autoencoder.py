@@ -30,7 +30,8 @@ from ..training.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from .card import CARD_FILE, ModelCard, StageCard
 from .loading import build_stage_network, stage_weights
 
-__all__ = ["AUTOENCODER_STAGE", "is_diffusers_autoencoder", "load_autoencoder"]
+__all__ = ["AUTOENCODER_STAGE", "autoencoder_downsampling", "is_diffusers_autoencoder",
+           "load_autoencoder"]
 
 #: the name an autoencoder stage gets in a card
 AUTOENCODER_STAGE = "autoencoder"
@@ -78,6 +79,25 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu",
     net = build_stage_network(stage, stage_weights(stage, ckpt.parent, {}), device,
                               channels_last=False, root=ckpt.parent)
     return stage, net
+
+
+def autoencoder_downsampling(path: str | Path) -> int | None:
+    """The down-sampling factor f of the autoencoder at ``path``, read from its JSON alone
+    (no weights); None when it cannot be read (loading it then reports why)."""
+    p = Path(path)
+    try:
+        if is_diffusers_autoencoder(p):
+            folder = p if (p / DIFFUSERS_CONFIG).is_file() else p / "vae"
+            widths = read_json(folder / DIFFUSERS_CONFIG)["block_out_channels"]
+        elif p.is_dir() and (p / CARD_FILE).is_file():
+            stage = ModelCard.load(p / CARD_FILE).stage_of("autoencoder")
+            widths = stage.network_config["block_out_channels"] if stage else None
+        else:
+            meta = read_checkpoint_meta(resolve_checkpoint(p))
+            widths = meta["autoencoder"]["network_config"]["block_out_channels"]
+        return 2 ** (len(widths) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def autoencoder_stage_of_meta(meta: dict[str, Any], ckpt: Path, ema: bool = True

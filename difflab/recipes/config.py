@@ -31,6 +31,7 @@ from ..data.registry import dataset_folder, dataset_slug, folder_resolution
 from ..networks import DIT_SIZES, NETWORKS, DiTConfig, MLPConfig, UNetConfig
 from ..objectives import ObjectiveConfig
 from ..parameterization import PredictionType
+from ..pipeline.autoencoder import autoencoder_downsampling
 from ..process import PROCESS_NAMES
 from .images import MODEL_SIZES
 
@@ -278,8 +279,8 @@ def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> 
     for key, value in MODEL_SIZES.get(size if isinstance(size, str) else "", {}).items():
         if key not in given_unet:
             net["unet"][key] = value
-    net["unet"]["image_size"] = data.get("resolution")
-    _apply_dit_size(net, _table(given_net, "dit"), data)
+    net["unet"]["image_size"] = _model_size(data.get("resolution"), out.get("latent"))
+    _apply_dit_size(net, _table(given_net, "dit"), net["unet"]["image_size"])
     if "attention_resolutions" not in given_unet:
         net["unet"]["attention_resolutions"] = default_attention(
             net["unet"]["image_size"], net["unet"].get("channel_mult"))
@@ -293,10 +294,22 @@ def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> 
     return out
 
 
+def _model_size(resolution: Any, latent: Any) -> Any:
+    """The size of what the network sees: the data resolution, or for a latent run (an
+    ``--autoencoder`` down-sampling by f) resolution // f, so that the derived attention
+    sizes and the DiT's patch check are the latents'."""
+    path = latent.get("autoencoder") if isinstance(latent, dict) else None
+    f = autoencoder_downsampling(path) if path else None
+    if f and isinstance(resolution, int) and resolution % f == 0:
+        return resolution // f
+    return resolution
+
+
 def _apply_dit_size(net: dict[str, Any], given_dit: Mapping[str, Any],
-                    data: dict[str, Any]) -> None:
+                    image_size: Any) -> None:
     """The ``network.dit_size`` preset's DiT fields where not given; for a DiT run, its
-    nominal size from the data resolution (so that ``--patch-size`` is checked against it)."""
+    nominal size from the data resolution -- the latents' for a latent run -- so that
+    ``--patch-size`` is checked against it."""
     dit, size = net.get("dit"), net.get("dit_size")
     if not isinstance(dit, dict):
         return
@@ -304,7 +317,7 @@ def _apply_dit_size(net: dict[str, Any], given_dit: Mapping[str, Any],
         if key not in given_dit:
             dit[key] = value
     if net.get("name") == "dit" and "image_size" not in given_dit:
-        dit["image_size"] = data.get("resolution")
+        dit["image_size"] = image_size
 
 
 def default_attention(image_size: Any, channel_mult: Any) -> list[int]:
