@@ -26,10 +26,10 @@ AE = dict(in_channels=3, block_out_channels=[8, 8], layers_per_block=1, latent_c
 SCALE, SHIFT = 1.7, 0.1
 
 
-def write_autoencoder(folder, seed: int = 0):
+def write_autoencoder(folder, seed: int = 0, **changes):
     """A train-autoencoder run folder with one checkpoint; returns (folder, network)."""
     torch.manual_seed(seed)
-    net = build_network("autoencoder", AE)
+    net = build_network("autoencoder", {**AE, **changes})
     with torch.no_grad():  # a non-trivial posterior: every weight random
         g = torch.Generator().manual_seed(seed)
         for p in net.parameters():
@@ -37,7 +37,7 @@ def write_autoencoder(folder, seed: int = 0):
     tensors = {f"{w}.autoencoder.{k}": v.clone() for w in ("ema", "model")
                for k, v in net.state_dict().items()}
     meta = {"config": {}, "dataset": "shapes", "autoencoder": {
-        "network": "autoencoder", "network_config": asdict(net.config) | AE,
+        "network": "autoencoder", "network_config": asdict(net.config) | AE | changes,
         "sample_shape": [3, 16, 16], "data_range": [-1.0, 1.0], "scale_factor": SCALE,
         "shift_factor": SHIFT, "weights_prefix": "autoencoder"}}
     save_checkpoint(folder / "checkpoints", 5, tensors, meta)
@@ -273,3 +273,14 @@ def test_derived_sizes_are_the_latents(tmp_path):
     dit = TrainConfig.from_values({"data.resolution": 16, "latent.autoencoder": str(ae),
                                    "network.name": "dit"})
     assert dit.network.dit.image_size == 8
+
+
+def test_a_vq_latent_model_decodes_codebook_vectors(tmp_path):
+    """Sampled latents of a VQ autoencoder are snapped to the codebook before decoding."""
+    ae, net = write_autoencoder(tmp_path / "ae", regularizer="vq", codebook_size=16)
+    recipe = DiffusionRecipe(latent_config(tmp_path, ae, **{"optim.steps": 1}), data=images(8))
+    recipe.run(progress=False)
+    pipe = Pipeline.from_pretrained(recipe.out_dir, channels_last=False)  # same numerics
+    z = torch.randn(2, *pipe.sample_shape)
+    want = net.decode(net.quantize(z / SCALE + SHIFT)).clamp(-1, 1)
+    assert torch.allclose(pipe.decode(z), want, atol=1e-5)

@@ -157,7 +157,8 @@ class Pipeline:
         return torch.cat(outs)
 
     def decode(self, latents: Tensor, *, batch_size: int = 64) -> Tensor:
-        """Inverse of :meth:`encode` (the decoder, clamped to :attr:`data_range`); the
+        """Inverse of :meth:`encode` (the decoder, clamped to :attr:`data_range`; a VQ
+        autoencoder's latents are first snapped to its codebook, as LDM's VQ models do); the
         identity for a model without an autoencoder."""
         if self.autoencoder is None:
             return latents
@@ -166,6 +167,8 @@ class Pipeline:
         with torch.no_grad():
             for chunk in latents.split(batch_size):
                 z = chunk.to(self.device, torch.float32) / ae.scale_factor + ae.shift_factor
+                if getattr(self.autoencoder, "quantizer", None) is not None:
+                    z = self.autoencoder.quantize(z)  # VQ: sampled latents snapped to codes
                 outs.append(self.autoencoder.decode(z).float())
         x = torch.cat(outs)
         return x.clamp(*ae.data_range) if ae.data_range is not None else x
