@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import changed_fields, deep_merge, from_dict, leaves, to_dict
+from ..config import deep_merge, from_dict
 from ..recipes import ClassifierTrainConfig, DiffusionRecipe, TrainConfig, train_classifier
 from ..recipes.config import DERIVED_DEFAULTS, nested_values, read_config_file, resolve_values
 from ..recipes.ddgan import DDGANRecipe
-from ..training import check_log, resolve_checkpoint
-from ..training.checkpoint import load_checkpoint
+from ..training import check_log
 from ..training.distributed import env_info, process_group
 from .options import add_config_options, changed_options, given_options
+from .run_options import add_run_options, resumed_config
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,15 +21,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a diffusion model. With no options: a class-"
                                    "conditional U-Net on the built-in digits. Precedence: "
                                    "defaults < --config file < command-line options.")
-    p.add_argument("--config", help="JSON or TOML file: nested tables as in a run's "
-                                    "config.json, dotted keys (optim.lr) or flat keys (lr)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from a checkpoint path, or from the latest one in --out-dir")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh even if --out-dir holds another run: delete its "
-                        "config.json, metrics.jsonl, checkpoints and sample grids (without "
-                        "it, such a folder is refused unless --resume continues that run)")
+    add_run_options(p, "JSON or TOML file: nested tables as in a run's config.json, dotted "
+                       "keys (optim.lr) or flat keys (lr)")
     add_config_options(p, TrainConfig, aliases={"run.out_dir": ["--out"]},
                        default_text=DERIVED_DEFAULTS)
     p.set_defaults(func=run_train)
@@ -72,20 +65,9 @@ def resolve_config(args: argparse.Namespace, notes: list[str] | None = None
     if not args.resume:
         return TrainConfig.from_values(values, notes=notes), None
     out_dir = resolve_values(values)["run"]["out_dir"]  # the derived one when not given
-    ckpt = resolve_checkpoint(out_dir if args.resume == "latest" else args.resume)
-    _, meta = load_checkpoint(ckpt)
-    if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{ckpt} holds no run config: not a checkpoint of 'difflab train'")
-    saved = TrainConfig.from_values(meta["config"], where=str(ckpt))  # flat (old) or nested
-    merged = to_dict(saved)
-    deep_merge(merged, values)
-    config = TrainConfig.from_values(merged)
-    clash = sorted(leaf.name for leaf in changed_fields(saved, config) if not leaf.resume)
-    if clash:
-        free = sorted(leaf.name for leaf in leaves(TrainConfig) if leaf.resume)
-        raise ValueError(f"cannot change {clash} when resuming from {ckpt}; only {free} may "
-                         f"change")
-    return config, ckpt
+    # flat (old) or nested saved configs
+    return resumed_config(TrainConfig, values, args.resume, out_dir,
+                          lambda d, where: TrainConfig.from_values(d, where=where), "train")
 
 
 def config_line(config: object, cls: type, out_dir: str | Path) -> str:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import changed_fields, deep_merge, leaves, to_dict, unflatten
+from ..config import deep_merge, unflatten
 from ..recipes.autoencoder import AutoencoderRecipe, AutoencoderTrainConfig
 from ..recipes.config import WARMUP_FRACTION, read_config_file
-from ..training import resolve_checkpoint
-from ..training.checkpoint import load_checkpoint
 from ..training.distributed import env_info, process_group
 from .options import add_config_options, changed_options, given_options
+from .run_options import add_run_options, resumed_config
 
 #: test images over which the final held-out PSNR is measured
 FINAL_PSNR_IMAGES = 1000
@@ -25,14 +24,8 @@ def add_train_autoencoder_parser(sub: argparse._SubParsersAction) -> None:
                                    "first stage of latent diffusion. Writes reconstruction "
                                    "grids and PSNR; checkpoints hold the latent scale factor. "
                                    "Precedence: defaults < --config file < command line.")
-    p.add_argument("--config", help="JSON or TOML file: nested tables as in a run's "
-                                    "config.json, or dotted keys (optim.lr)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from a checkpoint path, or from the latest one in --out-dir")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh even if --out-dir holds another run (deleting its "
-                        "files)")
+    add_run_options(p, "JSON or TOML file: nested tables as in a run's config.json, or "
+                       "dotted keys (optim.lr)")
     add_config_options(p, AutoencoderTrainConfig, aliases={"run.out_dir": ["--out"]})
     p.set_defaults(func=run_train_autoencoder)
 
@@ -51,20 +44,8 @@ def resolve_autoencoder_config(args: argparse.Namespace
         _cap_warmup(values)
         return cls.from_dict(values, where="command line"), None
     out_dir = cls.from_dict(values, where="command line").run.out_dir
-    ckpt = resolve_checkpoint(out_dir if args.resume == "latest" else args.resume)
-    _, meta = load_checkpoint(ckpt)
-    if not isinstance(meta.get("config"), dict) or "autoencoder" not in meta:
-        raise ValueError(f"{ckpt} is not a checkpoint of 'difflab train-autoencoder'")
-    saved = cls.from_dict(meta["config"], where=str(ckpt))
-    merged = to_dict(saved)
-    deep_merge(merged, values)
-    config = cls.from_dict(merged, where="command line")
-    clash = sorted(leaf.name for leaf in changed_fields(saved, config) if not leaf.resume)
-    if clash:
-        free = sorted(leaf.name for leaf in leaves(cls) if leaf.resume)
-        raise ValueError(f"cannot change {clash} when resuming from {ckpt}; only {free} may "
-                         f"change")
-    return config, ckpt
+    return resumed_config(cls, values, args.resume, out_dir, cls.from_dict,
+                          "train-autoencoder", lambda meta: "autoencoder" in meta)
 
 
 def _cap_warmup(values: dict) -> None:

@@ -1,0 +1,60 @@
+"""What every training command shares: the run options (``--config``, ``--resume``,
+``--no-progress``, ``--overwrite``) and how a resumed run's config is merged.
+
+Precedence: defaults < ``--config`` file < (when resuming) the checkpoint's saved config <
+command line; a resumed run may change only the fields marked ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..config import changed_fields, deep_merge, leaves, to_dict
+from ..training import resolve_checkpoint
+from ..training.checkpoint import load_checkpoint
+
+__all__ = ["add_run_options", "resumed_config"]
+
+C = TypeVar("C")
+
+OVERWRITE_HELP = ("start afresh even if --out-dir holds another run: delete its config.json, "
+                  "metrics.jsonl, checkpoints and sample grids (without it, such a folder is "
+                  "refused unless --resume continues that run)")
+
+
+def add_run_options(p: argparse.ArgumentParser, config_help: str) -> None:
+    """``--config`` (described by ``config_help``), ``--resume``, ``--no-progress`` and
+    ``--overwrite``."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint path, or from the latest one in --out-dir")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def resumed_config(cls: type[C], values: Mapping[str, Any], resume: str, out_dir: str | Path,
+                   parse: Callable[[Any, str], C], command: str,
+                   is_own: Callable[[dict[str, Any]], bool] = lambda meta: True
+                   ) -> tuple[C, Path]:
+    """The config of a run resumed from ``resume`` (a checkpoint path, or ``"latest"`` in
+    ``out_dir``): the checkpoint's saved config with ``values`` (the file's and command
+    line's) over it, read by ``parse(dict, where)``. A checkpoint of another command
+    (``is_own(meta)`` false) or a changed field not marked ``resume`` is a ValueError."""
+    ckpt = resolve_checkpoint(out_dir if resume == "latest" else resume)
+    _, meta = load_checkpoint(ckpt)
+    if not isinstance(meta.get("config"), dict) or not is_own(meta):
+        raise ValueError(f"{ckpt} holds no run config of 'difflab {command}' (not one of its "
+                         "checkpoints)")
+    saved = parse(meta["config"], str(ckpt))
+    merged = to_dict(saved)
+    deep_merge(merged, dict(values))
+    config = parse(merged, "command line")
+    clash = sorted(leaf.name for leaf in changed_fields(saved, config) if not leaf.resume)
+    if clash:
+        free = sorted(leaf.name for leaf in leaves(cls) if leaf.resume)
+        raise ValueError(f"cannot change {clash} when resuming from {ckpt}; only {free} may "
+                         f"change")
+    return config, ckpt
