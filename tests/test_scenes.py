@@ -220,9 +220,10 @@ def test_train_cli_smoke(tmp_path, capsys):
             "--device", "cpu"]
     assert main(args) == 0
     assert (tmp_path / "run" / "config.json").is_file()
-    assert main(["train", "--dataset", "scenes", "--steps", "2",
-                 "--out-dir", str(tmp_path / "bad")]) == 2
-    assert "resolution 64" in capsys.readouterr().err
+    assert main(["train", "--dataset", "scenes", "--resolution", "8", "--steps", "2",
+                 "--out-dir", str(tmp_path / "bad")]) == 2  # too small to draw a scene
+    err = capsys.readouterr().err
+    assert "resolution" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
