@@ -38,7 +38,8 @@ from difflab.data import DataRequest, from_uint8, load_data, to_uint8
 from difflab.evaluation import ModuleExtractor, builtin_feature_net, extract, sample_metrics
 from difflab.evaluation.builtin import BUILTIN_STEPS
 from difflab.evaluation.metrics import feature_stats
-from difflab.pipeline import Conditions, Pipeline
+from difflab.pipeline import Conditions, Pipeline, load_autoencoder
+from difflab.pipeline.output import PipelineOutput
 from difflab.recipes import (
     AutoencoderRecipe,
     AutoencoderTrainConfig,
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
 
 RES = 64
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 #: the autoencoder: f = 4, 4 latent channels (16 x 16 x 4 latents of the 64 px images)
 AE = {"network.block_out_channels": [32, 64, 64], "network.latent_channels": 4,
       "optim.lr": 1e-3, "optim.batch_size": 16, "loss.disc_start": 10**7}
@@ -165,8 +167,13 @@ def table(rows: dict, ae: dict) -> str:
                      f"{r['flops'] / 1e9:.2f} | {r['steps']} | {r['fid']:.2f} | "
                      f"{r['accuracy']:.3f} | {tx} | {sx} |")
     lines.append("")
+    floor = ae.get("floor")
+    if floor:
+        lines.insert(2, f"| autoencoder reconstructions of test images (a latent model's best) "
+                        f"| - | - | - | - | {floor['fid']:.2f} | {floor['accuracy']:.3f} | - | - |")
     lines.append(f"Autoencoder: PSNR {ae['psnr']:.2f} dB on 500 test images; trained "
-                 f"{ae['steps']} steps in {ae['seconds'] / 60:.1f} min.")
+                 f"{ae['steps']} steps in {ae['seconds'] / 60:.1f} min "
+                 f"({ae['train_img_s']:.1f} img/s).")
     return "\n".join(lines)
 
 
@@ -190,6 +197,39 @@ def goals(rows: dict) -> list[str]:
     return out
 
 
+def run_model(name: str, args: argparse.Namespace, ae_run: Path, rows: dict, judged) -> dict:
+    """Train, sample and score one model; its grid goes to docs/images/latent_*.png."""
+    recipe = DiffusionRecipe(config_for(name, args.out, ae_run), overwrite=True)
+    flops = step_flops(recipe)
+    if name == "latent DiT":  # the latent U-Net's training compute
+        unet = rows["latent U-Net"]
+        row = train(recipe, None, max(1, round(unet["flops"] * unet["steps"] / flops)))
+    else:
+        row = train(recipe, 20 if args.quick else args.minutes * 60, None)
+    pipe = Pipeline.from_pretrained(recipe.out_dir)
+    x, labels, img_s = draw(pipe, 50 if args.quick else args.n, recipe.num_classes)
+    if not args.quick:
+        k = recipe.num_classes
+        idx = torch.arange(k * 8).view(8, k).t().reshape(-1)  # 8 per class, a row each
+        slug = name.lower().replace(" ", "_").replace("-", "")
+        PipelineOutput(x[idx], list(range(len(idx))), 8, labels[idx]).save_grid(
+            IMAGES / f"latent_{slug}.png", labelled=True,
+            class_names=list(recipe.data.class_names),
+            caption=f"{name}, {row['steps']} steps, DDIM 20")
+    return {**row, "flops": flops, "sample_img_s": img_s, **score(judged, x, labels)}
+
+
+def reconstruction_floor(ae_run: Path, n: int, judged) -> dict:
+    """FID and accuracy of the autoencoder's reconstructions of ``n`` test images: what a
+    latent model could reach at best with this autoencoder."""
+    _, net = load_autoencoder(ae_run)
+    test = load_data("scenes", DataRequest(RES, 3, split="test"))
+    x, labels = test.images[:n], test.labels[:n]
+    with torch.no_grad():
+        rec = torch.cat([net.decode(net.encode(c).mode()).clamp(-1, 1) for c in x.split(64)])
+    return score(judged, rec, labels)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -200,6 +240,8 @@ def main() -> None:
                     help="torch CPU threads (default: torch's own; use 1 on a shared machine: "
                          "oversubscribed threads make small convolutions many times slower)")
     ap.add_argument("--only", default=None, choices=list(MODELS))
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: the table of the runs in OUT/runs.json")
     ap.add_argument("--quick", action="store_true", help="a smoke run: seconds, not minutes")
     ap.add_argument("--readme", action="store_true",
                     help="write the table into benchmarks/README.md")
@@ -212,32 +254,12 @@ def main() -> None:
     results = args.out / "runs.json"
     rows = json.loads(results.read_text()) if results.exists() else {}
     judged = judge()
-    seconds = 20 if args.quick else args.minutes * 60
-    for name in MODELS:
-        if args.only not in (None, name):
-            continue
-        recipe = DiffusionRecipe(config_for(name, args.out, ae_run), overwrite=True)
-        flops = step_flops(recipe)
-        if name == "latent DiT":  # the latent U-Net's training compute
-            unet = rows["latent U-Net"]
-            budget = unet["flops"] * unet["steps"]
-            row = train(recipe, None, max(1, round(budget / flops)))
-        else:
-            row = train(recipe, seconds, None)
-        pipe = Pipeline.from_pretrained(recipe.out_dir)
-        x, labels, img_s = draw(pipe, 50 if args.quick else args.n, recipe.num_classes)
-        grid = Path(__file__).resolve().parent.parent / "docs" / "images" / \
-            f"latent_{name.split()[0]}_{name.split()[1].lower().replace('-', '')}.png"
-        if not args.quick:
-            from difflab.pipeline.output import PipelineOutput
-            k = recipe.num_classes
-            idx = torch.arange(k * 8).view(8, k).t().reshape(-1)  # 8 per class, a row each
-            PipelineOutput(x[idx], list(range(len(idx))), 8, labels[idx]).save_grid(
-                grid, labelled=True, class_names=list(recipe.data.class_names),
-                caption=f"{name}, {row['steps']} steps, DDIM 20")
-        rows[name] = {**row, "flops": flops, "sample_img_s": img_s, **score(judged, x, labels)}
-        results.write_text(json.dumps(rows, indent=2))
-        print(name, rows[name], flush=True)
+    for name in [] if args.report else MODELS:
+        if args.only in (None, name):
+            rows[name] = run_model(name, args, ae_run, rows, judged)
+            results.write_text(json.dumps(rows, indent=2))
+            print(name, rows[name], flush=True)
+    ae["floor"] = reconstruction_floor(ae_run, 50 if args.quick else args.n, judged)
     body = "\n".join([table(rows, ae), "", *goals(rows)])
     print(body)
     if args.readme and not args.quick:
