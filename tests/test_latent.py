@@ -129,6 +129,22 @@ def test_recipe_trains_on_the_encoded_data(tmp_path):
             assert ((x0 - recipe.latent.mean[idx]) / std).abs().max() < 6
 
 
+def test_latent_x0_is_clipped_to_the_latents_range(trained):
+    """The latent stage's data_range spans the training latents (mean +- 3 posterior std),
+    and the pipeline's denoiser clips x0_hat to it as it clips pixels to [-1, 1]."""
+    run, net = trained
+    pipe = Pipeline.from_pretrained(run)
+    lo, hi = pipe.stage.data_range
+    post = net.encode(images().images)
+    std = (0.5 * post.logvar).exp()
+    z_lo = ((post.mean - 3 * std - SHIFT) * SCALE).min()
+    z_hi = ((post.mean + 3 * std - SHIFT) * SCALE).max()
+    assert abs(lo - z_lo) < 1e-4 and abs(hi - z_hi) < 1e-4
+    x0 = pipe.denoiser()(100 * torch.randn(2, *pipe.sample_shape), torch.full((2,), 999.0),
+                         torch.tensor([0, 1])).x0
+    assert x0.min() >= lo - 1e-6 and x0.max() <= hi + 1e-6
+
+
 def test_checkpoint_carries_the_autoencoder(trained):
     run, net = trained
     ckpts = run / "checkpoints"
@@ -270,6 +286,7 @@ def test_derived_sizes_are_the_latents(tmp_path):
                                       "network.unet.channel_mult": [1, 2]})
     assert config.network.unet.image_size == 8
     assert config.network.unet.attention_resolutions == (4,)
+    assert config.diffusion.schedule == "scaled_linear"  # latent diffusion's, unless given
     dit = TrainConfig.from_values({"data.resolution": 16, "latent.autoencoder": str(ae),
                                    "network.name": "dit"})
     assert dit.network.dit.image_size == 8

@@ -245,7 +245,8 @@ DERIVED_DEFAULTS = {
                                           "resolution, else the smallest; 4 at 8 px",
     "run.out_dir": "runs/DATASET, e.g. runs/digits, runs/toy-moons, runs/FOLDER-NAME",
     "optim.warmup_steps": "200, at most a fifth of --steps",
-    "diffusion.schedule": "cosine; rectified_flow with --objective rectified-flow",
+    "diffusion.schedule": "cosine; rectified_flow with --objective rectified-flow; "
+                          "scaled_linear with --autoencoder",
     "diffusion.prediction": "eps; flow with --objective rectified-flow",
 }
 #: built-in data sets drawn at a size of their own (the default --resolution for them)
@@ -291,6 +292,7 @@ def resolve_values(given: Mapping[str, Any], notes: list[str] | None = None) -> 
     _derive_out_dir(out, given, notes)
     _derive_warmup(out, _table(given, "optim"), notes)
     _derive_flow(out, _table(given, "diffusion"), notes)
+    _derive_latent_schedule(out, _table(given, "diffusion"), notes)
     return out
 
 
@@ -409,6 +411,23 @@ def _derive_flow(out: dict[str, Any], given_diffusion: Mapping[str, Any],
         if key not in given_diffusion:
             diffusion[key] = value
             _note(notes, f"{flag} {value} (what --objective rectified-flow trains)")
+
+
+def _derive_latent_schedule(out: dict[str, Any], given_diffusion: Mapping[str, Any],
+                            notes: list[str] | None) -> None:
+    """A latent run (``--autoencoder``) without ``--schedule``: latent diffusion's
+    ``scaled_linear`` (Rombach et al. 2022; Stable Diffusion's). Its alpha at t = T is 0.07,
+    not the cosine schedule's 0.006, whose first sampling step amplifies the network's error
+    by sigma / alpha ~ 160 -- harmless in pixel space, where x0_hat is clipped to [-1, 1], but
+    not in a latent space without such a bound."""
+    latent, diffusion = out.get("latent"), out.get("diffusion")
+    if not (isinstance(latent, dict) and latent.get("autoencoder")
+            and isinstance(diffusion, dict)) or "schedule" in given_diffusion:
+        return
+    if diffusion.get("schedule") == "rectified_flow":  # set by --objective rectified-flow
+        return
+    diffusion["schedule"] = "scaled_linear"
+    _note(notes, "--schedule scaled_linear (latent diffusion's; give --schedule to choose)")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -99,6 +99,15 @@ class LatentSpace:
                     stds.append(torch.exp(0.5 * post.logvar) * stage.scale_factor)
         return cls(stage, net, torch.cat(means), torch.cat(stds) if stds else None)
 
+    def data_range(self) -> list[float]:
+        """[lo, hi] of the training latents (the posterior's mean +- 3 std where it is
+        sampled): the latent stage's x0_hat is clipped to it, as pixel x0_hat is to [-1, 1],
+        so that a poorly conditioned first step cannot throw samples far off the data."""
+        lo, hi = self.mean, self.mean
+        if self.std is not None:
+            lo, hi = self.mean - 3 * self.std, self.mean + 3 * self.std
+        return [float(lo.min()), float(hi.max())]
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one latent (C, h, w)."""
