@@ -54,16 +54,11 @@ class _Sde:
         self.denoiser, self.process, self.cond = denoiser, denoiser.process, cond
         self.nfe = 0
 
-    def coefficients(self, lam: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(times [B], k and sigma expanded to x) at log-SNRs ``lam`` [B]."""
-        t = self.process.t_from_log_snr(lam)
-        k = self.process.log_alpha_slope(lam)
-        sigma = self.process.rates_from_log_snr(lam)[1]
-        return t, expand_like(k, x).to(x.dtype), expand_like(sigma, x).to(x.dtype)
-
-    def drift(self, x: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Prediction]:
-        """(f(x, lambda) = k x - sigma eps_hat, sigma, the prediction): one evaluation."""
-        t, k, sigma = self.coefficients(lam, x)
+    def drift(self, x: Tensor, lam: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Prediction]:
+        """(f(x, lambda) = k x - sigma eps_hat, sigma, the prediction) at log-SNRs ``lam`` [B]
+        (times ``t``): one evaluation."""
+        k = expand_like(self.process.log_alpha_slope(lam), x).to(x.dtype)
+        sigma = expand_like(self.process.rates_from_log_snr(lam)[1], x).to(x.dtype)
         pred = self.denoiser(x, t, self.cond)
         self.nfe += 1
         return k * x - sigma * pred.eps, sigma, pred
@@ -103,22 +98,25 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
     per example from the mixed absolute / relative local error. Uses only ts[0] and ts[-2]
     (then the final denoising step). The callback sees every attempt (t: per-example times)."""
     ts = check_grid(ts)
-    sde = _Sde(denoiser, cond)
-    lam_end = float(denoiser.process.log_snr(ts[-2]))
-    lam = torch.full((x.shape[0],), float(denoiser.process.log_snr(ts[0])), dtype=torch.float64)
+    sde, process = _Sde(denoiser, cond), denoiser.process
+    lam_end = float(process.log_snr(ts[-2]))
+    lam = torch.full((x.shape[0],), float(process.log_snr(ts[0])), dtype=torch.float64)
+    t = torch.full_like(lam, float(ts[0]))
     h = (lam_end - lam).clamp(max=min(h_init, h_max))
     h_floor = 1e-10 * max(lam_end - float(lam[0]), 1.0)
     x_prev, cached, i = x, None, 0
     n, retry = torch.zeros_like(x), torch.zeros_like(lam, dtype=torch.bool)
     budget = math.inf if max_nfe is None else max_nfe
     while bool((lam < lam_end).any()) and sde.nfe + (1 if cached else 2) + 1 <= budget:
-        f0, s0, pred = cached or sde.drift(x, lam)
+        f0, s0, pred = cached or sde.drift(x, lam, t)
+        lam_next = torch.where(h >= lam_end - lam, torch.full_like(lam, lam_end), lam + h)
+        t_next = torch.where(lam_next == lam_end, ts[-2], process.t_from_log_snr(lam_next))
         hx = expand_like(h, x).to(x.dtype)
         # a fresh draw per example and attempt, kept instead while an example retries
         n = torch.where(retry.view(-1, *[1] * (x.ndim - 1)), n, randn_like(x, generator))
         noise = hx.sqrt() * n
         x1 = x + hx * f0 + s0 * noise                                   # Euler-Maruyama
-        f1, s1, _ = sde.drift(x1, lam + h)
+        f1, s1, _ = sde.drift(x1, lam_next, t_next)
         x2 = 0.5 * (x1 + x + hx * f1 + s1 * noise)                      # improved Euler
         err = local_error(x1, x2, x_prev, eps_abs, eps_rel)
         if not bool(torch.isfinite(err).all()):
@@ -127,7 +125,7 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
         ok = (err <= 1) & (lam < lam_end)
         okx = ok.view(-1, *[1] * (x.ndim - 1))
         x, x_prev = torch.where(okx, x2, x), torch.where(okx, x1, x_prev)
-        lam = torch.where(ok & (h >= lam_end - lam), torch.full_like(lam, lam_end), lam + ok * h)
+        lam, t = torch.where(ok, lam_next, lam), torch.where(ok, t_next, t)
         factor = theta * err.to(torch.float64).clamp(min=1e-10) ** -r
         h = torch.minimum((h * factor).clamp(max=h_max), lam_end - lam)
         if bool(((h < h_floor) & (h < lam_end - lam)).any()):
@@ -135,10 +133,9 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
                                "eps_abs or eps_rel")
         retry = ~ok
         cached = None if bool(ok.any()) else (f0, s0, pred)
-        report(callback, i, sde.process.t_from_log_snr(lam), x, pred)
+        report(callback, i, t, x, pred)
         i += 1
-    t_last = torch.where(lam == lam_end, ts[-2], sde.process.t_from_log_snr(lam))
-    return final_step(callback, i, t_last, denoiser(x, t_last, cond))
+    return final_step(callback, i, t, denoiser(x, t, cond))
 
 
 __all__ = ["adaptive_sde", "local_error"]
