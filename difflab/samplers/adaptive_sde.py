@@ -5,11 +5,12 @@ The reverse SDE is integrated in log-SNR lambda, as ``euler_maruyama`` (``sde``)
 
   dx = (k x - sigma eps_hat) dlambda + sigma dW_lambda,   k = d log alpha / d lambda,
 
-with lambda rising from lambda(ts[0]) to lambda(ts[-2]). Why lambda and not the process time:
-one step size means the same in every process (DDPM's t in 1..1000, VP-SDE's in [0, 1], VE,
-rectified flow), the drift's stiffness is of order 1 per unit lambda at every noise level, and
-the Euler-Maruyama proposal is exactly difflab's ``euler_maruyama`` step. Each attempt, from x
-at lambda with step h and one fresh n ~ N(0, I):
+with lambda rising from lambda(ts[0]) to the least noisy level a sampler should visit
+(``end_time``: ``grids.default_sigma_min``, the paper's epsilon, or ts[-2] if less noisy).
+Why lambda and not the process time: one step size means the same in every process (DDPM's
+t in 1..1000, VP-SDE's in [0, 1], VE, rectified flow), the drift's stiffness is of order 1 per
+unit lambda at every noise level, and the Euler-Maruyama proposal is exactly difflab's
+``euler_maruyama`` step. Each attempt, from x at lambda with step h and one fresh n ~ N(0, I):
 
   x'  = x + h f(x, lambda) + sigma(lambda) sqrt(h) n                     (Euler-Maruyama)
   x~  = x + h f(x', lambda + h) + sigma(lambda + h) sqrt(h) n            (same noise)
@@ -27,8 +28,8 @@ the same n (scaled to the smaller step) instead of a fresh draw. Redrawing rejec
 noise draws selectively, which biases the samples more the tighter the tolerance (on a
 16-dimensional Gaussian, the VP-SDE, eps_rel 0.01: sample std +8% with fresh draws, +0.2%
 with the draw kept; ``tests/test_sampler_adaptive_sde.py``). The eps_hat at (x, lambda) is
-reused after a step the whole batch rejected. The end is the shared final denoising step at
-ts[-2] (``final_step``): x0_hat. Read the NFE with ``CountingDenoiser`` (as ``rk45``): every
+reused after a step the whole batch rejected. The end is the shared final denoising step there
+(``final_step``): x0_hat. Read the NFE with ``CountingDenoiser`` (as ``rk45``): every
 attempt costs 2 evaluations (1 after a rejection of the whole batch), plus 1 for the last
 step; ``max_nfe`` caps it.
 """
@@ -42,8 +43,9 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
-from ..process import expand_like
+from ..process import Process, expand_like
 from .base import Callback, Generators, check_grid, final_step, randn_like, report, zero_snr_start
+from .grids import default_sigma_min
 from .options import SamplerOption, declare_options
 
 
@@ -62,6 +64,16 @@ class _Sde:
         pred = self.denoiser(x, t, self.cond)
         self.nfe += 1
         return k * x - sigma * pred.eps, sigma, pred
+
+
+def end_time(process: Process, ts: Tensor) -> Tensor:
+    """Where the SDE integration stops, before the final denoising step: the least noisy level
+    a sampler should visit, sigma~ = ``default_sigma_min`` (the paper's epsilon: DDPM's first
+    step, 1e-3 of the span in continuous time), if it lies strictly between ts[-1] and ts[-2];
+    else ts[-2] (a grid that ends at a noisy time, or a finer last point)."""
+    t_floor = process.t_from_log_snr(torch.tensor(-2 * math.log(default_sigma_min(process)),
+                                                  dtype=torch.float64))
+    return t_floor if float(ts[-1]) < float(t_floor) < float(ts[-2]) else ts[-2]
 
 
 def local_error(x1: Tensor, x2: Tensor, x1_prev: Tensor, eps_abs: float, eps_rel: float
@@ -95,11 +107,14 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
                  r: float = 0.9, theta: float = 0.9, max_nfe: int | None = None) -> Tensor:
     """Adaptive reverse-SDE sampler (Jolicoeur-Martineau et al. 2021, Alg. 1): Euler-Maruyama
     proposals corrected by improved Euler with the same noise, step sizes in log-SNR chosen
-    per example from the mixed absolute / relative local error. Uses only ts[0] and ts[-2]
-    (then the final denoising step). The callback sees every attempt (t: per-example times)."""
+    per example from the mixed absolute / relative local error. Uses only the grid's ends: it
+    integrates from ts[0] to ``end_time`` (sigma~ = ``default_sigma_min``, or ts[-2] if less
+    noisy), then takes the final denoising step. The callback sees every attempt (t: the
+    per-example times)."""
     ts = check_grid(ts)
     sde, process = _Sde(denoiser, cond), denoiser.process
-    lam_end = float(process.log_snr(ts[-2]))
+    t_end = end_time(process, ts)
+    lam_end = float(process.log_snr(t_end))
     lam = torch.full((x.shape[0],), float(process.log_snr(ts[0])), dtype=torch.float64)
     t = torch.full_like(lam, float(ts[0]))
     h = (lam_end - lam).clamp(max=min(h_init, h_max))
@@ -110,7 +125,7 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
     while bool((lam < lam_end).any()) and sde.nfe + (1 if cached else 2) + 1 <= budget:
         f0, s0, pred = cached or sde.drift(x, lam, t)
         lam_next = torch.where(h >= lam_end - lam, torch.full_like(lam, lam_end), lam + h)
-        t_next = torch.where(lam_next == lam_end, ts[-2], process.t_from_log_snr(lam_next))
+        t_next = torch.where(lam_next == lam_end, t_end, process.t_from_log_snr(lam_next))
         hx = expand_like(h, x).to(x.dtype)
         # a fresh draw per example and attempt, kept instead while an example retries
         n = torch.where(retry.view(-1, *[1] * (x.ndim - 1)), n, randn_like(x, generator))
