@@ -2,6 +2,8 @@
 Gaussian mixture, a tighter tolerance costs more evaluations and gives a smaller error, it is
 reproducible and batch-independent, and ``max_nfe`` caps the cost."""
 
+import math
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from difflab.samplers import (
     time_grid,
 )
 from difflab.samplers.adaptive_sde import local_error
+from difflab.samplers.grids import default_sigma_min
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,9 +98,22 @@ def test_max_nfe_is_respected():
     out = adaptive_sde(capped, x, ts, torch.Generator().manual_seed(0), eps_rel=0.01,
                        max_nfe=25)
     assert free.nfe > 25 >= capped.nfe >= 24 and torch.isfinite(out).all()
-    one = CountingDenoiser(data)  # a one-step grid: the final denoising step alone
-    out = adaptive_sde(one, x, time_grid(process, 1))
-    assert one.nfe == 1 and torch.equal(out, data(x, process.t_max).x0)
+
+
+def test_ends_at_the_least_noisy_level_of_the_grids_ends():
+    """Only the grid's ends count: the SDE runs to sigma~ = default_sigma_min (DDPM's first
+    step, the paper's epsilon) and denoises there, or to ts[-2] when that is less noisy."""
+    process = make_process("linear")
+    data, x = mixture(process), noise(process, 4)
+    t_floor = float(process.t_from_log_snr(torch.tensor(
+        -2 * math.log(default_sigma_min(process)), dtype=torch.float64)))
+    for ts, t_end in [(time_grid(process, 3), t_floor),
+                      (torch.tensor([1000.0, 500.0, 0.5, 0.0], dtype=torch.float64), 0.5)]:
+        seen = []
+        out = adaptive_sde(data, x, ts, torch.Generator().manual_seed(0), eps_rel=0.2,
+                           callback=seen.append)
+        assert torch.equal(seen[-1].t, torch.full((4,), t_end, dtype=torch.float64))
+        assert torch.equal(out, data(seen[-2].x, seen[-1].t).x0)
 
 
 def test_local_error_is_the_scaled_rms_norm():
