@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .adaptive_sde import adaptive_sde
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
 from .consistency import ODE_SOLVERS, consistency, ode_step
@@ -47,6 +48,7 @@ from .options import (
     parse_options,
 )
 from .renoise import renoise
+from .restart import restart
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
 from .unipc import unipc, unipc_bh1, unipc_bh2
@@ -58,6 +60,8 @@ SAMPLERS: dict[str, Callable] = {
     "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
     "renoise": renoise, "ddgan": ddgan, "consistency": consistency,
 }
+SAMPLERS["restart"] = restart
+SAMPLERS["adaptive_sde"] = adaptive_sde
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
 # which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
@@ -108,5 +112,7 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
 __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
             "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
+__all__ += ["restart"]
+__all__ += ["adaptive_sde"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]

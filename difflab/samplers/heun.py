@@ -10,12 +10,13 @@ The step to the last grid point returns x0_hat (the Euler step to sigma~ = 0, Al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..parameterization import DenoiserFn
+from ..parameterization import DenoiserFn, Prediction
 from .base import (
     Callback,
     Generators,
@@ -45,6 +46,21 @@ def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
     return st_hat.tolist(), t_hat
 
 
+def heun_update(denoiser: DenoiserFn, y: Tensor, pred: Prediction, dt: float, a_next: float,
+                t_next: Tensor | float, cond: Any) -> Tensor:
+    """Alg. 2 lines 8-11: from y = x / alpha, whose eps_hat at the step's start is
+    ``pred.eps``, the Euler step of ``dt`` in sigma~, then the trapezoidal correction with
+    eps_hat at its end (time ``t_next``, alpha ``a_next``): one evaluation, order 2."""
+    y_euler = y + dt * pred.eps                                       # line 8
+    pred2 = denoiser(a_next * y_euler, t_next, cond)                  # line 10
+    return y + dt * 0.5 * (pred.eps + pred2.eps)                      # line 11
+
+
+#: ``heun_pass``'s hook after a step lands on a grid point: (index of that point, y there)
+#: -> y to continue from (``restart`` re-noises and re-integrates there).
+GridHook = Callable[[int, Tensor], Tensor]
+
+
 @declare_options(
     SamplerOption("churn", float, 0.0, "S_churn: total noise added (gamma = min(S_churn / N, "
                   "sqrt(2) - 1) per step); 0 is the deterministic ODE sampler", min=0.0),
@@ -61,6 +77,16 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     (inversion) and returns x at ts[-1]. Where sigma~ falls more than ``STEEP_START_RATIO``-fold
     over the noisiest interval (the discrete cosine schedule's t = T) that interval is the
     Euler (DDIM) step alone."""
+    return heun_pass(denoiser, x, ts, generator, callback, cond, churn, s_tmin, s_tmax, s_noise)
+
+
+def heun_pass(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
+              callback: Callback | None, cond: Any, churn: float = 0.0, s_tmin: float = 0.0,
+              s_tmax: float = math.inf, s_noise: float = 1.0,
+              at_grid: GridHook | None = None) -> Tensor:
+    """The ``heun`` sampler's steps (no zero-SNR start, no gradient tracking: the caller's);
+    ``at_grid(k, y)``, when given, runs after each step that lands on grid point k < N of a
+    falling grid and returns the y to continue from."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     if rising and churn > 0:
         raise ValueError("Heun on a rising (inversion) grid needs churn = 0")
@@ -83,15 +109,14 @@ def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
         if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred)
         dt = st[i + 1] - st_hat[i]
-        y_euler = y + dt * pred.eps                                   # line 8
         if i == euler_only:
-            y = y_euler
-            report(callback, i, ts[i], al[i + 1] * y, pred)
-            continue
-        pred2 = denoiser(al[i + 1] * y_euler, ts[i + 1], cond)        # line 10
-        y = y + dt * 0.5 * (pred.eps + pred2.eps)                     # line 11
+            y = y + dt * pred.eps
+        else:
+            y = heun_update(denoiser, y, pred, dt, al[i + 1], ts[i + 1], cond)
         report(callback, i, ts[i], al[i + 1] * y, pred)
+        if at_grid is not None and not rising:
+            y = at_grid(i + 1, y)
     return al[-1] * y
 
 
-__all__ = ["heun"]
+__all__ = ["heun", "heun_pass", "heun_update"]
