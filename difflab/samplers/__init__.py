@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .adaptive_sde import adaptive_sde
 from .ancestral import ddim, ddpm
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
 from .consistency import ODE_SOLVERS, consistency, ode_step
@@ -61,7 +60,6 @@ SAMPLERS: dict[str, Callable] = {
     "renoise": renoise, "ddgan": ddgan, "consistency": consistency,
 }
 SAMPLERS["restart"] = restart
-SAMPLERS["adaptive_sde"] = adaptive_sde
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
 # which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
@@ -113,6 +111,5 @@ __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid"
             "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
 __all__ += ["restart"]
-__all__ += ["adaptive_sde"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]
