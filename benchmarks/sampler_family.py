@@ -156,6 +156,14 @@ class TableModel:
         return self.problem.data(x.to(torch.float64) * (float(proc.alpha(t)) / a_vp), t)
 
 
+def vp_state(problem: Problem, x_T: torch.Tensor) -> torch.Tensor:
+    """difflab's initial state at t_max as diffusers' variance-preserving sample at its last
+    level (diffusers starts from x = that * init_noise_sigma): the same start for both."""
+    s_max = float(problem.sigmas[-1])
+    return x_T * (1 / math.sqrt(1 + s_max**2)) / float(problem.process.alpha(
+        problem.process.t_max))
+
+
 def diffusers_errors(problem, z, ref) -> dict[str, dict[int, float]]:
     abar = 1 / (1 + problem.sigmas**2)
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -256,7 +264,7 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
     grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k)),
              "ays": ays_grid, "family": family_grid}
     return {"difflab": difflab_errors(problem, x_T, ref, grids),
-            "diffusers": diffusers_errors(problem, z, ref)}
+            "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
 
 
 def best(errors: dict[str, dict[int, float]], m: int, keep=lambda label: True) -> float:
