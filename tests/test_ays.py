@@ -150,3 +150,21 @@ def test_bad_arguments_are_one_line_value_errors():
         optimize_schedule(data, x0, 10, candidates=5)
     with pytest.raises(ValueError, match="rho"):
         grid_family(data.process, 4, rho=0.0)
+
+
+def test_free_end_follows_the_data_scale():
+    """With free_end the optimiser picks the smallest level too: data ten times narrower
+    ends at a smaller noise level, and both stay above the floor."""
+    p = make_process("vpsde")
+    ends = []
+    for scale in (0.3, 0.03):
+        g = torch.Generator().manual_seed(0)
+        data = GaussianMixture(p, scale * torch.randn(3, 4, generator=g, dtype=torch.float64),
+                               torch.full((3,), scale, dtype=torch.float64))
+        ts = optimize_schedule(data, draws(data, 64, 1), 6, sigma_min=1e-4, free_end=True,
+                               candidates=96, generator=torch.Generator().manual_seed(0))
+        assert (ts[1:] < ts[:-1]).all() and float(ts[-1]) == p.t_min
+        ends.append(float((-0.5 * p.log_snr(ts[-2])).exp()))
+    assert 1e-4 * (1 - 1e-9) <= ends[1] < ends[0]
+    with pytest.raises(ValueError, match="free_end"):
+        optimize_schedule(data, draws(data, 8, 1), 4, free_end=True, bound="sde")

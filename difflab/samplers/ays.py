@@ -98,12 +98,13 @@ def interval_costs(gram: Tensor, sig: Tensor, power: int = 3) -> Tensor:
     return torch.where(upper, cost.clamp(min=0), torch.full_like(cost, math.inf))
 
 
-def best_path(cost: Tensor, edges: int) -> list[int]:
-    """Indices 0 = i_0 < ... < i_edges = J - 1 minimising sum_k cost[i_k, i_{k+1}] (exact
-    dynamic programming, O(edges J^2))."""
+def best_path(cost: Tensor, edges: int, terminal: Tensor | None = None) -> list[int]:
+    """Indices 0 = i_0 < ... < i_edges minimising sum_k cost[i_k, i_{k+1}] (exact dynamic
+    programming, O(edges J^2)), ending at J - 1, or, given ``terminal`` [J], at the level
+    that minimises the path cost plus ``terminal`` there."""
     n = cost.shape[0]
-    if not 1 <= edges <= n - 1:
-        raise ValueError(f"need 1 <= steps - 1 <= {n - 1} (candidate levels - 1), got "
+    if not 0 <= edges <= n - 1:
+        raise ValueError(f"need 0 <= steps - 1 <= {n - 1} (candidate levels - 1), got "
                          f"{edges}")
     value = torch.full((n,), math.inf, dtype=torch.float64)
     value[0] = 0.0
@@ -112,7 +113,7 @@ def best_path(cost: Tensor, edges: int) -> list[int]:
         total = value[:, None] + cost                        # [from, to]
         value, arg = total.min(0)
         back.append(arg)
-    path = [n - 1]
+    path = [n - 1 if terminal is None else int((value + terminal).argmin())]
     for arg in reversed(back):
         path.append(int(arg[path[-1]]))
     return path[::-1]
@@ -121,7 +122,7 @@ def best_path(cost: Tensor, edges: int) -> list[int]:
 def optimize_schedule(denoiser: DenoiserFn, data: Tensor, steps: int, *,
                       sigma_min: float | None = None, sigma_max: float | None = None,
                       candidates: int = 256, generator: torch.Generator | None = None,
-                      chunk: int = 64, bound: str = "ode") -> Tensor:
+                      chunk: int = 64, bound: str = "ode", free_end: bool = False) -> Tensor:
     """An N-step time grid minimising an Align-Your-Steps error bound (module docstring).
 
     ``denoiser``: any denoiser with a ``process``; ``data``: clean draws x0 [n, ...] (training
@@ -129,18 +130,23 @@ def optimize_schedule(denoiser: DenoiserFn, data: Tensor, steps: int, *,
     ``ts[0] = t_max``, ``ts[-1] = t_min``; its N noise levels are chosen among ``candidates``
     log-spaced levels from sigma~_max down to ``sigma_min``, default ``default_sigma_min``,
     both included). ``bound``: "ode" (default; for the deterministic samplers) or "sde" (the
-    paper's KLUB, for stochastic ones). Deterministic given ``generator``. The result works
-    as ``ts=`` with every sampler.
+    paper's KLUB, for stochastic ones). ``free_end``: the smallest level is chosen too,
+    anywhere down to ``sigma_min``, by adding the bound of the last step (x0_hat there, i.e.
+    the first-order step to sigma~ = 0); use it where the model is defined below its default
+    sigma_min (continuous-time or exact models), with a small ``sigma_min``. Deterministic
+    given ``generator``. The result works as ``ts=`` with every sampler.
     """
     return optimize_schedules(denoiser, data, [steps], sigma_min=sigma_min,
                               sigma_max=sigma_max, candidates=candidates,
-                              generator=generator, chunk=chunk, bound=bound)[steps]
+                              generator=generator, chunk=chunk, bound=bound,
+                              free_end=free_end)[steps]
 
 
 def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int], *,
                        sigma_min: float | None = None, sigma_max: float | None = None,
                        candidates: int = 256, generator: torch.Generator | None = None,
-                       chunk: int = 64, bound: str = "ode") -> dict[int, Tensor]:
+                       chunk: int = 64, bound: str = "ode",
+                       free_end: bool = False) -> dict[int, Tensor]:
     """``optimize_schedule`` for several step counts at once, {N: grid}: the denoiser is
     evaluated once (the interval costs are shared) and each N solved by its own programme."""
     if not steps or min(steps) < 1:
@@ -149,36 +155,43 @@ def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int],
         raise ValueError(f"candidates must be at least steps ({max(steps)}), got {candidates}")
     if bound not in ("ode", "sde"):
         raise ValueError(f"bound must be 'ode' or 'sde', got {bound!r}")
+    if free_end and bound != "ode":
+        raise ValueError("free_end needs bound='ode' (the KLUB of the last step to clean "
+                         "data is infinite)")
     if len(data) < 1:
         raise ValueError("data must hold at least one draw")
     process = denoiser.process
     s_lo, s_hi = _sigma_bounds(process, sigma_min, sigma_max)
     sig = torch.logspace(math.log10(s_hi), math.log10(s_lo), candidates, dtype=torch.float64)
-    cost = _bound_costs(denoiser, data, sig, generator, chunk, bound) \
-        if max(steps) > 1 else None
-    out = {}
-    for n in steps:
-        path = [0] if n == 1 else best_path(cost, n - 1)
-        out[n] = levels_to_times(process, sig[path])
-    return out
+    cost, terminal = _bound_costs(denoiser, data, sig, generator, chunk, bound, free_end)
+    return {n: levels_to_times(process, sig[best_path(cost, n - 1, terminal)]) for n in steps}
 
 
 def _bound_costs(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
-                 generator: torch.Generator | None, chunk: int, bound: str) -> Tensor:
-    """C[a, b]: the bound's cost of one step from candidate level a to level b.
+                 generator: torch.Generator | None, chunk: int, bound: str,
+                 free_end: bool) -> tuple[Tensor, Tensor | None]:
+    """(C, terminal): C[a, b] the bound's cost of one step from candidate level a to level b;
+    terminal[b] that of the last step from level b to clean data (None: the path ends at the
+    last candidate).
 
     "sde": the KLUB interval term (module docstring). "ode": the first-order ODE step in
     y = x / alpha, y_b = y_a + (s_b - s_a) eps_hat_a, has local error int (eps_hat(s) -
     eps_hat_a) ds, whose square is at most (s_a - s_b) int ||eps_hat(s) - eps_hat_a||^2 ds
     (Cauchy-Schwarz); an error made at s_b reaches the data scaled by about
     sqrt(v / (v + s_b^2)) (the PF-ODE of a Gaussian with per-dimension variance v, the
-    data's mean variance), so the squared bound is weighted by v / (v + s_b^2)."""
+    data's mean variance), so the squared bound is weighted by v / (v + s_b^2). The last step
+    returns x0_hat = y_b - s_b eps_hat_b, the same step to s = 0: its bound is s_b times the
+    integral down to the smallest candidate."""
     if bound == "sde":
-        return interval_costs(_gram(denoiser, data, sig, generator, chunk, "x0"), sig, 3)
-    cost = interval_costs(_gram(denoiser, data, sig, generator, chunk, "eps"), sig, 0)
+        return interval_costs(_gram(denoiser, data, sig, generator, chunk, "x0"), sig, 3), None
+    raw = interval_costs(_gram(denoiser, data, sig, generator, chunk, "eps"), sig, 0)
     var = data.to(torch.float64).flatten(1).var(0).mean() if len(data) > 1 else 1.0
     gain = (sig[:, None] - sig[None, :]).clamp(min=0) * var / (var + sig[None, :] ** 2)
-    return torch.where(cost.isinf(), cost, cost * gain)
+    cost = torch.where(raw.isinf(), raw, raw * gain)
+    if not free_end:
+        return cost, None
+    terminal = torch.cat([raw[:-1, -1], torch.zeros(1, dtype=raw.dtype)]) * sig
+    return cost, terminal
 
 
 def grid_family(process: Process, steps: int, rho: float = 7.0, warp: float = 1.0, *,
