@@ -237,7 +237,7 @@ def fit_families(fit: list[Problem], draws: int, tol: float) -> dict[tuple[str, 
         for m in NFES:
             out[label, m] = fit_grid_family(cases, fn, steps_for(m, k),
                                             rhos=(2.0, 4.0, 7.0, 15.0, math.inf),
-                                            warps=(0.5, 0.65, 0.8, 1.0, 1.25),
+                                            warps=(0.35, 0.5, 0.65, 0.8, 1.0),
                                             sigma_min=lambda pr: lows[id(pr)], **opts)
     return out
 
