@@ -224,7 +224,7 @@ def noise(problem: Problem, n: int, seed: int) -> torch.Tensor:
 
 
 def fit_families(fit: list[Problem], draws: int, tol: float) -> dict[tuple[str, int], tuple]:
-    """(rho, warp) per FAMILY sampler and NFE, fitted on the FIT problems."""
+    """(rho, warp, smallest level) per FAMILY sampler and NFE, fitted on the FIT problems."""
     cases, lows = [], {}
     for i, p in enumerate(fit):
         x_T = noise(p, draws, 50 + i) * float(p.process.sigma(p.process.t_max))
@@ -238,6 +238,7 @@ def fit_families(fit: list[Problem], draws: int, tol: float) -> dict[tuple[str, 
             out[label, m] = fit_grid_family(cases, fn, steps_for(m, k),
                                             rhos=(2.0, 4.0, 7.0, 15.0, math.inf),
                                             warps=(0.35, 0.5, 0.65, 0.8, 1.0),
+                                            sigma_mins=(None, 2e-3, 2e-4),
                                             sigma_min=lambda pr: lows[id(pr)], **opts)
     return out
 
@@ -260,8 +261,9 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
     def family_grid(label, k, m):
         if (label, m) not in families:
             return None
-        rho, warp = families[label, m]
-        return grid_family(proc, steps_for(m, k), rho, warp, sigma_min=sigma_min(problem))
+        rho, warp, end = families[label, m]
+        return grid_family(proc, steps_for(m, k), rho, warp,
+                           sigma_min=sigma_min(problem) if end is None else end)
 
     grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k)),
              "ays": ays_grid, "family": family_grid}
@@ -346,9 +348,10 @@ def report(results, problems, families, args, seconds) -> str:
              namesake_table(results, None), "",
              f"diffusers runs that raised (scored as infinite error): {len(FAILED)}"
              + (": " + "; ".join(FAILED) if FAILED else "") + ".", "",
-             "Family parameters (rho, warp) fitted on the FIT problems: "
-             + "; ".join(f"{lab} @ {m}: ({r:g}, {w:g})" for (lab, m), (r, w)
-                         in families.items()) + "."]
+             "Family parameters (rho, warp, smallest sigma~; 'table': the table's first level) "
+             "fitted on the FIT problems: "
+             + "; ".join(f"{lab} @ {m}: ({r:g}, {w:g}, {e if e else 'table'})"
+                         for (lab, m), (r, w, e) in families.items()) + "."]
     return "\n".join(parts)
 
 

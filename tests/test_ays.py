@@ -131,10 +131,12 @@ def test_fit_grid_family_returns_the_best_candidate():
                       dtype=torch.float64) * p.sigma(p.t_max)
     ref = data.ode_solution(x_T, p.t_max, p.t_min, rtol=1e-8, atol=1e-8)
     rhos, warps = (1.0, 7.0, math.inf), (0.7, 1.0)
-    rho, warp = fit_grid_family([(data, x_T, ref)], SAMPLERS["ddim"], 6, rhos, warps)
-    errs = {(r, w): rms_of("ddim", data, grid_family(p, 6, r, w), x_T, ref)
-            for r in rhos for w in warps}
-    assert errs[rho, warp] == min(errs.values())
+    ends = (None, 1e-3)
+    rho, warp, end = fit_grid_family([(data, x_T, ref)], SAMPLERS["ddim"], 6, rhos, warps,
+                                     ends)
+    errs = {(r, w, e): rms_of("ddim", data, grid_family(p, 6, r, w, sigma_min=e), x_T, ref)
+            for r in rhos for w in warps for e in ends}
+    assert errs[rho, warp, end] == min(errs.values())
 
 
 def test_bad_arguments_are_one_line_value_errors():

@@ -244,24 +244,28 @@ Case = tuple[DenoiserFn, Tensor, Tensor]
 
 def fit_grid_family(cases: Sequence[Case], sampler: Callable, steps: int,
                     rhos: Sequence[float] = (1.5, 2.5, 4.0, 7.0, 12.0, math.inf),
-                    warps: Sequence[float] = (0.8, 1.0, 1.25), *,
+                    warps: Sequence[float] = (0.8, 1.0, 1.25),
+                    sigma_mins: Sequence[float | None] = (None,), *,
                     sigma_min: Callable[[Process], float | None] | None = None,
-                    **options: Any) -> tuple[float, float]:
-    """(rho, warp) of ``grid_family`` with the smallest geometric mean over ``cases`` of the
-    RMS error of ``sampler`` (with ``options``) on ``steps`` steps; each case is
-    (denoiser, x_T, reference x0). ``sigma_min(process)`` picks each problem's smallest level
-    (default ``default_sigma_min``). Exhaustive over the given values; ties keep the first."""
+                    **options: Any) -> tuple[float, float, float | None]:
+    """(rho, warp, smallest level) of ``grid_family`` with the smallest geometric mean over
+    ``cases`` of the RMS error of ``sampler`` (with ``options``) on ``steps`` steps; each
+    case is (denoiser, x_T, reference x0). The smallest level is one of ``sigma_mins`` (a
+    sigma~ shared by all problems), where None means each problem's own: ``sigma_min(process)``
+    or, without that callable, ``default_sigma_min``. Exhaustive; ties keep the first."""
     if not cases:
         raise ValueError("fit_grid_family needs at least one case")
-    best, best_loss = (rhos[0], warps[0]), math.inf
-    for rho in rhos:
-        for warp in warps:
-            loss = 0.0
-            for den, x_T, ref in cases:
-                lo = sigma_min(den.process) if sigma_min else None
-                ts = grid_family(den.process, steps, rho, warp, sigma_min=lo)
-                err = (sampler(den, x_T, ts, **options) - ref).pow(2).mean().sqrt()
-                loss += math.log(max(float(err), 1e-300))
-            if loss < best_loss:
-                best, best_loss = (rho, warp), loss
+    best, best_loss = (rhos[0], warps[0], sigma_mins[0]), math.inf
+    for end in sigma_mins:
+        for rho in rhos:
+            for warp in warps:
+                loss = 0.0
+                for den, x_T, ref in cases:
+                    lo = end if end is not None else (sigma_min(den.process) if sigma_min
+                                                      else None)
+                    ts = grid_family(den.process, steps, rho, warp, sigma_min=lo)
+                    err = (sampler(den, x_T, ts, **options) - ref).pow(2).mean().sqrt()
+                    loss += math.log(max(float(err), 1e-300))
+                if loss < best_loss:
+                    best, best_loss = (rho, warp, end), loss
     return best
