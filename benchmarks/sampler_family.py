@@ -433,7 +433,7 @@ over across schedules and data scales. Problems above 0.8: a small-scale cosine 
 (d=3, s=0.037: diffusers' UniPC bh2 matches everything here at 5-10 NFE, 1.00/0.99/0.82),
 a two-component scaled_linear mixture at 5 NFE (s=0.015: 1.06) and at 15-20 NFE (s=0.45:
 1.18/1.08, against DPM-Solver++ 3M on the Karras grid), and single cells at 0.83-0.89 on
-four others; 7 of the 12 problems are below 0.8 at every NFE.
+four others; 5 of the 12 problems are below 0.8 at every NFE.
 Per solver on the same (default) grid, the medians are <= 1 everywhere, but single problems
 are worse than the namesake: `plms` vs PNDM up to 1.94 (20 NFE), `unipc_bh1` vs bh1 up to
 1.37, `dpmpp_2m` up to 1.14, `ddim` 1.15 once (15 NFE, where diffusers' DDIM steps to
