@@ -170,3 +170,24 @@ def test_free_end_follows_the_data_scale():
     assert 1e-4 * (1 - 1e-9) <= ends[1] < ends[0]
     with pytest.raises(ValueError, match="free_end"):
         optimize_schedule(data, draws(data, 8, 1), 4, free_end=True, bound="sde")
+
+
+def test_order_spreads_the_steps_and_is_checked():
+    """order = 2 scales each step's bound by its squared log-size: the largest step of the
+    optimised grid (in log sigma~) gets no larger, and bad orders are refused."""
+    data = mixture(seed=3)
+    p = data.process
+    x0 = draws(data, 32, 1)
+
+    def largest_log_step(ts):
+        s = (-0.5 * p.log_snr(ts[:-1])).exp().log()
+        return float((s[:-1] - s[1:]).max())
+
+    one, two = (optimize_schedule(data, x0, 8, candidates=64, order=k,
+                                  generator=torch.Generator().manual_seed(0)) for k in (1, 2))
+    assert (two[1:] < two[:-1]).all() and float(two[-1]) == p.t_min
+    assert largest_log_step(two) <= largest_log_step(one) + 1e-12
+    with pytest.raises(ValueError, match="order"):
+        optimize_schedule(data, x0, 4, order=0)
+    with pytest.raises(ValueError, match="order"):
+        optimize_schedule(data, x0, 4, order=2, bound="sde")

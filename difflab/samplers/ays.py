@@ -149,7 +149,8 @@ def best_path(cost: Tensor, edges: int, terminal: Tensor | None = None) -> list[
 def optimize_schedule(denoiser: DenoiserFn, data: Tensor, steps: int, *,
                       sigma_min: float | None = None, sigma_max: float | None = None,
                       candidates: int = 256, generator: torch.Generator | None = None,
-                      chunk: int = 64, bound: str = "ode", free_end: bool = False) -> Tensor:
+                      chunk: int = 64, bound: str = "ode", free_end: bool = False,
+                      order: int = 1) -> Tensor:
     """An N-step time grid minimising an Align-Your-Steps error bound (module docstring).
 
     ``denoiser``: any denoiser with a ``process``; ``data``: clean draws x0 [n, ...] (training
@@ -161,19 +162,22 @@ def optimize_schedule(denoiser: DenoiserFn, data: Tensor, steps: int, *,
     anywhere down to ``sigma_min``, by adding the bound of the last step (x0_hat there, i.e.
     the first-order step to sigma~ = 0); use it where the model is defined below its default
     sigma_min (continuous-time or exact models), with a small ``sigma_min``. Deterministic
-    given ``generator``. The result works as ``ts=`` with every sampler.
+    given ``generator``. ``order`` (``bound="ode"``): the order p of the sampler the grid is
+    for; each step's bound is scaled by h^(2(p - 1)), h = log(s_a / s_b) its log-sigma~ size
+    (a p-th order step's local error is O(h^(p+1)) where the first-order one is O(h^2), with
+    derivatives of eps_hat of similar size). The result works as ``ts=`` with every sampler.
     """
     return optimize_schedules(denoiser, data, [steps], sigma_min=sigma_min,
                               sigma_max=sigma_max, candidates=candidates,
                               generator=generator, chunk=chunk, bound=bound,
-                              free_end=free_end)[steps]
+                              free_end=free_end, order=order)[steps]
 
 
 def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int], *,
                        sigma_min: float | None = None, sigma_max: float | None = None,
                        candidates: int = 256, generator: torch.Generator | None = None,
                        chunk: int = 64, bound: str = "ode",
-                       free_end: bool = False) -> dict[int, Tensor]:
+                       free_end: bool = False, order: int = 1) -> dict[int, Tensor]:
     """``optimize_schedule`` for several step counts at once, {N: grid}: the denoiser is
     evaluated once (the interval costs are shared) and each N solved by its own programme."""
     if not steps or min(steps) < 1:
@@ -182,6 +186,8 @@ def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int],
         raise ValueError(f"candidates must be at least steps ({max(steps)}), got {candidates}")
     if bound not in ("ode", "sde"):
         raise ValueError(f"bound must be 'ode' or 'sde', got {bound!r}")
+    if order < 1 or (order > 1 and bound != "ode"):
+        raise ValueError(f"order must be >= 1, and 1 with bound='sde', got {order}")
     if free_end and bound != "ode":
         raise ValueError("free_end needs bound='ode' (the KLUB of the last step to clean "
                          "data is infinite)")
@@ -190,13 +196,14 @@ def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int],
     process = denoiser.process
     s_lo, s_hi = _sigma_bounds(process, sigma_min, sigma_max)
     sig = torch.logspace(math.log10(s_hi), math.log10(s_lo), candidates, dtype=torch.float64)
-    cost, terminal = _bound_costs(denoiser, data, sig, generator, chunk, bound, free_end)
+    cost, terminal = _bound_costs(denoiser, data, sig, generator, chunk, bound, free_end,
+                                  order)
     return {n: levels_to_times(process, sig[best_path(cost, n - 1, terminal)]) for n in steps}
 
 
 def _bound_costs(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
                  generator: torch.Generator | None, chunk: int, bound: str,
-                 free_end: bool) -> tuple[Tensor, Tensor | None]:
+                 free_end: bool, order: int = 1) -> tuple[Tensor, Tensor | None]:
     """(C, terminal): C[a, b] the bound's cost of one step from candidate level a to level b;
     terminal[b] that of the last step from level b to clean data (None: the path ends at the
     last candidate).
@@ -215,6 +222,9 @@ def _bound_costs(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
     var = data.to(torch.float64).flatten(1).var(0).mean() if len(data) > 1 else 1.0
     gain = (sig[:, None] - sig[None, :]).clamp(min=0) * var / (var + sig[None, :] ** 2)
     cost = torch.where(raw.isinf(), raw, raw * gain)
+    if order > 1:
+        h = (sig[:, None] / sig[None, :]).clamp(min=1).log()
+        cost = torch.where(cost.isinf(), cost, cost * h ** (2 * (order - 1)))
     if not free_end:
         return cost, None
     terminal = torch.cat([raw[:-1, -1], torch.zeros(1, dtype=raw.dtype)]) * sig
