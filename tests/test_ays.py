@@ -69,11 +69,11 @@ def test_optimised_grid_beats_the_default_on_held_out_draws():
     noise it never saw."""
     data = mixture(d=8, k=4, seed=2)
     p = data.process
-    ts = optimize_schedule(data, draws(data, 128, 1), 8, candidates=96,
+    ts = optimize_schedule(data, draws(data, 64, 1), 8, candidates=64,
                            generator=torch.Generator().manual_seed(0))
-    x_T = torch.randn(128, 8, generator=torch.Generator().manual_seed(9),
+    x_T = torch.randn(64, 8, generator=torch.Generator().manual_seed(9),
                       dtype=torch.float64) * p.sigma(p.t_max)
-    ref = data.ode_solution(x_T, p.t_max, p.t_min, rtol=1e-8, atol=1e-8)
+    ref = data.ode_solution(x_T, p.t_max, p.t_min, rtol=1e-5, atol=1e-5)  # errors ~1e-2
     for sampler in ("ddim", "plms"):
         opt = rms_of(sampler, data, ts, x_T, ref)
         default = rms_of(sampler, data, time_grid(p, 8), x_T, ref)
