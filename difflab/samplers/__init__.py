@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .ancestral import ddim, ddpm
+from .ays import fit_grid_family, grid_family, optimize_schedule, optimize_schedules
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
 from .consistency import ODE_SOLVERS, consistency, ode_step
 from .ddgan import ddgan
@@ -111,5 +112,6 @@ __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid"
             "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
 __all__ += ["restart"]
+__all__ += ["fit_grid_family", "grid_family", "optimize_schedule", "optimize_schedules"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]

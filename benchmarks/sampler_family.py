@@ -1,0 +1,477 @@
+"""Samplers on a family of exact problems, with grids fitted on one part and scored on another.
+
+    OMP_NUM_THREADS=1 python benchmarks/sampler_family.py             # prints markdown tables
+    OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --readme    # also into README.md
+    python benchmarks/sampler_family.py --problems 6 --draws 64       # a quick run
+
+Each problem is a Gaussian mixture with an exact denoiser (``difflab.analytic``): dimension
+d log-uniform in 2..256, K uniform in 1..16 components with Dirichlet(1) weights, component
+scales log-uniform in 0.01..1 with isotropic, diagonal or full covariances (full: a diagonal
+mixture seen through one random rotation Q, so covariance Q diag(s_k^2) Q^T), under one of
+the schedules linear, cosine, scaled_linear (DDPM, T = 1000), vpsde and EDM's VE sigma range
+(0.002..80). Problems with even index (seed 1000 + i) are FIT problems, odd ones HELD-OUT;
+nothing fitted ever sees a held-out problem's reference or noise.
+
+Error: RMS distance to the model's own PF-ODE solution from the same x_T (DOP853,
+``reference_solution``). Every sampler, difflab's and diffusers', is driven by the same exact
+model from the same noise. diffusers runs on a 1000-level table of the problem's process
+(``trained_betas``; index k <-> difflab time t_k), so its float32 tables differ from difflab's
+float64 ones by ~1e-4 relative in sigma. difflab grids:
+
+- default: the trailing pick of the same 1000-level table that diffusers' trailing spacing
+  uses (for DDPM schedules exactly ``time_grid(process, n, "trailing")``);
+- ays: ``optimize_schedule`` on the held-out problem's denoiser and fresh data draws (no
+  reference, no evaluation noise);
+- family: ``grid_family`` with (rho, warp) fitted per sampler and NFE on the FIT problems
+  (``fit_grid_family``), applied unchanged to the held-out ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.analytic import GaussianMixture
+from difflab.parameterization import Prediction
+from difflab.process import make_process
+from difflab.samplers import CountingDenoiser, discrete_timesteps, reference_solution
+from difflab.samplers.ays import fit_grid_family, grid_family, optimize_schedules
+
+sys.path.insert(0, str(Path(__file__).parent))
+from readme_section import write_section  # noqa: E402
+from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
+
+NFES = (5, 8, 10, 15, 20)
+SCHEDULES = ("linear", "cosine", "scaled_linear", "vpsde", "ve")
+COVARIANCES = ("isotropic", "diagonal", "full")
+LEVELS = 1000
+AYS_FLOOR = 2e-4  # the smallest sigma~ the optimiser may end at (it chooses where, free_end)
+#: the bound's order per sampler (``optimize_schedule(order=)``): 1 for the first-order
+#: samplers, 2 for every other (higher orders assume more smoothness than these data have)
+AYS_ORDER = {"ddim": 1, "euler_ode": 1}
+FAILED: list[str] = []  # diffusers runs that raised (scored as inf, i.e. left out of "best")
+#: difflab samplers that get a family fitted (the fit is the costly part of the run)
+FAMILY = ("ddim", "heun", "plms", "dpmpp_2m", "unipc_bh1, final_order=3")
+#: difflab solver -> (its configurations: DIFFLAB labels, the diffusers namesake). euler (Euler
+#: in sigma~) is not on main yet (branch samplers20), so Euler has no row.
+NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
+            "dpmpp_2m": (("dpmpp_2m",), "DPMSolverMultistep 2M"),
+            "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3"), "UniPC bh2 (2)"),
+            "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3"),
+                          "UniPC bh1 (3) trailing"),
+            "lms": (("lms",), "LMS"), "plms": (("plms", "plms, final_order=1"), "PNDM (PLMS)")}
+
+
+class RotatedMixture:
+    """A mixture seen through an orthogonal Q: x0 = Q y0. Since Q eps is again N(0, I), the
+    noisy x_t = Q y_t and D(x, t) = Q D_y(Q^T x, t), eps_hat likewise (exact, full covariance)."""
+
+    def __init__(self, inner: GaussianMixture, q: torch.Tensor):
+        self.inner, self.q, self.process = inner, q, inner.process
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inner.sample(n, generator) @ self.q.T
+
+    def __call__(self, x, t, cond=None) -> Prediction:
+        p = self.inner(x @ self.q, t)
+        return Prediction(x0=p.x0 @ self.q.T, eps=p.eps @ self.q.T)
+
+
+@dataclass
+class Problem:
+    name: str
+    data: object            # the exact denoiser (with .process and .sample)
+    times: torch.Tensor     # the 1000-level table: difflab time of diffusers index k
+    sigmas: torch.Tensor    # sigma~ of each level
+
+    @property
+    def process(self):
+        return self.data.process
+
+    def default_grid(self, n: int) -> torch.Tensor:
+        idx = discrete_timesteps(LEVELS, n, "trailing") - 1
+        return torch.cat([self.times[idx], torch.tensor([self.process.t_min],
+                                                        dtype=torch.float64)])
+
+
+def level_table(name: str, process) -> tuple[torch.Tensor, torch.Tensor]:
+    """Times t_k (k = 0..999) of diffusers' table and their sigma~."""
+    k = torch.arange(1, LEVELS + 1, dtype=torch.float64)
+    if name == "ve":
+        times = torch.logspace(math.log10(0.002), math.log10(80.0), LEVELS, dtype=torch.float64)
+    elif name == "vpsde":
+        times = k / LEVELS
+    else:
+        times = k
+    return times, (-0.5 * process.log_snr(times)).exp()
+
+
+def draw_problem(seed: int) -> Problem:
+    """One random exact problem (module docstring); deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    d = int(round(math.exp(rng.uniform(math.log(2), math.log(256)))))
+    k = int(rng.integers(1, 17))
+    cov = COVARIANCES[rng.integers(3)]
+    sched = SCHEDULES[rng.integers(len(SCHEDULES))]
+    process = make_process(sched, **({"sigma_max": 80.0} if sched == "ve" else {}))
+    scale = math.exp(rng.uniform(math.log(0.01), math.log(1.0)))
+    mu = rng.standard_normal((k, d)) * rng.uniform(0.5, 2.0) / math.sqrt(d)
+    if cov == "isotropic":
+        std = scale * np.exp(rng.uniform(-0.5, 0.5, (k, 1))) * np.ones((k, d))
+    else:
+        std = scale * np.exp(rng.uniform(-1.0, 1.0, (k, d)))
+    std = np.clip(std, 0.01, 1.0)
+    w = rng.dirichlet(np.ones(k))
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    data = GaussianMixture(process, t(mu), t(std), t(w))
+    if cov == "full":
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        data = RotatedMixture(data, t(q))
+    times, sigmas = level_table(sched, process)
+    name = f"{sched} d={d} K={k} {cov} s={scale:.3g}"
+    return Problem(name, data, times, sigmas)
+
+
+class TableModel:
+    """The exact model as diffusers sees it: ``run_diffusers`` calls it with its variance-
+    preserving input at (fractional) index k + 1; the level's sigma~ is interpolated in log
+    sigma~ as diffusers does, and the input rescaled to the problem's process."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.log_s = problem.sigmas.log()
+
+    def __call__(self, x, k1: float):
+        k = min(max(k1 - 1.0, 0.0), LEVELS - 1.0)
+        lo = int(math.floor(k))
+        hi = min(lo + 1, LEVELS - 1)
+        log_s = self.log_s[lo] + (k - lo) * (self.log_s[hi] - self.log_s[lo])
+        proc = self.problem.process
+        t = self.problem.times[lo] if k == lo else proc.t_from_log_snr(-2 * log_s)
+        s = float(log_s.exp())
+        a_vp = 1 / math.sqrt(1 + s * s)
+        return self.problem.data(x.to(torch.float64) * (float(proc.alpha(t)) / a_vp), t)
+
+
+def vp_state(problem: Problem, x_T: torch.Tensor) -> torch.Tensor:
+    """difflab's initial state at t_max as diffusers' variance-preserving sample at its last
+    level (diffusers starts from x = that * init_noise_sigma): the same start for both."""
+    s_max = float(problem.sigmas[-1])
+    return x_T * (1 / math.sqrt(1 + s_max**2)) / float(problem.process.alpha(
+        problem.process.t_max))
+
+
+def diffusers_errors(problem, z, ref) -> dict[str, dict[int, float]]:
+    abar = 1 / (1 + problem.sigmas**2)
+    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    model = TableModel(problem)
+    out = {}
+    for label, (cls, cfg) in diffusers_schedulers().items():
+        cfg = {**cfg, "trained_betas": betas.tolist()}
+        out[label] = {}
+        for m in NFES:
+            try:
+                x, _ = run_diffusers(cls, cfg, model, z, m)
+            except (IndexError, ValueError, RuntimeError):  # e.g. Karras sigmas that repeat
+                FAILED.append(f"{label} at {m} NFE on {problem.name}")
+                out[label][m] = math.inf
+                continue
+            out[label][m] = rms(x.to(torch.float64), ref)
+    return out
+
+
+def rms(a, b) -> float:
+    e = float((a - b).pow(2).mean().sqrt())
+    return e if math.isfinite(e) else math.inf
+
+
+def steps_for(nfe: int, k: int) -> int:
+    return (nfe - 1) // k + 1
+
+
+def difflab_errors(problem, x_T, ref, grids) -> dict[str, dict[int, float]]:
+    """{"label [grid]": {nfe: rms}} for every DIFFLAB sampler on every grid in ``grids``
+    ({grid name: fn(label, k, nfe) -> ts or None})."""
+    out = {}
+    for label, fn, opts, _spacing, k in DIFFLAB:
+        for gname, make in grids.items():
+            row = {}
+            for m in NFES:
+                ts = make(label, k, m)
+                if ts is None:
+                    continue
+                counted = CountingDenoiser(problem.data)
+                x = fn(counted, x_T, ts, torch.Generator().manual_seed(0), **opts)
+                row[m] = rms(x, ref) if counted.nfe <= m else math.inf
+            if row:
+                out[f"{label} [{gname}]"] = row
+    return out
+
+
+def sigma_min(problem: Problem) -> float:
+    return float(problem.sigmas[0])
+
+
+def noise(problem: Problem, n: int, seed: int) -> torch.Tensor:
+    d = problem.data.sample(1).shape[1]
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return z
+
+
+def fit_families(fit: list[Problem], draws: int, tol: float) -> dict[tuple[str, int], tuple]:
+    """(rho, warp, smallest level) per FAMILY sampler and NFE, fitted on the FIT problems."""
+    cases, lows = [], {}
+    for i, p in enumerate(fit):
+        x_T = noise(p, draws, 50 + i) * float(p.process.sigma(p.process.t_max))
+        cases.append((p.data, x_T, reference_solution(p.data, x_T, tol)))
+        lows[id(p.process)] = sigma_min(p)
+    out = {}
+    for label, fn, opts, _s, k in DIFFLAB:
+        if label not in FAMILY:
+            continue
+        for m in NFES:
+            out[label, m] = fit_grid_family(cases, fn, steps_for(m, k),
+                                            rhos=(2.0, 4.0, 7.0, 15.0, math.inf),
+                                            warps=(0.35, 0.5, 0.65, 0.8, 1.0),
+                                            sigma_mins=(None, 2e-3, 2e-4),
+                                            sigma_min=lambda pr: lows[id(pr)], **opts)
+    return out
+
+
+def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> dict:
+    """All errors on one held-out problem: {"difflab": {...}, "diffusers": {...}}."""
+    proc = problem.process
+    z = noise(problem, draws, seed)
+    x_T = z * float(proc.sigma(proc.t_max))
+    ref = reference_solution(problem.data, x_T, tol)
+    data = problem.data.sample(256, torch.Generator().manual_seed(seed + 1))
+    steps = sorted({steps_for(m, k) for *_, k in DIFFLAB for m in NFES})
+    ays = {order: optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
+                                     free_end=True, order=order,
+                                     generator=torch.Generator().manual_seed(seed + 2))
+           for order in (1, 2)}
+
+    def ays_grid(label, k, m):
+        return ays[AYS_ORDER.get(label, 2)][steps_for(m, k)]
+
+    def family_grid(label, k, m):
+        if (label, m) not in families:
+            return None
+        rho, warp, end = families[label, m]
+        return grid_family(proc, steps_for(m, k), rho, warp,
+                           sigma_min=sigma_min(problem) if end is None else end)
+
+    grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k)),
+             "ays": ays_grid, "family": family_grid}
+    return {"difflab": difflab_errors(problem, x_T, ref, grids),
+            "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
+
+
+def best(errors: dict[str, dict[int, float]], m: int, keep=lambda label: True) -> float:
+    return min(v[m] for label, v in errors.items() if m in v and keep(label))
+
+
+def bootstrap_median(r: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of the median of ``r`` over problems resampled with
+    replacement."""
+    rng = np.random.default_rng(seed)
+    med = np.median(r[rng.integers(len(r), size=(n_boot, len(r)))], axis=1)
+    return float(np.quantile(med, 0.05)), float(np.quantile(med, 0.95))
+
+
+def ratio_rows(results, keep, title) -> list[str]:
+    rows = []
+    for m in NFES:
+        r = np.array([best(res["difflab"], m, keep) / best(res["diffusers"], m)
+                      for res in results])
+        lo, hi = bootstrap_median(r)
+        med, worst = float(np.median(r)), float(r.max())
+        ok = "yes" if med <= 0.5 and worst <= 0.8 else "**no**"
+        rows.append(f"| {m} | {med:.2f} | {lo:.2f}-{hi:.2f} | {worst:.2f} | {ok} |")
+    head = (f"| NFE | median ratio ({title}) | bootstrap 90% of median | worst problem | "
+            "goal (median <= 0.5, worst <= 0.8) |\n|---|---|---|---|---|")
+    return [head, *rows]
+
+
+def namesake_table(results, grid: str | None) -> str:
+    """Median and worst over held-out problems of (difflab solver / diffusers namesake), the
+    solver's best configuration on ``grid`` (None: on its best grid). ** marks a cell > 1."""
+    head = "| difflab / diffusers | " + " | ".join(f"NFE {m}" for m in NFES) + " |"
+    lines = [head, "|" + "---|" * (len(NFES) + 1)]
+    for ours, (configs, theirs) in NAMESAKE.items():
+        cells = []
+        for m in NFES:
+            def keep(label, configs=configs):
+                name, g = label[:-1].split(" [")
+                return name in configs and (grid is None or g == grid)
+            r = np.array([best(res["difflab"], m, keep) / res["diffusers"][theirs][m]
+                          for res in results])
+            med, worst = float(np.median(r)), float(r.max())
+            flag = lambda v: f"**{v:.3f}**" if v > 1 else f"{v:.3f}"  # noqa: E731
+            cells.append(f"{flag(med)} / {flag(worst)}")
+        lines.append(f"| {ours} / {theirs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_grid_table(results) -> str:
+    """Median over held-out problems of each grid's best sampler / best diffusers."""
+    lines = ["| difflab grids used | " + " | ".join(f"NFE {m}" for m in NFES) + " |",
+             "|" + "---|" * (len(NFES) + 1)]
+    for grid in ("default", "ays", "family"):
+        cells = []
+        for m in NFES:
+            r = [best(res["difflab"], m, lambda lab, g=grid: lab.endswith(f"[{g}]"))
+                 / best(res["diffusers"], m) for res in results]
+            cells.append(f"{np.median(r):.2f}")
+        lines.append(f"| {grid} only | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(results, problems, families, args, seconds) -> str:
+    every = lambda label: True  # noqa: E731
+    no_ays = lambda label: not label.endswith("[ays]")  # noqa: E731
+    parts = [f"{len(problems)} held-out problems ({args.problems - len(problems)} fit), "
+             f"{args.draws} draws each, reference tol {args.tol:g}; {seconds / 60:.1f} min "
+             f"on {torch.get_num_threads()} thread(s).", "",
+             "Held-out problems: " + "; ".join(p.name for p in problems) + ".", "",
+             "### Best difflab / best diffusers on the held-out problems", "",
+             *ratio_rows(results, every, "all grids"), "",
+             *ratio_rows(results, no_ays, "default + family grids"), "",
+             "### Which grids carry it (median ratio)", "", per_grid_table(results), "",
+             "### Solver / namesake, default grid (median / worst over problems)", "",
+             namesake_table(results, "default"), "",
+             "### Solver / namesake, the solver's best grid (median / worst)", "",
+             namesake_table(results, None), "",
+             f"diffusers runs that raised (scored as infinite error): {len(FAILED)}"
+             + (": " + "; ".join(FAILED) if FAILED else "") + ".", "",
+             "Family parameters (rho, warp, smallest sigma~; 'table': the table's first level) "
+             "fitted on the FIT problems: "
+             + "; ".join(f"{lab} @ {m}: ({r:g}, {w:g}, {e if e else 'table'})"
+                         for (lab, m), (r, w, e) in families.items()) + "."]
+    return "\n".join(parts)
+
+
+HEADING = "Samplers on a family of problems (`benchmarks/sampler_family.py`)"
+INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --readme` | difflab "
+             "samplers (default, AYS-optimised and family grids) against diffusers on "
+             "held-out exact problems: median/worst ratios, bootstrap intervals | "
+             "[Sampler family](#samplers-on-a-family-of-problems-benchmarkssampler_familypy) |")
+
+
+def quiet_diffusers() -> None:
+    import warnings
+
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", type=int, default=24,
+                        help="problems in all (half fit, half held out)")
+    parser.add_argument("--draws", type=int, default=256, help="noise draws per problem")
+    parser.add_argument("--fit-draws", type=int, default=64,
+                        help="noise draws per FIT problem")
+    parser.add_argument("--tol", type=float, default=1e-9, help="reference DOP853 tolerance")
+    parser.add_argument("--readme", action="store_true", help="write benchmarks/README.md")
+    parser.add_argument("--save", type=Path, help="also write every error as JSON here")
+    parser.add_argument("--load", type=Path,
+                        help="report (and --readme) a JSON written by --save, without running")
+    args = parser.parse_args()
+    if args.problems < 2 or args.draws < 1 or args.fit_draws < 1:
+        raise SystemExit("--problems must be >= 2 and --draws, --fit-draws >= 1")
+    torch.set_num_threads(1)
+    if args.load:
+        return report_saved(args)
+    quiet_diffusers()
+    t0 = time.perf_counter()
+    fit = [draw_problem(1000 + i) for i in range(0, args.problems, 2)]
+    held = [draw_problem(1000 + i) for i in range(1, args.problems, 2)]
+    families = fit_families(fit, args.fit_draws, args.tol)
+    print(f"family fit: {time.perf_counter() - t0:.0f} s", flush=True)
+    results = []
+    for i, p in enumerate(held):
+        results.append(evaluate(p, 5000 + i, args.draws, args.tol, families))
+        print(f"held-out {i}: {p.name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    seconds = time.perf_counter() - t0
+    text = report(results, held, families, args, seconds)
+    print(text)
+    if args.save:
+        args.save.write_text(json.dumps({"problems": [p.name for p in held], "results": results,
+                                         "families": [[*k, *v] for k, v in families.items()],
+                                         "seconds": seconds, "failed": FAILED}))
+    publish(args, text)
+
+
+def report_saved(args) -> None:
+    """The tables of a run saved with --save (JSON turns the NFE keys into strings)."""
+    saved = json.loads(args.load.read_text())
+    results = [{lib: {label: {int(m): v for m, v in row.items()} for label, row in errs.items()}
+                for lib, errs in res.items()} for res in saved["results"]]
+    held = [argparse.Namespace(name=name) for name in saved["problems"]]
+    families = {(f[0], f[1]): tuple(f[2:]) for f in saved["families"]}
+    FAILED[:] = saved.get("failed", [])
+    text = report(results, held, families, args, saved.get("seconds", math.nan))
+    print(text)
+    publish(args, text)
+
+
+def publish(args, text: str) -> None:
+    if args.readme:
+        path = write_section(Path(__file__).with_name("README.md"), HEADING,
+                             README_INTRO + text, INDEX_ROW, "sampler_family.py")
+        print(f"wrote {path}")
+
+
+README_INTRO = """`OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --readme` (the script's
+docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE solution,
+difflab over diffusers, per held-out problem; "best" is the best sampler and grid of each
+library per problem and NFE (diffusers: the 17 schedulers of `benchmarks/samplers.py`, run on
+a 1000-level table of each problem's process through `trained_betas`, float32; difflab's
+tables are float64, ~1e-4 relative apart in sigma, which moves 10-step DDIM by < 1e-4 of the
+data scale on well-conditioned problems, `tests/test_sampler_family.py`).
+
+Grids: "default" is the same trailing grid diffusers' trailing spacing picks (namesake tables:
+same grid, same NFE); "ays" is `optimize_schedule(..., bound="ode", free_end=True,
+sigma_min=2e-4, order=p)` (p = 1 for `ddim`/`euler_ode`, 2 for the others) computed per
+held-out problem from its denoiser and 256 fresh data draws (no reference solutions, no
+evaluation noise; `free_end` lets it end below the table's first level, which an exact or
+continuous-time model allows and a network trained on T discrete steps does not); "family" is
+`grid_family` with (rho, warp, smallest level) fitted per sampler and NFE on the 12 FIT
+problems only and applied unchanged. `euler` (Euler in sigma~) is not on main yet, so Euler
+has no namesake row; `rk45` is adaptive and not run. Caveat: the optimiser's variants (the
+ODE bound along trajectories, `free_end`, `order`) were chosen while looking at these
+held-out tables, so they are not a clean test set for those choices; a fresh seed range
+(`draw_problem(seed)` for seeds >= 1024) would be.
+
+Goal status (this run, 12 held-out problems): the median of best difflab / best diffusers is
+0.52, 0.30, 0.19, 0.12, 0.12 at 5, 8, 10, 15, 20 NFE (<= 0.5 except at 5 NFE; the bootstrap
+interval at 8 NFE reaches 0.52); the worst problem is 1.00, 0.99, 1.00, 0.95, 0.71, so both
+goals hold only at 20 NFE. 10 of the 12 problems are below 0.8 at every NFE; the two that
+are not are small-scale cosine problems (d=3, s=0.037: 1.00/0.99/1.00/0.95 at 5-15 NFE, where
+diffusers' UniPC bh2 on its own grid is as good as anything here; d=11, s=0.015: 0.90 and
+0.99 at 5 and 10 NFE). Without the per-problem optimiser (default + family grids only)
+neither goal is met (medians 0.67-0.93): the family fitted on other problems does not carry
+over across schedules and data scales. Per solver on the same (default) grid, the medians
+are <= 1 everywhere, but single problems are worse than the namesake: `plms` vs PNDM up to
+1.94 (20 NFE), `unipc_bh1` vs bh1 up to 1.37, `dpmpp_2m` up to 1.14, `ddim` 1.15 once
+(15 NFE, where diffusers' DDIM steps to t - 1000 // 15 rather than the next grid point);
+cells of 1.000-1.006 (ddim, heun, lms) are the same method to within the float32 tables.
+With each solver's best grid, `plms` is ahead of PNDM on every problem at every NFE (worst
+0.08-0.64) and the other flagged cells are 1.00-1.05.
+
+"""
+
+
+if __name__ == "__main__":
+    main()
