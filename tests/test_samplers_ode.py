@@ -15,6 +15,7 @@ from difflab.samplers import (
     dpm_solver,
     dpmpp_2m,
     dpmpp_3m,
+    euler,
     euler_ode,
     heun,
     lms,
@@ -54,6 +55,8 @@ def problem(name: str):
 # (sampler, theoretical order, grid, step counts in the asymptotic range)
 ORDERS = [
     ("ddim", ddim, 1, "logsnr", (16, 32, 64)),
+    ("euler", euler, 1, "logsnr", (32, 64, 128)),
+    ("euler_karras", euler, 1, "karras", (32, 64, 128)),
     ("euler_ode", euler_ode, 1, "logsnr", (32, 64, 128)),
     ("heun", heun, 2, "logsnr", (16, 32, 64)),
     ("plms", functools.partial(plms, final_order=1), 2, "logsnr", (16, 32, 64)),
@@ -80,6 +83,18 @@ def test_converges_at_its_order(label, sampler, order, spacing, steps):
         errs.append(float((out - exact).pow(2).mean().sqrt()))
     slope = np.polyfit(np.log(nfes), np.log(errs), 1)[0]
     assert abs(slope + order) < 0.3, (label, errs, slope)
+
+
+@pytest.mark.parametrize("schedule", ["vpsde", "linear", "cosine_rates"])
+def test_euler_in_sigma_is_ddim(schedule):
+    """Euler in sigma~ on y = x / alpha lands on alpha x0_hat + sigma eps_hat: DDIM (eta = 0)
+    on the same grid, to rounding; and it is a different method from euler_ode (log-SNR)."""
+    process, data, x_T, _ = problem(schedule)
+    for spacing in ("logsnr", "karras"):
+        ts = time_grid(process, 7, spacing, sigma_min=SIGMA_MIN[schedule])
+        torch.testing.assert_close(euler(data, x_T, ts), ddim(data, x_T, ts), rtol=1e-10,
+                                   atol=1e-10)
+    assert float((euler(data, x_T, ts) - euler_ode(data, x_T, ts)).abs().max()) > 1e-3
 
 
 def test_plms_is_fourth_order_on_equal_sigma_steps():
