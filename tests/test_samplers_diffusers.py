@@ -13,7 +13,7 @@ import torch
 
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
-from difflab.samplers import euler, time_grid
+from difflab.samplers import dpmpp_2m, euler, time_grid
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -29,12 +29,13 @@ def mixture():
     return process, data, x_T
 
 
-def run_scheduler(scheduler, data, x_T, ts):
-    """diffusers' loop with an eps-prediction model on the grid ``ts``: the scheduler works on
-    the variance-exploding sample x / alpha and sees sigma~ of ``ts``; the model is evaluated
-    at the matching difflab time on the VP input scale_model_input gives."""
+def run_scheduler(scheduler, data, x_T, ts, scale=True):
+    """diffusers' loop with an eps-prediction model on the grid ``ts``; the scheduler sees
+    sigma~ of ``ts`` and the model is evaluated at the matching difflab time. With ``scale``
+    the scheduler works on the variance-exploding sample x / alpha (Euler's) and
+    scale_model_input gives the model x; else on x itself (DPM-Solver's)."""
     a, s = data.process.alpha_sigma(ts)
-    x = x_T / a[0]
+    x = x_T / a[0] if scale else x_T
     for i, t in enumerate(scheduler.timesteps):
         inp = scheduler.scale_model_input(x, t)
         x = scheduler.step(data(inp, ts[i]).eps, t, x).prev_sample
@@ -59,3 +60,20 @@ def test_euler_matches_euler_discrete(spacing, n):
     scheduler.set_timesteps(sigmas=(s / a).tolist())
     out = run_scheduler(scheduler, data, x_T, ts)
     torch.testing.assert_close(out.double(), euler(data, x_T, ts), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("form,solver_type", [("midpoint", "midpoint"), ("phi2", "heun")])
+@pytest.mark.parametrize("spacing,n", [("logsnr", 6), ("karras", 10), ("uniform", 16)])
+def test_dpmpp_2m_matches_dpm_solver_multistep(form, solver_type, spacing, n):
+    """Both forms of DPM-Solver++(2M) against DPMSolverMultistepScheduler (order 2, data
+    prediction, last step to sigma = 0 first order, i.e. x0_hat, as difflab's)."""
+    process, data, x_T = mixture()
+    ts = time_grid(process, n, spacing)
+    scheduler = set_grid(diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, solver_order=2, algorithm_type="dpmsolver++",
+        solver_type=solver_type, final_sigmas_type="zero"), process, ts)
+    out = run_scheduler(scheduler, data, x_T, ts, scale=False)
+    ours = dpmpp_2m(data, x_T, ts, form=form)
+    torch.testing.assert_close(out.double(), ours, rtol=2e-5, atol=2e-5)
+    other = dpmpp_2m(data, x_T, ts, form="phi2" if form == "midpoint" else "midpoint")
+    assert float((out.double() - other).abs().max()) > 1e-3  # the forms differ

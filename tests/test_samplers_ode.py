@@ -65,6 +65,8 @@ ORDERS = [
     ("dpm_solver2", functools.partial(dpm_solver, order=2), 2, "logsnr", (16, 32, 64)),
     ("dpm_solver3", dpm_solver, 3, "logsnr", (16, 32, 64)),
     ("dpmpp_2m", dpmpp_2m, 2, "logsnr", (16, 32, 64)),
+    ("dpmpp_2m_phi2", functools.partial(dpmpp_2m, form="phi2"), 2, "logsnr", (16, 32, 64)),
+    ("dpmpp_2m_karras", dpmpp_2m, 2, "karras", (16, 32, 64)),
     ("dpmpp_3m", dpmpp_3m, 3, "logsnr", (24, 48, 96)),
     ("unipc_bh1", unipc_bh1, 4, "logsnr", (16, 32, 64)),
     ("unipc_bh2", unipc_bh2, 3, "logsnr", (16, 32, 64)),
