@@ -4,8 +4,11 @@ The fit follows ``difflab.samplers.optimize``: draw a pool of starting noises, k
 sensitive ones and a weighted sample of the others (``stratified_draws``), solve the model's
 own probability-flow ODE from them accurately (``reference_solution``), then refine the
 default grid and the best three-piece grid by Nelder-Mead and keep the better
-(``fit_grid``). Fresh validation draws, not used in the fit, show whether the grid
-generalises. ``difflab sample --grid`` reads the result.
+(``fit_grid``). Then the held-out check: the fitted and the default grid are run on fresh
+validation draws from another seed (``--validation-seed``, default ``--seed`` + 1), never seen
+by the fit, and a fitted grid less accurate there than the default is refused (exit status 2,
+one line with both errors, nothing written): a grid that overfits its training draws is
+worse than no fit. ``difflab sample --grid`` reads the result.
 
 Beside the JSON goes a PNG of the validation RMS error against the number of network
 evaluations (NFE), log-log, for the default and the fitted grid: one point each for this fit,
@@ -52,7 +55,11 @@ def add_fit_grid_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int, default=512, help="noise draws ranked for sensitivity")
     p.add_argument("--hard", type=int, default=48, help="most sensitive draws kept")
     p.add_argument("--easy", type=int, default=48, help="other draws kept (weighted)")
-    p.add_argument("--validation", type=int, default=64, help="fresh draws to check the grid")
+    p.add_argument("--validation", type=int, default=64,
+                   help="fresh draws to check the grid on; a fitted grid worse than the "
+                        "default on them is refused")
+    p.add_argument("--validation-seed", type=int, default=None,
+                   help="seed of the validation draws (default: --seed + 1)")
     p.add_argument("--tol", type=float, default=1e-5, help="reference ODE solver tolerance")
     p.add_argument("--evals", type=int, default=200, help="Nelder-Mead evaluations")
     p.add_argument("--class", dest="label", type=int, default=None,
@@ -102,6 +109,15 @@ def error_curves(out: Path) -> dict[str, tuple[list[float], list[float]]]:
     return curves
 
 
+def check_held_out(fitted: float, default: float, n: int) -> None:
+    """Refuse a fitted grid whose validation RMS ``fitted`` is above the default grid's
+    ``default`` on ``n`` held-out draws: a one-line ValueError with both errors."""
+    if not fitted <= default:
+        raise ValueError(f"the fitted grid is worse than the default on {n} held-out "
+                         f"validation draws (RMS {fitted:.4e} vs {default:.4e}); not saved "
+                         "(fit on more draws, --pool/--hard/--easy, or keep the default grid)")
+
+
 def run_fit_grid(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2 to have a grid to fit, got {args.steps}")
@@ -137,15 +153,17 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     process = den.process
     sampler = functools.partial(get_sampler(args.sampler), **options)
     g = torch.Generator().manual_seed(args.seed)
+    g_val = torch.Generator().manual_seed(args.seed + 1 if args.validation_seed is None
+                                          else args.validation_seed)
     sigma_max = float(process.sigma(process.t_max))
 
-    def noise(n: int) -> torch.Tensor:
-        return (torch.randn((n, *shape), generator=g) * sigma_max).to(device)
+    def noise(n: int, gen: torch.Generator) -> torch.Tensor:
+        return (torch.randn((n, *shape), generator=gen) * sigma_max).to(device)
 
     t0 = time.perf_counter()
-    x, w = stratified_draws(den, noise(args.pool), args.hard, args.easy, g)
+    x, w = stratified_draws(den, noise(args.pool, g), args.hard, args.easy, g)
     ref = reference_solution(den, x, args.tol)
-    x_val = noise(args.validation)
+    x_val = noise(args.validation, g_val)
     ref_val = reference_solution(den, x_val, args.tol)
     print(f"references: {len(x)} training + {len(x_val)} validation draws "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -156,14 +174,16 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     nfe = den.calls - calls  # of one sampling run on the grid (batched)
     rows.insert(0, ("default", weighted_rms(sampler(den, x, default), ref, w),
                     weighted_rms(sampler(den, x_val, default), ref_val)))
-    save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
-        args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
-        train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
-        nfe=nfe, **({"sampler_options": options} if options else {}))
     den.close()
     print("| grid | training RMS (weighted) | validation RMS |\n|---|---|---|")
     for name, tr, va in rows:
         print(f"| {name} | {tr:.4e} | {va:.4e} |")
+    check_held_out(rows[1][2], rows[0][2], len(x_val))
+    save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
+        args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
+        train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
+        nfe=nfe, validation_seed=args.seed + 1 if args.validation_seed is None
+        else args.validation_seed, **({"sampler_options": options} if options else {}))
     curves = error_curves(out)
     plot_error_vs_nfe(curves, plot, f"{args.sampler} grids of {args.checkpoint}",
                       "validation RMS to the ODE solution")

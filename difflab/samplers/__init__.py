@@ -29,7 +29,7 @@ from .grids import (
     save_time_grid,
     time_grid,
 )
-from .heun import heun
+from .heun import euler, heun
 from .langevin import annealed_langevin, pc
 from .multistep import lms, plms
 from .optimize import (
@@ -54,17 +54,18 @@ from .sde import euler_maruyama, euler_ode
 from .unipc import unipc, unipc_bh1, unipc_bh2
 
 SAMPLERS: dict[str, Callable] = {
-    "ddpm": ddpm, "ddim": ddim, "euler_maruyama": euler_maruyama, "euler_ode": euler_ode,
-    "heun": heun, "rk45": rk45, "plms": plms, "lms": lms, "dpm_solver": dpm_solver,
-    "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "dpmpp_sde": dpmpp_sde, "unipc_bh1": unipc_bh1,
-    "unipc_bh2": unipc_bh2, "pc": pc, "annealed_langevin": annealed_langevin,
-    "renoise": renoise, "ddgan": ddgan, "consistency": consistency,
+    "ddpm": ddpm, "ddim": ddim, "euler_maruyama": euler_maruyama, "euler": euler,
+    "euler_ode": euler_ode, "heun": heun, "rk45": rk45, "plms": plms, "lms": lms,
+    "dpm_solver": dpm_solver, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m,
+    "dpmpp_sde": dpmpp_sde, "unipc_bh1": unipc_bh1, "unipc_bh2": unipc_bh2, "pc": pc,
+    "annealed_langevin": annealed_langevin, "renoise": renoise, "ddgan": ddgan,
+    "consistency": consistency,
 }
 SAMPLERS["restart"] = restart
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
 # which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
-ODE_SAMPLERS: tuple[str, ...] = ("ddim", "euler_ode", "heun", "rk45", "plms", "lms",
+ODE_SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_ode", "heun", "rk45", "plms", "lms",
                                  "dpm_solver", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2")
 
 
@@ -104,7 +105,8 @@ def describe_sampler(name: str) -> str:
 
 __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_langevin",
            "check_grid", "ddim", "ddpm", "default_sigma_min", "discrete_timesteps",
-           "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler_maruyama", "euler_ode",
+           "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler", "euler_maruyama",
+           "euler_ode",
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
            "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]

@@ -13,6 +13,7 @@ solvers run upwards (inversion) with every step an ordinary one and return x at 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from ..parameterization import DenoiserFn
 from .base import (
+    STEEP_START_RATIO,
     Callback,
     Generators,
     check_grid,
@@ -31,21 +33,35 @@ from .base import (
     steep_noisy_end,
     zero_snr_start,
 )
-from .expint import half_log_snr_grid, lagrange_weights
+from .expint import half_log_snr_grid, lagrange_weights, phi
 from .options import SamplerOption, declare_options, final_order_option
 
 
+def midpoint_weights(h_prev: float, h: float, c: float) -> list[float]:
+    """Weights on (D_i, D_{i-1}) of the midpoint form of a second-order multistep step: the
+    linear interpolant of D in lambda through (0, D_i) and (-h_prev, D_{i-1}) evaluated at
+    u = h / 2 and held constant over the step, int_0^h e^{-c(h-u)} du / h = phi_1(-c h) times
+    (1 + r/2, -r/2) with r = h / h_prev (Lu et al. 2022b, Alg. 2: D_i + (D_i - D_{i-1}) / 2r_i
+    with r_i = h_prev / h)."""
+    r = h / h_prev
+    m0 = phi(1, -c * h)
+    return [m0 * (1 + 0.5 * r), -m0 * 0.5 * r]
+
+
 def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float,
-                    rising: bool = False) -> list[tuple[float, list[float]]]:
+                    rising: bool = False, midpoint: bool = False
+                    ) -> list[tuple[float, list[float]]]:
     """Per step i < N-1 (every step i < N on a rising grid): (coefficient of x_i, weights on
     D_i, D_{i-1}, ...) of x_{i+1} = cx x_i + sum_j w_j D_{i-j} with kernel rate c (1: ODE,
-    2: SDE)."""
+    2: SDE). Second-order steps take the midpoint form with ``midpoint``, else the exact
+    integral of the interpolant (phi_2 form)."""
     plan = []
     for i in range(len(lam) - (1 if rising else 2)):
         h = float(lam[i + 1] - lam[i])
         k = min(order, i + 1)
         nodes = [float(lam[i - j] - lam[i]) for j in range(k)]
-        w = lagrange_weights(nodes, h, c)
+        w = (midpoint_weights(-nodes[1], h, c) if midpoint and k == 2
+             else lagrange_weights(nodes, h, c))
         scale = c * float(a[i + 1]) * h
         cx = float(s[i + 1] / s[i]) * math.exp(-(c - 1) * h)
         plan.append((cx, [scale * wj for wj in w]))
@@ -55,11 +71,11 @@ def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float,
 @torch.no_grad()
 def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
                      callback: Callback | None, cond: Any, order: int, sde: bool,
-                     final_order: int = 1) -> Tensor:
+                     final_order: int = 1, midpoint: bool = False) -> Tensor:
     ts, rising = (check_grid(ts), False) if sde else check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 2.0 if sde else 1.0
-    plan = _multistep_plan(lam, a, s, order, c, rising)
+    plan = _multistep_plan(lam, a, s, order, c, rising, midpoint)
     history: list[Tensor] = []
     eps_hist: list[Tensor] = []
     for i in range(len(ts) - 1):
@@ -82,15 +98,41 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
     return x
 
 
-@declare_options(final_order_option(1))
+@declare_options(
+    SamplerOption("form", str, "midpoint", "second-order step: phi2 integrates the linear "
+                  "interpolant of x0_hat in lambda exactly (diffusers' solver_type='heun'); "
+                  "midpoint holds its value at the step's midpoint (Lu et al. 2022b, Alg. 2; "
+                  "diffusers' default solver_type='midpoint')", choices=("phi2", "midpoint")),
+    final_order_option(1))
 @zero_snr_start
 def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-             callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
-             ) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), the linear interpolant of x0_hat in lambda
-    integrated exactly (phi_2 form); first step first order. Order 2. ``final_order`` > 1
-    replaces the last x0_hat step by an Adams-Bashforth step to sigma~ = 0 (``multistep``)."""
-    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, False, final_order)
+             callback: Callback | None = None, *, cond: Any = None, form: str = "midpoint",
+             final_order: int = 1) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022b), first step first order, order 2, in two forms of
+    the second-order step from the latest two x0_hat D_i, D_{i-1} (step h in lambda, previous
+    step h_prev, r = h / h_prev):
+
+    - ``form="midpoint"`` (default): the interpolant's value at the step's midpoint held over
+      the step, x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) [D_i
+      + r (D_i - D_{i-1}) / 2] (Lu et al. 2022b, Alg. 2; diffusers' default
+      ``solver_type="midpoint"``);
+    - ``form="phi2"``: the linear interpolant of x0_hat in lambda integrated exactly,
+      x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} [(1 - e^{-h}) D_i
+      + (h - 1 + e^{-h}) (D_i - D_{i-1}) / h_prev] (diffusers' ``solver_type="heun"``; difflab's
+      default before the midpoint form was added).
+
+    Both are second order; their error constants differ. On the exact test mixtures the
+    midpoint form is 1.3-2.5x more accurate on log-SNR and Karras grids of a VP-SDE / DDPM
+    linear schedule (8-64 steps) and equal on cosine; on 64-d anisotropic mixtures it is ahead
+    on Karras grids at 5-20 steps (geometric mean 0.5-0.8x), level on trailing grids, mixed
+    on log-SNR grids.
+
+    ``final_order`` > 1 replaces the last x0_hat step by an Adams-Bashforth step to
+    sigma~ = 0 (``multistep``)."""
+    if form not in ("phi2", "midpoint"):
+        raise ValueError(f"dpmpp_2m form must be 'phi2' or 'midpoint', got {form!r}")
+    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, False, final_order,
+                            midpoint=form == "midpoint")
 
 
 @declare_options(final_order_option(1))
@@ -125,6 +167,26 @@ def singlestep_orders(intervals: int, order: int) -> list[int]:
     return orders
 
 
+def spanned_orders(st: list[float], order: int) -> list[int]:
+    """``singlestep_orders`` for the intervals of the sigma~ levels ``st`` (decreasing), with
+    the order lowered until no step spans a fall in sigma~ beyond ``STEEP_START_RATIO``.
+
+    A singlestep step of order k extrapolates the model output from its stages over the whole
+    step, and the exponential integrator multiplies that error by up to the step's noise ratio
+    (the noise form's kernel e^{h - u}, h = log(sigma~_s / sigma~_t)): the mechanism that makes
+    a steep first interval a DDIM step (``base.steep_noisy_end``). With few grid points each
+    step of order 3 spans orders of magnitude of sigma~: on a 64-d anisotropic mixture (DDPM
+    linear, log-SNR grid) 5 NFE gave one third-order step over a 1400-fold fall and RMS 7.6,
+    where two second-order steps (126-fold each) give 0.42. The budget is unchanged: the
+    intervals are regrouped into more, lower-order steps (at most order 1, DDIM)."""
+    for k in range(order, 1, -1):
+        orders = singlestep_orders(len(st) - 1, k)
+        ends = [0, *itertools.accumulate(orders)]
+        if all(st[a] <= STEEP_START_RATIO * st[b] for a, b in itertools.pairwise(ends)):
+            return orders
+    return [1] * (len(st) - 1)
+
+
 def _expint(x: Tensor, i: int, j: int, nodes: list[int], outs: list[Tensor], lam: Tensor,
             a: Tensor, s: Tensor, c: float) -> Tensor:
     """x at grid point j from x at grid point i, with the model output (eps for c = -1, x0 for
@@ -156,7 +218,9 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022, Alg. 1-2; with ``data_prediction`` the
     singlestep DPM-Solver++ of Lu et al. 2022b, Alg. 1). Every grid point costs one evaluation,
     like every sampler here: the first N - 1 intervals are grouped into singlestep steps of
-    ``order`` intervals (``singlestep_orders``), whose intermediate evaluations are the
+    ``order`` intervals (``singlestep_orders``; a lower order where the grid is so coarse that
+    a step would span more than a ``STEEP_START_RATIO``-fold fall of sigma~,
+    ``spanned_orders``), whose intermediate evaluations are the
     interior grid points (r_m = (lambda_m - lambda_i) / h, as diffusers' singlestep does; a
     log-SNR-uniform grid gives the paper's r = 1/2 and 1/3, 2/3). Stage m is predicted by the
     exponential integrator through the stages before it, and the step by the one through all of
@@ -173,10 +237,14 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     c = 1.0 if data_prediction else -1.0
     i = 0
     intervals = len(ts) - (1 if rising else 2)
-    orders = singlestep_orders(intervals, order)
+    # sigma~ from the noisy end over the intervals the steps cover, decreasing
+    st = (-lam).exp().tolist()
+    st = st[::-1] if rising else st[:intervals + 1]
     if intervals > 1 and steep_noisy_end(denoiser.process, ts):
         # the noisiest interval as a DDIM step alone (``steep_noisy_end``)
-        orders = [1, *singlestep_orders(intervals - 1, order)]
+        orders = [1, *spanned_orders(st[1:], order)]
+    else:
+        orders = spanned_orders(st, order)
     for k in orders[::-1] if rising else orders:
         outs: list[Tensor] = []
         x_stage = x
@@ -193,4 +261,5 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     return final_step(callback, i, ts[i], pred)
 
 
-__all__ = ["dpm_solver", "singlestep_orders", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde"]
+__all__ = ["dpm_solver", "singlestep_orders", "spanned_orders", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde",
+           "midpoint_weights"]

@@ -1,10 +1,13 @@
-"""Heun's 2nd-order method in the EDM variables (Karras et al. 2022, Alg. 2).
+"""Euler's and Heun's methods in the EDM variables (Karras et al. 2022, Alg. 1-2).
 
 With y = x / alpha and sigma~ = sigma / alpha = exp(-lambda / 2) every VP process has the
 probability-flow ODE dy / dsigma~ = (y - D(y)) / sigma~ = eps_hat (Karras et al. eq. 4 with
 s(t) = alpha). Churn (Alg. 2, lines 4-6) raises sigma~ to sigma~ (1 + gamma) by adding fresh
 noise before each step; gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax].
 The step to the last grid point returns x0_hat (the Euler step to sigma~ = 0, Alg. 2 line 8).
+
+``euler`` is the first-order method in the same variables, the "Euler" of k-diffusion and of
+diffusers' EulerDiscreteScheduler; ``sde.euler_ode`` is Euler in log-SNR instead.
 """
 
 from __future__ import annotations
@@ -59,6 +62,32 @@ def heun_update(denoiser: DenoiserFn, y: Tensor, pred: Prediction, dt: float, a_
 #: ``heun_pass``'s hook after a step lands on a grid point: (index of that point, y there)
 #: -> y to continue from (``restart`` re-noises and re-integrates there).
 GridHook = Callable[[int, Tensor], Tensor]
+
+
+@declare_options()
+@zero_snr_start
+@torch.no_grad()
+def euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
+          callback: Callback | None = None, *, cond: Any = None) -> Tensor:
+    """Euler's method in sigma~ on the PF ODE in the variance-exploding variable y = x / alpha
+    (Karras et al. 2022, Alg. 1 / eq. 4): y <- y + (sigma~_{i+1} - sigma~_i) d with
+    d = (y - x0_hat) / sigma~_i. Order 1. This is the "Euler" of k-diffusion and of diffusers'
+    EulerDiscreteScheduler; with d = eps_hat its step lands on alpha x0_hat + sigma eps_hat, so
+    on the same grid it equals DDIM (eta = 0; Song et al. 2021, Sec. 4.3) up to rounding. It
+    is not ``euler_ode`` (Euler in log-SNR, a different first-order method).
+    A rising grid runs the same steps upwards (inversion) and returns x at ts[-1]."""
+    ts, rising = check_ode_grid(ts, denoiser.process)
+    a, s = denoiser.process.alpha_sigma(ts)
+    st, al = (s / a).tolist(), a.tolist()
+    y = x / al[0]
+    for i in range(len(ts) - 1):
+        pred = denoiser(al[i] * y, ts[i], cond)
+        if i == len(ts) - 2 and not rising:
+            return final_step(callback, i, ts[i], pred)
+        d = (y - pred.x0) / st[i]                       # dy / dsigma~ (Alg. 1, line 4)
+        y = y + (st[i + 1] - st[i]) * d                 # Alg. 1, line 5
+        report(callback, i, ts[i], al[i + 1] * y, pred)
+    return al[-1] * y
 
 
 @declare_options(
@@ -119,4 +148,4 @@ def heun_pass(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
     return al[-1] * y
 
 
-__all__ = ["heun", "heun_pass", "heun_update"]
+__all__ = ["euler", "heun", "heun_pass", "heun_update"]

@@ -71,8 +71,12 @@ def euler_maruyama(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
 @zero_snr_start
 def euler_ode(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None) -> Tensor:
-    """Probability-flow ODE Euler (Song et al. 2021, eq. 13), step dlambda. Order 1. Also runs
-    upwards on a rising grid (inversion), returning x at ts[-1]."""
+    """Probability-flow ODE Euler in log-SNR (Song et al. 2021, eq. 13 written in lambda):
+    x <- (1 + k h) x - sigma h eps_hat / 2 with h = dlambda, stepping the ODE in x itself, for
+    every process (VE and rectified flow too). Order 1. This is *not* the "Euler" of
+    k-diffusion and diffusers (Euler in sigma~ = sigma / alpha on x / alpha, which equals
+    DDIM): that one is ``heun.euler``, registered as ``euler``. Also runs upwards on a rising
+    grid (inversion), returning x at ts[-1]."""
     return _euler(denoiser, x, ts, generator, callback, cond, stochastic=False)
 
 

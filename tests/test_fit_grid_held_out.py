@@ -1,0 +1,108 @@
+"""``difflab fit-grid``'s held-out check: the fitted and the default grid are scored on
+validation draws from another seed, and a fitted grid worse there is refused (exit 2, one line
+with both errors, nothing written).
+
+The command runs end to end on an exact Gaussian-mixture denoiser (a stand-in pipeline), so
+its references are cheap and the errors mean something."""
+
+import json
+
+import pytest
+import torch
+
+import difflab.cli.fit_grid as cli
+from difflab.analytic import GaussianMixture
+from difflab.cli.main import main
+from difflab.process import make_process
+from difflab.samplers import time_grid
+
+
+class ExactPipeline:
+    """What fit-grid reads from a pipeline, around an exact 2-d mixture denoiser."""
+
+    is_text, class_names, sample_shape = False, [], (2,)
+
+    def __init__(self):
+        process = make_process("linear")
+        mu = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.2, 1.2]], dtype=torch.float64)
+        self.exact = GaussianMixture(process, mu, torch.tensor([0.3, 0.1, 0.2],
+                                                               dtype=torch.float64))
+
+    def denoiser(self, guidance=None, clip=True):
+        exact = self.exact
+
+        class Float32:  # the noise draws are float32, like a network's inputs
+            process = exact.process
+
+            def __call__(self, x, t, cond=None):
+                return exact(x.double(), t, cond)
+
+        return Float32()
+
+
+@pytest.fixture
+def exact_pipeline(monkeypatch):
+    monkeypatch.setattr(cli.Pipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: ExactPipeline()))
+
+
+ARGS = ["--checkpoint", "exact", "--sampler", "ddim", "--steps", "5", "--pool", "32",
+        "--hard", "4", "--easy", "4", "--validation", "32", "--tol", "1e-4", "--device", "cpu",
+        "--no-progress"]
+
+
+def test_check_held_out_refuses_only_a_worse_grid():
+    cli.check_held_out(0.1, 0.1, 8)  # a tie is kept
+    cli.check_held_out(0.05, 0.1, 8)
+    with pytest.raises(ValueError) as err:
+        cli.check_held_out(0.2, 0.1, 8)
+    msg = str(err.value)
+    assert "\n" not in msg and "2.0000e-01" in msg and "1.0000e-01" in msg and " 8 " in msg
+
+
+def crammed(den, sampler, n, x, ref, w, max_evals=0):
+    """A stand-in fit that puts every step at the noisy end: the last step then jumps from
+    near t_max to clean data, much worse than the default grid on any draws."""
+    t_max, t_min = float(den.process.t_max), float(den.process.t_min)
+    top = torch.linspace(t_max, t_max - 0.05 * (t_max - t_min), n, dtype=torch.float64)
+    return torch.cat([top, torch.tensor([t_min], dtype=torch.float64)]), 0.0
+
+
+def test_fit_grid_refuses_a_grid_worse_on_held_out_draws(exact_pipeline, tmp_path, capsys,
+                                                         monkeypatch):
+    """Exit 2, one line on stderr with both validation errors, no JSON and no PNG."""
+    monkeypatch.setattr(cli, "fit_grid", crammed)
+    out = tmp_path / "grid.json"
+    assert main(["fit-grid", *ARGS, "--evals", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worse than the default on 32 held-out" in err[0], err
+    fitted, default = (float(v) for v in err[0].split("RMS ")[1].split(")")[0].split(" vs "))
+    assert fitted > 2 * default
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_fit_grid_saves_a_fit_that_holds_up_on_held_out_draws(exact_pipeline, tmp_path):
+    """The accepted case, with the real fit: its grid is no worse than the default on the
+    validation draws (another seed), and the file records both errors and that seed."""
+    out = tmp_path / "grid.json"
+    assert main(["fit-grid", *ARGS, "--evals", "40", "--validation-seed", "7", "--out",
+                 str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["validation_rms"] <= saved["default_validation_rms"]
+    assert saved["validation_seed"] == 7 and len(saved["times"]) == 6
+    default = time_grid(make_process("linear"), 5)
+    assert saved["times"][0] == float(default[0]) and saved["times"][-1] == float(default[-1])
+
+
+def test_fit_grid_refuses_a_grid_overfitted_to_one_draw(exact_pipeline, tmp_path, capsys):
+    """The natural failure: fitted on a single training draw, an 8-step grid halves that
+    draw's error (8.2e-2 -> 4.2e-2) but is worse than the default on the 32 validation draws
+    (2.53e-1 vs 2.32e-1), and is refused."""
+    out = tmp_path / "grid.json"
+    assert main(["fit-grid", *ARGS, "--steps", "8", "--hard", "0", "--easy", "1", "--evals",
+                 "30", "--seed", "0", "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    rows = {r.split("|")[1].strip(): [float(v) for v in r.split("|")[2:4]]
+            for r in printed.out.splitlines() if r.startswith(("| default", "| fitted"))}
+    assert rows["fitted"][0] < rows["default"][0] and rows["fitted"][1] > rows["default"][1]
+    assert "worse than the default" in printed.err and not out.exists()
