@@ -7,6 +7,7 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.nn.functional as F
+from test_pipeline import FakeEncoder  # deterministic token embeddings per prompt
 from torch.utils.flop_counter import FlopCounterMode
 
 from difflab.cli.main import main
@@ -268,23 +269,6 @@ def test_train_on_digits_and_sample_through_the_pipeline(tmp_path, capsys):
     assert main(["train", *DIT_ARGS, "--steps", "1", "--patch-size", "3",
                  "--out-dir", str(tmp_path / "bad")]) == 2
     assert "patch_size=3 must divide" in capsys.readouterr().err
-
-
-class FakeEncoder:
-    """Deterministic token embeddings per prompt (a stand-in for the text extra)."""
-
-    dim = 8
-
-    def __init__(self, source, device="cpu"):
-        pass
-
-    def __call__(self, prompts):
-        rows = []
-        for p in prompts:
-            g = torch.Generator().manual_seed(sum(map(ord, p)) + 7 * len(p))
-            rows.append(torch.randn(1, 2 + len(p.split()), self.dim, generator=g))
-        return TextCond.cat([TextCond(r, torch.ones(r.shape[:2], dtype=torch.bool))
-                             for r in rows])
 
 
 def test_text_conditional_learned_variance_run(tmp_path, monkeypatch):

@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 from ..config import changed_fields, deep_merge, leaves, to_dict
 from ..training import resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
+from ..training.distributed import env_info, process_group
 
-__all__ = ["add_run_options", "resumed_config"]
+__all__ = ["add_run_options", "resumed_config", "train_recipe"]
 
 C = TypeVar("C")
+R = TypeVar("R")
 
 OVERWRITE_HELP = ("start afresh even if --out-dir holds another run: delete its config.json, "
                   "metrics.jsonl, checkpoints and sample grids (without it, such a folder is "
@@ -58,3 +60,28 @@ def resumed_config(cls: type[C], values: Mapping[str, Any], resume: str, out_dir
         raise ValueError(f"cannot change {clash} when resuming from {ckpt}; only {free} may "
                          f"change")
     return config, ckpt
+
+
+def train_recipe(build: Callable[[], R], ckpt: Path | None, summary: Callable[[], str],
+                 progress: bool) -> tuple[R, dict[str, Any], bool]:
+    """Build the recipe (data loaded, run folder claimed) and only then print ``summary()``
+    (so an error is the only line), resume from ``ckpt`` if given, and train; under torchrun
+    as one rank of the job, whose process group is released however it ends. Returns (the
+    recipe, the run's result, whether this is the rank that prints and writes)."""
+    main = env_info().is_main
+    recipe: Any = None
+
+    def release() -> None:
+        if recipe is not None:
+            recipe.release_distributed()
+
+    with process_group(release):
+        recipe = build()
+        if main:
+            print(summary(), flush=True)
+        if ckpt is not None:
+            recipe.resume(ckpt)
+            if main:
+                print(f"resumed from {ckpt} at step {recipe.step}")
+        result = recipe.run(progress=progress)
+    return recipe, result, main

@@ -11,9 +11,8 @@ from ..recipes import ClassifierTrainConfig, DiffusionRecipe, TrainConfig, train
 from ..recipes.config import DERIVED_DEFAULTS, nested_values, read_config_file, resolve_values
 from ..recipes.ddgan import DDGANRecipe
 from ..training import check_log
-from ..training.distributed import env_info, process_group
 from .options import add_config_options, changed_options, given_options
-from .run_options import add_run_options, resumed_config
+from .run_options import add_run_options, resumed_config, train_recipe
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,24 +90,11 @@ def run_train(args: argparse.Namespace) -> int:
     anything is printed, so an error is the only line."""
     notes: list[str] = []
     config, ckpt = resolve_config(args, notes)
-    main = env_info().is_main
-    recipe: DiffusionRecipe | DDGANRecipe | None = None
-
-    def release() -> None:
-        if recipe is not None:
-            recipe.release_distributed()
-
-    with process_group(release):
-        # an objective with a recipe of its own (objectives.RECIPE_OBJECTIVES) trains there
-        kind = DDGANRecipe if config.objective.name == "ddgan" else DiffusionRecipe
-        recipe = kind(config, overwrite=args.overwrite)
-        if main:
-            print(config_summary(config, notes), flush=True)
-        if ckpt is not None:
-            recipe.resume(ckpt)
-            if main:
-                print(f"resumed from {ckpt} at step {recipe.step}")
-        result = recipe.run(progress=not args.no_progress)
+    # an objective with a recipe of its own (objectives.RECIPE_OBJECTIVES) trains there
+    kind = DDGANRecipe if config.objective.name == "ddgan" else DiffusionRecipe
+    recipe, result, main = train_recipe(lambda: kind(config, overwrite=args.overwrite), ckpt,
+                                        lambda: config_summary(config, notes),
+                                        progress=not args.no_progress)
     if not main:
         return 0
     grid = recipe.sample_grid()

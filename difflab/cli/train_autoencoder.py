@@ -9,9 +9,8 @@ from pathlib import Path
 from ..config import deep_merge, unflatten
 from ..recipes.autoencoder import AutoencoderRecipe, AutoencoderTrainConfig
 from ..recipes.config import WARMUP_FRACTION, read_config_file
-from ..training.distributed import env_info, process_group
 from .options import add_config_options, changed_options, given_options
-from .run_options import add_run_options, resumed_config
+from .run_options import add_run_options, resumed_config, train_recipe
 
 #: test images over which the final held-out PSNR is measured
 FINAL_PSNR_IMAGES = 1000
@@ -62,24 +61,12 @@ def _cap_warmup(values: dict) -> None:
 def run_train_autoencoder(args: argparse.Namespace) -> int:
     """Train; then print the run's files and the held-out PSNR (rank 0 under torchrun)."""
     config, ckpt = resolve_autoencoder_config(args)
-    main = env_info().is_main
-    recipe: AutoencoderRecipe | None = None
-
-    def release() -> None:
-        if recipe is not None:
-            recipe.release_distributed()
-
-    with process_group(release):
-        recipe = AutoencoderRecipe(config, overwrite=args.overwrite)
-        if main:
-            changed = " ".join(changed_options(config, AutoencoderTrainConfig))
-            print(f"config: {changed or 'all defaults'} (full config: "
-                  f"{Path(config.run.out_dir) / 'config.json'})", flush=True)
-        if ckpt is not None:
-            recipe.resume(ckpt)
-            if main:
-                print(f"resumed from {ckpt} at step {recipe.step}")
-        result = recipe.run(progress=not args.no_progress)
+    recipe, result, main = train_recipe(
+        lambda: AutoencoderRecipe(config, overwrite=args.overwrite), ckpt,
+        lambda: "config: {} (full config: {})".format(
+            " ".join(changed_options(config, AutoencoderTrainConfig)) or "all defaults",
+            Path(config.run.out_dir) / "config.json"),
+        progress=not args.no_progress)
     if not main:
         return 0
     grid = recipe.grid_path()
