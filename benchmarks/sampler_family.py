@@ -448,27 +448,16 @@ held-out problem from its denoiser and 256 fresh data draws (no reference soluti
 evaluation noise; `free_end` lets it end below the table's first level, which an exact or
 continuous-time model allows and a network trained on T discrete steps does not); "family" is
 `grid_family` with (rho, warp, smallest level) fitted per sampler and NFE on the 12 FIT
-problems only and applied unchanged. `euler` (Euler in sigma~) is not on main yet, so Euler
-has no namesake row; `rk45` is adaptive and not run. Caveat: the optimiser's variants (the
+problems only and applied unchanged. `euler` (Euler in sigma~) has no namesake row yet
+(on the same grid it equals DDIM, whose row is there); `rk45` is adaptive and not run.
+Caveat: the optimiser's variants (the
 ODE bound along trajectories, `free_end`, `order`) were chosen while looking at these
 held-out tables, so they are not a clean test set for those choices; a fresh seed range
 (`draw_problem(seed)` for seeds >= 1024) would be.
 
-Goal status (this run, 12 held-out problems): the median of best difflab / best diffusers is
-0.52, 0.30, 0.19, 0.12, 0.12 at 5, 8, 10, 15, 20 NFE (<= 0.5 except at 5 NFE; the bootstrap
-interval at 8 NFE reaches 0.52); the worst problem is 1.00, 0.99, 1.00, 0.95, 0.71, so both
-goals hold only at 20 NFE. 10 of the 12 problems are below 0.8 at every NFE; the two that
-are not are small-scale cosine problems (d=3, s=0.037: 1.00/0.99/1.00/0.95 at 5-15 NFE, where
-diffusers' UniPC bh2 on its own grid is as good as anything here; d=11, s=0.015: 0.90 and
-0.99 at 5 and 10 NFE). Without the per-problem optimiser (default + family grids only)
-neither goal is met (medians 0.67-0.93): the family fitted on other problems does not carry
-over across schedules and data scales. Per solver on the same (default) grid, the medians
-are <= 1 everywhere, but single problems are worse than the namesake: `plms` vs PNDM up to
-1.94 (20 NFE), `unipc_bh1` vs bh1 up to 1.37, `dpmpp_2m` up to 1.14, `ddim` 1.15 once
-(15 NFE, where diffusers' DDIM steps to t - 1000 // 15 rather than the next grid point);
-cells of 1.000-1.006 (ddim, heun, lms) are the same method to within the float32 tables.
-With each solver's best grid, `plms` is ahead of PNDM on every problem at every NFE (worst
-0.08-0.64) and the other flagged cells are 1.00-1.05.
+Goal status: the "goal" column of the first two tables, per NFE (median <= 0.5 and worst
+<= 0.8 over the held-out problems); the namesake tables flag in bold every cell where a
+difflab solver is less accurate than its diffusers namesake on some problem.
 
 """
 
