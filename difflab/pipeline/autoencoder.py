@@ -16,14 +16,13 @@ where known; a latent recipe sets it to its own data's) and the network, frozen,
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import from_dict
+from ..config import from_dict, to_dict
 from ..io import LoadError, read_json
 from ..networks import build_network
 from ..training.checkpoint import read_checkpoint_meta, resolve_checkpoint
@@ -124,19 +123,14 @@ def _from_diffusers(folder: Path, device: torch.device | str) -> tuple[StageCard
 
     config, state = load_diffusers_autoencoder(folder)
     scale, shift = diffusers_scaling(folder)
-    net = build_network("autoencoder", _config_dict(config))
+    network_config = to_dict(config)
+    net = build_network("autoencoder", network_config)
     net.load_state_dict(state)
     raw = read_json(folder / DIFFUSERS_CONFIG) if (folder / DIFFUSERS_CONFIG).is_file() else {}
     size = raw.get("sample_size") or 256
     size = int(size[0] if isinstance(size, list) else size)
     stage = StageCard(
         name=AUTOENCODER_STAGE, kind="autoencoder", network="autoencoder",
-        network_config=_config_dict(config), sample_shape=[net.config.in_channels, size, size],
+        network_config=network_config, sample_shape=[net.config.in_channels, size, size],
         weights=str(folder), data_range=[-1.0, 1.0], scale_factor=scale, shift_factor=shift)
     return stage, net.to(device).eval().requires_grad_(False)
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    """A network config dataclass as the plain JSON dict a card stores."""
-    d = asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -130,7 +130,6 @@ class DiffusionRecipe(LoopRecipe):
             self.latent = LatentSpace.encode(c.latent.autoencoder, x, self.device,
                                              c.latent.posterior)
             x = self.latent.mean
-            self.latent_range = self.latent.data_range()
         labels = None
         if d.class_conditional and self.data.labels is not None:
             labels = self.data.labels.to(self.device)
@@ -220,8 +219,8 @@ class DiffusionRecipe(LoopRecipe):
             "learned_variance": self.objective.learned_variance,
             "sigma_data": c.diffusion.sigma_data,
             "sample_shape": list(self.source.x.shape[1:]),
-            "data_range": (None if self.is_toy else self.latent_range if self.latent is not None
-                           else [-1.0, 1.0]),
+            "data_range": (None if self.is_toy else self.latent.data_range()
+                           if self.latent is not None else [-1.0, 1.0]),
             "class_names": (list(self.data.class_names)
                             if self.num_classes and self.captions is None else []),
             **({"text_encoder": c.data.text_encoder, "captions": self.data.class_names}
