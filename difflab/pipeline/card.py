@@ -3,7 +3,11 @@
 A pipeline folder holds ``model_card.json`` and one safetensors file per stage. Stage kinds:
 ``"diffusion"`` (a network, its process and prediction type; exactly one per card) and
 ``"autoencoder"`` (at most one: the diffusion stage then works in its latent space, Rombach et
-al. 2022; the pipeline encodes images before editing and decodes samples after sampling). A training
+al. 2022; the pipeline encodes images before editing and decodes samples after sampling), and
+adapter stages (:data:`ADAPTER_KINDS`: LoRA weights, a ControlNet, learned token embeddings)
+that modify the diffusion stage, any number of them, each with a ``scale``. A card whose
+``base`` names another model holds adapter stages only: an adapter saved alone, applied to its
+base when loaded (:func:`~difflab.pipeline.loading.read_source`). A training
 checkpoint (``step_*.json`` + ``.safetensors``) converts to a card through
 :meth:`ModelCard.from_checkpoint_meta`, which is how existing run folders keep loading.
 
@@ -29,7 +33,9 @@ CARD_FORMAT = 1
 CARD_FILE = "model_card.json"
 
 Conditioning = Literal["none", "class", "text"]
-StageKind = Literal["diffusion", "autoencoder"]
+StageKind = Literal["diffusion", "autoencoder", "lora", "controlnet", "embeddings"]
+#: stage kinds that modify the diffusion stage (``pipeline.adapters.ADAPTERS`` applies them)
+ADAPTER_KINDS: tuple[str, ...] = ("lora", "controlnet", "embeddings")
 
 
 @dataclass
@@ -55,6 +61,9 @@ class StageCard:
         1.0, "autoencoder: the diffusion stage's latent is (z - shift_factor) * scale_factor "
              "(1 / the latents' std on the training data, as Stable Diffusion's 0.18215)")
     shift_factor: float = option(0.0, "autoencoder: see scale_factor")
+    scale: float = option(
+        1.0, "adapter stages: strength (LoRA's scale on B A, a ControlNet's conditioning "
+             "scale); 0 leaves the diffusion stage as it is")
     weights_prefix: str = option(
         "", "prefix of this stage's tensors in the weights file ('' = the whole file; 'ema' or "
             "'model' inside a training checkpoint)")
@@ -101,6 +110,8 @@ class StageCard:
         """Checks that types cannot express (``from_dict`` reports them with the file)."""
         if self.kind == "autoencoder":
             self._check_autoencoder()
+        elif self.kind in ADAPTER_KINDS:
+            self._check_adapter()
         elif not self.process or self.prediction is None:
             raise ValueError(f"stage {self.name!r}: a diffusion stage needs process and "
                              "prediction")
@@ -128,6 +139,13 @@ class StageCard:
         if self.sampler_steps is not None and self.sampler_steps < 1:
             raise ValueError(f"stage {self.name!r}: sampler_steps must be at least 1")
 
+    def _check_adapter(self) -> None:
+        if self.process or self.prediction is not None:
+            raise ValueError(f"{self.kind} stage {self.name!r} takes no process or prediction")
+        if not abs(self.scale) < float("inf"):
+            raise ValueError(f"{self.kind} stage {self.name!r}: scale must be a finite "
+                             f"number, got {self.scale}")
+
     def _check_autoencoder(self) -> None:
         if self.process or self.prediction is not None:
             raise ValueError(f"autoencoder stage {self.name!r} takes no process or prediction")
@@ -150,6 +168,9 @@ class ModelCard:
     step: int | None = option(None, "training step of the weights")
     training: dict[str, Any] = option(
         help="the training config, for reference (not used to load)", factory=dict)
+    base: str | None = option(
+        None, "the model this card's adapter stages apply to (a pipeline or run folder; "
+              "relative paths are from this card's folder); None: the card is complete")
 
     def __post_init__(self) -> None:
         if self.format != CARD_FORMAT:
@@ -160,14 +181,23 @@ class ModelCard:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
-        kinds = sorted(s.kind for s in self.stages)
-        if kinds not in (["diffusion"], ["autoencoder", "diffusion"]):
-            raise ValueError("a model card holds one diffusion stage and at most one "
-                             f"autoencoder stage; got {[s.kind for s in self.stages]}")
+        kinds = sorted(s.kind for s in self.stages if s.kind not in ADAPTER_KINDS)
+        if self.base is not None:
+            if kinds:
+                raise ValueError(f"a card with a base model holds adapter stages only "
+                                 f"({', '.join(ADAPTER_KINDS)}); got {kinds}")
+        elif kinds not in (["diffusion"], ["autoencoder", "diffusion"]):
+            raise ValueError("a model card holds one diffusion stage, at most one autoencoder "
+                             f"stage and adapter stages; got {[s.kind for s in self.stages]}")
 
     def stage_of(self, kind: StageKind) -> StageCard | None:
-        """The stage of ``kind`` (None if the card has none)."""
+        """The (first) stage of ``kind`` (None if the card has none)."""
         return next((s for s in self.stages if s.kind == kind), None)
+
+    @property
+    def adapters(self) -> list[StageCard]:
+        """The adapter stages, in the order they are applied."""
+        return [s for s in self.stages if s.kind in ADAPTER_KINDS]
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -193,12 +223,28 @@ class ModelCard:
                              ema: bool = True) -> ModelCard:
         """The card of a training checkpoint's metadata (``step_*.json`` as written by the
         trainer); ``weights`` is the checkpoint's safetensors file name, whose ``ema.*`` (or,
-        with ``ema=False``, ``model.*``) tensors are the network's."""
+        with ``ema=False``, ``model.*``) tensors are the network's.
+
+        A fine-tuning run's metadata has ``adapters``: ``{"base": path or None, "stages":
+        [adapter stage dicts]}``, each stage's ``weights_prefix`` relative to the trained
+        module (``ema.`` or ``model.`` is put in front). With a ``base`` the checkpoint holds
+        the adapters only; without, it also holds the whole (fully fine-tuned) network."""
+        adapters = meta.get("adapters") or {}
+        prefix = "ema" if ema else "model"
+        stages = [from_dict(StageCard, {
+            **st, "weights": weights,
+            "weights_prefix": ".".join(filter(None, (prefix, st.get("weights_prefix") or "")))},
+            f"checkpoint adapter stage {i}") for i, st in enumerate(adapters.get("stages") or [])]
+        if adapters.get("base") is not None:
+            return cls(stages=stages, base=str(adapters["base"]), ema=ema,
+                       step=meta.get("step"), training=dict(meta.get("config") or {}),
+                       difflab_version=meta.get("difflab_version", __version__))
         card = cls._diffusion_from_meta(meta, weights, ema)
+        card.stages.extend(stages)
         if meta.get("autoencoder_stage"):  # a latent diffusion model (recipes.latent)
             ae = from_dict(StageCard, meta["autoencoder_stage"], "checkpoint autoencoder stage")
             card.stages.append(ae)
-            card.__post_init__()
+        card.__post_init__()
         return card
 
     @classmethod

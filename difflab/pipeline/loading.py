@@ -38,12 +38,46 @@ from ..training.checkpoint import (
 )
 from .card import CARD_FILE, ModelCard, StageCard
 
+#: how many cards deep ``base`` may point (an adapter on an adapter on ... a model)
+MAX_BASE_DEPTH = 8
 
-def read_source(path: str | Path, ema: bool | None = None) -> tuple[ModelCard, Path]:
+
+def read_source(path: str | Path, ema: bool | None = None, _depth: int = 0
+                ) -> tuple[ModelCard, Path]:
     """(card, folder its weight files are relative to) of a pipeline folder or checkpoint.
 
     ``ema``: for a checkpoint, EMA weights unless False; for a pipeline folder, None accepts
-    the weights it holds and a value that disagrees with them is an error."""
+    the weights it holds and a value that disagrees with them is an error. A card with a
+    ``base`` (adapters saved alone) comes back joined to its base's stages, every weights
+    file then named by its absolute path; ``ema`` applies to the adapters, the base gives
+    the weights it would give by itself."""
+    card, root = _read_one(path, ema)
+    if card.base is None:
+        return card, root
+    if _depth >= MAX_BASE_DEPTH:
+        raise LoadError(f"{path}: more than {MAX_BASE_DEPTH} base models deep (a cycle?)")
+    base_path = Path(card.base).expanduser()
+    base_path = base_path if base_path.is_absolute() else root / base_path
+    try:
+        base, base_root = read_source(base_path, None, _depth + 1)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"base model of {path} not found: {e}") from None
+    stages = [StageCard(**{**vars(s), "weights": str((r / s.weights).resolve())})
+              for stages, r in ((base.stages, base_root), (card.stages, root)) for s in stages]
+    return ModelCard(**{**vars(card), "stages": stages, "base": None}), root
+
+
+def read_adapters(path: str | Path, ema: bool | None = None) -> list[tuple[StageCard, Path]]:
+    """The adapter stages saved at ``path`` (a card with a ``base``, or any card's adapter
+    stages), each with the folder its weights file is relative to; none is a ValueError."""
+    card, root = _read_one(path, ema)
+    if not card.adapters:
+        raise ValueError(f"{path} holds no adapter stages (LoRA, ControlNet or token "
+                         "embeddings)")
+    return [(s, root) for s in card.adapters]
+
+
+def _read_one(path: str | Path, ema: bool | None) -> tuple[ModelCard, Path]:
     p = Path(path)
     if p.is_dir() and (p / CARD_FILE).is_file():
         card = ModelCard.load(p / CARD_FILE)

@@ -26,7 +26,8 @@ from ..samplers import check_sampler_options, get_sampler, load_time_grid
 from ..samplers.generate import generate
 from ..samplers.options import check_options, declared_options
 from ..training.checkpoint import write_json
-from .card import CARD_FILE, ModelCard, StageCard
+from .adapters import apply_adapter
+from .card import ADAPTER_KINDS, CARD_FILE, ModelCard, StageCard
 from .conditions import (
     Conditions,
     LabelSpec,
@@ -38,6 +39,7 @@ from .loading import (
     LoadedClassifier,
     build_stage_network,
     load_classifier,
+    read_adapters,
     read_source,
     stage_weights,
     write_stage_weights,
@@ -64,8 +66,16 @@ class Pipeline:
         #: the autoencoder of a latent model (None: the model works on the data itself)
         self.autoencoder: nn.Module | None = (nets[kinds.index("autoencoder")]
                                               if "autoencoder" in kinds else None)
+        self.process: Process = process_from_config(self.stage.process)
+        for stage, module in zip(card.stages, nets, strict=True):
+            if stage.kind in ADAPTER_KINDS:
+                apply_adapter(self, stage, module)
+        self._build_base()
+
+    def _build_base(self) -> None:
+        """The diffusion stage's :class:`Denoiser` over ``self.net`` (rebuilt after an
+        adapter replaced the network)."""
         st = self.stage
-        self.process: Process = process_from_config(st.process)
         self.base = Denoiser(self.net, self.process, st.prediction,
                              learned_variance=st.learned_variance, sigma_data=st.sigma_data,
                              base_prediction=st.base_prediction, sigma_min=st.sigma_min,
@@ -85,6 +95,29 @@ class Pipeline:
         nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last,
                                     root=root) for s in card.stages]
         return cls(card, nets, device)
+
+    def load_adapter(self, path: str | Path, scale: float | None = None,
+                     ema: bool | None = None) -> list[StageCard]:
+        """Apply the adapter stages saved at ``path`` (an adapter pipeline folder or a
+        fine-tuning run/checkpoint) to this pipeline, with strength ``scale`` (None: each
+        stage's own). Several adapters combine: each call adds its stages (renamed if a name
+        is taken). Returns the stages added."""
+        added = []
+        cache: dict[str, dict[str, Tensor]] = {}
+        for stage, root in read_adapters(path, ema):
+            name, k = stage.name, 2
+            while any(s.name == name for s in self.card.stages):
+                name, k = f"{stage.name}_{k}", k + 1
+            stage = StageCard(**{**vars(stage), "name": name,
+                                 "scale": stage.scale if scale is None else float(scale)})
+            module = build_stage_network(stage, stage_weights(stage, root, cache),
+                                         self.device, root=root)
+            apply_adapter(self, stage, module)
+            self.card.stages.append(stage)
+            self.networks.append(module)
+            added.append(stage)
+        self._build_base()
+        return added
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``model_card.json`` and one ``{stage}.safetensors`` per stage into the folder
