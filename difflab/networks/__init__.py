@@ -13,6 +13,7 @@ from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
+from difflab.networks.token_embeddings import TokenEmbeddings, TokenEmbeddingsConfig
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "LatentDistribution",
     "LatentUNetConfig",
     "NoisyClassifier",
+    "TokenEmbeddings",
+    "TokenEmbeddingsConfig",
     "MLPConfig",
     "MLPDenoiser",
     "UNet",
@@ -45,6 +48,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "latent_unet": (LatentUNet, LatentUNetConfig),
     "autoencoder": (Autoencoder, AutoencoderConfig),
     "dit": (DiT, DiTConfig),
+    "token_embeddings": (TokenEmbeddings, TokenEmbeddingsConfig),
 }
 
 

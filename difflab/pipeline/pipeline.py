@@ -67,6 +67,8 @@ class Pipeline:
         self.autoencoder: nn.Module | None = (nets[kinds.index("autoencoder")]
                                               if "autoencoder" in kinds else None)
         self.process: Process = process_from_config(self.stage.process)
+        #: learned token embeddings that prompts are encoded with (``pipeline.embeddings``)
+        self.token_embeddings: list[nn.Module] = []
         for stage, module in zip(card.stages, nets, strict=True):
             if stage.kind in ADAPTER_KINDS:
                 apply_adapter(self, stage, module)
@@ -217,7 +219,8 @@ class Pipeline:
     # -- conditions -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextCond:
         """Token embeddings of ``prompts`` with the model's text encoder, on the device."""
-        return encode_prompts(self.stage.text_encoder, prompts, self.device)
+        return encode_prompts(self.stage.text_encoder, prompts, self.device,
+                              self.token_embeddings)
 
     def load_classifier(self, classifier: str | Path | LoadedClassifier | None
                         ) -> LoadedClassifier | None:
