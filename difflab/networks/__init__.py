@@ -12,6 +12,7 @@ from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
+from difflab.networks.lora import LoRA, LoRAConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
 from difflab.networks.token_embeddings import TokenEmbeddings, TokenEmbeddingsConfig
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
@@ -27,6 +28,8 @@ __all__ = [
     "LatentUNet",
     "LatentDistribution",
     "LatentUNetConfig",
+    "LoRA",
+    "LoRAConfig",
     "NoisyClassifier",
     "TokenEmbeddings",
     "TokenEmbeddingsConfig",
@@ -48,6 +51,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "latent_unet": (LatentUNet, LatentUNetConfig),
     "autoencoder": (Autoencoder, AutoencoderConfig),
     "dit": (DiT, DiTConfig),
+    "lora": (LoRA, LoRAConfig),
     "token_embeddings": (TokenEmbeddings, TokenEmbeddingsConfig),
 }
 

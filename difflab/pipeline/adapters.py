@@ -18,6 +18,7 @@ from torch import nn
 
 from .card import StageCard
 from .embeddings import apply_embeddings
+from .lora import apply_lora
 
 __all__ = ["ADAPTERS", "AdapterApply", "apply_adapter"]
 
@@ -27,6 +28,7 @@ AdapterApply = Callable[[Any, StageCard, nn.Module], None]
 
 #: stage kind -> the function that applies such a stage to a pipeline
 ADAPTERS: dict[str, AdapterApply] = {
+    "lora": apply_lora,
     "embeddings": apply_embeddings,
 }
 
