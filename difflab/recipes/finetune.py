@@ -32,11 +32,11 @@ from torch import Tensor, nn
 from ..config import to_dict
 from ..data import DataRequest, EpochSource, ImageData, load_data
 from ..objectives import ObjectiveConfig, build_objective
-from ..pipeline import ModelCard, Pipeline, StageCard, class_index
+from ..pipeline import ModelCard, Pipeline, StageCard
 from ..training import TrainLoop, init_device
 from .diffusion import DiffusionLoss, loop_config, set_label_checks
 from .dreambooth import PairedSource, class_images, label_tensor
-from .finetune_conds import make_conditions
+from .finetune_conds import class_label, make_conditions
 from .finetune_config import FinetuneConfig
 from .finetune_loss import FinetuneLoss
 from .loop_recipe import LoopRecipe
@@ -72,8 +72,11 @@ class FinetuneRecipe(LoopRecipe):
         self.method = c.method.name
         self.dist, self.device = init_device(c.run.device, c.speed.precision)
         self.base_path = Path(c.model.base).expanduser().resolve()
-        self.base = Pipeline.from_pretrained(self.base_path, self.device,
-                                             channels_last=c.speed.channels_last)
+        try:
+            self.base = Pipeline.from_pretrained(self.base_path, self.device,
+                                                 channels_last=c.speed.channels_last)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--base {c.model.base}: {e}") from None
         self._check_base()
         self.objective = build_objective(base_objective(self.base.card))
         self.objective.check(self.base.process, self.base.stage.prediction)
@@ -134,7 +137,7 @@ class FinetuneRecipe(LoopRecipe):
             x = class_images(self.base, Path(c.run.out_dir), d.class_images, d.class_steps,
                              c.run.seed, prompt=d.class_prompt)
         else:
-            label = class_index(d.class_prompt, self.base.class_names)
+            label = class_label(d.class_prompt, self.base.class_names, "--class-prompt")
             x = class_images(self.base, Path(c.run.out_dir), d.class_images, d.class_steps,
                              c.run.seed, label=label)
         y = label_tensor(self.conds.class_label, len(x), self.device)

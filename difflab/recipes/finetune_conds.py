@@ -26,7 +26,7 @@ from ..pipeline.conditions import shared_text_encoder
 from .finetune_config import FinetuneConfig
 from .text import CaptionTable
 
-__all__ = ["ConditionTable", "make_conditions"]
+__all__ = ["ConditionTable", "class_label", "make_conditions"]
 
 
 @dataclass
@@ -95,7 +95,8 @@ def make_conditions(pipe: Pipeline, data: ImageData, config: FinetuneConfig,
     if pipe.class_names:
         names = pipe.class_names
         labels = _class_labels(data, names, d.instance_prompt)
-        label = None if d.class_prompt is None else class_index(d.class_prompt, names)
+        label = (None if d.class_prompt is None
+                 else class_label(d.class_prompt, names, "--class-prompt"))
         return ConditionTable("class", labels.to(device), len(names), label)
     if d.instance_prompt is not None or d.class_prompt is not None:
         raise ValueError("--instance-prompt and --class-prompt need a class- or "
@@ -103,9 +104,19 @@ def make_conditions(pipe: Pipeline, data: ImageData, config: FinetuneConfig,
     return ConditionTable("none", None)
 
 
+def class_label(value: str, names: list[str], flag: str) -> int:
+    """A class named by ``flag`` (a name or an index) -> its index."""
+    try:
+        return class_index(value, names)
+    except ValueError:
+        raise ValueError(f"{flag} {value!r} is not a class of the base model; its classes "
+                         f"are 0..{len(names) - 1}: {names}") from None
+
+
 def _class_labels(data: ImageData, names: list[str], instance: str | None) -> Tensor:
     if instance is not None:
-        return torch.full((len(data),), class_index(instance, names), dtype=torch.long)
+        index = class_label(instance, names, "--instance-prompt")
+        return torch.full((len(data),), index, dtype=torch.long)
     if data.labels is None or not set(data.class_names) <= set(names):
         raise ValueError("a class-conditional base model needs --instance-prompt LABEL (the "
                          "class the images are bound to) or data labelled with its classes "
