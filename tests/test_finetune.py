@@ -150,10 +150,23 @@ def test_captioned_full_finetune_of_a_text_model(text_base, tmp_path):
     assert same(params(pipe.net), params(r.ema.model))
 
 
+def test_dreambooth_lora_on_a_text_model(text_base, tmp_path):
+    db = {"instance_prompt": "a sks shape", "class_prompt": "a shape", "class_images": 2,
+          "class_steps": 1}
+    r = FinetuneRecipe(config(text_base, tmp_path / "db", method={"lora": True},
+                              dreambooth=db), data=ImageData(images(3)))
+    assert r.conds.prompts == ["a sks shape", "a shape"] and r.prior.x.shape == (2, 3, 8, 8)
+    assert r.conds.instance_labels.tolist() == [0, 0, 0] and r.conds.class_label == 1
+    r.run(progress=False)
+    pipe = Pipeline.from_pretrained(tmp_path / "db")
+    assert pipe.card.stages[-1].kind == "lora" and pipe.is_text
+
+
 # -- full fine-tuning and LoRA on a class model ------------------------------------------------
 def test_full_finetune_loads_and_samples(class_base, tmp_path):
     data = ImageData(images(4), torch.tensor([0, 1, 2, 0]), list(CLASSES))
-    r = FinetuneRecipe(config(class_base, tmp_path / "full", steps=2), data=data)
+    r = FinetuneRecipe(config(class_base, tmp_path / "full", steps=2,
+                              run={"sample_steps": 1}), data=data)
     base = params(Pipeline.from_pretrained(class_base).net)
     assert r.trained_parameters == sum(p.numel() for p in r.net.parameters())
     r.run(progress=False)
@@ -162,6 +175,7 @@ def test_full_finetune_loads_and_samples(class_base, tmp_path):
     assert same(params(pipe.net), params(r.ema.model)) and not same(params(pipe.net), base)
     assert pipe.class_names == CLASSES
     assert pipe(2, labels=1, steps=2).samples.shape == (2, 3, 8, 8)
+    assert r.sample_grid().is_file()
 
 
 def test_lora_trains_only_lora_parameters(class_base, tmp_path):

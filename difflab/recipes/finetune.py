@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import to_dict
 from ..data import DataRequest, EpochSource, ImageData, load_data
@@ -226,8 +226,3 @@ class FinetuneRecipe(LoopRecipe):
         else:
             out = pipe(per_prompt, steps=steps, seed=seed)
         return out.save_grid(path)
-
-    def batch_loss(self, step: int) -> Tensor:
-        """The loss of the batch at ``step`` with the current weights (no update)."""
-        batch = self.loop.source.batch(step, self.loop.generator)
-        return self.loss(self.loop.train_module, batch, self.loop.context(step, len(batch)))
