@@ -225,6 +225,10 @@ def test_class_images_generated_once_and_reused_on_resume(class_base, tmp_path, 
     first.run(progress=False)
     cached = tmp_path / "db" / CLASS_IMAGES_FILE
     stamp = cached.stat().st_mtime_ns
+    straight = FinetuneRecipe(config(class_base, tmp_path / "straight", steps=2,
+                                     method={"lora": True}, dreambooth=db),
+                              data=ImageData(images(3)))
+    straight.run(progress=False)
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("class images generated again")
@@ -236,6 +240,9 @@ def test_class_images_generated_once_and_reused_on_resume(class_base, tmp_path, 
     assert again.step == 1 and torch.equal(again.prior.x, first.prior.x)
     again.run(progress=False)
     assert again.step == 2 and cached.stat().st_mtime_ns == stamp
+    # resume continues the same trajectory (weights, EMA, class batches)
+    assert same(params(again.net), params(straight.net))
+    assert same(params(again.ema.model), params(straight.ema.model))
 
 
 # -- config and command line --------------------------------------------------------------------
