@@ -289,3 +289,23 @@ def test_cli_finetune_and_errors(class_base, tmp_path, capsys):
         assert main(["finetune", *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("difflab finetune: error:"), (args, err)
+
+
+def test_image_folder_sidecar_captions(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from difflab.data import DataError, DataRequest, load_data
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    texts = ["a red square", "a red circle", "a red circle"]
+    lines = [json.dumps({"file_name": f"{i}.png", "text": t}) for i, t in enumerate(texts)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(DataError, match="no caption"):
+        load_data(f"folder:{tmp_path}", DataRequest(8, 3))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_data(f"folder:{tmp_path}", DataRequest(8, 3))
+    assert isinstance(data, CaptionedImageData) and data.captions == texts
+    assert data.class_names == ["a red square", "a red circle"]
