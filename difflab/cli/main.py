@@ -1,5 +1,5 @@
-"""The ``difflab`` command: train, train-classifier, distill, sample, fit-grid, edit, eval,
-nll, plot."""
+"""The ``difflab`` command: train, train-classifier, distill, finetune, sample, fit-grid,
+edit, eval, nll, plot."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..training import NonFiniteLossError
 from .distill import add_distill_parser
 from .edit import add_edit_parser
 from .evaluate import add_eval_parsers
+from .finetune import add_finetune_parser
 from .fit_grid import add_fit_grid_parser
 from .plot import add_plot_parser
 from .sample import add_sample_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_classifier_parser(sub)
     add_train_autoencoder_parser(sub)
     add_distill_parser(sub)
+    add_finetune_parser(sub)
     add_sample_parser(sub)
     add_fit_grid_parser(sub)
     add_edit_parser(sub)
