@@ -6,14 +6,17 @@ another network is refused by layer name. Tiny random networks, no training."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from difflab.cli.main import main
 from difflab.conditioning import TextCond
 from difflab.config import from_dict, to_dict
+from difflab.data import to_uint8
 from difflab.networks import NETWORKS, build_network
 from difflab.networks.lora import LoRA, LoRAConfig, attention_targets
 from difflab.pipeline import CARD_FILE, ModelCard, Pipeline, StageCard
@@ -355,7 +358,6 @@ def test_sample_with_adapters_and_bad_adapter_options(saved, tmp_path, capsys):
                      "--out", str(tmp_path / "s.png"), "--save-npz", str(tmp_path / "s.npz"),
                      *extra])
 
-    import numpy as np
     assert sample("--adapter", f"{saved / 'adapter'}:0.5") == 0
     ours = np.load(tmp_path / "s.npz")["images"]
     assert main(["sample", "--checkpoint", str(saved / "adapter"), "--n", "2", "--steps", "2",
@@ -364,7 +366,6 @@ def test_sample_with_adapters_and_bad_adapter_options(saved, tmp_path, capsys):
     pipe = Pipeline.from_pretrained(saved / "base")
     pipe.load_adapter(saved / "adapter", scale=0.5)
     ref = pipe(2, labels="b", steps=2).samples
-    from difflab.data import to_uint8
     np.testing.assert_array_equal(ours, to_uint8(ref).permute(0, 2, 3, 1).numpy())
     assert not np.array_equal(ours, np.load(tmp_path / "j.npz")["images"])  # scale 0.5 acts
     capsys.readouterr()
@@ -374,3 +375,21 @@ def test_sample_with_adapters_and_bad_adapter_options(saved, tmp_path, capsys):
         assert sample("--adapter", spec) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_edit_takes_adapters_like_the_joined_model(saved, tmp_path, capsys):
+    Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(tmp_path / "in.png")
+
+    def edit(checkpoint, out, *extra):
+        return main(["edit", "sdedit", "--checkpoint", str(checkpoint), "--input",
+                     str(tmp_path / "in.png"), "--steps", "2", "--class", "a", "--no-progress",
+                     "--device", "cpu", "--out", str(tmp_path / out), *extra])
+
+    assert edit(saved / "base", "a.png", "--adapter", str(saved / "adapter")) == 0
+    assert edit(saved / "adapter", "b.png") == 0
+    assert edit(saved / "base", "c.png") == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png", "c.png"))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    capsys.readouterr()
+    assert edit(saved / "base", "d.png", "--adapter", f"{saved / 'adapter'}:inf") == 2
+    assert "finite" in capsys.readouterr().err
