@@ -20,6 +20,7 @@ from difflab.data import to_uint8
 from difflab.networks import NETWORKS, build_network
 from difflab.networks.lora import LoRA, LoRAConfig, attention_targets
 from difflab.pipeline import CARD_FILE, ModelCard, Pipeline, StageCard
+from difflab.pipeline.lora import lora_stage
 from difflab.process import make_process
 from difflab.training.checkpoint import save_checkpoint
 
@@ -170,6 +171,29 @@ def test_two_adapters_with_weights_add():
         two.attach(net)
 
 
+def test_training_moves_only_the_lora_and_the_base_stays():
+    """Gradients reach A and B through the hooks (the paper's dW = B A, B = 0 at the start:
+    dL/dA = 0 and dL/dB != 0 on the first step); the frozen base does not change."""
+    net = text_unet().requires_grad_(False)
+    x, t, ctx = inputs()
+    before = state(net)
+    lora = LoRA(LoRAConfig.for_network(net, rank=2, conv=True))
+    lora.attach(net)
+    for step in range(2):  # plain SGD (torch.optim costs seconds of imports)
+        lora.zero_grad()
+        net(x, t, ctx).square().mean().backward()
+        grads_a = [la.A.grad.abs().max() for la in lora.layers]
+        grads_b = [la.B.grad.abs().max() for la in lora.layers]
+        if step == 0:
+            assert max(grads_a) == 0 and min(grads_b) > 0
+        with torch.no_grad():
+            for p in lora.parameters():
+                p -= 0.1 * p.grad
+    assert max(grads_a) > 0
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_deepcopy_of_an_adapted_network_carries_its_own_hooks():
     """An EMA copy (copy.deepcopy of base + LoRA) adapts the copy, with the copied LoRA."""
     net = text_unet()
@@ -231,12 +255,10 @@ def base_pipeline(folder) -> Pipeline:
     return Pipeline.from_pretrained(folder)
 
 
-def lora_stage(net: nn.Module, seed: int, scale: float = 1.0, name: str = "lora",
+def random_lora(net: nn.Module, seed: int, scale: float = 1.0, name: str = "lora",
                **kw) -> tuple[StageCard, LoRA]:
     lora = random_b(LoRA(LoRAConfig.for_network(net, **kw)), seed, std=0.5)
-    stage = StageCard(name=name, kind="lora", network="lora", network_config=to_dict(lora.config),
-                      sample_shape=[1, 8, 8], weights="", scale=scale)
-    return stage, lora
+    return lora_stage(lora, [1, 8, 8], name, scale), lora
 
 
 def draw(pipe: Pipeline):
@@ -248,8 +270,8 @@ def saved(tmp_path_factory, one_thread):
     """A base pipeline folder and an adapter folder (two LoRAs) written by save_adapters."""
     root = tmp_path_factory.mktemp("lora")
     pipe = base_pipeline(root / "base")
-    s1, l1 = lora_stage(pipe.net, 1, 0.8, rank=2, conv=True)
-    s2, l2 = lora_stage(pipe.net, 2, 1.0, name="style", rank=3)
+    s1, l1 = random_lora(pipe.net, 1, 0.8, rank=2, conv=True)
+    s2, l2 = random_lora(pipe.net, 2, 1.0, name="style", rank=3)
     pipe.add_adapter(s1, l1)
     pipe.add_adapter(s2, l2)
     pipe.save_adapters(root / "adapter")
@@ -311,7 +333,7 @@ def test_save_adapters_writes_the_scale_set_and_needs_a_base(saved, tmp_path):
 def test_a_mismatched_adapter_is_refused_with_stage_and_layer(saved, tmp_path):
     other = Pipeline.from_pretrained(saved / "base")
     dit = randomized(build_network("dit", DIT), 0)
-    stage, lora = lora_stage(dit, 1)
+    stage, lora = random_lora(dit, 1)
     dit_pipe = Pipeline(ModelCard(stages=[StageCard(**{**vars(other.stage), "network": "dit",
                                                        "network_config": DIT})]), dit)
     dit_pipe.add_adapter(stage, lora)
