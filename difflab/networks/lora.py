@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +54,10 @@ class LoRAConfig:
     """What a LoRA adapter is: its rank, alpha and the layers it adapts (names and weight
     shapes), enough to rebuild it from JSON alone (``build_network("lora", config)``)."""
 
-    rank: int = option(4, "rank r of each update B A", ge=1)
+    rank: int = option(4, "rank r of each update B A", ge=1, flag="--lora-rank")
     alpha: float | None = option(
         None, "the update is scaled by alpha / rank (Hu et al. 2021 sec. 4.1); None: alpha = "
-              "rank (scale 1)", gt=0)
+              "rank (scale 1)", gt=0, flag="--lora-alpha")
     targets: list[str] = option(help="names of the adapted layers in the base network",
                                 factory=list, cli=False)
     shapes: list[list[int]] = option(
@@ -318,7 +318,3 @@ class LoRAHandle:
                 del parent.__dict__[_PATCH_ATTR]
         self.lora.handle = None
 
-
-def attach_all(loras: Iterable[tuple[LoRA, float]], net: nn.Module) -> list[LoRAHandle]:
-    """Attach several adapters with their weights: their updates add up."""
-    return [lora.attach(net, scale) for lora, scale in loras]
