@@ -166,11 +166,15 @@ class Pipeline:
                  if self.card.stages[i].kind in ADAPTER_KINDS]
         if not which:
             raise ValueError("this pipeline has no adapter stages to save")
-        return self._write(Path(path), which, base, overwrite)
+        # the card's step and training config are the adapters' only if it came with them
+        own = self.source is not None and self.source != self.base_source
+        meta = {} if own else {"step": None, "training": {}}
+        return self._write(Path(path), which, base, overwrite, **meta)
 
-    def _write(self, folder: Path, which: list[int], base: str | None, overwrite: bool
-               ) -> Path:
-        """Write stages ``which`` (indices) and a card with ``base`` into ``folder``."""
+    def _write(self, folder: Path, which: list[int], base: str | None, overwrite: bool,
+               **card_fields: Any) -> Path:
+        """Write stages ``which`` (indices) and a card with ``base`` (and ``card_fields``)
+        into ``folder``."""
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
             raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
         scales = {i: h.scale for i, h in lora_handles(self)}
@@ -185,7 +189,7 @@ class Pipeline:
                                            "scale": scales.get(i, stage.scale)}))
         finally:
             self.merge_adapters(merged)
-        card = ModelCard(**{**vars(self.card), "stages": stages, "base": base})
+        card = ModelCard(**{**vars(self.card), "stages": stages, "base": base, **card_fields})
         write_json(folder / CARD_FILE, card.to_dict())
         return folder
 
