@@ -359,6 +359,9 @@ def test_a_fine_tuning_checkpoint_loads_as_an_adapter(saved, tmp_path):
     base.load_adapter(saved / "adapter")
     base.networks[2].handle.scale = 0.0  # only the first LoRA
     assert torch.equal(draw(Pipeline.from_pretrained(tmp_path / "run")), draw(base))
+    onto = Pipeline.from_pretrained(saved / "base")
+    onto.load_adapter(tmp_path / "run" / "checkpoints")  # what --adapter RUN does
+    assert torch.equal(draw(onto), draw(base))
 
 
 def test_a_card_with_a_base_holds_adapter_stages_only(saved):
