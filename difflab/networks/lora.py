@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +54,10 @@ class LoRAConfig:
     """What a LoRA adapter is: its rank, alpha and the layers it adapts (names and weight
     shapes), enough to rebuild it from JSON alone (``build_network("lora", config)``)."""
 
-    rank: int = option(4, "rank r of each update B A", ge=1)
+    rank: int = option(4, "rank r of each update B A", ge=1, flag="--lora-rank")
     alpha: float | None = option(
         None, "the update is scaled by alpha / rank (Hu et al. 2021 sec. 4.1); None: alpha = "
-              "rank (scale 1)", gt=0)
+              "rank (scale 1)", gt=0, flag="--lora-alpha")
     targets: list[str] = option(help="names of the adapted layers in the base network",
                                 factory=list, cli=False)
     shapes: list[list[int]] = option(
@@ -221,8 +220,9 @@ class _Patch:
             h.remove()
 
 
-#: parent module -> its hooks (weak: a dropped network takes its patches with it)
-_PATCHES: weakref.WeakKeyDictionary[nn.Module, _Patch] = weakref.WeakKeyDictionary()
+#: attribute of a parent module holding its :class:`_Patch` (kept on the module, so that a
+#: ``copy.deepcopy`` of the network, e.g. an EMA copy, carries consistent hooks along)
+_PATCH_ATTR = "_lora_patch"
 
 
 class LoRAHandle:
@@ -234,11 +234,12 @@ class LoRAHandle:
         self.lora, self.layers, self.parents = lora, layers, parents
         self._scale = float(scale)
         self.merged = False
-        self._saved: list[tuple[Tensor, int]] = []  # merge(): each weight before, its version
+        # merge(): each weight before it, its version then and after
+        self._saved: list[tuple[Tensor, int, int]] = []
         for i, (layer, parent) in enumerate(zip(layers, parents, strict=True)):
-            patch = _PATCHES.get(parent)
+            patch = parent.__dict__.get(_PATCH_ATTR)
             if patch is None:
-                patch = _PATCHES[parent] = _Patch(parent)
+                patch = parent.__dict__[_PATCH_ATTR] = _Patch(parent)
             patch.users.setdefault(layer, []).append((self, i))
 
     @property
@@ -268,27 +269,37 @@ class LoRAHandle:
         self._saved = []
         for i, layer in enumerate(self.layers):
             w = layer.weight
-            before = w.detach().clone()
+            before, version = w.detach().clone(), w._version
             w.add_((self._scale * self.lora.delta(i)).to(w.dtype))
-            self._saved.append((before, w._version))
+            self._saved.append((before, version, w._version))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` and let the hooks add the update again. A weight nothing wrote
-        to since the merge gets its exact former value back; one changed since (another
-        adapter merged after this one, an optimizer step) gets the product subtracted."""
+        """Undo :meth:`merge` and let the hooks add the update again. A weight nothing else
+        wrote to since the merge (tensor version counter) gets its exact former value back;
+        one changed since (another adapter merged after this one and still merged, an
+        optimizer step) gets the product subtracted."""
         if not self.merged:
             raise ValueError("this LoRA is not merged")
-        for i, (layer, (before, version)) in enumerate(zip(self.layers, self._saved,
-                                                            strict=True)):
+        for i, layer in enumerate(self.layers):
+            before, version, after = self._saved[i]
             w = layer.weight
-            if w._version == version:
+            if w._version == after:
                 w.copy_(before)
+                self._resync(i, version, w._version)
             else:
                 w.sub_((self._scale * self.lora.delta(i)).to(w.dtype))
         self._saved = []
         self.merged = False
+
+    def _resync(self, i: int, version: int, now: int) -> None:
+        """The weight of target ``i`` is again exactly what it was at ``version``: an adapter
+        merged into it before this one (whose merge left that version) may restore exactly."""
+        users = self.parents[i].__dict__[_PATCH_ATTR].users[self.layers[i]]
+        for h, j in users:
+            if h is not self and h.merged and h._saved[j][2] == version:
+                h._saved[j] = (*h._saved[j][:2], now)
 
     def detach(self) -> None:
         """Remove the adapter from the network (unmerging it first if merged)."""
@@ -297,17 +308,13 @@ class LoRAHandle:
         if self.merged:
             self.unmerge()
         for i, (layer, parent) in enumerate(zip(self.layers, self.parents, strict=True)):
-            patch = _PATCHES[parent]
+            patch = parent.__dict__[_PATCH_ATTR]
             users = patch.users[layer]
             users.remove((self, i))
             if not users:
                 del patch.users[layer]
             if not patch.users:
                 patch.remove()
-                del _PATCHES[parent]
+                del parent.__dict__[_PATCH_ATTR]
         self.lora.handle = None
 
-
-def attach_all(loras: Iterable[tuple[LoRA, float]], net: nn.Module) -> list[LoRAHandle]:
-    """Attach several adapters with their weights: their updates add up."""
-    return [lora.attach(net, scale) for lora, scale in loras]

@@ -14,10 +14,11 @@ from typing import Any
 
 from torch import nn
 
+from ..config import to_dict
 from ..networks.lora import LoRA, LoRAHandle
 from .card import StageCard
 
-__all__ = ["apply_lora", "diffusion_network", "lora_handles"]
+__all__ = ["apply_lora", "diffusion_network", "lora_handles", "lora_stage"]
 
 
 def diffusion_network(pipe: Any) -> nn.Module:
@@ -43,3 +44,13 @@ def lora_handles(pipe: Any) -> list[tuple[int, LoRAHandle]]:
     return [(i, net.handle) for i, (s, net) in enumerate(zip(pipe.card.stages, pipe.networks,
                                                               strict=True))
             if s.kind == "lora" and isinstance(net, LoRA) and net.handle is not None]
+
+
+def lora_stage(lora: LoRA, sample_shape: list[int], name: str = "lora", scale: float = 1.0,
+               weights: str = "") -> StageCard:
+    """The adapter stage card of ``lora`` (``sample_shape``: the diffusion stage's), e.g. for
+    :meth:`~difflab.pipeline.Pipeline.add_adapter` or a fine-tuning run's checkpoint
+    metadata (``adapters.stages``)."""
+    return StageCard(name=name, kind="lora", network="lora",
+                     network_config=to_dict(lora.config), sample_shape=list(sample_shape),
+                     weights=weights, scale=float(scale))

@@ -115,22 +115,31 @@ class Pipeline:
         fine-tuning run/checkpoint) to this pipeline, with strength ``scale`` (None: each
         stage's own). Several adapters combine: each call adds its stages (renamed if a name
         is taken). Returns the stages added."""
-        added = []
         cache: dict[str, dict[str, Tensor]] = {}
+        added = []
         for stage, root in read_adapters(path, ema):
-            name, k = stage.name, 2
-            while any(s.name == name for s in self.card.stages):
-                name, k = f"{stage.name}_{k}", k + 1
-            stage = StageCard(**{**vars(stage), "name": name,
-                                 "scale": stage.scale if scale is None else float(scale)})
+            if scale is not None:
+                stage = StageCard(**{**vars(stage), "scale": float(scale)})
             module = build_stage_network(stage, stage_weights(stage, root, cache),
                                          self.device, root=root)
-            apply_adapter(self, stage, module)
-            self.card.stages.append(stage)
-            self.networks.append(module)
-            added.append(stage)
-        self._build_base()
+            added.append(self.add_adapter(stage, module))
         return added
+
+    def add_adapter(self, stage: StageCard, module: nn.Module) -> StageCard:
+        """Apply one adapter stage built in memory (e.g. a LoRA just trained) and add it to
+        the card (renamed ``name_2``, ... if its name is taken); returns the stage added.
+        :meth:`save_adapters` then writes it alone."""
+        if stage.kind not in ADAPTER_KINDS:
+            raise ValueError(f"stage {stage.name!r} is a {stage.kind} stage, not an adapter")
+        name, k = stage.name, 2
+        while any(s.name == name for s in self.card.stages):
+            name, k = f"{stage.name}_{k}", k + 1
+        stage = StageCard(**{**vars(stage), "name": name})
+        apply_adapter(self, stage, module)
+        self.card.stages.append(stage)
+        self.networks.append(module)
+        self._build_base()
+        return stage
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``model_card.json`` and one ``{stage}.safetensors`` per stage into the folder
@@ -159,11 +168,15 @@ class Pipeline:
                  if self.card.stages[i].kind in ADAPTER_KINDS]
         if not which:
             raise ValueError("this pipeline has no adapter stages to save")
-        return self._write(Path(path), which, base, overwrite)
+        # the card's step and training config are the adapters' only if it came with them
+        own = self.source is not None and self.source != self.base_source
+        meta = {} if own else {"step": None, "training": {}}
+        return self._write(Path(path), which, base, overwrite, **meta)
 
-    def _write(self, folder: Path, which: list[int], base: str | None, overwrite: bool
-               ) -> Path:
-        """Write stages ``which`` (indices) and a card with ``base`` into ``folder``."""
+    def _write(self, folder: Path, which: list[int], base: str | None, overwrite: bool,
+               **card_fields: Any) -> Path:
+        """Write stages ``which`` (indices) and a card with ``base`` (and ``card_fields``)
+        into ``folder``."""
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
             raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
         scales = {i: h.scale for i, h in lora_handles(self)}
@@ -178,7 +191,7 @@ class Pipeline:
                                            "scale": scales.get(i, stage.scale)}))
         finally:
             self.merge_adapters(merged)
-        card = ModelCard(**{**vars(self.card), "stages": stages, "base": base})
+        card = ModelCard(**{**vars(self.card), "stages": stages, "base": base, **card_fields})
         write_json(folder / CARD_FILE, card.to_dict())
         return folder
 
