@@ -9,6 +9,7 @@ from torch import nn
 
 from difflab.networks.autoencoder import Autoencoder, AutoencoderConfig, LatentDistribution
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
+from difflab.networks.controlnet import ControlledUNet, ControlNet, ControlNetConfig
 from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
@@ -21,6 +22,9 @@ __all__ = [
     "Autoencoder",
     "AutoencoderConfig",
     "ClassifierConfig",
+    "ControlNet",
+    "ControlNetConfig",
+    "ControlledUNet",
     "DiT",
     "DiTConfig",
     "LatentUNet",
@@ -45,6 +49,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "latent_unet": (LatentUNet, LatentUNetConfig),
     "autoencoder": (Autoencoder, AutoencoderConfig),
     "dit": (DiT, DiTConfig),
+    "controlnet": (ControlNet, ControlNetConfig),
 }
 
 
