@@ -11,8 +11,15 @@ import torch
 
 from difflab.cli.main import main
 from difflab.conditioning import TextCond
+from difflab.config import from_dict, to_dict
 from difflab.data import DataError, ImageData
-from difflab.data.control import control_image, edges, foreground_mask, read_control_image
+from difflab.data.control import (
+    control_image,
+    edges,
+    foreground_mask,
+    read_control_image,
+    save_control_image,
+)
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.networks import ControlledUNet, ControlNet, UNet, UNetConfig, build_network
 from difflab.networks.controlnet import batch_hint
@@ -193,7 +200,6 @@ def test_control_images():
 
 
 def test_control_files(tmp_path):
-    from difflab.data.control import save_control_image
     mask = torch.zeros(1, 1, 8, 8)
     mask[0, 0, 2:5, 1:6] = 1
     (path,) = save_control_image(mask, tmp_path)
@@ -235,6 +241,14 @@ def train(tmp_path, steps=2, **kw):
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr = steps, 4, 1e-2
     cfg.run.out_dir, cfg.run.device = str(tmp_path / "cn"), "cpu"
     return ControlNetRecipe(cfg, data=tiny_data())
+
+
+def test_train_config_round_trips_through_json():
+    cfg = ControlNetTrainConfig(base="runs/x", control="mask", data="shapes",
+                                hint_widths=(8, 8, 16))
+    cfg.optim.steps = 7
+    again = from_dict(ControlNetTrainConfig, json.loads(json.dumps(to_dict(cfg))), "test")
+    assert again == cfg
 
 
 def test_training_changes_the_controlnet_only(tmp_path):
@@ -289,6 +303,11 @@ def test_the_run_loads_as_base_plus_controlnet_and_samples(tmp_path):
         pipe(2, labels=1, steps=2, control=mask)
     again = pipe(2, labels=1, sampler="ddim", steps=3, guidance=2.0, control=[mask, 1 - mask])
     assert torch.equal(again.samples, a.samples)
+    (png,) = save_control_image(mask, tmp_path / "controls")
+    assert main(["sample", "--checkpoint", str(tmp_path / "cn"), "--control", str(png),
+                 "--control-scale", "0.5", "--n", "2", "--steps", "2", "--class", "1",
+                 "--guidance", "2", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert (tmp_path / "s.png").is_file()
     base_only = Pipeline.from_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match="needs a model with a ControlNet"):
         base_only(2, labels=1, steps=2, control=mask)

@@ -16,9 +16,9 @@ sample --checkpoint RUN --control edges.png`` samples it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from .text import CaptionTable
 __all__ = ["ControlNetLoss", "ControlNetRecipe", "ControlNetTrainConfig"]
 
 ControlKind = Literal["edges", "mask"]
-assert set(ControlKind.__args__) == set(CONTROL_KINDS)  # type: ignore[attr-defined]
+assert set(get_args(ControlKind)) == set(CONTROL_KINDS)
 
 
 def _optim() -> OptimConfig:
@@ -189,7 +189,7 @@ class ControlNetRecipe(LoopRecipe):
     def stage(self) -> StageCard:
         """The ControlNet's adapter stage (weights filled in when a checkpoint is read)."""
         return StageCard(name="controlnet", kind="controlnet", network="controlnet",
-                         network_config=to_dict_config(self.controlnet),
+                         network_config=to_dict(self.controlnet.config),
                          sample_shape=list(self.base.sample_shape), weights="", scale=1.0)
 
     def meta(self) -> dict[str, Any]:
@@ -220,10 +220,3 @@ class ControlNetRecipe(LoopRecipe):
         out.samples = torch.cat([shown, out.samples])
         return out.save_grid(path)
 
-
-def to_dict_config(net: ControlNet) -> dict[str, Any]:
-    """A ControlNet's config as JSON-able data (the registry's ``build_network`` input)."""
-    d = asdict(net.config)
-    d["unet"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["unet"].items()}
-    d["hint_widths"] = list(d["hint_widths"])
-    return d
