@@ -236,10 +236,10 @@ def tiny_data(n=8, classes=("a", "b", "c")):
     return ImageData(images=x, labels=torch.arange(n) % len(classes), class_names=list(classes))
 
 
-def train(tmp_path, steps=2, **kw):
+def train(tmp_path, steps=2, out="cn", **kw):
     cfg = ControlNetTrainConfig(base=str(tmp_path / "base"), control="mask", **kw)
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr = steps, 4, 1e-2
-    cfg.run.out_dir, cfg.run.device = str(tmp_path / "cn"), "cpu"
+    cfg.run.out_dir, cfg.run.device = str(tmp_path / out), "cpu"
     return ControlNetRecipe(cfg, data=tiny_data())
 
 
@@ -265,6 +265,9 @@ def test_training_changes_the_controlnet_only(tmp_path):
                            start["encoder.down.0.0.conv1.weight"])
     assert {id(p) for g in recipe.opt.param_groups for p in g["params"]} == \
         {id(p) for p in recipe.controlnet.parameters()}
+    # label dropout: the base's training rate, unless given
+    assert recipe.loss.inner.p_uncond == 0.2 and recipe.loss.inner.null_label == 3
+    assert train(tmp_path, out="cn2", p_uncond=0.5).loss.inner.p_uncond == 0.5
 
 
 def test_the_run_loads_as_base_plus_controlnet_and_samples(tmp_path):

@@ -3,9 +3,9 @@
 The base (a run folder, checkpoint or pipeline folder of a pixel-space U-Net model) is loaded
 and frozen; a :class:`~difflab.networks.controlnet.ControlNet` copied from its encoder is the
 only module trained, on the one loop (:class:`~difflab.training.TrainLoop`), with the base's
-own process, prediction type, objective and label/prompt dropout (Zhang et al. sec. 3.3 replace
-50% of prompts by the empty one; here the base's rate is kept so that guidance behaves as the
-base's). Each step's control images are computed from the clean batch
+own process, prediction type, objective and label/prompt dropout (the base's rate by default,
+so that guidance behaves as the base's; ``--p-uncond 0.5`` is Zhang et al.'s sec. 3.3 choice).
+Each step's control images are computed from the clean batch
 (:func:`~difflab.data.control.control_image`, ``--control edges|mask``).
 
 Checkpoints hold the ControlNet alone (``model.*``, ``ema.*``) and the metadata key
@@ -60,6 +60,10 @@ class ControlNetTrainConfig:
                                            "(Sobel, thresholded) or mask (foreground)")
     data: str | None = option(None, "data set (default: the one the base was trained on)")
     hint_widths: tuple[int, ...] = option((16, 32), "hidden widths of the hint encoder")
+    p_uncond: float | None = option(
+        None, "probability of dropping a label or prompt to the null one (None: the base's "
+              "training rate; Zhang et al. drop half of the prompts so that the ControlNet learns "
+              "to read the control image alone)", ge=0, le=1)
     optim: OptimConfig = option(factory=_optim, help="optimisation")
     run: RunConfig = option(factory=_run, help="bookkeeping")
 
@@ -124,6 +128,7 @@ class ControlNetRecipe(LoopRecipe):
         self.data = data if data is not None else self._load_data()
         labels, captions = self._labels()
         objective_config, p_uncond = base_objective(self.base)
+        p_uncond = p_uncond if c.p_uncond is None else c.p_uncond
         objective = build_objective(objective_config)
         st = self.base.stage
         objective.check(self.base.process, st.prediction)
