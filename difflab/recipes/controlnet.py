@@ -31,8 +31,8 @@ from ..networks.unet import UNet
 from ..objectives import ObjectiveConfig, build_objective
 from ..pipeline import Conditions, ModelCard, Pipeline, StageCard
 from ..training import LoopConfig, StepContext, TrainLoop, init_device
-from .config import OptimConfig, RunConfig
-from .diffusion import DiffusionLoss
+from .config import OptimConfig, RunConfig, SpeedConfig
+from .diffusion import DiffusionLoss, set_label_checks
 from .loop_recipe import LoopRecipe
 from .text import CaptionTable
 
@@ -66,6 +66,7 @@ class ControlNetTrainConfig:
               "to read the control image alone)", ge=0, le=1)
     optim: OptimConfig = option(factory=_optim, help="optimisation")
     run: RunConfig = option(factory=_run, help="bookkeeping")
+    speed: SpeedConfig = option(factory=SpeedConfig, help="speed")
 
 
 @dataclass
@@ -122,7 +123,7 @@ class ControlNetRecipe(LoopRecipe):
     def __init__(self, config: ControlNetTrainConfig, data: ImageData | None = None, *,
                  overwrite: bool = False):
         self.config = c = config
-        self.dist, self.device = init_device(c.run.device)
+        self.dist, self.device = init_device(c.run.device, c.speed.precision)
         self.base_path = str(Path(c.base).expanduser().resolve()) if c.base else ""
         self.base = load_base(c.base, self.device)
         self.data = data if data is not None else self._load_data()
@@ -138,10 +139,11 @@ class ControlNetRecipe(LoopRecipe):
         torch.manual_seed(c.run.seed)
         self.controlnet = ControlNet.from_unet(self.base.net, 1, control=c.control,
                                                hint_widths=c.hint_widths)
-        self.controlnet.to(memory_format=torch.channels_last)
+        self._speed(self.controlnet)
         null = len(self.data.class_names) if labels is not None else None
         inner = DiffusionLoss(objective, self.base.process, st.prediction, st.sigma_data,
-                              p_uncond, null, captions, None, True, c.optim.steps)
+                              p_uncond, null, captions, None, c.speed.channels_last,
+                              c.optim.steps)
         self.loss = ControlNetLoss(inner, self.base.net, c.control)
         x = self.data.images.to(self.device)
         self.source = EpochSource(x, labels, c.optim.batch_size, c.run.seed)
@@ -149,12 +151,28 @@ class ControlNetRecipe(LoopRecipe):
         self.loop = TrainLoop(
             LoopConfig(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay,
                        warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
-                       ema_decay=o.ema_decay or None, log_every=r.log_every, log=r.log,
+                       ema_decay=o.ema_decay, log_every=r.log_every, log=r.log,
                        sample_every=r.sample_every, checkpoint_every=r.checkpoint_every,
                        keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed,
+                       precision=c.speed.precision, compile=c.speed.compile,
+                       compile_mode=c.speed.compile_mode,
+                       reuse_cpu_memory=c.speed.reuse_cpu_memory,
                        progress_desc="train controlnet", overwrite=overwrite),
             self.controlnet, self.source, self.loss, self.meta, self.dist, self.device,
             callbacks=[lambda loop: self.sample_grid()])
+        sampling = self.sampling_module()
+        sampling.to(memory_format=torch.channels_last)  # samples like a loaded one
+        if sampling is not self.controlnet:
+            set_label_checks(sampling.encoder, True)
+
+    def _speed(self, controlnet: ControlNet) -> None:
+        """Memory layout, activation checkpointing and no per-step label checks (a host
+        sync; the data's labels are valid by construction) for the modules of a step."""
+        if self.config.speed.channels_last:
+            controlnet.to(memory_format=torch.channels_last)
+        controlnet.encoder.grad_checkpointing = self.config.speed.grad_checkpointing
+        set_label_checks(controlnet.encoder, False)
+        set_label_checks(self.base.net, False)
 
     def _load_data(self) -> ImageData:
         name = self.config.data or self.base.stage.dataset
@@ -202,11 +220,16 @@ class ControlNetRecipe(LoopRecipe):
         return {"config": to_dict(self.config), "control": self.config.control,
                 "adapters": {"base": self.base_path, "stages": [to_dict(self.stage())]}}
 
+    def sampling_module(self) -> ControlNet:
+        """The EMA ControlNet, or the ControlNet itself when the run keeps no EMA."""
+        return self.loop.ema.model if self.loop.ema is not None else self.controlnet
+
     def pipeline(self) -> Pipeline:
-        """The base with the EMA ControlNet applied (what loading a checkpoint gives)."""
-        card = ModelCard(stages=[*self.base.card.stages, self.stage()], ema=True,
-                         step=self.step, training=to_dict(self.config))
-        return Pipeline(card, [*self.base.networks, self.ema.model], self.device)
+        """The base with the (EMA) ControlNet applied (what loading a checkpoint gives)."""
+        card = ModelCard(stages=[*self.base.card.stages, self.stage()],
+                         ema=self.loop.ema is not None, step=self.step,
+                         training=to_dict(self.config))
+        return Pipeline(card, [*self.base.networks, self.sampling_module()], self.device)
 
     def sample_grid(self, n: int = 8, seed: int = 0) -> Path:
         """Two rows: the control images of the first ``n`` training images, and samples with
