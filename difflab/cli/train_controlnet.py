@@ -34,7 +34,9 @@ def add_train_controlnet_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(p)
     add_config_options(p, ControlNetTrainConfig, aliases={"run.out_dir": ["--out"]},
-                       default_text={"base": "required"})
+                       default_text={"base": "required",
+                                     "data": "the data set the base was trained on",
+                                     "p_uncond": "the base's training rate"})
     p.set_defaults(func=run_train_controlnet)
 
 

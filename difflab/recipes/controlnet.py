@@ -58,12 +58,13 @@ class ControlNetTrainConfig:
                            "(pixel-space U-Net)")
     control: ControlKind = option("edges", "control images computed from the data: edges "
                                            "(Sobel, thresholded) or mask (foreground)")
-    data: str | None = option(None, "data set (default: the one the base was trained on)")
+    data: str | None = option(None, "training images: any data set spec ('shapes', "
+                                    "'folder:PATH', ...) with the base's labels or captions")
     hint_widths: tuple[int, ...] = option((16, 32), "hidden widths of the hint encoder")
     p_uncond: float | None = option(
-        None, "probability of dropping a label or prompt to the null one (None: the base's "
-              "training rate; Zhang et al. drop half of the prompts so that the ControlNet learns "
-              "to read the control image alone)", ge=0, le=1)
+        None, "probability of dropping a label or prompt to the null one (Zhang et al. drop "
+              "half of the prompts so that the ControlNet learns to read the control image "
+              "alone)", ge=0, le=1)
     optim: OptimConfig = option(factory=_optim, help="optimisation")
     run: RunConfig = option(factory=_run, help="bookkeeping")
     speed: SpeedConfig = option(factory=SpeedConfig, help="speed")
