@@ -115,7 +115,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.kind in ("sdedit", "vary", "prompt2prompt"):
         return sampler_options_from_args(args, ("eta",))
     if args.sampler_opt:
-        raise ValueError(f"--sampler-opt applies to sdedit, vary and prompt2prompt, not "
+        raise ValueError(f"--sampler-opt applies to sdedit and vary (and prompt2prompt), not "
                          f"{args.kind}")
     return {}
 
