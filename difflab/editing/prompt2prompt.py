@@ -39,13 +39,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conditioning import TextCond
-from ..networks.cross_attention import attention_processor
+from ..guidance import ClassifierFreeGuidance
+from ..networks.cross_attention import attention_blocks, attention_processor
 from ..parameterization import ClippedDenoiser, DenoiserFn, Prediction
 from ..process import as_time
 from ..samplers import get_sampler
 from ..samplers.base import check_grid
 from ..samplers.generate import seed_generators
 from ..text import resolve_encoder
+from .null_text import NullTextGuidance
 
 Mode = Literal["auto", "replace", "refine"]
 MODES: tuple[str, ...] = ("auto", "replace", "refine")
@@ -276,6 +278,9 @@ def run_controlled(denoiser: DenoiserFn, net: nn.Module, control: PromptToPrompt
     get the same noise stream (seed ``seed``). Returns [2, ...]: source, edit."""
     if len(cond) != 2:
         raise ValueError(f"prompt-to-prompt samples 2 rows (source, target), got {len(cond)}")
+    if not any(getattr(m, "is_cross", False) for _, m in attention_blocks(net)):
+        raise ValueError("prompt-to-prompt needs a network with cross-attention to the prompt "
+                         f"(a text U-Net); {type(net).__name__} has none")
     if x_T.shape[0] != 1:
         raise ValueError(f"x_T must hold one initial noise [1, ...], got {tuple(x_T.shape)}")
     x = x_T.expand(2, *x_T.shape[1:]).clone()
@@ -291,9 +296,6 @@ def guided_denoiser(pipe: Any, guidance: float, nulls: Sequence[TextCond] | None
     """A text pipeline's base denoiser with classifier-free guidance (the empty prompt as the
     null, or the per-step ``nulls`` of a null-text inversion on ``ts``), clipped to the
     data range as :meth:`Pipeline.denoiser` does."""
-    from ..guidance import ClassifierFreeGuidance
-    from .null_text import NullTextGuidance
-
     if not pipe.is_text:
         raise ValueError("prompt-to-prompt needs a text-conditional model (trained with "
                          "prompts, e.g. --dataset shapes); this one is not")
