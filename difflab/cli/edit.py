@@ -286,7 +286,7 @@ def run_prompt2prompt(args: argparse.Namespace, pipe: Pipeline, device: torch.de
         x = _image(args.input, pipe, device)
         inversion = editing.invert_image(pipe, x, args.prompt, guidance=args.guidance,
                                          steps=args.steps, iters=args.null_iters)
-        shown, labels = [x], ["input", "reconstruction", "edit"]
+        shown, labels = [x], ["input", "rebuilt", "edit"]
     out = editing.prompt_to_prompt(
         pipe, args.prompt, args.target, guidance=args.guidance, steps=args.steps,
         seed=args.seed, sampler=args.sampler, sampler_options=_options(args),
