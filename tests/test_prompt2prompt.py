@@ -123,7 +123,7 @@ def test_no_processor_is_the_fused_attention_bit_for_bit(encoder):
 
 
 # -- tokens and windows ------------------------------------------------------------------------
-def test_alignment_of_word_swaps_and_added_words(tokenizer):
+def test_alignment_of_word_swaps_and_added_words(tokenizer, encoder):
     src, swap, added = (tokenize(tokenizer, p) for p in (SRC, SWAP, ADDED))
     m = edit_map(src, swap)
     assert m.mode == "replace" and torch.equal(m.matrix, torch.eye(len(src)))
@@ -140,6 +140,17 @@ def test_alignment_of_word_swaps_and_added_words(tokenizer):
     torch.testing.assert_close(rows, torch.ones(len(src)))
     with pytest.raises(ValueError, match="not in the prompt"):
         word_positions(tokenizer, src, "square")
+    # a pipeline with learned tokens (textual inversion): its tokenizer keeps them whole
+    from types import SimpleNamespace
+
+    from difflab.editing.prompt2prompt import pipeline_tokenizer
+    from difflab.text import TokenEncoder
+
+    pipe = SimpleNamespace(stage=SimpleNamespace(text_encoder="minilm"),
+                           token_embeddings=[SimpleNamespace(tokens=["<my-shape>"])])
+    ours = tokenize(pipeline_tokenizer(pipe), "a red <my-shape>")
+    theirs = TokenEncoder(encoder, ["<my-shape>"]).tokenizer(["a red <my-shape>"])
+    assert list(ours.ids) == theirs["input_ids"][0] and len(ours.units()) == 5
     ts = time_grid(make_process("linear"), 10)
     assert window_end(ts, 1.0) == -math.inf and window_end(ts, 0.0) == float(ts[0])
     assert sum(float(t) > window_end(ts, 0.3) for t in ts[:-1]) == 3

@@ -16,6 +16,7 @@ from ..io import atomic_write
 from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
+from .adapters import add_adapter_option, add_adapters, parse_adapters
 from .outputs import add_overwrite_option, check_outputs
 from .progress import nfe_progress
 from .sampler_args import add_sampler_opt, sampler_options_from_args
@@ -68,6 +69,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
                    help="invert: deterministic sampler run backwards on the grid (and "
                    "forwards to reconstruct)")
     add_prompt2prompt_options(p)
+    add_adapter_option(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_edit)
@@ -206,8 +208,10 @@ def strip_text(args: argparse.Namespace, n_out: int) -> tuple[list[str], str]:
 
 def run_edit(args: argparse.Namespace) -> int:
     check_edit_args(args)
+    adapters = parse_adapters(args.adapter)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
+    add_adapters(pipe, adapters)
     if args.kind == "prompt2prompt":
         return run_prompt2prompt(args, pipe, device)
     with nfe_progress(pipe.denoiser(), f"edit {args.kind}", not args.no_progress) as den:

@@ -26,6 +26,7 @@ The networks layer provides the hook (``attn_processor`` of every attention bloc
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -63,6 +64,18 @@ def load_tokenizer(text_encoder: str) -> Any:
     from transformers import AutoTokenizer  # the text extra, present when the encoder is
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def pipeline_tokenizer(pipe: Any) -> Any:
+    """The tokenizer that matches a text pipeline's prompt embeddings: its encoder's, with
+    the new tokens of its learned token embeddings (textual inversion) added in the same
+    order as :class:`~difflab.text.TokenEncoder` adds them."""
+    tokenizer = load_tokenizer(pipe.stage.text_encoder)
+    new = [t for m in getattr(pipe, "token_embeddings", ()) for t in m.tokens]
+    if new:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(new)
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -337,7 +350,7 @@ def prompt_to_prompt(pipe: Any, source: str, target: str, *, guidance: float = 5
         sigma_max = float(pipe.process.sigma(ts[0]))
         x_T = sigma_max * torch.randn(tuple(pipe.sample_shape), generator=g,
                                       device=pipe.device)[None]
-    tokenizer = load_tokenizer(pipe.stage.text_encoder)
+    tokenizer = pipeline_tokenizer(pipe)
     control = make_control(tokenizer, source, target, ts, cross_steps=cross_steps,
                            self_steps=self_steps, reweight=reweight, mode=mode)
     cond = pipe.encode_prompts([source, target])
@@ -360,5 +373,6 @@ def check_token_count(cond: TextCond, control: PromptToPromptControl, source: st
 
 __all__ = ["MODES", "ControlledDenoiser", "EditMap", "PromptToPromptControl", "PromptTokens",
            "check_token_count", "edit_map", "guided_denoiser", "load_tokenizer",
-           "make_control", "prompt_to_prompt", "refine_map", "replace_map", "reweight_vector",
-           "run_controlled", "tokenize", "window_end", "word_positions"]
+           "make_control", "pipeline_tokenizer", "prompt_to_prompt", "refine_map",
+           "replace_map", "reweight_vector", "run_controlled", "tokenize", "window_end",
+           "word_positions"]
