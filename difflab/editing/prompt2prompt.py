@@ -155,7 +155,7 @@ def replace_map(src: PromptTokens, tgt: PromptTokens) -> EditMap:
     if len(su) != len(tu):
         raise ValueError(f"a word swap needs prompts of as many words: {src.prompt!r} has "
                          f"{len(su)} words and special tokens, {tgt.prompt!r} has {len(tu)}; "
-                         "use refinement")
+                         "use --mode refine (or auto)")
     m = torch.zeros(len(src), len(tgt))
     for s_pos, t_pos in zip(su, tu, strict=True):
         if len(s_pos) == len(t_pos):
