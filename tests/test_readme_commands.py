@@ -133,14 +133,9 @@ def test_readme_commands_are_all_handled():
 
 @pytest.fixture
 def fake_text_encoder(monkeypatch):
-    """FakeEncoder for TextEncoder, with the pipeline's encoder cache emptied before and after
-    (an encoder cached here must not serve later tests as 'minilm')."""
-    from difflab.pipeline.conditions import _text_encoder
-
-    _text_encoder.cache_clear()
+    """FakeEncoder for TextEncoder (the pipeline's encoder cache is keyed by the class, so an
+    encoder made here never serves later tests as 'minilm')."""
     monkeypatch.setattr("difflab.text.TextEncoder", FakeEncoder)
-    yield
-    _text_encoder.cache_clear()
 
 
 def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread,

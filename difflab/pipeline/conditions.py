@@ -101,11 +101,17 @@ def prompt_list(prompt: str | Sequence[str] | None, n: int | None) -> tuple[list
     return [p for p in prompts for _ in range(per)], per
 
 
-@lru_cache(maxsize=2)
 def _text_encoder(source: str, device: str) -> Any:
-    from ..text import TextEncoder  # optional extra: imported only for text models
+    from .. import text  # optional extra: imported only for text models
 
-    return TextEncoder(source, device=device)
+    return _encoder_of(text.TextEncoder, source, device)
+
+
+@lru_cache(maxsize=4)
+def _encoder_of(factory: Any, source: str, device: str) -> Any:
+    # keyed by the encoder class too, so an encoder made by a stand-in class (a test's) is
+    # never handed out once the real class is back, nor the other way round
+    return factory(source, device=device)
 
 
 def shared_text_encoder(source: str, device: torch.device | str = "cpu") -> Any:
@@ -115,13 +121,17 @@ def shared_text_encoder(source: str, device: torch.device | str = "cpu") -> Any:
     return _text_encoder(source, str(torch.device(device)))
 
 
-@lru_cache(maxsize=8)
 def _token_encoder(source: str, device: str, tokens: tuple[str, ...]) -> Any:
     """The shared encoder of ``source`` extended by ``tokens`` (its own tokenizer copy: the
     shared encoder, and every other pipeline using it, stays as it is)."""
+    return _token_encoder_over(_text_encoder(source, device), tokens)
+
+
+@lru_cache(maxsize=8)
+def _token_encoder_over(encoder: Any, tokens: tuple[str, ...]) -> Any:
     from ..text import TokenEncoder
 
-    return TokenEncoder(_text_encoder(source, device), tokens)
+    return TokenEncoder(encoder, tokens)
 
 
 def encode_prompts(text_encoder: str | None, prompts: list[str],
