@@ -212,7 +212,8 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
     sde, process = _Sde(denoiser, cond), denoiser.process
     t_end = end_time(process, ts)
     lam_end = float(process.log_snr(t_end))
-    lam = torch.full((x.shape[0],), float(process.log_snr(ts[0])), dtype=torch.float64)
+    lam = torch.full((x.shape[0],), float(process.log_snr(ts[0])), dtype=torch.float64,
+                     device=x.device)                    # per-example state lives with x
     t = torch.full_like(lam, float(ts[0]))
     h = (lam_end - lam).clamp(max=min(h_init, h_max))
     h_floor = 1e-10 * max(lam_end - float(lam[0]), 1.0)
@@ -225,7 +226,7 @@ def adaptive_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generat
         w, k = queue.take(h, randn_like(x, generator), active)
         lam_next = torch.where(lam_end - (lam + h) <= 1e-9 * h, torch.full_like(lam, lam_end),
                                lam + h)
-        t_next = torch.where(lam_next == lam_end, t_end, process.t_from_log_snr(lam_next))
+        t_next = torch.where(lam_next == lam_end, float(t_end), process.t_from_log_snr(lam_next))
         hx = _per(h, x)
         x1 = x + hx * f0 + s0 * w                                       # Euler-Maruyama
         f1, s1, _ = sde.drift(x1, lam_next, t_next)
