@@ -232,6 +232,8 @@ def test_prompt_dropout_rate_and_null_is_empty_prompt(tmp_path, encoder, monkeyp
 
 def test_cli_train_and_sample_with_prompts(tmp_path, encoder, monkeypatch, capsys):
     monkeypatch.setattr("difflab.text.TextEncoder", lambda source, device="cpu": encoder)
+    from difflab.pipeline import conditions
+    conditions._text_encoder.cache_clear()  # an encoder loaded by an earlier test is not ours
     assert main(["train", "--dataset", "shapes", "--resolution", "16", "--steps", "2",
                  "--batch-size", "8", "--base-channels", "16", "--channel-mult", "1",
                  "--num-res-blocks", "1", "--attention-resolutions", "--sample-every", "0",

@@ -1,5 +1,5 @@
-"""The ``difflab`` command: train, train-classifier, distill, sample, fit-grid, edit, eval,
-nll, plot."""
+"""The ``difflab`` command: train, train-classifier, distill, finetune, sample, fit-grid,
+edit, eval, nll, plot."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from ..training import NonFiniteLossError
 from .distill import add_distill_parser
 from .edit import add_edit_parser
 from .evaluate import add_eval_parsers
+from .finetune import add_finetune_parser
 from .fit_grid import add_fit_grid_parser
 from .plot import add_plot_parser
 from .sample import add_sample_parser
 from .train import add_train_classifier_parser, add_train_parser
 from .train_autoencoder import add_train_autoencoder_parser
+from .train_controlnet import add_train_controlnet_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_train_classifier_parser(sub)
     add_train_autoencoder_parser(sub)
+    add_train_controlnet_parser(sub)
     add_distill_parser(sub)
+    add_finetune_parser(sub)
     add_sample_parser(sub)
     add_fit_grid_parser(sub)
     add_edit_parser(sub)

@@ -10,6 +10,12 @@ Layout rules (decided by the *immediate* sub-folders of ``root``):
 - **Unlabelled**: if no sub-folder holds images, the image files directly in ``root`` form the
   data set, with ``labels=None`` and ``class_names=[]``.
 
+**Captions** (sidecar, as Hugging Face's ``imagefolder`` reads them): a ``metadata.jsonl`` in
+``root`` with one JSON object per line, ``{"file_name": "a.png", "text": "a red circle"}``
+(``file_name`` relative to ``root``), makes the result a
+:class:`~difflab.data.shapes.CaptionedImageData` whose labels index the distinct captions (a
+text-conditional data set); every image must have a caption.
+
 Files and folders whose names start with "." are skipped, symbolic links to folders below the
 class level are not followed, and files are matched by extension (case-insensitive). Files are
 read in sorted path order, so the result is deterministic.
@@ -21,6 +27,7 @@ shorter side resized to ``resolution`` (bicubic, antialiased), then centre-cropp
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .base import DataError, ImageData, from_uint8
 from .images import WHITE, _check_channels, pil_to_mode, pil_to_uint8, resize_center_crop
+from .shapes import CaptionedImageData
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
 PROGRESS_THRESHOLD = 500
@@ -127,7 +135,53 @@ def load_image_folder(
         raise DataError(
             f"{len(bad)} unreadable image file(s) in image folder {root}:{_describe(bad)}"
         )
+    captions = read_captions(root, paths)
+    if captions is not None:
+        names = list(dict.fromkeys(captions))
+        index = torch.tensor([names.index(c) for c in captions], dtype=torch.int64)
+        return CaptionedImageData(from_uint8(out), index, names)
     return ImageData(from_uint8(out), labels, class_names)
+
+
+#: the sidecar caption file of an image folder
+CAPTIONS_FILE = "metadata.jsonl"
+
+
+def read_captions(root: Path, paths: Sequence[Path]) -> list[str] | None:
+    """The caption of each of ``paths`` from ``root/metadata.jsonl`` (None without one).
+
+    Raises:
+        DataError: a line that is not a JSON object with string ``file_name`` and ``text``,
+            a file named twice or not found among the images, or images without a caption.
+    """
+    file = root / CAPTIONS_FILE
+    if not file.is_file():
+        return None
+    found: dict[str, str] = {}
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{n}: not JSON ({e.msg})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str)
+                and isinstance(row.get("text"), str)):
+            raise DataError(f"{file}:{n}: expected {{\"file_name\": ..., \"text\": ...}}")
+        name = Path(row["file_name"]).as_posix()
+        if name in found:
+            raise DataError(f"{file}:{n}: {name} has a caption already")
+        found[name] = row["text"]
+    names = [p.relative_to(root).as_posix() for p in paths]
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(f"{file} names files that are not images of {root}:"
+                        f"{_describe(unknown)}")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) of {root} have no caption in {file}:"
+                        f"{_describe(missing)}")
+    return [found[n] for n in names]
 
 
 def _discover(root: Path, exts: tuple[str, ...]

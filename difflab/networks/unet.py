@@ -13,6 +13,7 @@ of the time embedding (``4 * base_channels``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -23,7 +24,12 @@ from torch.utils.checkpoint import checkpoint
 
 from difflab.conditioning import GuidanceCond, TextCond
 from difflab.config import option
-from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
+from difflab.networks.cross_attention import (
+    AttentionProcessor,
+    CrossAttentionBlock,
+    attend,
+    pooled_context,
+)
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
 from difflab.networks.fused_native import supports
@@ -258,8 +264,11 @@ class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual, zero-init output.
 
     Uses the fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
-    GPU).
+    GPU); with ``attn_processor`` set, explicit probabilities passed through it
+    (:mod:`~difflab.networks.cross_attention`).
     """
+
+    is_cross = False
 
     def __init__(self, channels: int, num_heads: int, max_groups: int) -> None:
         super().__init__()
@@ -269,6 +278,7 @@ class AttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(group_count(channels, max_groups), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
+        self.attn_processor: AttentionProcessor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> [B, C, H, W]."""
@@ -281,12 +291,12 @@ class AttentionBlock(nn.Module):
             # channels-last as a view when there is one head; no layout copies.
             t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, self.num_heads, d)
             q, k, v = t.permute(2, 0, 3, 1, 4).unbind(dim=0)  # each [B, heads, HW, d]
-            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+            out = attend(q, k, v, None, self, self.attn_processor)  # [B, heads, HW, d]
             out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
         else:
             qkv = qkv.reshape(b, 3, self.num_heads, d, h * w)
             q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, d]
-            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+            out = attend(q, k, v, None, self, self.attn_processor)  # [B, heads, HW, d]
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
@@ -477,7 +487,9 @@ class UNet(nn.Module):
         return F.silu(emb)
 
     def forward(self, x: Tensor, c_noise: Tensor,
-                labels: Tensor | TextCond | GuidanceCond | None = None) -> Tensor:
+                labels: Tensor | TextCond | GuidanceCond | None = None, *,
+                skip_residuals: Sequence[Tensor] | None = None,
+                middle_residual: Tensor | None = None) -> Tensor:
         """Predict from noisy ``x``.
 
         Args:
@@ -490,6 +502,11 @@ class UNet(nn.Module):
                 or ``None`` for no prompt at all (cross-attention off, no pooled term).
                 With ``guidance_embedding``: a :class:`GuidanceCond` of any of these and the
                 guidance scales w [B].
+            skip_residuals: one tensor per skip activation (``conv_in``'s output, then each
+                down block's), added to it before the up path reads it; with
+                ``middle_residual`` (added to the middle block's output) this is how a
+                ControlNet steers the network (Zhang et al. 2023, sec. 3.2). None: no
+                residuals (the plain U-Net).
 
         Returns:
             ``[B, out_channels, H, W]``.
@@ -506,6 +523,13 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, ctx)
             skips.append(h)
         h = self._run(self.middle, h, emb, ctx)  # [B, base*mult[-1], H/2**(L-1), W/2**(L-1)]
+        if skip_residuals is not None:
+            if len(skip_residuals) != len(skips):
+                raise ValueError(f"{len(skip_residuals)} skip residuals given for "
+                                 f"{len(skips)} skip connections")
+            skips = [s + r for s, r in zip(skips, skip_residuals, strict=True)]
+        if middle_residual is not None:
+            h = h + middle_residual
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, ctx)
         norm, _, conv = self.out  # GroupNorm, SiLU, conv
