@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .adaptive_sde import adaptive_sde
 from .ancestral import ddim, ddpm
 from .ays import fit_grid_family, grid_family, optimize_schedule, optimize_schedules
 from .base import CountingDenoiser, StepInfo, check_grid, check_ode_grid
@@ -62,6 +63,7 @@ SAMPLERS: dict[str, Callable] = {
     "consistency": consistency,
 }
 SAMPLERS["restart"] = restart
+SAMPLERS["adaptive_sde"] = adaptive_sde
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
 # which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
@@ -114,6 +116,7 @@ __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid"
             "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
 __all__ += ["restart"]
+__all__ += ["adaptive_sde"]
 __all__ += ["fit_grid_family", "grid_family", "optimize_schedule", "optimize_schedules"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]
