@@ -17,8 +17,9 @@ it with three functions of lambda, each a vector of the data's shape (products e
 data x0 (the paper's stand-in for the model's own marginals), with central finite
 differences: the diagonal of the Jacobian by Hutchinson's estimator E_v[v * (J v)] with
 Rademacher v (exact for a diagonal Jacobian), and f' by stepping along the ODE tangent.
-``EMSStatistics`` holds them on a grid of lambda knots; between knots they are linear in
-lambda, outside they are held at the end values. ``save`` / ``load`` use safetensors.
+``EMSStatistics`` holds them on a grid of lambda knots; between knots the solver uses their
+natural cubic spline in lambda (``Spline``), outside the end values. ``save`` / ``load``
+use safetensors.
 """
 
 from __future__ import annotations
@@ -98,28 +99,50 @@ class EMSStatistics:
             raise LoadError(f"{path} is not an EMS statistics file: {e}") from None
 
 
-def interp(knots: Tensor, values: Tensor, q: Tensor) -> Tensor:
-    """The piecewise-linear function through (knots, values), held constant outside, at q
-    ([Q] -> [Q, *shape])."""
-    qc = q.clamp(float(knots[0]), float(knots[-1]))
-    j = (torch.searchsorted(knots, qc, right=True) - 1).clamp(0, knots.numel() - 2)
-    w = _col((qc - knots[j]) / (knots[j + 1] - knots[j]), values)
-    return values[j] + w * (values[j + 1] - values[j])
+class Spline:
+    """The natural cubic spline through (knots, values) ([M], [M, *shape]) in lambda, held at
+    the end values outside the knots, and its exact antiderivative. Smooth (C^2) statistics
+    keep g smooth, which the solver's polynomial steps need to reach their order (a
+    piecewise-linear l gives g kinks that cap it at 2)."""
 
+    def __init__(self, knots: Tensor, values: Tensor):
+        self.knots, self.v = knots, values
+        h = knots.diff()
+        self.h = _col(h, values)
+        m = torch.zeros_like(values)  # second derivatives; natural: 0 at both ends
+        if knots.numel() > 2:
+            n = knots.numel() - 2
+            tri = torch.diag(2 * (h[:-1] + h[1:])) + torch.diag(h[1:-1], 1) + torch.diag(
+                h[1:-1], -1)
+            slope = values.diff(dim=0) / self.h
+            rhs = 6 * slope.diff(dim=0)
+            m[1:-1] = torch.linalg.solve(tri, rhs.reshape(n, -1)).reshape(rhs.shape)
+        self.m = m
+        self.b = values.diff(dim=0) / self.h - self.h * (2 * m[:-1] + m[1:]) / 6
+        full = self._piece_integral(torch.arange(knots.numel() - 1), self.h)
+        self.cum = torch.cat([torch.zeros_like(values[:1]), torch.cumsum(full, 0)])
 
-def antiderivative(knots: Tensor, values: Tensor, q: Tensor) -> Tensor:
-    """The exact integral from knots[0] to q of ``interp(knots, values, .)`` ([Q, *shape]):
-    quadratic within a piece, linear beyond the ends."""
-    dk = _col(knots.diff(), values)
-    cum = torch.cat([torch.zeros_like(values[:1]),
-                     torch.cumsum(0.5 * dk * (values[1:] + values[:-1]), 0)])
-    qc = q.clamp(float(knots[0]), float(knots[-1]))
-    j = (torch.searchsorted(knots, qc, right=True) - 1).clamp(0, knots.numel() - 2)
-    d = _col(qc - knots[j], values)
-    inside = cum[j] + values[j] * d + 0.5 * (values[j + 1] - values[j]) / dk[j] * d**2
-    below = _col((q - knots[0]).clamp(max=0), values) * values[0]
-    above = _col((q - knots[-1]).clamp(min=0), values) * values[-1]
-    return inside + below + above
+    def _locate(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        qc = q.clamp(float(self.knots[0]), float(self.knots[-1]))
+        j = (torch.searchsorted(self.knots, qc, right=True) - 1).clamp(0, self.knots.numel() - 2)
+        return j, _col(qc - self.knots[j], self.v)
+
+    def _piece_integral(self, j: Tensor, t: Tensor) -> Tensor:
+        return (self.v[j] * t + self.b[j] * t**2 / 2 + self.m[j] * t**3 / 6
+                + (self.m[j + 1] - self.m[j]) / self.h[j] * t**4 / 24)
+
+    def __call__(self, q: Tensor) -> Tensor:
+        """Values at q ([Q] -> [Q, *shape])."""
+        j, t = self._locate(q)
+        return (self.v[j] + self.b[j] * t + self.m[j] * t**2 / 2
+                + (self.m[j + 1] - self.m[j]) / self.h[j] * t**3 / 6)
+
+    def integral(self, q: Tensor) -> Tensor:
+        """int_{knots[0]}^{q} of the spline (held constant beyond the ends), [Q, *shape]."""
+        j, t = self._locate(q)
+        below = _col((q - self.knots[0]).clamp(max=0), self.v) * self.v[0]
+        above = _col((q - self.knots[-1]).clamp(min=0), self.v) * self.v[-1]
+        return self.cum[j] + self._piece_integral(j, t) + below + above
 
 
 def _col(v: Tensor, like: Tensor) -> Tensor:
@@ -145,7 +168,8 @@ def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 6
     """Estimate l, s, b (module docstring) at the lambda knots ``lambdas`` (increasing; an int
     n: ``ems_lambdas(process, n)``) from data draws ``data`` [n, *shape].
 
-    Each knot sees x = alpha x0 + sigma z with fresh z (one Rademacher probe v per draw).
+    Each knot sees x = alpha x0 + sigma z, with the same z and one Rademacher probe v per
+    draw at every knot (so the estimates are smooth in lambda).
     Derivatives are central differences: in x with step ``fd_step`` * sigma along v, in lambda
     with step ``fd_step``; l' (needed in f') differentiates the estimate of l with the same
     x0, z, v (common random numbers). ``shared``: one scalar l and s per knot (their mean
@@ -163,9 +187,11 @@ def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 6
         raise ValueError(f"ems_statistics: fd_step must be > 0, got {fd_step}")
     x0 = data.to(torch.float64)
     ls, ss, bs = [], [], []
+    # the same z and v at every knot (common random numbers): the estimates are then smooth
+    # functions of lambda, as the solver's interpolation between knots assumes
+    z = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    v = torch.randint(0, 2, x0.shape, generator=generator).to(torch.float64) * 2 - 1
     for lam_m in lam.tolist():
-        z = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        v = torch.randint(0, 2, x0.shape, generator=generator).to(torch.float64) * 2 - 1
         batches = [_knot_terms(denoiser, x0[i:i + batch_size], z[i:i + batch_size],
                                v[i:i + batch_size], lam_m, fd_step, shared, cond)
                    for i in range(0, x0.shape[0], batch_size)]
@@ -245,4 +271,4 @@ def _line_fit(f: Tensor, f1: Tensor, shared: bool) -> tuple[Tensor, Tensor]:
     return s, f1.mean(0) - s * f.mean(0)
 
 
-__all__ = ["EMSStatistics", "antiderivative", "ems_lambdas", "ems_statistics", "interp"]
+__all__ = ["EMSStatistics", "Spline", "ems_lambdas", "ems_statistics"]
