@@ -59,91 +59,113 @@ def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
             torch.tensor(w / 2, dtype=torch.float64))
 
 
-def _pieces(a: float, c: float, knots: Tensor) -> list[tuple[float, float]]:
-    """[a, c] (either order) cut at the knots inside it and into pieces <= MAX_PIECE."""
+def _pieces(a: float, c: float, knots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[a, c] (either order) cut at the knots inside it and into pieces <= MAX_PIECE, and a
+    Gauss-Legendre rule on each: nodes and signed weights [pieces, GL_NODES], and each
+    piece's start [pieces, 1]."""
     inner = [k for k in knots.tolist() if min(a, c) < k < max(a, c)]
     cuts = [a, *sorted(inner, reverse=c < a), c]
-    out = []
+    ends = []
     for p, q in zip(cuts[:-1], cuts[1:], strict=True):
         m = max(1, math.ceil(abs(q - p) / MAX_PIECE))
-        out += [(p + (q - p) * i / m, p + (q - p) * (i + 1) / m) for i in range(m)]
-    return out
-
-
-def _rule(a: float, c: float) -> tuple[Tensor, Tensor]:
-    """Gauss-Legendre nodes and (signed) weights for int_a^c on one smooth piece."""
+        ends += [(p + (q - p) * i / m, p + (q - p) * (i + 1) / m) for i in range(m)]
+    lo, hi = torch.tensor(ends, dtype=torch.float64).unbind(1)
     r, w = _gauss_legendre(GL_NODES)
-    return a + (c - a) * r, (c - a) * w
+    span = (hi - lo)[:, None]
+    return lo[:, None] + span * r, span * w, lo[:, None]
 
 
 class _Coefficients:
-    """The statistics as functions of lambda, and the integrals a step needs."""
+    """The statistics as splines in lambda (``ems.Spline``), and the integrals a step needs.
+
+    With L = int l, S = int s, E_a = L + S - (L + S)(a) and Bint_a(lambda) = int_a^lambda
+    e^{-(S - S(a))} b, a step a -> c needs e^{-(L(c) - L(a))}, the moments int_a^c e^{E_a}
+    ((lambda - a) / h)^k, C = int_a^c e^{E_a} Bint_a, and Bint_a at its other nodes."""
 
     def __init__(self, stats: EMSStatistics):
-        self.st = stats
-        self.knots = stats.lambdas
+        self.st, self.knots = stats, stats.lambdas
         self.l, self.s, self.b = (Spline(stats.lambdas, v) for v in (stats.l, stats.s, stats.b))
-        self._cache: dict[tuple[float, float], tuple[Tensor, Tensor, Tensor]] = {}
+        self.b_zero = not bool(stats.b.any())
+        self._steps: dict[tuple[float, float], tuple[Tensor, Tensor, Tensor]] = {}
+        self._intervals: dict[tuple[float, float], Tensor] = {}
+        self._points: dict[float, tuple[Tensor, Tensor]] = {}
 
-    def L(self, q: Tensor) -> Tensor:  # noqa: N802 (the paper's names)
-        return self.l.integral(q)
+    def _S(self, q: Tensor) -> Tensor:  # noqa: N802 (the paper's names)
+        return self.s.integral(q.reshape(-1)).reshape(*q.shape, *self.st.shape)
 
-    def S(self, q: Tensor) -> Tensor:  # noqa: N802
-        return self.s.integral(q)
+    def _L(self, q: Tensor) -> Tensor:  # noqa: N802
+        return self.l.integral(q.reshape(-1)).reshape(*q.shape, *self.st.shape)
 
-    def _bint_integrand(self, a: float, q: Tensor) -> Tensor:
-        s_a = self.S(torch.tensor([a], dtype=torch.float64))[0]
-        return torch.exp(-(self.S(q) - s_a)) * self.b(q)
+    def _b(self, q: Tensor) -> Tensor:
+        return self.b(q.reshape(-1)).reshape(*q.shape, *self.st.shape)
+
+    def at(self, lam: float) -> tuple[Tensor, Tensor]:
+        """(L, S) at one lambda (remembered: the grid's points are asked for repeatedly)."""
+        if lam not in self._points:
+            q = torch.tensor([lam], dtype=torch.float64)
+            self._points[lam] = (self._L(q)[0], self._S(q)[0])
+        return self._points[lam]
 
     def bint(self, a: float, c: float) -> Tensor:
-        """int_a^c e^{-(S(r) - S(a))} b(r) dr."""
-        total = torch.zeros(self.st.shape, dtype=torch.float64)
-        if not bool(self.st.b.any()):
-            return total
-        for p, q in _pieces(a, c, self.knots):
-            nodes, w = _rule(p, q)
-            total = total + torch.einsum("q,q...->...", w, self._bint_integrand(a, nodes))
-        return total
+        """Bint_a(c) = int_a^c e^{-(S(r) - S(a))} b(r) dr."""
+        if self.b_zero:
+            return torch.zeros(self.st.shape, dtype=torch.float64)
+        nodes, w, _ = _pieces(a, c, self.knots)
+        f = torch.exp(-(self._S(nodes) - self.at(a)[1])) * self._b(nodes)
+        return torch.einsum("pg,pg...->...", w, f)
 
     def step_integrals(self, a: float, c: float, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Over the step a -> c (h = c - a), with E = L + S - (L + S)(a): the moments
-        M_k = int e^E ((lambda - a) / h)^k for k < n (n <= MAX_NODES), C = int e^E
-        Bint_a(lambda), and e^{-(L(c) - L(a))}; computed once per step (predictor and
-        corrector share them)."""
-        if (a, c) not in self._cache:
-            self._cache[a, c] = self._integrals(a, c, MAX_NODES)
-        moments, const, decay = self._cache[a, c]
+        """(moments M_k for k < n <= MAX_NODES, C, e^{-(L(c) - L(a))}) of the step a -> c;
+        computed once per step (predictor and corrector share them)."""
+        if (a, c) not in self._steps:
+            self._steps[a, c] = self._integrals(a, c)
+        moments, const, decay = self._steps[a, c]
         return moments[:n], const, decay
 
-    def _integrals(self, a: float, c: float, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        h = c - a
-        ends = torch.tensor([a, c], dtype=torch.float64)
-        l_ends, s_a = self.L(ends), self.S(ends[:1])[0]
-        moments = torch.zeros((n, *self.st.shape), dtype=torch.float64)
+    def _integrals(self, a: float, c: float) -> tuple[Tensor, Tensor, Tensor]:
+        (l_a, s_a), (l_c, _) = self.at(a), self.at(c)
+        nodes, w, starts = _pieces(a, c, self.knots)                  # [P, G]
+        ew = _times(w, torch.exp(self._L(nodes) - l_a + self._S(nodes) - s_a))
+        r = (nodes - a) / (c - a)
+        moments = torch.stack([torch.einsum("pg,pg...->...", r**k, ew)
+                               for k in range(MAX_NODES)])
         const = torch.zeros(self.st.shape, dtype=torch.float64)
-        partial = torch.zeros(self.st.shape, dtype=torch.float64)  # Bint_a at piece start
-        b_zero = not bool(self.st.b.any())
-        for p, q in _pieces(a, c, self.knots):
-            nodes, w = _rule(p, q)
-            ew = torch.einsum("q,q...->q...", w, torch.exp(self.L(nodes) - l_ends[0]
-                                                            + self.S(nodes) - s_a))
-            r = (nodes - a) / h
-            moments = moments + torch.stack([torch.einsum("q,q...->...", r**k, ew)
-                                             for k in range(n)])
-            if not b_zero:
-                const = const + (ew * self._within_piece(a, p, nodes, partial)).sum(0)
-                partial = partial + torch.einsum("q,q...->...", w,
-                                                 self._bint_integrand(a, nodes))
-        return moments, const, torch.exp(-(l_ends[1] - l_ends[0]))
+        if not self.b_zero:
+            const = torch.einsum("pg...,pg...->...", ew, self._bint_nodes(nodes, w, starts, s_a))
+        return moments, const, torch.exp(-(l_c - l_a))
 
-    def _within_piece(self, a: float, p: float, nodes: Tensor, partial: Tensor) -> Tensor:
-        """Bint_a at each node of a piece starting at p, given Bint_a(p) = ``partial``: the
-        integrand is smooth on the piece, so one rule per node from p suffices."""
-        out = []
-        for t in nodes.tolist():
-            sub, w = _rule(p, t)
-            out.append(partial + torch.einsum("q,q...->...", w, self._bint_integrand(a, sub)))
-        return torch.stack(out)
+    def _bint_nodes(self, nodes: Tensor, w: Tensor, starts: Tensor, s_a: Tensor) -> Tensor:
+        """Bint_a at every node [P, G] of the step's rule: the sum over the pieces before
+        plus, within its piece, one Gauss-Legendre rule from the piece's start."""
+        f = torch.exp(-(self._S(nodes) - s_a)) * self._b(nodes)
+        whole = torch.einsum("pg,pg...->p...", w, f)
+        before = torch.cumsum(whole, 0) - whole                      # exclusive
+        r, wr = _gauss_legendre(GL_NODES)
+        span = nodes - starts                                        # [P, G]
+        sub = starts[..., None] + span[..., None] * r                # [P, G, G]
+        fs = torch.exp(-(self._S(sub) - s_a)) * self._b(sub)
+        return before[:, None] + torch.einsum("pgh,pgh...->pg...", span[..., None] * wr, fs)
+
+    def grid_bint(self, lam: list[float], i: int, j: int) -> Tensor:
+        """Bint at grid point j from grid point i, summed over the grid intervals between
+        them: int over [lam_k, lam_k+1] of e^{-(S - S_i)} b = e^{-(S_k - S_i)} J_k with J_k
+        the interval's own integral from lam_k (each computed once)."""
+        if j == i or self.b_zero:
+            return torch.zeros(self.st.shape, dtype=torch.float64)
+        ks, sign = (range(i, j), 1.0) if j > i else (range(j, i), -1.0)
+        s_i = self.at(lam[i])[1]
+        total = torch.zeros(self.st.shape, dtype=torch.float64)
+        for k in ks:
+            if (lam[k], lam[k + 1]) not in self._intervals:
+                self._intervals[lam[k], lam[k + 1]] = self.bint(lam[k], lam[k + 1])
+            total = total + torch.exp(-(self.at(lam[k])[1] - s_i)) * self._intervals[
+                lam[k], lam[k + 1]]
+        return sign * total
+
+
+def _times(w: Tensor, v: Tensor) -> Tensor:
+    """w [P, G] times v [P, G, *shape]."""
+    return w.reshape(*w.shape, *([1] * (v.ndim - w.ndim))) * v
 
 
 def _poly_matrix(r: list[float], pseudo: bool) -> Tensor:
@@ -170,13 +192,12 @@ def _step(co: _Coefficients, lam: list[float], base: int, nodes: list[int], pseu
     moments, const, decay = co.step_integrals(a, c, len(nodes))
     amat = _poly_matrix([(lam[j] - a) / h for j in nodes], pseudo)
     weights = torch.einsum("k...,kj->j...", moments, amat)
-    s_a = co.S(torch.tensor([a], dtype=torch.float64))[0]
+    s_a = co.at(a)[1]
     coeffs, shift = [], -const
     for w, j in zip(weights, nodes, strict=True):
-        lj = torch.tensor([lam[j]], dtype=torch.float64)
-        coeffs.append(w * torch.exp(-(co.S(lj)[0] - s_a)))
-        if j != base:  # g_j = e^{-(S_j - S_a)} f_j - Bint_a(lambda_j)
-            shift = shift + w * co.bint(a, lam[j])
+        coeffs.append(w * torch.exp(-(co.at(lam[j])[1] - s_a)))
+        # g_j = e^{-(S_j - S_a)} f_j - Bint_a(lambda_j)
+        shift = shift + w * co.grid_bint(lam, base, j)
     return decay, coeffs, shift
 
 
