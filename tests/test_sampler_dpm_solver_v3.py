@@ -83,7 +83,7 @@ def test_without_statistics_it_is_dpm_solver_pp(spacing):
 def test_gaussian_statistics_are_the_closed_form():
     process, data, mu, c = gaussian()
     g = torch.Generator().manual_seed(0)
-    lam = ems_lambdas(process, 24)
+    lam = ems_lambdas(process, 24)[1:]  # (a knot at t_max is estimated just inside it)
     st = ems_statistics(data, data.sample(32, g), lam, generator=g)
     l_exact, b_exact = closed_form(lam, mu, c)
     torch.testing.assert_close(st.l, l_exact, rtol=1e-9, atol=1e-11)
@@ -213,3 +213,13 @@ def test_pseudo_order_keeps_two_nodes_and_changes_three():
     torch.testing.assert_close(run(order=2, predictor_pseudo=True), run(order=2), rtol=1e-12,
                                atol=1e-12)
     assert rms(run(order=3, predictor_pseudo=True), run(order=3)) > 1e-6
+
+
+def test_final_order_limit_is_dpm_solver_pp_too():
+    """Without statistics and corrector the Adams-Bashforth last step sees the same eps_hat
+    as DPM-Solver++'s, so final_order=3 agrees as well."""
+    process, data, x_T = mixture()
+    ts = time_grid(process, 7, "logsnr")
+    v3 = dpm_solver_v3(data, x_T, ts, corrector=False, lower_order_final=False, final_order=3)
+    torch.testing.assert_close(v3, dpmpp_3m(data, x_T, ts, final_order=3), rtol=1e-11,
+                               atol=1e-12)

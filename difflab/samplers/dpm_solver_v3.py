@@ -41,9 +41,9 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
-from .base import Callback, Generators, check_grid, report, zero_snr_start
+from .base import Callback, Generators, check_grid, final_step, report, zero_snr_start
 from .ems import EMSStatistics, Spline, ems_statistics
-from .options import SamplerOption, declare_options
+from .options import SamplerOption, declare_options, final_order_option
 
 #: Longest stretch of lambda one Gauss-Legendre rule of ``GL_NODES`` nodes covers.
 MAX_PIECE = 0.5
@@ -239,14 +239,15 @@ def resolve_statistics(statistics: Any, denoiser: DenoiserFn, lam: Tensor,
                   "differences only (the paper's choice at <= 5 steps)"),
     SamplerOption("corrector_pseudo", bool, False, "pseudo-order corrector of order + 1"),
     SamplerOption("lower_order_final", bool, True, "lower the predictor order over the last "
-                  "steps (at most 2 on the last)"))
+                  "steps (at most 2 on the last)"),
+    final_order_option(1))
 @zero_snr_start
 @torch.no_grad()
 def dpm_solver_v3(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                   callback: Callback | None = None, *, cond: Any = None, order: int = 3,
                   statistics: str | None = None, corrector: bool = True,
                   predictor_pseudo: bool = False, corrector_pseudo: bool = False,
-                  lower_order_final: bool = True) -> Tensor:
+                  lower_order_final: bool = True, final_order: int = 1) -> Tensor:
     """DPM-Solver-v3 multistep predictor(-corrector) (module docstring), one evaluation per
     grid point but the last, which returns x0_hat (corrected as the corrector says).
 
@@ -255,7 +256,9 @@ def dpm_solver_v3(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Genera
     None gives DPM-Solver++ multistep of order ``order`` (with the corrector, a UniC-like
     corrector). The corrector of a step whose predictor has order p has p nodes (the
     step's two ends and p - 2 older ones), p + 1 with ``corrector_pseudo``; none when that is
-    1. The paper's settings: ``predictor_pseudo`` at 5 steps, ``corrector`` at <= 6-10."""
+    1. The paper's settings: ``predictor_pseudo`` at 5 steps, ``corrector`` at <= 6-10.
+    ``final_order`` > 1: the last step to sigma = 0 is the shared Adams-Bashforth step in
+    sigma~ (``base.final_step``) through the latest eps_hat (as corrected)."""
     if order not in (1, 2, 3):
         raise ValueError(f"dpm_solver_v3 order must be 1, 2 or 3, got {order}")
     ts = check_grid(ts)
@@ -270,6 +273,7 @@ def dpm_solver_v3(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Genera
     l_at = co.l(lam_t[:-1]).to(x)
     y = x / a[0]
     f_hist: list[Tensor] = []
+    eps_hist: list[Tensor] = []  # eps_hat as corrected, (N + l x) / sigma, for final_order
     y_prev = y
     for i in range(n + 1):
         pred = denoiser(a[i] * y, ts[i], cond)
@@ -277,9 +281,13 @@ def dpm_solver_v3(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Genera
         if i > 0 and corrector:
             y = _correct(co, lam, i - 1, p_orders[i - 1], corrector_pseudo, y_prev, f_hist, y)
         if i == n:
-            out = (1 - l_at[i]) * y - f_hist[0]
-            report(callback, i, ts[i], out, Prediction(x0=out, eps=pred.eps))
-            return out
+            eps = math.exp(lam[i]) * (f_hist[0] + l_at[i] * y)
+            eps_hist = [eps, *eps_hist][:final_order]
+            fixed = Prediction(x0=(1 - l_at[i]) * y - f_hist[0], eps=eps)
+            return final_step(callback, i, ts[i], fixed, a[i] * y, a[i],
+                              (-lam_t).exp().tolist(), eps_hist)
+        if final_order > 1:
+            eps_hist = [math.exp(lam[i]) * (f_hist[0] + l_at[i] * y), *eps_hist][:final_order]
         k = p_orders[i]
         decay, coeffs, shift = _to(x, *_step(co, lam, i, list(range(i, i - k, -1)),
                                              predictor_pseudo, i + 1))

@@ -191,7 +191,11 @@ def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 6
     # functions of lambda, as the solver's interpolation between knots assumes
     z = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
     v = torch.randint(0, 2, x0.shape, generator=generator).to(torch.float64) * 2 - 1
+    lo, hi = sorted(0.5 * float(process.log_snr(t)) for t in (process.t_min, process.t_max))
     for lam_m in lam.tolist():
+        # the stencil reaches lam -+ 2 fd_step: keep it inside the process's range (a knot at
+        # t_max is estimated 2 fd_step inside it; the statistics are smooth)
+        lam_m = min(max(lam_m, lo + 2 * fd_step), hi - 2 * fd_step)
         batches = [_knot_terms(denoiser, x0[i:i + batch_size], z[i:i + batch_size],
                                v[i:i + batch_size], lam_m, fd_step, shared, cond)
                    for i in range(0, x0.shape[0], batch_size)]
