@@ -163,8 +163,8 @@ def ems_lambdas(process, n: int = 64, sigma_min: float | None = None) -> Tensor:
 @torch.no_grad()
 def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 64, *,
                    generator: torch.Generator | None = None, fd_step: float = 1e-3,
-                   shared: bool = False, batch_size: int = 1024, cond: Any = None
-                   ) -> EMSStatistics:
+                   shared: bool = False, ridge: float = 1e-3, s_max: float = 10.0,
+                   batch_size: int = 1024, cond: Any = None) -> EMSStatistics:
     """Estimate l, s, b (module docstring) at the lambda knots ``lambdas`` (increasing; an int
     n: ``ems_lambdas(process, n)``) from data draws ``data`` [n, *shape].
 
@@ -173,8 +173,13 @@ def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 6
     Derivatives are central differences: in x with step ``fd_step`` * sigma along v, in lambda
     with step ``fd_step``; l' (needed in f') differentiates the estimate of l with the same
     x0, z, v (common random numbers). ``shared``: one scalar l and s per knot (their mean
-    over entries), b still per entry (fewer draws suffice). Cost: 9 evaluations per draw and
-    knot. ``cond`` is passed to the denoiser (one condition for all draws)."""
+    over entries), b still per entry (fewer draws suffice). ``ridge`` regularises s where f
+    hardly varies over the draws (``_line_fit``), and s is clipped to [-s_max, s_max] (b
+    refitted for the clipped s): any s gives the same exact solution, but the solver
+    integrates e^{+-int s}, which overflows for the |s| of thousands an untrained network can
+    show; s of trained models and exact mixtures stays within a few units. Cost: 9
+    evaluations per draw and knot. ``cond`` is passed to the denoiser (one condition for all
+    draws)."""
     process = denoiser.process
     lam = ems_lambdas(process, lambdas) if isinstance(lambdas, int) else torch.as_tensor(
         lambdas, dtype=torch.float64)
@@ -185,12 +190,16 @@ def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 6
                          f"{tuple(data.shape)}")
     if not fd_step > 0:
         raise ValueError(f"ems_statistics: fd_step must be > 0, got {fd_step}")
+    if not ridge >= 0:
+        raise ValueError(f"ems_statistics: ridge must be >= 0, got {ridge}")
+    if not s_max > 0:
+        raise ValueError(f"ems_statistics: s_max must be > 0, got {s_max}")
     x0 = data.to(torch.float64)
     ls, ss, bs = [], [], []
     # the same z and v at every knot (common random numbers): the estimates are then smooth
     # functions of lambda, as the solver's interpolation between knots assumes
-    z = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-    v = torch.randint(0, 2, x0.shape, generator=generator).to(torch.float64) * 2 - 1
+    z = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
+    v = (torch.randint(0, 2, x0.shape, generator=generator) * 2 - 1).to(x0)
     lo, hi = sorted(0.5 * float(process.log_snr(t)) for t in (process.t_min, process.t_max))
     for lam_m in lam.tolist():
         # the stencil reaches lam -+ 2 fd_step: keep it inside the process's range (a knot at
@@ -200,13 +209,14 @@ def ems_statistics(denoiser: DenoiserFn, data: Tensor, lambdas: Tensor | int = 6
                                v[i:i + batch_size], lam_m, fd_step, shared, cond)
                    for i in range(0, x0.shape[0], batch_size)]
         l_m, f, f1 = _finish_knot(batches, fd_step, shared)
-        s_m, b_m = _line_fit(f, f1, shared)
+        s_m, b_m = _line_fit(f, f1, shared, ridge, s_max)
         ls.append(l_m.expand(x0.shape[1:]))
         ss.append(s_m.expand(x0.shape[1:]))
         bs.append(b_m)
-    meta = {"draws": int(x0.shape[0]), "fd_step": fd_step, "shared": shared,
+    meta = {"draws": int(x0.shape[0]), "fd_step": fd_step, "shared": shared, "ridge": ridge,
+            "s_max": s_max,
             "process": process.to_config() if hasattr(process, "to_config") else None}
-    return EMSStatistics(lam, torch.stack(ls), torch.stack(ss), torch.stack(bs), meta)
+    return EMSStatistics(lam, *(torch.stack(v).cpu() for v in (ls, ss, bs)), meta)
 
 
 def _eps(denoiser, x: Tensor, lam: float, cond: Any) -> Tensor:
@@ -264,14 +274,17 @@ def _finish_knot(batches, fd: float, shared: bool) -> tuple[Tensor, Tensor, Tens
     return l_m, f, f1
 
 
-def _line_fit(f: Tensor, f1: Tensor, shared: bool) -> tuple[Tensor, Tensor]:
-    """The least-squares line f' ~ s f + b over draws (per entry, or one s when shared).
-    Where f hardly varies (Var f below 1e-12 of its mean square) s is 0 and b = E f': f is
-    then constant and the line is not determined (eq. 7's minimum is attained by any s)."""
+def _line_fit(f: Tensor, f1: Tensor, shared: bool, ridge: float, s_max: float
+              ) -> tuple[Tensor, Tensor]:
+    """The least-squares line f' ~ s f + b over draws (per entry, or one s when shared), with
+    a ridge on s: s = Cov(f', f) / (Var f + ridge E[f^2]), b = E f' - s E f. Where f hardly
+    varies the line is not determined (eq. 7's minimum is attained by any s) and the plain
+    ratio of two tiny moments can be huge, so s -> 0 and b -> E f' there (a constant f, as
+    for Gaussian data, gives s = 0 exactly); where f varies the ridge changes s by about
+    ``ridge`` E[f^2] / Var f relative."""
     fc, f1c = f - f.mean(0), f1 - f1.mean(0)
     cov, var = _mean_over(fc * f1c, shared), _mean_over(fc * fc, shared)
-    floor = 1e-12 * _mean_over(f * f, shared) + 1e-300
-    s = torch.where(var > floor, cov / var.clamp(min=1e-300), torch.zeros_like(var))
+    s = (cov / (var + ridge * _mean_over(f * f, shared) + 1e-300)).clamp(-s_max, s_max)
     return s, f1.mean(0) - s * f.mean(0)
 
 
