@@ -87,7 +87,7 @@ def test_gaussian_statistics_are_the_closed_form():
     st = ems_statistics(data, data.sample(32, g), lam, generator=g)
     l_exact, b_exact = closed_form(lam, mu, c)
     torch.testing.assert_close(st.l, l_exact, rtol=1e-9, atol=1e-11)
-    assert float(st.s.abs().max()) < 1e-12  # f is constant: Var f = 0 (to rounding): flat
+    assert float(st.s.abs().max()) < 1e-9  # f is constant: Var f = 0 (to rounding): flat
     torch.testing.assert_close(st.b, b_exact, rtol=1e-5, atol=1e-6 * float(b_exact.abs().max()))
     shared = ems_statistics(data, data.sample(32, g), lam, generator=g, shared=True)
     torch.testing.assert_close(shared.l, l_exact.mean(1, keepdim=True).expand(-1, 3),
