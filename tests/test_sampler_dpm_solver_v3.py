@@ -182,6 +182,8 @@ def test_bad_input_is_a_one_line_error():
         dpm_solver_v3(data, x_T, ts, statistics=3)
     with pytest.raises(ValueError, match="order"):
         dpm_solver_v3(data, x_T, ts, order=4)
+    with pytest.raises(ValueError, match=r"statistics of shape \(2,\) do not match"):
+        dpm_solver_v3(data, x_T, ts, statistics=EMSStatistics.identity((2,)))
     with pytest.raises(ValueError, match="strictly increasing"):
         EMSStatistics(torch.tensor([1.0, 0.0], dtype=F64), *torch.ones(3, 2, dtype=F64))
     with pytest.raises(ValueError, match="data must be"):

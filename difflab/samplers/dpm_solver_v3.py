@@ -267,6 +267,9 @@ def dpm_solver_v3(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Genera
     a = process.alpha(ts).tolist()
     lam = lam_t.tolist()
     stats = resolve_statistics(statistics, denoiser, lam_t[:-1], generator)
+    if stats.shape not in ((), tuple(x.shape[1:])):
+        raise ValueError(f"dpm_solver_v3: statistics of shape {stats.shape} do not match "
+                         f"samples of shape {tuple(x.shape[1:])}")
     co = _Coefficients(stats)
     n = len(ts) - 2  # predictor steps; then the last evaluation returns x0_hat
     p_orders = _orders(n, order, lower_order_final)
