@@ -27,7 +27,8 @@ from difflab.parameterization import Denoiser
 from difflab.pipeline import Pipeline
 from difflab.process import make_process
 from difflab.recipes.controlnet import ControlNetRecipe, ControlNetTrainConfig
-from difflab.training.checkpoint import save_checkpoint
+from difflab.training import resolve_checkpoint
+from difflab.training.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -323,3 +324,71 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "base"), "--control",
                  str(tmp_path / "c.png"), "--out", str(tmp_path / "s.png")]) == 2
     assert "needs a model with a ControlNet" in capsys.readouterr().err
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_folder(root, classes=("a", "b", "c"), per_class=3):
+    """An image folder whose sub-folders are the base's classes (grey squares, 8 px)."""
+    from PIL import Image
+
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.new("L", (8, 8), 0)
+            img.paste(255, (i, k, i + 4, k + 4))
+            img.save(root / name / f"{i}.png")
+    return root
+
+
+def test_cli_config_file_and_a_resumed_run_continues_the_uninterrupted_one(tmp_path, capsys):
+    write_base(tmp_path / "base")
+    cfg = tmp_path / "cn.toml"
+    cfg.write_text('control = "mask"\n[optim]\nbatch_size = 4\nlr = 0.01\n')
+    common = ["train-controlnet", "--base", str(tmp_path / "base"), "--config", str(cfg),
+              "--data", f"folder:{write_folder(tmp_path / 'imgs')}", "--sample-steps", "1",
+              "--device", "cpu", "--no-progress"]
+    assert main([*common, "--steps", "2", "--out", str(tmp_path / "straight")]) == 0
+    run = str(tmp_path / "cn")
+    assert main([*common, "--steps", "1", "--out", run]) == 0
+    assert "--control mask" in capsys.readouterr().out  # the file's value is the run's
+    for extra, message in [([], "already holds a run"),
+                           (["--resume", "--control", "edges"], "cannot change ['control']")]:
+        assert main([*common, "--steps", "2", "--out", run, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert main([*common, "--steps", "2", "--out", run, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    # weights, EMA, optimizer and RNG states as those of the run that was never stopped
+    a, meta = load_checkpoint(resolve_checkpoint(tmp_path / "straight"))
+    b, _ = load_checkpoint(resolve_checkpoint(tmp_path / "cn"))
+    assert meta["step"] == 2 and same_state(a, b)
+    first, _ = load_checkpoint(tmp_path / "cn" / "checkpoints" / "step_00000001.json")
+    assert not torch.equal(first["model.middle_out.weight"], b["model.middle_out.weight"])
+    assert (tmp_path / "cn" / "config.json").is_file()
+
+
+def test_cli_refuses_a_dit_or_latent_base(tmp_path, capsys):
+    from test_finetune import save_latent_base
+
+    from difflab.networks import DiT, DiTConfig
+    from difflab.pipeline import ModelCard, StageCard
+
+    dit = DiT(DiTConfig(in_channels=1, image_size=8, patch_size=2, hidden_size=16, depth=1,
+                        num_heads=2, num_classes=3))
+    stage = StageCard(name="diffusion", network="dit", network_config=asdict(dit.config),
+                      sample_shape=[1, 8, 8], weights="", process=make_process("linear")
+                      .to_config(), prediction="eps", conditioning="class",
+                      class_names=["a", "b", "c"])
+    bases = {"needs a U-Net model (this one is a DiT)":
+             Pipeline(ModelCard(stages=[stage]), dit.eval()).save_pretrained(tmp_path / "dit"),
+             "supports pixel-space models (this one is latent)":
+             save_latent_base(tmp_path / "latent", channels=1)}
+    for message, base in bases.items():
+        assert main(["train-controlnet", "--base", str(base), "--device", "cpu",
+                     "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--base {base}: ControlNet training {message}" in err[0], err
+    assert not (tmp_path / "out").exists()

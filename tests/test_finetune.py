@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from difflab.cli.main import main
+from difflab.config import from_dict, to_dict
 from difflab.data import ImageData
 from difflab.data.shapes import CaptionedImageData
 from difflab.networks import UNet, UNetConfig
@@ -42,6 +43,27 @@ def save_base(folder, context_dim=None, class_names=()):
                       class_names=list(class_names), text_encoder="minilm" if text else None)
     card = ModelCard(stages=[stage], training={"objective": {"name": "simple"}})
     return Pipeline(card, net.eval()).save_pretrained(folder)
+
+
+def save_latent_base(folder, channels=3, class_names=("a", "b", "c")):
+    """A tiny random latent class model (autoencoder stage + 8x8 latent U-Net; 16 px images)
+    as a pipeline folder."""
+    from difflab.networks import build_network
+
+    ae_config = dict(in_channels=channels, block_out_channels=[8, 8], layers_per_block=1,
+                     latent_channels=2, norm_num_groups=4, mid_attention=False)
+    ae = build_network("autoencoder", ae_config)
+    unet = UNet(UNetConfig(in_channels=2, image_size=8, base_channels=8, channel_mult=(1,),
+                           num_res_blocks=1, attention_resolutions=(),
+                           num_classes=len(class_names)))
+    stages = [StageCard(name="autoencoder", kind="autoencoder", network="autoencoder",
+                        network_config=asdict(ae.config), sample_shape=[channels, 16, 16],
+                        weights="", data_range=[-1.0, 1.0]),
+              StageCard(name="diffusion", network="unet", network_config=asdict(unet.config),
+                        sample_shape=[2, 8, 8], weights="", process=make_process("linear")
+                        .to_config(), prediction="eps", conditioning="class",
+                        class_names=list(class_names))]
+    return Pipeline(ModelCard(stages=stages), [ae.eval(), unet.eval()]).save_pretrained(folder)
 
 
 def images(n, seed=0):
@@ -249,7 +271,7 @@ def test_class_images_generated_once_and_reused_on_resume(class_base, tmp_path, 
 def test_config_round_trip_and_default_learning_rates():
     cfg = FinetuneConfig.from_values({"model": {"base": "b", "data": "d"},
                                       "method": {"lora": True}})
-    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg and cfg.optim.lr == 1e-3
+    assert from_dict(FinetuneConfig, to_dict(cfg)) == cfg and cfg.optim.lr == 1e-3
     ti = FinetuneConfig.from_values({"method": {"textual_inversion": "<x>", "init_word": "y"}})
     assert ti.optim.lr == 5e-3 and ti.method.name == "textual_inversion"
     given = FinetuneConfig.from_values({"optim": {"lr": 0.5}, "method": {"lora": True}})
@@ -289,6 +311,11 @@ def test_cli_finetune_and_errors(class_base, tmp_path, capsys):
         assert main(["finetune", *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("difflab finetune: error:"), (args, err)
+    latent = save_latent_base(tmp_path / "latent")
+    assert main(["finetune", *common[2:], "--base", str(latent),
+                 "--out", str(tmp_path / "e7")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--base {latent}: fine-tuning supports pixel-space" in err[0]
 
 
 def test_image_folder_sidecar_captions(tmp_path):

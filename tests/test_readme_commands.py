@@ -7,10 +7,11 @@ reason it cannot run here. A line that is neither fails the test, so a new READM
 be handled here.
 
 What the README presumes a user has is made first (``prepare``): the quick start's
-``runs/digits``, a prompt-conditioned ``runs/shapes``, the images ``three.png`` and
-``right_half.png``, and an image folder at ``path/to/images``. Prompts are encoded by the
-stand-in encoder of test_pipeline.py (the real one, the text extra, is tested in
-test_text.py): what is checked here is the command lines.
+``runs/digits``, a prompt-conditioned ``runs/shapes``, the images ``three.png``,
+``right_half.png`` (an inpainting mask) and ``mask.png`` (a control mask), and an image folder
+at ``path/to/images``. Prompts are encoded by the stand-in encoder of test_pipeline.py (the
+real one, the text extra, is tested in test_text.py): what is checked here is the command
+lines.
 """
 
 import json
@@ -49,6 +50,8 @@ TINY: dict[str, dict[str, str | tuple[str]]] = {
     # the 64 px scenes at 16 px: encoding the data set is the cost of a latent run
     "train-autoencoder": {"--steps": "2", "--batch-size": "4", "--resolution": ("16",),
                           "--sample-every": "0"},
+    "finetune": {"--steps": "2", "--batch-size": "2"},
+    "train-controlnet": {"--steps": "2", "--batch-size": "4", "--sample-steps": "2"},
 }
 #: appended to every difflab command that has them: the CPU (same on any machine), no bars
 QUIET = ["--device", "cpu", "--no-progress"]
@@ -111,6 +114,9 @@ def prepare(root: Path) -> None:
     mask = torch.full((1, 1, 8, 8), -1.0)
     mask[..., 4:] = 1.0  # white right half: the part to fill in
     save_grid(mask, root / "right_half.png", nrow=1, scale=1, padding=0)
+    square = torch.full((1, 1, 16, 16), -1.0)
+    square[..., 4:12, 4:12] = 1.0  # where the ControlNet example's object goes
+    save_grid(square, root / "mask.png", nrow=1, scale=1, padding=0)
     image_folder(root / "path" / "to" / "images", 32)
 
 
@@ -152,7 +158,7 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys, one_thread,
         ran.append(words[1])
     capsys.readouterr()
     assert {"train", "sample", "edit", "eval", "nll", "fit-grid", "train-classifier",
-            "distill", "train-autoencoder"} <= set(ran)
+            "distill", "train-autoencoder", "finetune", "train-controlnet"} <= set(ran)
     assert (tmp_path / "runs" / "mine" / "config.json").is_file()
     assert json.loads((tmp_path / "eval.json").read_text())["fid"] >= 0
     assert (tmp_path / "runs" / "digits" / "grids" / "plms_8.json").is_file()

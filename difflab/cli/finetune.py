@@ -8,12 +8,11 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from ..config import deep_merge, unflatten
-from ..recipes.config import read_config_file
 from ..recipes.finetune import FinetuneRecipe
 from ..recipes.finetune_config import FinetuneConfig
-from .options import add_config_options, changed_options, given_options
-from .run_options import add_run_options, resumed_config, train_recipe
+from .options import add_config_options
+from .run_options import add_run_options, resolve_run_config, train_recipe
+from .train import config_line
 
 EPILOG = """examples:
   difflab finetune --base runs/shapes --data folder:my_shapes --out runs/ft
@@ -40,8 +39,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune a trained model: full, LoRA, DreamBooth, textual inversion",
         description=textwrap.fill(DESCRIPTION, 88),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_options(p, "JSON or TOML file: nested tables as in a run's config.json, or dotted "
-                       "keys (optim.lr)")
+    add_run_options(p)
     add_config_options(p, FinetuneConfig, aliases={"run.out_dir": ["--out"]},
                        default_text={"model.base": "required", "model.data": "required",
                                      "optim.lr": "1e-4; 1e-3 with --lora; 5e-3 with "
@@ -52,19 +50,15 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_finetune_config(args: argparse.Namespace) -> tuple[FinetuneConfig, Path | None]:
     """Defaults < config file < (when resuming) the checkpoint's config < command line; a
     resumed run may change only the fields marked ``resume``."""
-    cls = FinetuneConfig
-    values: dict = {}
-    if args.config:
-        values = unflatten(cls, read_config_file(args.config), where=str(args.config))
-        cls.from_dict(values, where=str(args.config))  # errors name the file
-    deep_merge(values, given_options(args, cls))
-    if not args.resume:
-        config = cls.from_values(values, where="command line")
-        config.check_given()
-        return config, None
-    out_dir = cls.from_dict(values, where="command line").run.out_dir
-    return resumed_config(cls, values, args.resume, out_dir, cls.from_dict, "finetune",
-                          lambda meta: "finetune" in meta)
+    return resolve_run_config(args, FinetuneConfig, "finetune", lambda meta: "finetune" in meta,
+                              fresh=_fresh_config)
+
+
+def _fresh_config(values: dict, where: str) -> FinetuneConfig:
+    """A fresh run's config: the method's learning rate unless given; --base and --data."""
+    config = FinetuneConfig.from_values(values, where)
+    config.check_given()
+    return config
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -72,10 +66,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     config, ckpt = resolve_finetune_config(args)
     recipe, result, main = train_recipe(
         lambda: FinetuneRecipe(config, overwrite=args.overwrite), ckpt,
-        lambda: "{} fine-tuning of {}\nconfig: {} (full config: {})".format(
-            recipe_method(config), config.model.base,
-            " ".join(changed_options(config, FinetuneConfig)),
-            Path(config.run.out_dir) / "config.json"),
+        lambda: f"{recipe_method(config)} fine-tuning of {config.model.base}\n"
+                + config_line(config, FinetuneConfig, config.run.out_dir),
         progress=not args.no_progress)
     if not main:
         return 0

@@ -12,12 +12,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import changed_fields, deep_merge, leaves, to_dict
+from ..config import changed_fields, deep_merge, from_dict, leaves, to_dict, unflatten
+from ..recipes.config import read_config_file
 from ..training import resolve_checkpoint
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import env_info, process_group
+from .options import given_options
 
-__all__ = ["add_run_options", "resumed_config", "train_recipe"]
+__all__ = ["CONFIG_HELP", "add_run_options", "resolve_run_config", "resumed_config",
+           "train_recipe"]
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -27,7 +30,12 @@ OVERWRITE_HELP = ("start afresh even if --out-dir holds another run: delete its 
                   "refused unless --resume continues that run)")
 
 
-def add_run_options(p: argparse.ArgumentParser, config_help: str) -> None:
+#: ``--config``'s help for a command whose config has only nested groups
+CONFIG_HELP = ("JSON or TOML file: nested tables as in a run's config.json, or dotted keys "
+               "(optim.lr)")
+
+
+def add_run_options(p: argparse.ArgumentParser, config_help: str = CONFIG_HELP) -> None:
     """``--config`` (described by ``config_help``), ``--resume``, ``--no-progress`` and
     ``--overwrite``."""
     p.add_argument("--config", help=config_help)
@@ -35,6 +43,33 @@ def add_run_options(p: argparse.ArgumentParser, config_help: str) -> None:
                    help="resume from a checkpoint path, or from the latest one in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def resolve_run_config(args: argparse.Namespace, cls: type[C], command: str,
+                       is_own: Callable[[dict[str, Any]], bool],
+                       fresh: Callable[[dict[str, Any], str], C] | None = None
+                       ) -> tuple[C, Path | None]:
+    """The run config of ``difflab command`` from ``args`` (its run options and those
+    :func:`~difflab.cli.options.add_config_options` made of ``cls``), and the checkpoint to
+    resume from (None for a fresh run).
+
+    Defaults < ``--config`` file (flat, dotted or nested keys) < (when resuming) the
+    checkpoint's saved config < command line; a resumed run may change only the fields
+    marked ``resume`` and must resume a checkpoint of this command (``is_own(meta)``, see
+    :func:`resumed_config`). ``fresh(values, where)`` builds a fresh run's config (default:
+    :func:`~difflab.config.from_dict`), e.g. to derive defaults from other values."""
+    def parse(d: Mapping[str, Any], where: str) -> C:
+        return from_dict(cls, d, where)
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values = unflatten(cls, read_config_file(args.config), where=str(args.config))
+        parse(values, str(args.config))  # errors name the file
+    deep_merge(values, given_options(args, cls))
+    if not args.resume:
+        return (fresh or parse)(values, "command line"), None
+    out_dir = parse(values, "command line").run.out_dir  # type: ignore[attr-defined]
+    return resumed_config(cls, values, args.resume, out_dir, parse, command, is_own)
 
 
 def resumed_config(cls: type[C], values: Mapping[str, Any], resume: str, out_dir: str | Path,

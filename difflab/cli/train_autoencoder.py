@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import deep_merge, unflatten
 from ..recipes.autoencoder import AutoencoderRecipe, AutoencoderTrainConfig
-from ..recipes.config import WARMUP_FRACTION, read_config_file
-from .options import add_config_options, changed_options, given_options
-from .run_options import add_run_options, resumed_config, train_recipe
+from ..recipes.config import WARMUP_FRACTION
+from .options import add_config_options
+from .run_options import add_run_options, resolve_run_config, train_recipe
+from .train import config_line
 
 #: test images over which the final held-out PSNR is measured
 FINAL_PSNR_IMAGES = 1000
@@ -23,8 +23,7 @@ def add_train_autoencoder_parser(sub: argparse._SubParsersAction) -> None:
                                    "first stage of latent diffusion. Writes reconstruction "
                                    "grids and PSNR; checkpoints hold the latent scale factor. "
                                    "Precedence: defaults < --config file < command line.")
-    add_run_options(p, "JSON or TOML file: nested tables as in a run's config.json, or "
-                       "dotted keys (optim.lr)")
+    add_run_options(p)
     add_config_options(p, AutoencoderTrainConfig, aliases={"run.out_dir": ["--out"]})
     p.set_defaults(func=run_train_autoencoder)
 
@@ -33,29 +32,20 @@ def resolve_autoencoder_config(args: argparse.Namespace
                                ) -> tuple[AutoencoderTrainConfig, Path | None]:
     """Defaults < config file < (when resuming) the checkpoint's config < command line; a
     resumed run may change only the fields marked ``resume``."""
-    cls = AutoencoderTrainConfig
-    values: dict = {}
-    if args.config:
-        values = unflatten(cls, read_config_file(args.config), where=str(args.config))
-        cls.from_dict(values, where=str(args.config))  # errors name the file
-    deep_merge(values, given_options(args, cls))
-    if not args.resume:
-        _cap_warmup(values)
-        return cls.from_dict(values, where="command line"), None
-    out_dir = cls.from_dict(values, where="command line").run.out_dir
-    return resumed_config(cls, values, args.resume, out_dir, cls.from_dict,
-                          "train-autoencoder", lambda meta: "autoencoder" in meta)
+    return resolve_run_config(args, AutoencoderTrainConfig, "train-autoencoder",
+                              lambda meta: "autoencoder" in meta, fresh=_capped_warmup)
 
 
-def _cap_warmup(values: dict) -> None:
-    """No --warmup-steps given: at most a fifth of the steps (as ``difflab train``)."""
+def _capped_warmup(values: dict, where: str) -> AutoencoderTrainConfig:
+    """A fresh run's config; no --warmup-steps given: at most a fifth of the steps (as
+    ``difflab train``)."""
     optim = values.setdefault("optim", {})
-    if "warmup_steps" in optim:
-        return
     steps = optim.get("steps", AutoencoderTrainConfig().optim.steps)
     default = AutoencoderTrainConfig().optim.warmup_steps
-    if isinstance(steps, int) and default > steps // WARMUP_FRACTION:
+    if ("warmup_steps" not in optim and isinstance(steps, int)
+            and default > steps // WARMUP_FRACTION):
         optim["warmup_steps"] = steps // WARMUP_FRACTION
+    return AutoencoderTrainConfig.from_dict(values, where)
 
 
 def run_train_autoencoder(args: argparse.Namespace) -> int:
@@ -63,9 +53,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
     config, ckpt = resolve_autoencoder_config(args)
     recipe, result, main = train_recipe(
         lambda: AutoencoderRecipe(config, overwrite=args.overwrite), ckpt,
-        lambda: "config: {} (full config: {})".format(
-            " ".join(changed_options(config, AutoencoderTrainConfig)) or "all defaults",
-            Path(config.run.out_dir) / "config.json"),
+        lambda: config_line(config, AutoencoderTrainConfig, config.run.out_dir),
         progress=not args.no_progress)
     if not main:
         return 0

@@ -16,23 +16,23 @@ sample --checkpoint RUN --control edges.png`` samples it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ..config import from_dict, option, to_dict
-from ..data import Batch, CaptionedImageData, DataRequest, EpochSource, ImageData, load_data
+from ..config import option, to_dict
+from ..data import Batch, CaptionedImageData, EpochSource, ImageData
 from ..data.control import CONTROL_KINDS, control_image
 from ..networks.controlnet import ControlledUNet, ControlNet
 from ..networks.unet import UNet
-from ..objectives import ObjectiveConfig, build_objective
 from ..pipeline import Conditions, ModelCard, Pipeline, StageCard
-from ..training import LoopConfig, StepContext, TrainLoop, init_device
+from ..training import StepContext, TrainLoop, init_device
+from .base_model import base_data, base_p_uncond, build_base_objective, load_base
 from .config import OptimConfig, RunConfig, SpeedConfig
-from .diffusion import DiffusionLoss, set_label_checks
+from .diffusion import DiffusionLoss, loop_config, set_label_checks
 from .loop_recipe import LoopRecipe
 from .text import CaptionTable
 
@@ -58,12 +58,13 @@ class ControlNetTrainConfig:
                            "(pixel-space U-Net)")
     control: ControlKind = option("edges", "control images computed from the data: edges "
                                            "(Sobel, thresholded) or mask (foreground)")
-    data: str | None = option(None, "data set (default: the one the base was trained on)")
+    data: str | None = option(None, "training images: any data set spec ('shapes', "
+                                    "'folder:PATH', ...) with the base's labels or captions")
     hint_widths: tuple[int, ...] = option((16, 32), "hidden widths of the hint encoder")
     p_uncond: float | None = option(
-        None, "probability of dropping a label or prompt to the null one (None: the base's "
-              "training rate; Zhang et al. drop half of the prompts so that the ControlNet learns "
-              "to read the control image alone)", ge=0, le=1)
+        None, "probability of dropping a label or prompt to the null one (Zhang et al. drop "
+              "half of the prompts so that the ControlNet learns to read the control image "
+              "alone)", ge=0, le=1)
     optim: OptimConfig = option(factory=_optim, help="optimisation")
     run: RunConfig = option(factory=_run, help="bookkeeping")
     speed: SpeedConfig = option(factory=SpeedConfig, help="speed")
@@ -88,33 +89,14 @@ class ControlNetLoss:
         return self.inner.objective.loss(self.inner.denoiser(net), x, cond, t, noise, w).loss
 
 
-def load_base(path: str, device: torch.device) -> Pipeline:
-    """The frozen base pipeline; a ValueError unless it is a pixel-space U-Net model."""
-    if not path:
-        raise ValueError("--base is required: the run folder, checkpoint or pipeline folder "
-                         "of the model to control")
-    pipe = Pipeline.from_pretrained(path, device=device)
-    for net in pipe.networks:
-        net.eval().requires_grad_(False)
-    if pipe.is_latent or not isinstance(pipe.net, UNet):
-        raise ValueError(f"--base {path}: ControlNet training needs a pixel-space U-Net model "
-                         f"(got {type(pipe.net).__name__}"
-                         f"{', latent' if pipe.is_latent else ''})")
-    if pipe.stage.prediction == "consistency" or pipe.stage.guidance_input:
-        raise ValueError(f"--base {path}: a distilled student cannot be the base; use its "
-                         "teacher")
+def load_unet_base(path: str, device: torch.device) -> Pipeline:
+    """The frozen base (:func:`~.base_model.load_base`); a ValueError unless its network is
+    a U-Net (the ControlNet copies the U-Net's encoder; a DiT has none)."""
+    pipe = load_base(path, device, "ControlNet training")
+    if not isinstance(pipe.net, UNet):
+        raise ValueError(f"--base {path}: ControlNet training needs a U-Net model (this one "
+                         f"is a {type(pipe.net).__name__})")
     return pipe
-
-
-def base_objective(pipe: Pipeline) -> tuple[ObjectiveConfig, float]:
-    """The base's objective config and label-dropout rate (its training config; defaults
-    where the card has none, e.g. a pipeline folder saved without it)."""
-    training = pipe.card.training or {}
-    objective = ObjectiveConfig()
-    if isinstance(training.get("objective"), dict):
-        objective = from_dict(ObjectiveConfig, training["objective"], "base training config")
-    diffusion = training.get("diffusion") if isinstance(training.get("diffusion"), dict) else {}
-    return objective, float(diffusion.get("p_uncond", 0.1))
 
 
 class ControlNetRecipe(LoopRecipe):
@@ -125,17 +107,12 @@ class ControlNetRecipe(LoopRecipe):
         self.config = c = config
         self.dist, self.device = init_device(c.run.device, c.speed.precision)
         self.base_path = str(Path(c.base).expanduser().resolve()) if c.base else ""
-        self.base = load_base(c.base, self.device)
+        self.base = load_unet_base(c.base, self.device)
         self.data = data if data is not None else self._load_data()
         labels, captions = self._labels()
-        objective_config, p_uncond = base_objective(self.base)
-        p_uncond = p_uncond if c.p_uncond is None else c.p_uncond
-        objective = build_objective(objective_config)
+        p_uncond = base_p_uncond(self.base.card) if c.p_uncond is None else c.p_uncond
+        objective = build_base_objective(self.base, "ControlNet training")
         st = self.base.stage
-        objective.check(self.base.process, st.prediction)
-        if objective.times == "importance":
-            raise ValueError("the base was trained with importance-sampled times (vlb); "
-                             "ControlNet training does not keep that state")
         torch.manual_seed(c.run.seed)
         self.controlnet = ControlNet.from_unet(self.base.net, 1, control=c.control,
                                                hint_widths=c.hint_widths)
@@ -147,17 +124,8 @@ class ControlNetRecipe(LoopRecipe):
         self.loss = ControlNetLoss(inner, self.base.net, c.control)
         x = self.data.images.to(self.device)
         self.source = EpochSource(x, labels, c.optim.batch_size, c.run.seed)
-        o, r = c.optim, c.run
         self.loop = TrainLoop(
-            LoopConfig(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay,
-                       warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
-                       ema_decay=o.ema_decay, log_every=r.log_every, log=r.log,
-                       sample_every=r.sample_every, checkpoint_every=r.checkpoint_every,
-                       keep_checkpoints=r.keep_checkpoints, out_dir=r.out_dir, seed=r.seed,
-                       precision=c.speed.precision, compile=c.speed.compile,
-                       compile_mode=c.speed.compile_mode,
-                       reuse_cpu_memory=c.speed.reuse_cpu_memory,
-                       progress_desc="train controlnet", overwrite=overwrite),
+            replace(loop_config(c, overwrite), progress_desc="train controlnet"),
             self.controlnet, self.source, self.loss, self.meta, self.dist, self.device,
             callbacks=[lambda loop: self.sample_grid()])
         sampling = self.sampling_module()
@@ -178,11 +146,7 @@ class ControlNetRecipe(LoopRecipe):
         name = self.config.data or self.base.stage.dataset
         if not name:
             raise ValueError("the base's card names no data set: give --data")
-        c, h, _ = self.base.sample_shape
-        data = load_data(name, DataRequest(resolution=h, channels=c))
-        if not isinstance(data, ImageData):
-            raise ValueError(f"--data {name}: ControlNet training needs images")
-        return data
+        return base_data(self.base, name)
 
     def _labels(self) -> tuple[Tensor | None, CaptionTable | None]:
         """The labels the base is conditioned on (None for an unconditional base), and the

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from ..config import to_dict
-from ..data import DataRequest, EpochSource, ImageData, load_data
-from ..objectives import ObjectiveConfig, build_objective
+from ..data import EpochSource, ImageData
 from ..pipeline import ModelCard, Pipeline, StageCard
 from ..training import TrainLoop, init_device
+from .base_model import base_data, build_base_objective, load_base
 from .diffusion import DiffusionLoss, loop_config, set_label_checks
 from .dreambooth import PairedSource, class_images, label_tensor
 from .finetune_conds import class_label, make_conditions
@@ -41,21 +41,7 @@ from .finetune_config import FinetuneConfig
 from .finetune_loss import FinetuneLoss
 from .loop_recipe import LoopRecipe
 
-__all__ = ["FinetuneRecipe", "base_objective"]
-
-
-def base_objective(card: ModelCard) -> ObjectiveConfig:
-    """The objective the base model was trained with (its training config), else the one its
-    prediction type implies (flow: rectified-flow, edm: edm, otherwise simple)."""
-    training = card.training.get("objective") if isinstance(card.training, dict) else None
-    if isinstance(training, dict) and training.get("name"):
-        try:
-            return ObjectiveConfig(**training)
-        except TypeError:  # an older config: its name is enough
-            return ObjectiveConfig(name=training["name"])
-    prediction = card.stage_of("diffusion").prediction
-    return ObjectiveConfig(name={"flow": "rectified-flow", "edm": "edm"}.get(prediction,
-                                                                           "simple"))
+__all__ = ["FinetuneRecipe"]
 
 
 class FinetuneRecipe(LoopRecipe):
@@ -72,18 +58,10 @@ class FinetuneRecipe(LoopRecipe):
         self.method = c.method.name
         self.dist, self.device = init_device(c.run.device, c.speed.precision)
         self.base_path = Path(c.model.base).expanduser().resolve()
-        try:
-            self.base = Pipeline.from_pretrained(self.base_path, self.device,
-                                                 channels_last=c.speed.channels_last)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--base {c.model.base}: {e}") from None
-        self._check_base()
-        self.objective = build_objective(base_objective(self.base.card))
-        self.objective.check(self.base.process, self.base.stage.prediction)
-        if self.objective.times == "importance":
-            raise ValueError("the base model's objective samples t by importance; fine-tuning "
-                             "does not keep its loss history (fine-tune a model trained with "
-                             "another objective)")
+        self.base = load_base(c.model.base, self.device, "fine-tuning",
+                              channels_last=c.speed.channels_last)
+        self._check_method()
+        self.objective = build_base_objective(self.base, "fine-tuning")
         self.data = data if data is not None else self._load_data()
         self.conds = make_conditions(self.base, self.data, c, self.device)
         self.prior = self._prior_source()
@@ -105,28 +83,15 @@ class FinetuneRecipe(LoopRecipe):
             self.loop.model.attach(self.base.net, 1.0)
 
     # -- the base and the data ----------------------------------------------------------------
-    def _check_base(self) -> None:
-        pipe = self.base
-        if pipe.card.adapters:
-            raise ValueError(f"{self.base_path} already has adapter stages; fine-tune its "
-                             "base model, or save a merged model first")
-        if pipe.is_latent or len(pipe.sample_shape) != 3:
-            raise ValueError(f"{self.base_path}: fine-tuning supports pixel-space image models "
-                             "(this one is latent or 2-D points)")
-        if pipe.stage.prediction == "consistency" or pipe.stage.guidance_input:
-            raise ValueError(f"{self.base_path} is a distilled student; fine-tune its teacher")
-        if self.method == "textual_inversion" and not pipe.is_text:
+    def _check_method(self) -> None:
+        """What the method needs of the base and the run (``load_base`` checked the rest)."""
+        if self.method == "textual_inversion" and not self.base.is_text:
             raise ValueError("--textual-inversion needs a text-conditional base model")
         if self.method == "lora" and self.dist.enabled:
             raise ValueError("--lora is not supported under torchrun yet")
 
     def _load_data(self) -> ImageData:
-        c, h = self.base.sample_shape[0], self.base.sample_shape[1]
-        data = load_data(self.config.model.data, DataRequest(resolution=h, channels=c,
-                                                             seed=self.config.run.seed))
-        if not isinstance(data, ImageData):
-            raise ValueError(f"--data {self.config.model.data!r} is not an image data set")
-        return data
+        return base_data(self.base, self.config.model.data, self.config.run.seed)
 
     def _prior_source(self) -> EpochSource | None:
         """DreamBooth's class images (generated once, cached in the run folder)."""
@@ -188,7 +153,7 @@ class FinetuneRecipe(LoopRecipe):
     def meta(self) -> dict[str, Any]:
         """Checkpoint metadata: the config, and ``adapters`` (``ModelCard.from_checkpoint_meta``
         turns it into the card: the base and the adapters, or the whole network)."""
-        out: dict[str, Any] = {"config": self.config.to_dict(), "finetune": self.method,
+        out: dict[str, Any] = {"config": to_dict(self.config), "finetune": self.method,
                                "adapters": {"base": None if self.method == "full"
                                             else str(self.base_path),
                                             "stages": self.adapter_stages()}}

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, check_ranges, deep_merge, from_dict, option, to_dict
+from ..config import ConfigError, check_ranges, deep_merge, from_dict, option
 from .config import OptimConfig, RunConfig, SpeedConfig
 
 __all__ = ["DreamBoothConfig", "FinetuneConfig", "FinetuneMethodConfig", "FinetuneModelConfig",
@@ -120,14 +120,6 @@ class FinetuneConfig:
         if not self.model.data:
             raise ConfigError("--data is required: the images to fine-tune on")
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> FinetuneConfig:
-        """From nested tables, checked (see :func:`difflab.config.from_dict`)."""
-        return from_dict(cls, d, where)
-
     @classmethod
     def from_values(cls, values: Mapping[str, Any], where: str = "config") -> FinetuneConfig:
         """From nested tables where ``optim.lr``, when not given, is the method's default
@@ -138,7 +130,7 @@ class FinetuneConfig:
         if isinstance(optim, dict) and "lr" not in optim:
             method = from_dict(FinetuneMethodConfig, merged.get("method") or {}, where)
             optim["lr"] = default_lr(method.name)
-        return cls.from_dict(merged, where)
+        return from_dict(cls, merged, where)
 
 
 def default_lr(method: str) -> float:
