@@ -25,7 +25,8 @@ from difflab.samplers.options import declare_options, declared_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FINAL_ORDER_SAMPLERS = {"plms", "lms", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2"}
+FINAL_ORDER_SAMPLERS = {"plms", "lms", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2",
+                        "dpm_solver_v3"}
 
 
 def keyword_options(fn) -> dict[str, inspect.Parameter]:

@@ -1,5 +1,5 @@
 """The ``difflab`` command: train, train-classifier, distill, finetune, sample, fit-grid,
-edit, eval, nll, plot."""
+ems-stats, edit, eval, nll, plot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..io import WriteError
 from ..training import NonFiniteLossError
 from .distill import add_distill_parser
 from .edit import add_edit_parser
+from .ems_stats import add_ems_stats_parser
 from .evaluate import add_eval_parsers
 from .finetune import add_finetune_parser
 from .fit_grid import add_fit_grid_parser
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_sample_parser(sub)
     add_fit_grid_parser(sub)
+    add_ems_stats_parser(sub)
     add_edit_parser(sub)
     add_eval_parsers(sub)
     add_plot_parser(sub)
