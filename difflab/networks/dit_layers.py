@@ -4,15 +4,19 @@ embedding, and the adaLN-Zero transformer block.
 
 Shapes in comments: ``B`` batch, ``N`` tokens (``(H / p) * (W / p)``), ``D`` hidden width,
 ``p`` patch size, ``L`` prompt tokens.
+
+Both attention layers take an attention processor (``attn_processor``, None by default: the
+fused kernel as always; ``is_cross`` tells them apart), as the U-Net's blocks do, so
+Prompt-to-Prompt editing works on text DiTs too (see :mod:`difflab.networks.cross_attention`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.conditioning import TextCond
+from difflab.networks.cross_attention import AttentionProcessor, attend
 
 __all__ = ["AdaLNZeroBlock", "FinalLayer", "modulate", "patchify", "sincos_position_embedding",
            "unpatchify"]
@@ -86,24 +90,30 @@ def _merge(t: Tensor) -> Tensor:
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the tokens with PyTorch's fused
-    ``scaled_dot_product_attention`` (flash / memory-efficient kernels on a GPU)."""
+    ``scaled_dot_product_attention`` (flash / memory-efficient kernels on a GPU); with
+    ``attn_processor`` set, explicit probabilities passed through it (module docstring)."""
+
+    is_cross = False
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.attn_processor: AttentionProcessor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        return self.proj(_merge(attend(q, k, v, None, self, self.attn_processor)))
 
 
 class TokenCrossAttention(nn.Module):
     """Pre-norm cross-attention from the image tokens to prompt tokens (Rombach et al. 2022,
     sec. 3.3; between self-attention and the MLP as in PixArt-alpha), residual, output
     projection zero-initialised. Padding tokens are masked out; with no prompt (``None``)
-    it is the identity."""
+    it is the identity. ``attn_processor``: see the module docstring."""
+
+    is_cross = True
 
     def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -112,6 +122,7 @@ class TokenCrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.attn_processor: AttentionProcessor | None = None
 
     def forward(self, x: Tensor, context: TextCond | None) -> Tensor:
         if context is None:
@@ -120,7 +131,7 @@ class TokenCrossAttention(nn.Module):
         k, v = (_heads(t, self.num_heads)
                 for t in self.kv(context.tokens.to(x.dtype)).chunk(2, dim=-1))  # [B, n, L, d]
         keep = context.mask[:, None, None, :]  # [B, 1, 1, L]: True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        out = attend(q, k, v, keep, self, self.attn_processor)  # None: the fused kernel
         return x + self.proj(_merge(out))
 
 

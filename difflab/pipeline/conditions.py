@@ -134,6 +134,21 @@ def _token_encoder_over(encoder: Any, tokens: tuple[str, ...]) -> Any:
     return TokenEncoder(encoder, tokens)
 
 
+def prompt_tokenizer(text_encoder: str | None, device: torch.device | str = "cpu",
+                     embeddings: Sequence[nn.Module] = ()) -> Any:
+    """The tokenizer :func:`encode_prompts` uses with the same arguments: the shared
+    encoder's, or with learned token ``embeddings`` its :class:`~difflab.text.TokenEncoder`
+    copy with their tokens added (the same object, so nothing is loaded twice)."""
+    if not text_encoder:
+        raise ValueError("a tokenizer needs a text-conditional model (trained on captioned "
+                         "data such as --dataset shapes); this one is not")
+    dev = str(torch.device(device))
+    if not embeddings:
+        return _text_encoder(text_encoder, dev).tokenizer
+    tokens = tuple(t for m in embeddings for t in m.tokens)
+    return _token_encoder(text_encoder, dev, tokens).tokenizer
+
+
 def encode_prompts(text_encoder: str | None, prompts: list[str],
                    device: torch.device | str = "cpu",
                    embeddings: Sequence[nn.Module] = ()) -> TextCond:

@@ -34,6 +34,7 @@ from .conditions import (
     class_conditions,
     encode_prompts,
     prompt_list,
+    prompt_tokenizer,
 )
 from .controlnet import ControlSpec, control_batch_size, set_control
 from .loading import (
@@ -302,6 +303,13 @@ class Pipeline:
         """Token embeddings of ``prompts`` with the model's text encoder, on the device."""
         return encode_prompts(self.stage.text_encoder, prompts, self.device,
                               self.token_embeddings)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the model's prompts: its text encoder's (shared, loaded once),
+        extended by the tokens of its learned token embeddings (textual inversion) in the
+        order :meth:`encode_prompts` adds them. A ValueError for a model without prompts."""
+        return prompt_tokenizer(self.stage.text_encoder, self.device, self.token_embeddings)
 
     def load_classifier(self, classifier: str | Path | LoadedClassifier | None
                         ) -> LoadedClassifier | None:
