@@ -6,6 +6,7 @@ loads as base + ControlNet and samples with any sampler and guidance; control im
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -324,6 +325,42 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "base"), "--control",
                  str(tmp_path / "c.png"), "--out", str(tmp_path / "s.png")]) == 2
     assert "needs a model with a ControlNet" in capsys.readouterr().err
+
+
+def pixels(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_cli_edit_runs_under_the_controlnet(tmp_path, capsys):
+    write_base(tmp_path / "base")
+    train(tmp_path).run(progress=False)
+    mask = control_image(tiny_data().images[:1], "mask")
+    (png,) = save_control_image(mask, tmp_path / "controls")
+    base = ["edit", "sdedit", "--checkpoint", str(tmp_path / "cn"), "--input", str(png),
+            "--class", "1", "--steps", "3", "--strength", "0.8", "--device", "cpu",
+            "--no-progress"]
+    # without a control image: refused before sampling, one line naming --control
+    assert main([*base, "--out", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--control" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "none.png").exists()
+    outs = {}
+    for name, extra in (("on", []), ("off", ["--control-scale", "0"]), ("inverse", [])):
+        ctrl = png if name != "inverse" else save_control_image(1 - mask, tmp_path / "inv")[0]
+        out = tmp_path / f"{name}.png"
+        assert main([*base, "--control", str(ctrl), *extra, "--out", str(out)]) == 0, name
+        outs[name] = pixels(out)
+    # at scale 0 the edit is the base model's; the control image steers the edit
+    assert main(["edit", "sdedit", *base[2:3], str(tmp_path / "base"), *base[4:],
+                 "--out", str(tmp_path / "base.png")]) == 0
+    assert np.array_equal(outs["off"], pixels(tmp_path / "base.png"))
+    assert not np.array_equal(outs["on"], outs["inverse"])
+    for kind, extra in (("vary", ["--n", "2"]), ("inpaint", ["--mask", str(png)])):
+        assert main([kind if a == "sdedit" else a for a in base] + extra
+                    + ["--control", str(png), "--out", str(tmp_path / f"{kind}.png")]) == 0
 
 
 def same_state(a, b):

@@ -320,6 +320,32 @@ def test_prompt_to_prompt_with_a_text_dit_pipeline(dit_model):
     assert torch.equal(swap[0], same[0]) and (swap[1] - swap[0]).abs().max() > 1e-4
 
 
+def test_prompt_to_prompt_under_a_controlnet(model):
+    from difflab.editing import prompt_to_prompt
+    from difflab.networks import ControlledUNet, ControlNet
+    from difflab.pipeline import Pipeline
+    from difflab.pipeline.controlnet import set_control
+
+    g = torch.Generator().manual_seed(3)
+    cn = ControlNet.from_unet(model[0], 1, control="mask")
+    with torch.no_grad():  # nonzero zero-convolutions: the ControlNet acts
+        for p in cn.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pipe = Pipeline(text_card(), ControlledUNet(model[0], [(cn, 1.0)]))
+    # the ControlNet's copy of the encoder attends to the prompt too: its blocks are edited
+    assert len(attention_blocks(pipe.net)) > len(attention_blocks(model[0]))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1.0
+    outs = []
+    for control in (mask, 1 - mask):
+        set_control(pipe, control)
+        outs.append(prompt_to_prompt(pipe, SRC, SRC, guidance=3.0, steps=3, seed=2))
+        assert torch.equal(outs[-1][0], outs[-1][1])
+    alone = pipe(prompt=SRC, n=1, seeds=[2], steps=3, sampler="ddim", guidance=3.0).samples
+    torch.testing.assert_close(outs[1][:1], alone, atol=1e-5, rtol=1e-5)
+    assert (outs[0] - outs[1]).abs().max() > 1e-4  # the control image steers the edit
+
+
 def test_null_text_inversion_beats_ddim_inversion_under_guidance(model, encoder):
     _, den = model
     ts = time_grid(den.process, 5)

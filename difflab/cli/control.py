@@ -1,10 +1,12 @@
-"""The ``--control`` / ``--control-scale`` options of ``difflab sample``: control images and
-conditioning scales of a model's ControlNets (``difflab.pipeline.controlnet``)."""
+"""The ``--control`` / ``--control-scale`` options of ``difflab sample`` and ``difflab edit``:
+control images and conditioning scales of a model's ControlNets
+(``difflab.pipeline.controlnet``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..networks.controlnet import ControlledUNet
 from ..pipeline import Pipeline
 from ..pipeline.controlnet import set_control, set_control_scales
 
@@ -24,8 +26,11 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
 
 def apply_control_args(args: argparse.Namespace, pipe: Pipeline) -> None:
     """Set the control images and scales given on the command line (after every adapter is
-    loaded); nothing when neither option is given."""
+    loaded); then a one-line ValueError naming --control if an active ControlNet of the
+    model still has no control image (before any sampling starts)."""
     if args.control_scale:
         set_control_scales(pipe, args.control_scale)
     if args.control:
         set_control(pipe, args.control)
+    if isinstance(pipe.net, ControlledUNet):
+        pipe.net.check_hints()

@@ -17,6 +17,7 @@ from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
 from .adapters import add_adapter_option, add_adapters, parse_adapters
+from .control import add_control_options, apply_control_args
 from .outputs import add_overwrite_option, check_outputs
 from .progress import nfe_progress
 from .sampler_args import add_sampler_opt, sampler_options_from_args
@@ -70,6 +71,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
                    "forwards to reconstruct)")
     add_prompt2prompt_options(p)
     add_adapter_option(p)
+    add_control_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_edit)
@@ -212,6 +214,7 @@ def run_edit(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
     add_adapters(pipe, adapters)
+    apply_control_args(args, pipe)  # a ControlNet steers every edit (its denoiser)
     if args.kind == "prompt2prompt":
         return run_prompt2prompt(args, pipe, device)
     with nfe_progress(pipe.denoiser(), f"edit {args.kind}", not args.no_progress) as den:
