@@ -30,21 +30,25 @@ CLASS_IMAGES_FILE = "class_images.safetensors"
 
 
 def class_images(pipe: Pipeline, out_dir: Path, n: int, steps: int, seed: int,
-                 prompt: str | None = None, label: int | None = None) -> Tensor:
+                 prompt: str | None = None, label: int | None = None, *,
+                 sampler: str = "ddpm", guidance: float = 3.0) -> Tensor:
     """``n`` samples of ``pipe`` for the class ``prompt`` (text models) or class ``label``
-    (class models), with its default sampler and ``steps`` steps, image i from seed
-    ``seed + i``. Read from ``out_dir/class_images.safetensors`` when it holds the same
-    request; otherwise generated and written there."""
+    (class models), with ``sampler`` in ``steps`` steps and classifier-free guidance
+    ``guidance`` (1: none), image i from seed ``seed + i``. Read from
+    ``out_dir/class_images.safetensors`` when it holds the same request; otherwise generated
+    and written there."""
     file = out_dir / CLASS_IMAGES_FILE
     request = {"prompt": prompt or "", "label": "" if label is None else str(label),
                "n": str(n), "steps": str(steps), "seed": str(seed),
+               "sampler": sampler, "guidance": str(float(guidance)),
                "shape": str(list(pipe.sample_shape))}
     cached = _read_cache(file, request)
     if cached is not None:
         return cached
     cond = (pipe.condition(None, prompt=[prompt], n=n) if prompt is not None
             else pipe.condition([label] * n))
-    x = pipe(cond=cond, steps=steps, seed=seed).samples.float().cpu()
+    x = pipe(cond=cond, sampler=sampler, steps=steps, seed=seed,
+             guidance=guidance).samples.float().cpu()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(file, lambda tmp: save_file({"images": x.contiguous()}, tmp,
                                              metadata=request))

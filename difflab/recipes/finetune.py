@@ -98,13 +98,14 @@ class FinetuneRecipe(LoopRecipe):
         d, c = self.config.dreambooth, self.config
         if d.class_prompt is None:
             return None
+        how = dict(sampler=d.class_sampler, guidance=d.class_guidance)
         if self.base.is_text:
             x = class_images(self.base, Path(c.run.out_dir), d.class_images, d.class_steps,
-                             c.run.seed, prompt=d.class_prompt)
+                             c.run.seed, prompt=d.class_prompt, **how)
         else:
             label = class_label(d.class_prompt, self.base.class_names, "--class-prompt")
             x = class_images(self.base, Path(c.run.out_dir), d.class_images, d.class_steps,
-                             c.run.seed, label=label)
+                             c.run.seed, label=label, **how)
         y = label_tensor(self.conds.class_label, len(x), self.device)
         return EpochSource(x.to(self.device), y, c.optim.batch_size, c.run.seed + 1)
 

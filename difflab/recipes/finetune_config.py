@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError, check_ranges, deep_merge, from_dict, option
+from ..samplers import SAMPLERS
 from .config import OptimConfig, RunConfig, SpeedConfig
 
 __all__ = ["DreamBoothConfig", "FinetuneConfig", "FinetuneMethodConfig", "FinetuneModelConfig",
@@ -76,14 +77,23 @@ class DreamBoothConfig:
                                       "loss + lambda * class loss", ge=0)
     class_images: int = option(50, "class images generated once by the base model (cached in "
                                    "the run folder as class_images.safetensors)", ge=1)
-    class_steps: int = option(25, "sampler steps for the class images (the base model's "
-                                  "default sampler)", ge=1)
+    class_sampler: str = option("ddpm", "sampler of the class images (a name in "
+                                        "samplers.SAMPLERS)")
+    class_steps: int = option(50, "sampler steps for the class images", ge=1)
+    class_guidance: float = option(
+        3.0, "classifier-free guidance scale of the class images (1: none): the prior is what "
+             "the base model draws for the class prompt as users sample it; unguided DDIM "
+             "images of a small model made prior preservation hurt the original prompts "
+             "(benchmarks/finetune_control.py)", ge=1)
     p_uncond: float = option(0.0, "probability of dropping the prompt or label (keeps the "
                                   "unconditional model for classifier-free guidance)",
                              ge=0, le=1)
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.class_sampler not in SAMPLERS:
+            raise ConfigError(f"--class-sampler {self.class_sampler!r} is not a sampler; "
+                              f"choose from {sorted(SAMPLERS)}")
 
 
 @dataclass
