@@ -90,10 +90,12 @@ def attribute_accuracy(predicted: Tensor, target: Tensor) -> dict[str, float]:
     return out
 
 
-def mask_iou(images: Tensor, masks: Tensor) -> Tensor:
-    """Intersection over union [N] of each image's foreground (:func:`foreground` > 0.5) and
-    a mask [N, H, W] or [N, 1, H, W] (> 0.5 is inside); 1 where both are empty."""
-    fg = foreground(images) > 0.5
+def mask_iou(images: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
+    """Intersection over union [N] of each image's foreground (:func:`foreground` >
+    ``threshold``) and a mask [N, H, W] or [N, 1, H, W] (> 0.5 is inside); 1 where both are
+    empty. (The soft foreground of a clean image is its shape's coverage, so ``threshold``
+    sets which anti-aliased edge pixels count, as a control mask's threshold does.)"""
+    fg = foreground(images) > threshold
     target = (masks.reshape(fg.shape) > 0.5)
     inter = (fg & target).sum((1, 2)).float()
     union = (fg | target).sum((1, 2)).float()
