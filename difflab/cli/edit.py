@@ -15,6 +15,7 @@ from ..io import atomic_write
 from ..pipeline import Pipeline, resolve_sampler
 from ..samplers import SAMPLERS, SPACINGS, time_grid
 from ..training import pick_device
+from .adapters import add_adapter_option, add_adapters, parse_adapters
 from .outputs import add_overwrite_option, check_outputs
 from .progress import nfe_progress
 from .sampler_args import add_sampler_opt, sampler_options_from_args
@@ -61,6 +62,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inversion", default="ddim", choices=editing.METHODS,
                    help="invert: deterministic sampler run backwards on the grid (and "
                    "forwards to reconstruct)")
+    add_adapter_option(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_edit)
@@ -133,8 +135,10 @@ def strip_text(args: argparse.Namespace, n_out: int) -> tuple[list[str], str]:
 
 def run_edit(args: argparse.Namespace) -> int:
     check_edit_args(args)
+    adapters = parse_adapters(args.adapter)
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device)
+    add_adapters(pipe, adapters)
     with nfe_progress(pipe.denoiser(), f"edit {args.kind}", not args.no_progress) as den:
         x, out = _run_kind(args, pipe, den, device)
     grid = torch.cat([x, out]).float().cpu()

@@ -17,6 +17,7 @@ from ..training.distributed import (
     local_slice,
     process_group,
 )
+from .adapters import add_adapter_option, add_adapters, parse_adapters
 from .outputs import add_overwrite_option, check_outputs
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
@@ -67,6 +68,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="also write the images (uint8, NHWC) and labels to this .npz")
     add_overwrite_option(p)
     p.add_argument("--no-ema", action="store_true", help="use raw weights, not the EMA")
+    add_adapter_option(p)
     p.add_argument("--no-clip", action="store_true",
                    help="do not clip the denoised estimate to the data range")
     p.add_argument("--device", default="auto")
@@ -154,10 +156,12 @@ def run_sample(args: argparse.Namespace) -> int:
     """Sample; under torchrun each rank draws its shard of the seeds and rank 0 writes."""
     resolve_seed_range(args)
     check_outputs(args, out=args.out, save_npz=args.save_npz)
+    adapters = parse_adapters(args.adapter)
     info, device = init_distributed(pick_device(args.device))
     with process_group():
         pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
                                         ema=False if args.no_ema else None)
+        add_adapters(pipe, adapters, ema=False if args.no_ema else None)
         options = resolve_sampler_args(args, pipe)
         clf = pipe.load_classifier(args.classifier)
         conds = sample_conditions(args, pipe, clf)

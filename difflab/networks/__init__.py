@@ -12,7 +12,9 @@ from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
+from difflab.networks.lora import LoRA, LoRAConfig
 from difflab.networks.mlp import MLPConfig, MLPDenoiser
+from difflab.networks.token_embeddings import TokenEmbeddings, TokenEmbeddingsConfig
 from difflab.networks.unet import UNet, UNetConfig, with_guidance_embedding
 
 __all__ = [
@@ -26,7 +28,11 @@ __all__ = [
     "LatentUNet",
     "LatentDistribution",
     "LatentUNetConfig",
+    "LoRA",
+    "LoRAConfig",
     "NoisyClassifier",
+    "TokenEmbeddings",
+    "TokenEmbeddingsConfig",
     "MLPConfig",
     "MLPDenoiser",
     "UNet",
@@ -45,6 +51,8 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "latent_unet": (LatentUNet, LatentUNetConfig),
     "autoencoder": (Autoencoder, AutoencoderConfig),
     "dit": (DiT, DiTConfig),
+    "lora": (LoRA, LoRAConfig),
+    "token_embeddings": (TokenEmbeddings, TokenEmbeddingsConfig),
 }
 
 

@@ -17,6 +17,8 @@ from typing import Any
 from torch import nn
 
 from .card import StageCard
+from .embeddings import apply_embeddings
+from .lora import apply_lora
 
 __all__ = ["ADAPTERS", "AdapterApply", "apply_adapter"]
 
@@ -25,7 +27,10 @@ __all__ = ["ADAPTERS", "AdapterApply", "apply_adapter"]
 AdapterApply = Callable[[Any, StageCard, nn.Module], None]
 
 #: stage kind -> the function that applies such a stage to a pipeline
-ADAPTERS: dict[str, AdapterApply] = {}
+ADAPTERS: dict[str, AdapterApply] = {
+    "lora": apply_lora,
+    "embeddings": apply_embeddings,
+}
 
 
 def apply_adapter(pipe: Any, stage: StageCard, module: nn.Module) -> None:

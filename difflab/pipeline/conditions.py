@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..conditioning import TextCond
 
@@ -108,11 +108,38 @@ def _text_encoder(source: str, device: str) -> Any:
     return TextEncoder(source, device=device)
 
 
+def shared_text_encoder(source: str, device: torch.device | str = "cpu") -> Any:
+    """The :class:`~difflab.text.TextEncoder` of ``source`` that pipelines on ``device``
+    share (loaded once; never modified: new tokens go to a :class:`~difflab.text.TokenEncoder`
+    over it)."""
+    return _text_encoder(source, str(torch.device(device)))
+
+
+@lru_cache(maxsize=8)
+def _token_encoder(source: str, device: str, tokens: tuple[str, ...]) -> Any:
+    """The shared encoder of ``source`` extended by ``tokens`` (its own tokenizer copy: the
+    shared encoder, and every other pipeline using it, stays as it is)."""
+    from ..text import TokenEncoder
+
+    return TokenEncoder(_text_encoder(source, device), tokens)
+
+
 def encode_prompts(text_encoder: str | None, prompts: list[str],
-                   device: torch.device | str = "cpu") -> TextCond:
+                   device: torch.device | str = "cpu",
+                   embeddings: Sequence[nn.Module] = ()) -> TextCond:
     """Token embeddings of ``prompts`` with ``text_encoder`` (the one a text model was trained
-    with; the encoder is loaded once per device and caches every prompt it has seen)."""
+    with; the encoder is loaded once per device and caches every prompt it has seen).
+
+    ``embeddings``: learned token embeddings (:class:`~difflab.networks.TokenEmbeddings`,
+    textual inversion) whose tokens the prompts may use; prompts without them encode as
+    without."""
     if not text_encoder:
         raise ValueError("--prompt needs a text-conditional model (trained on captioned data "
                          "such as --dataset shapes); this one is not")
-    return _text_encoder(text_encoder, str(torch.device(device)))(prompts)
+    dev = str(torch.device(device))
+    if not embeddings:
+        return _text_encoder(text_encoder, dev)(prompts)
+    tokens = tuple(t for m in embeddings for t in m.tokens)
+    rows = torch.cat([m.weight.detach().float().to(dev) for m in embeddings])
+    with torch.no_grad():
+        return _token_encoder(text_encoder, dev, tokens)(prompts, rows)

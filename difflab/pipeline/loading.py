@@ -67,6 +67,20 @@ def read_source(path: str | Path, ema: bool | None = None, _depth: int = 0
     return ModelCard(**{**vars(card), "stages": stages, "base": None}), root
 
 
+def complete_source(path: str | Path) -> tuple[Path, int]:
+    """(the complete model under ``path``, its number of stages): ``path`` itself when its
+    card needs no base, else its ``base`` followed to the end (what
+    :func:`read_source` puts first in the joined card)."""
+    p = Path(path)
+    for _ in range(MAX_BASE_DEPTH + 1):
+        card, root = _read_one(p, None)
+        if card.base is None:
+            return p, len(card.stages)
+        base = Path(card.base).expanduser()
+        p = base if base.is_absolute() else root / base
+    raise LoadError(f"{path}: more than {MAX_BASE_DEPTH} base models deep (a cycle?)")
+
+
 def read_adapters(path: str | Path, ema: bool | None = None) -> list[tuple[StageCard, Path]]:
     """The adapter stages saved at ``path`` (a card with a ``base``, or any card's adapter
     stages), each with the folder its weights file is relative to; none is a ValueError."""

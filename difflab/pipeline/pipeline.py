@@ -38,12 +38,14 @@ from .conditions import (
 from .loading import (
     LoadedClassifier,
     build_stage_network,
+    complete_source,
     load_classifier,
     read_adapters,
     read_source,
     stage_weights,
     write_stage_weights,
 )
+from .lora import lora_handles
 from .output import PipelineOutput
 
 
@@ -67,6 +69,13 @@ class Pipeline:
         self.autoencoder: nn.Module | None = (nets[kinds.index("autoencoder")]
                                               if "autoencoder" in kinds else None)
         self.process: Process = process_from_config(self.stage.process)
+        #: where :meth:`from_pretrained` loaded it from (None: built in memory)
+        self.source: Path | None = None
+        #: the complete model it is built on: ``source``, or the base an adapter card names
+        self.base_source: Path | None = None
+        self._base_stages = len(card.stages)  # the first stages are base_source's
+        #: learned token embeddings that prompts are encoded with (``pipeline.embeddings``)
+        self.token_embeddings: list[nn.Module] = []
         for stage, module in zip(card.stages, nets, strict=True):
             if stage.kind in ADAPTER_KINDS:
                 apply_adapter(self, stage, module)
@@ -94,7 +103,11 @@ class Pipeline:
         cache: dict[str, dict[str, Tensor]] = {}
         nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last,
                                     root=root) for s in card.stages]
-        return cls(card, nets, device)
+        pipe = cls(card, nets, device)
+        base, n_base = complete_source(path)
+        pipe.source, pipe.base_source = Path(path).resolve(), base.resolve()
+        pipe._base_stages = n_base
+        return pipe
 
     def load_adapter(self, path: str | Path, scale: float | None = None,
                      ema: bool | None = None) -> list[StageCard]:
@@ -122,18 +135,74 @@ class Pipeline:
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``model_card.json`` and one ``{stage}.safetensors`` per stage into the folder
         ``path`` (the card last, so a folder with a card is complete). An existing non-empty
-        folder is refused unless ``overwrite``."""
-        folder = Path(path)
+        folder is refused unless ``overwrite``. Merged LoRAs are written unmerged (the base
+        weights and the LoRA stage, so loading never applies one twice)."""
+        return self._write(Path(path), list(range(len(self.card.stages))), None, overwrite)
+
+    def save_adapters(self, path: str | Path, base: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
+        """Write the adapter stages alone into the folder ``path``: their safetensors and a
+        card whose ``base`` names the model they apply to, so that
+        ``Pipeline.from_pretrained(path)`` loads base and adapters together.
+
+        ``base`` None: :attr:`base_source` (as an absolute path), with the adapters added to
+        it (by an adapter card or :meth:`load_adapter`); given (relative paths are from
+        ``path``): every adapter stage of the pipeline, which that base must not hold."""
+        if base is None:
+            if self.base_source is None:
+                raise ValueError("this pipeline was not loaded from a saved model: give "
+                                 "save_adapters a base")
+            base, start = str(self.base_source), self._base_stages
+        else:
+            base, start = str(base), 0
+        which = [i for i in range(start, len(self.card.stages))
+                 if self.card.stages[i].kind in ADAPTER_KINDS]
+        if not which:
+            raise ValueError("this pipeline has no adapter stages to save")
+        return self._write(Path(path), which, base, overwrite)
+
+    def _write(self, folder: Path, which: list[int], base: str | None, overwrite: bool
+               ) -> Path:
+        """Write stages ``which`` (indices) and a card with ``base`` into ``folder``."""
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
             raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
-        stages = []
-        for stage, net in zip(self.card.stages, self.networks, strict=True):
-            file = f"{stage.name}.safetensors"
-            write_stage_weights(net, folder / file)
-            stages.append(StageCard(**{**vars(stage), "weights": file, "weights_prefix": ""}))
-        card = ModelCard(**{**vars(self.card), "stages": stages})
+        scales = {i: h.scale for i, h in lora_handles(self)}
+        merged = self.unmerge_adapters()
+        try:
+            stages = []
+            for i in which:
+                stage = self.card.stages[i]
+                file = f"{stage.name}.safetensors"
+                write_stage_weights(self.networks[i], folder / file)
+                stages.append(StageCard(**{**vars(stage), "weights": file, "weights_prefix": "",
+                                           "scale": scales.get(i, stage.scale)}))
+        finally:
+            self.merge_adapters(merged)
+        card = ModelCard(**{**vars(self.card), "stages": stages, "base": base})
         write_json(folder / CARD_FILE, card.to_dict())
         return folder
+
+    def merge_adapters(self, names: Sequence[str] | None = None) -> list[str]:
+        """Fold the LoRA stages (``names``; None: all) into the diffusion network's weights
+        (:meth:`LoRAHandle.merge`): the same samples, without the per-call low-rank work.
+        Returns the names of the stages merged now."""
+        done = []
+        for i, h in lora_handles(self):
+            name = self.card.stages[i].name
+            if not h.merged and (names is None or name in names):
+                h.merge()
+                done.append(name)
+        return done
+
+    def unmerge_adapters(self) -> list[str]:
+        """Undo :meth:`merge_adapters` (last merged first, restoring the base weights
+        exactly); returns the names of the stages unmerged."""
+        done = []
+        for i, h in reversed(lora_handles(self)):
+            if h.merged:
+                h.unmerge()
+                done.append(self.card.stages[i].name)
+        return done[::-1]
 
     # -- what the model is --------------------------------------------------------------------
     @property
@@ -217,7 +286,8 @@ class Pipeline:
     # -- conditions -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextCond:
         """Token embeddings of ``prompts`` with the model's text encoder, on the device."""
-        return encode_prompts(self.stage.text_encoder, prompts, self.device)
+        return encode_prompts(self.stage.text_encoder, prompts, self.device,
+                              self.token_embeddings)
 
     def load_classifier(self, classifier: str | Path | LoadedClassifier | None
                         ) -> LoadedClassifier | None:
