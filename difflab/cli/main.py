@@ -18,6 +18,7 @@ from .plot import add_plot_parser
 from .sample import add_sample_parser
 from .train import add_train_classifier_parser, add_train_parser
 from .train_autoencoder import add_train_autoencoder_parser
+from .train_controlnet import add_train_controlnet_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_train_classifier_parser(sub)
     add_train_autoencoder_parser(sub)
+    add_train_controlnet_parser(sub)
     add_distill_parser(sub)
     add_sample_parser(sub)
     add_fit_grid_parser(sub)

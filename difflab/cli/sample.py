@@ -18,6 +18,7 @@ from ..training.distributed import (
     process_group,
 )
 from .adapters import add_adapter_option, add_adapters, parse_adapters
+from .control import add_control_options, apply_control_args
 from .outputs import add_overwrite_option, check_outputs
 from .sampler_args import add_sampler_opt, sampler_options_from_args
 
@@ -74,6 +75,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     add_guidance_options(p)
+    add_control_options(p)
     p.set_defaults(func=run_sample)
 
 
@@ -162,6 +164,7 @@ def run_sample(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
                                         ema=False if args.no_ema else None)
         add_adapters(pipe, adapters, ema=False if args.no_ema else None)
+        apply_control_args(args, pipe)
         options = resolve_sampler_args(args, pipe)
         clf = pipe.load_classifier(args.classifier)
         conds = sample_conditions(args, pipe, clf)

@@ -9,6 +9,7 @@ from torch import nn
 
 from difflab.networks.autoencoder import Autoencoder, AutoencoderConfig, LatentDistribution
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
+from difflab.networks.controlnet import ControlledUNet, ControlNet, ControlNetConfig
 from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
@@ -23,6 +24,9 @@ __all__ = [
     "Autoencoder",
     "AutoencoderConfig",
     "ClassifierConfig",
+    "ControlNet",
+    "ControlNetConfig",
+    "ControlledUNet",
     "DiT",
     "DiTConfig",
     "LatentUNet",
@@ -53,6 +57,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "dit": (DiT, DiTConfig),
     "lora": (LoRA, LoRAConfig),
     "token_embeddings": (TokenEmbeddings, TokenEmbeddingsConfig),
+    "controlnet": (ControlNet, ControlNetConfig),
 }
 
 

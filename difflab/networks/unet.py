@@ -13,6 +13,7 @@ of the time embedding (``4 * base_channels``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -477,7 +478,9 @@ class UNet(nn.Module):
         return F.silu(emb)
 
     def forward(self, x: Tensor, c_noise: Tensor,
-                labels: Tensor | TextCond | GuidanceCond | None = None) -> Tensor:
+                labels: Tensor | TextCond | GuidanceCond | None = None, *,
+                skip_residuals: Sequence[Tensor] | None = None,
+                middle_residual: Tensor | None = None) -> Tensor:
         """Predict from noisy ``x``.
 
         Args:
@@ -490,6 +493,11 @@ class UNet(nn.Module):
                 or ``None`` for no prompt at all (cross-attention off, no pooled term).
                 With ``guidance_embedding``: a :class:`GuidanceCond` of any of these and the
                 guidance scales w [B].
+            skip_residuals: one tensor per skip activation (``conv_in``'s output, then each
+                down block's), added to it before the up path reads it; with
+                ``middle_residual`` (added to the middle block's output) this is how a
+                ControlNet steers the network (Zhang et al. 2023, sec. 3.2). None: no
+                residuals (the plain U-Net).
 
         Returns:
             ``[B, out_channels, H, W]``.
@@ -506,6 +514,13 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, ctx)
             skips.append(h)
         h = self._run(self.middle, h, emb, ctx)  # [B, base*mult[-1], H/2**(L-1), W/2**(L-1)]
+        if skip_residuals is not None:
+            if len(skip_residuals) != len(skips):
+                raise ValueError(f"{len(skip_residuals)} skip residuals given for "
+                                 f"{len(skips)} skip connections")
+            skips = [s + r for s, r in zip(skips, skip_residuals, strict=True)]
+        if middle_residual is not None:
+            h = h + middle_residual
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, ctx)
         norm, _, conv = self.out  # GroupNorm, SiLU, conv

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .card import StageCard
+from .controlnet import apply_controlnet
 from .embeddings import apply_embeddings
 from .lora import apply_lora
 
@@ -30,6 +31,7 @@ AdapterApply = Callable[[Any, StageCard, nn.Module], None]
 ADAPTERS: dict[str, AdapterApply] = {
     "lora": apply_lora,
     "embeddings": apply_embeddings,
+    "controlnet": apply_controlnet,
 }
 
 

@@ -35,6 +35,7 @@ from .conditions import (
     encode_prompts,
     prompt_list,
 )
+from .controlnet import ControlSpec, control_batch_size, set_control
 from .loading import (
     LoadedClassifier,
     build_stage_network,
@@ -392,7 +393,8 @@ class Pipeline:
                  prompt: str | Sequence[str] | None = None,
                  negative_prompt: str | None = None, cond: Conditions | None = None,
                  seed: int = 0, seeds: Sequence[int] | None = None, batch_size: int = 256,
-                 clip: bool = True, progress: bool = False) -> PipelineOutput:
+                 clip: bool = True, progress: bool = False,
+                 control: ControlSpec | None = None) -> PipelineOutput:
         """Draw ``n`` samples; image i uses seed ``seed + i`` (or ``seeds[i]``) for its noise,
         so it does not depend on ``batch_size`` or on the other images.
 
@@ -402,7 +404,10 @@ class Pipeline:
         else 50; ``grid``: a decreasing time grid (tensor or JSON from
         ``save_time_grid``) replacing ``steps`` and ``spacing``. Conditions come from
         ``labels``/``prompt`` (see :meth:`condition`) or ready-made as ``cond``; guidance
-        options as in :meth:`denoiser`."""
+        options as in :meth:`denoiser`. ``control``: the control images of a model with
+        ControlNets (:func:`~difflab.pipeline.controlnet.set_control`; they stay set)."""
+        if control is not None:
+            set_control(self, control)
         own, own_steps, own_options = self.default_sampler()
         if sampler is None:
             sampler = own
@@ -428,6 +433,7 @@ class Pipeline:
         elif n is not None and n != len(cond):
             raise ValueError(f"n={n} disagrees with the {len(cond)} conditions given")
         seeds = list(range(seed, seed + len(cond))) if seeds is None else seeds
+        batch_size = control_batch_size(self, batch_size, len(seeds))
         fn, options = resolve_sampler(sampler, sampler_options)
         ts = load_time_grid(grid) if isinstance(grid, str | Path) else grid
         x = generate(den, fn, self.sample_shape, seeds, labels=cond.cond, steps=steps,
