@@ -51,9 +51,6 @@ from difflab.data.shapes import (
     ALL_SHAPES,
     COLOURS,
     JITTER,
-    SHAPES,
-    SIZES,
-    POSITIONS,
     caption,
     load_shape_variants,
     load_shapes,
@@ -73,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from text_shapes import train as train_text_shapes  # noqa: E402
 
 GUIDANCE, STEPS, SAMPLER = 3.0, 50, "ddpm"
+SAMPLE_STEPS = [STEPS]  # --sample-steps (a quick smoke run uses fewer)
 EVAL_SEED = 1000  # evaluation noise seeds start here
 PER_PROMPT = 2  # samples per prompt on the original prompts
 MASK_THRESHOLD = 0.3  # the soft foreground's edge: a mask control's (coverage > ~0.25-0.31)
@@ -99,7 +97,8 @@ def sample(pipe: Pipeline, prompts: list[str], seed: int = EVAL_SEED,
            control: Tensor | None = None) -> Tensor:
     """One sample per prompt, image i from noise seed ``seed + i``."""
     kw: dict[str, Any] = {} if control is None else {"control": control}
-    return pipe(len(prompts), prompt=prompts, seed=seed, sampler=SAMPLER, steps=STEPS,
+    steps_ = SAMPLE_STEPS[0]
+    return pipe(len(prompts), prompt=prompts, seed=seed, sampler=SAMPLER, steps=steps_,
                 guidance=GUIDANCE, **kw).samples
 
 
@@ -128,34 +127,39 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.process_time() - cpu
 
 
-def write_folder(data: Any, root: Path, captions: list[str] | None = None) -> Path:
-    """Images as PNGs under ``root`` with a ``metadata.jsonl`` of their captions."""
-    from difflab.data import save_images
+def finetune(base: str, data: Any, out: Path, steps: int, *, batch_size: int,
+             lr: float | None = None, lora_rank: int | None = None,
+             instance_prompt: str | None = None, class_prompt: str | None = None,
+             prior_weight: float = 1.0, class_images: int = 64) -> Path:
+    """A fine-tuning run (``difflab finetune``'s recipe, in this process) on the in-memory
+    captioned ``data`` into ``out``: full, or LoRA of rank ``lora_rank``; DreamBooth's
+    prompts and prior preservation when given. Returns ``out``."""
+    from difflab.recipes.finetune import FinetuneRecipe
+    from difflab.recipes.finetune_config import FinetuneConfig
 
-    root.mkdir(parents=True, exist_ok=True)
-    names = save_images(data.images, root)
-    caps = captions if captions is not None else data.captions
-    with open(root / "metadata.jsonl", "w") as f:
-        for name, cap in zip(names, caps, strict=True):
-            f.write(json.dumps({"file_name": Path(name).name, "text": cap}) + "\n")
-    return root
-
-
-def finetune(base: str, data: Path, out: Path, steps: int, **options: Any) -> Path:
-    """A ``difflab finetune`` run (in this process) into ``out``; returns ``out``."""
-    from difflab.cli.main import main
-
-    argv = ["finetune", "--base", base, "--data", f"folder:{data}", "--out-dir", str(out),
-            "--steps", str(steps), "--seed", "0"]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is not False and value is not None:
-            argv += [flag, str(value)]
-    if main(argv) != 0:
-        raise RuntimeError(f"difflab {' '.join(argv)} failed")
+    optim: dict[str, Any] = {"steps": steps, "batch_size": batch_size}
+    if lr is not None:
+        optim["lr"] = lr
+    cfg = FinetuneConfig.from_values({
+        "model": {"base": base, "data": "shapes variants (given in memory)"},
+        "method": {"lora": lora_rank is not None, "lora_rank": lora_rank or 4},
+        "dreambooth": {"instance_prompt": instance_prompt, "class_prompt": class_prompt,
+                       "prior_weight": prior_weight, "class_images": class_images},
+        "optim": optim, "run": {"out_dir": str(out), "seed": 0}})
+    FinetuneRecipe(cfg, data, overwrite=True).run(progress=False)
     return out
+
+
+def weights_bytes(pipe: Pipeline, adapter: bool, where: Path) -> int:
+    """Bytes of safetensors ``pipe`` saves: its adapters alone, or the whole model."""
+    import shutil
+
+    shutil.rmtree(where, ignore_errors=True)
+    if adapter:
+        pipe.save_adapters(where)
+    else:
+        pipe.save_pretrained(where)
+    return dir_size(where)
 
 
 def grid(path: Path, rows: list[Tensor], labels: list[str], caption_text: str) -> None:
@@ -169,7 +173,6 @@ def lora_section(args: argparse.Namespace, checker: ShapeAttributeChecker) -> di
     """Purple from circles and squares; scored on those and on purple triangles."""
     trained = load_shape_variants(256, seed=11, shapes=("circle", "square"),
                                   colours=("purple",))
-    data = write_folder(trained, args.out / "data_purple")
     seen = [caption(s, 4, z, p) for s in (0, 1) for z in range(2) for p in range(4)]
     held = [caption(2, 4, z, p) for z in range(2) for p in range(4)]
     originals = repeat(original_prompts(), PER_PROMPT)
@@ -178,13 +181,13 @@ def lora_section(args: argparse.Namespace, checker: ShapeAttributeChecker) -> di
     runs: dict[str, Pipeline] = {"base (no fine-tuning)": base}
     cpu: dict[str, float] = {}
     sizes: dict[str, int] = {}
-    for name, opts in (("LoRA r=4 (attention)", {"lora": True, "lora_rank": 4}),
-                       ("full fine-tuning", {})):
-        out = args.out / ("lora" if opts else "full")
-        _, cpu[name] = timed(lambda o=out, k=opts: finetune(
-            args.base, data, o, args.lora_steps, batch_size=16, **k))
+    sizes["base (no fine-tuning)"] = weights_bytes(base, False, args.out / "saved_base")
+    for name, rank in (("LoRA r=4 (attention)", 4), ("full fine-tuning", None)):
+        out = args.out / ("lora" if rank else "full")
+        _, cpu[name] = timed(lambda o=out, r=rank: finetune(
+            args.base, trained, o, args.lora_steps, batch_size=16, lora_rank=r))
         runs[name] = Pipeline.from_pretrained(out)
-        sizes[name] = dir_size(out / "final") if (out / "final").exists() else dir_size(out)
+        sizes[name] = weights_bytes(runs[name], rank is not None, out / "saved")
     rows, pictures = [], []
     show = [caption(s, 4, 1, p) for s, p in ((0, 0), (1, 3), (2, 1), (2, 2))]
     for name, pipe in runs.items():
@@ -197,7 +200,7 @@ def lora_section(args: argparse.Namespace, checker: ShapeAttributeChecker) -> di
                      "all_seen": acc_seen["all"], "purple_held": acc_held["colour"],
                      "all_held": acc_held["all"], "original_all": acc_orig["all"],
                      "trained_fraction": trainable / n_base, "cpu_s": cpu.get(name, 0.0),
-                     "file_bytes": sizes.get(name, dir_size(Path(args.base)))})
+                     "file_bytes": sizes[name]})
         pictures.append(sample(pipe, show * 4, seed=EVAL_SEED + 500))
     if args.images:
         grid(args.images / "finetune_lora.png", pictures, list(runs),
@@ -223,7 +226,6 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
     """5 images of a large yellow plus at the top left bound to "sks"."""
     subject = load_shape_variants(5, seed=21, shapes=("plus",), colours=("yellow",),
                                   sizes=("large",), positions=("top left",))
-    data = write_folder(subject, args.out / "data_plus", [INSTANCE] * 5)
     originals = repeat(original_prompts(), PER_PROMPT)
     recontext = [p.replace("yellow", c) for c in ("red", "blue") for p in (INSTANCE,)] + [
         "a large yellow sks at the bottom right", "a small yellow sks at the top left"]
@@ -236,7 +238,7 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
                            "class_prompt": CLASS, "prior_weight": 1.0, "class_images": 64})):
         out = args.out / ("db_prior" if opts else "db_plain")
         _, cpu[name] = timed(lambda o=out, k=opts: finetune(
-            args.base, data, o, args.db_steps, batch_size=4, lr=args.db_lr,
+            args.base, subject, o, args.db_steps, batch_size=4, lr=args.db_lr,
             instance_prompt=INSTANCE, **k))
         runs[name] = Pipeline.from_pretrained(out)
     rows, pictures = [], []
@@ -261,7 +263,7 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
         pictures.insert(0, torch.cat([subject.images, subject.images[:1] * 0 - 1,
                                       load_shapes(16, "train", 6, seed=5).images]))
         grid(args.images / "finetune_dreambooth.png", pictures,
-             ["training images | -", *runs],
+             ["training images | data", *runs],
              f"left: '{INSTANCE}'; right: original prompts (same seeds in every row)")
     return {"rows": rows, "steps": args.db_steps, "lr": args.db_lr}
 
@@ -340,7 +342,7 @@ def p2p_section(args: argparse.Namespace, checker: ShapeAttributeChecker) -> dic
     for kind, attr in (("colour", 1), ("shape", 0)):
         pairs = swaps(kind, args.p2p_n)
         seeds = [EVAL_SEED + i for i in range(len(pairs))]
-        both = [prompt_to_prompt(pipe, s, t, guidance=GUIDANCE, steps=STEPS, seed=seed,
+        both = [prompt_to_prompt(pipe, s, t, guidance=GUIDANCE, steps=SAMPLE_STEPS[0], seed=seed,
                                  sampler=SAMPLER, cross_steps=args.cross_steps,
                                  self_steps=args.self_steps)
                 for (s, t), seed in zip(pairs, seeds, strict=True)]
@@ -440,6 +442,7 @@ def main() -> None:
     ap.add_argument("--cn-steps", type=int, default=600)
     ap.add_argument("--cn-lr", type=float, default=1e-3)
     ap.add_argument("--p2p-n", type=int, default=48)
+    ap.add_argument("--sample-steps", type=int, default=STEPS, help="sampler steps (smoke runs)")
     ap.add_argument("--cross-steps", type=float, default=0.8)
     ap.add_argument("--self-steps", type=float, default=0.3)
     args = ap.parse_args()
@@ -447,6 +450,7 @@ def main() -> None:
     if unknown := set(only) - set(SECTIONS):
         raise SystemExit(f"--only: unknown sections {sorted(unknown)} (know {SECTIONS})")
     args.out.mkdir(parents=True, exist_ok=True)
+    SAMPLE_STEPS[0] = args.sample_steps
     if args.base is None:
         ns = argparse.Namespace(steps=args.base_steps, batch_size=64, seed=0,
                                 out=str(args.out / "base"))
