@@ -24,7 +24,12 @@ from torch.utils.checkpoint import checkpoint
 
 from difflab.conditioning import GuidanceCond, TextCond
 from difflab.config import option
-from difflab.networks.cross_attention import CrossAttentionBlock, pooled_context
+from difflab.networks.cross_attention import (
+    AttentionProcessor,
+    CrossAttentionBlock,
+    attend,
+    pooled_context,
+)
 from difflab.networks.embeddings import broadcast_c_noise, resolve_labels, timestep_embedding
 from difflab.networks.fused import dropout_rate, group_norm_act, use_fused
 from difflab.networks.fused_native import supports
@@ -259,8 +264,11 @@ class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual, zero-init output.
 
     Uses the fused ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
-    GPU).
+    GPU); with ``attn_processor`` set, explicit probabilities passed through it
+    (:mod:`~difflab.networks.cross_attention`).
     """
+
+    is_cross = False
 
     def __init__(self, channels: int, num_heads: int, max_groups: int) -> None:
         super().__init__()
@@ -270,6 +278,7 @@ class AttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(group_count(channels, max_groups), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
+        self.attn_processor: AttentionProcessor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] -> [B, C, H, W]."""
@@ -282,12 +291,12 @@ class AttentionBlock(nn.Module):
             # channels-last as a view when there is one head; no layout copies.
             t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, self.num_heads, d)
             q, k, v = t.permute(2, 0, 3, 1, 4).unbind(dim=0)  # each [B, heads, HW, d]
-            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+            out = attend(q, k, v, None, self, self.attn_processor)  # [B, heads, HW, d]
             out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
         else:
             qkv = qkv.reshape(b, 3, self.num_heads, d, h * w)
             q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, d]
-            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+            out = attend(q, k, v, None, self, self.attn_processor)  # [B, heads, HW, d]
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
