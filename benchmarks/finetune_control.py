@@ -233,13 +233,18 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
     plus = ALL_SHAPES.index("plus")
     runs: dict[str, Pipeline] = {"base": base}
     cpu: dict[str, float] = {}
-    for name, opts in (("DreamBooth, no prior", {}),
-                       ("DreamBooth + prior (lambda=1)", {
-                           "class_prompt": CLASS, "prior_weight": 1.0, "class_images": 64})):
-        out = args.out / ("db_prior" if opts else "db_plain")
+    prior = {"class_prompt": CLASS, "prior_weight": 1.0, "class_images": 64}
+    for name, opts, guided in (
+            ("DreamBooth, no prior", {}, False),
+            ("+ prior, recipe's class images (DDIM 25, no guidance)", prior, False),
+            ("+ prior, guided class images (DDPM 50, gamma 3)", prior, True)):
+        out = args.out / ("db_plain", "db_prior", "db_prior_guided")[len(runs) - 1]
+        seeded = guided_class_images(base, out, CLASS, 64) if guided else None
         _, cpu[name] = timed(lambda o=out, k=opts: finetune(
             args.base, subject, o, args.db_steps, batch_size=4, lr=args.db_lr,
             instance_prompt=INSTANCE, **k))
+        if seeded is not None and not torch.equal(read_class_images(out), seeded):
+            raise RuntimeError(f"{out}: the recipe did not train on the given class images")
         runs[name] = Pipeline.from_pretrained(out)
     rows, pictures = [], []
     for name, pipe in runs.items():
@@ -268,15 +273,49 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
     return {"rows": rows, "steps": args.db_steps, "lr": args.db_lr}
 
 
+def guided_class_images(base: Pipeline, out: Path, prompt: str, n: int) -> Tensor:
+    """DreamBooth's class images sampled as every sample here is (DDPM 50, guidance 3; the
+    recipe samples them with the base's default sampler, DDIM 25, unguided, which leaves
+    noise on many of this model's samples), seeds 0.., stored where the recipe caches its
+    class images for exactly this request (``class_prompt``, ``class_images`` = n,
+    ``class_steps`` 25, seed 0), so the run trains on them."""
+    from safetensors.torch import save_file
+
+    from difflab.recipes.dreambooth import CLASS_IMAGES_FILE
+
+    x = base(n, prompt=[prompt] * n, seed=0, sampler=SAMPLER, steps=SAMPLE_STEPS[0],
+             guidance=GUIDANCE).samples.float().contiguous()
+    request = {"prompt": prompt, "label": "", "n": str(n), "steps": "25", "seed": "0",
+               "shape": str(list(base.sample_shape))}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"images": x}, str(out / CLASS_IMAGES_FILE), metadata=request)
+    return x
+
+
+def read_class_images(out: Path) -> Tensor:
+    from difflab.io import read_safetensors
+    from difflab.recipes.dreambooth import CLASS_IMAGES_FILE
+
+    return read_safetensors(out / CLASS_IMAGES_FILE)["images"]
+
+
 # -- ControlNet --------------------------------------------------------------------------------
-def heldout_masks(n: int, seed: int = 31) -> tuple[Tensor, list[str], Tensor]:
+def heldout_masks(n: int, jitter: tuple[float, float], seed: int = 31
+                  ) -> tuple[Tensor, list[str], Tensor]:
     """Clean images, captions and mask controls [n, 1, 16, 16] of held-out colour x shape
-    pairs with centres moved past the training jitter."""
+    pairs (never in the training split) with centre offsets in ``jitter``."""
     from difflab.data.control import control_image
 
     test = load_shapes(16, "test", n, seed=seed)  # held-out pairs: attributes only
-    x = render(test.attributes, 16, torch.Generator().manual_seed(seed), (JITTER, 0.11))
+    x = render(test.attributes, 16, torch.Generator().manual_seed(seed), jitter)
     return x, [caption(*map(int, a)) for a in test.attributes], control_image(x, "mask")
+
+
+def other_colour(prompt: str) -> str:
+    """The caption with its colour word replaced by the next palette colour."""
+    a = list(parse_caption(prompt))
+    a[1] = (a[1] + 1) % len(COLOURS)
+    return caption(*a)
 
 
 def controlnet_section(args: argparse.Namespace, checker: ShapeAttributeChecker
@@ -291,33 +330,33 @@ def controlnet_section(args: argparse.Namespace, checker: ShapeAttributeChecker
                           ema_decay=0.99),
         run=RunConfig(out_dir=str(out), sample_every=0, checkpoint_every=0, seed=0))
     _, cpu = timed(lambda: ControlNetRecipe(cfg, overwrite=True).run(progress=False))
-    clean, prompts, masks = heldout_masks(96)
-    # the same masks with every prompt's colour changed: the colour must follow the prompt
-    swapped = [p.replace(c, list(COLOURS)[(i + 1) % 4], 1) for p in prompts
-               for i, c in enumerate(COLOURS) if f" {c} " in p]
     ctrl = Pipeline.from_pretrained(out)
     base = Pipeline.from_pretrained(args.base)
-    rows, pictures = [], [clean[:12]]
-    for name, pipe, ps, control in (
-            ("base, no control", base, prompts, None),
-            ("ControlNet, held-out masks", ctrl, prompts, masks),
-            ("ControlNet, held-out masks, other colour", ctrl, swapped, masks)):
-        x = sample(pipe, ps, control=control)
-        acc = attribute_accuracy(checker.predict(x), targets(ps))
-        iou = mask_iou(x, masks, MASK_THRESHOLD)
-        rows.append({"run": name, "iou": float(iou.mean()), "iou_p10": float(iou.quantile(0.1)),
-                     "colour": acc["colour"], "shape": acc["shape"], "all": acc["all"]})
-        pictures.append(x[:12])
-    ceiling = mask_iou(clean, masks, MASK_THRESHOLD)
-    rows.append({"run": "clean images of the masks (ceiling)", "iou": float(ceiling.mean()),
-                 "iou_p10": float(ceiling.quantile(0.1)), "colour": 1.0, "shape": 1.0,
-                 "all": 1.0})
+    rows, pictures = [], []
+    for where, jitter in (("training jitter", (0.0, JITTER)),
+                          ("centres past the training jitter", (JITTER, 0.11))):
+        clean, prompts, masks = heldout_masks(args.cn_n, jitter)
+        for name, pipe, ps, control in (
+                ("base, no control", base, prompts, None),
+                ("ControlNet", ctrl, prompts, masks),
+                ("ControlNet, prompt with another colour", ctrl,
+                 [other_colour(p) for p in prompts], masks),
+                ("clean images of the masks (ceiling)", None, prompts, None)):
+            x = clean if pipe is None else sample(pipe, ps, control=control)
+            acc = attribute_accuracy(checker.predict(x), targets(ps))
+            iou = mask_iou(x, masks, MASK_THRESHOLD)
+            rows.append({"masks": where, "run": name, "iou": float(iou.mean()),
+                         "iou_p10": float(iou.quantile(0.1)), "colour": acc["colour"],
+                         "shape": acc["shape"], "all": acc["all"]})
+            pictures.append(x[:12])
+        pictures.insert(len(pictures) - 4, masks[:12].expand(-1, 3, -1, -1) * 2 - 1)
     if args.images:
-        pictures.insert(1, masks[:12].expand(-1, 3, -1, -1) * 2 - 1)
-        grid(args.images / "controlnet_masks.png", pictures,
-             ["held-out image", "its mask", "base, no control", "ControlNet",
-              "ControlNet, other colour"], "prompts: the held-out images' captions")
-    return {"rows": rows, "steps": args.cn_steps, "cpu_s": cpu, "n": len(prompts)}
+        grid(args.images / "controlnet_masks.png", pictures[5:],
+             ["control mask", "base, no control", "ControlNet", "ControlNet, other colour",
+              "clean image of the mask"],
+             "held-out colour x shape pairs, centres past the training jitter; prompts: the "
+             "clean images' captions (row 4: colour changed)")
+    return {"rows": rows, "steps": args.cn_steps, "cpu_s": cpu, "n": args.cn_n}
 
 
 # -- Prompt-to-Prompt --------------------------------------------------------------------------
@@ -342,14 +381,17 @@ def p2p_section(args: argparse.Namespace, checker: ShapeAttributeChecker) -> dic
     for kind, attr in (("colour", 1), ("shape", 0)):
         pairs = swaps(kind, args.p2p_n)
         seeds = [EVAL_SEED + i for i in range(len(pairs))]
-        both = [prompt_to_prompt(pipe, s, t, guidance=GUIDANCE, steps=SAMPLE_STEPS[0], seed=seed,
-                                 sampler=SAMPLER, cross_steps=args.cross_steps,
-                                 self_steps=args.self_steps)
+        opts = dict(guidance=GUIDANCE, steps=SAMPLE_STEPS[0], sampler=SAMPLER,
+                    cross_steps=args.cross_steps, self_steps=args.self_steps)
+        both = [prompt_to_prompt(pipe, s, t, seed=seed, **opts)
                 for (s, t), seed in zip(pairs, seeds, strict=True)]
         src = torch.stack([b[0] for b in both])
         edit = torch.stack([b[1] for b in both])
-        resample = torch.cat([sample(pipe, [t], seed=seed)
-                              for (_, t), seed in zip(pairs, seeds, strict=True)])
+        # the target sampled from the same initial noise and the same per-step noise (the
+        # uncontrolled source row of an edit of the target into itself; DDPM's per-step noise
+        # of pipe(prompt=..., seed=...) is drawn differently)
+        resample = torch.stack([prompt_to_prompt(pipe, t, t, seed=seed, **opts)[0]
+                                for (_, t), seed in zip(pairs, seeds, strict=True)])
         want = targets([t for _, t in pairs])
         p_src = checker.predict(src)
         for name, x in (("Prompt-to-Prompt", edit), ("re-sample target, same noise", resample)):
@@ -414,8 +456,9 @@ def print_tables(res: dict[str, Any]) -> None:
         r = res["controlnet"]
         print(f"\n**ControlNet: mask control** ({r['steps']} steps, CPU {r['cpu_s']:.0f} s; "
               f"{r['n']} held-out masks)\n")
-        print(table(["run", "mask IoU (mean)", "IoU 10th pct", "colour", "shape", "all four"],
-                    [[x["run"], f2(x["iou"]), f2(x["iou_p10"]), f2(x["colour"]),
+        print(table(["held-out masks", "run", "mask IoU (mean)", "IoU 10th pct", "colour",
+                     "shape", "all four"],
+                    [[x["masks"], x["run"], f2(x["iou"]), f2(x["iou_p10"]), f2(x["colour"]),
                       f2(x["shape"]), f2(x["all"])] for x in r["rows"]]))
     if "p2p" in res:
         r = res["p2p"]
@@ -441,6 +484,7 @@ def main() -> None:
     ap.add_argument("--db-lr", type=float, default=2e-4)
     ap.add_argument("--cn-steps", type=int, default=600)
     ap.add_argument("--cn-lr", type=float, default=1e-3)
+    ap.add_argument("--cn-n", type=int, default=96)
     ap.add_argument("--p2p-n", type=int, default=48)
     ap.add_argument("--sample-steps", type=int, default=STEPS, help="sampler steps (smoke runs)")
     ap.add_argument("--cross-steps", type=float, default=0.8)
