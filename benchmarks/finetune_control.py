@@ -234,15 +234,18 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
     runs: dict[str, Pipeline] = {"base": base}
     cpu: dict[str, float] = {}
     prior = {"class_prompt": CLASS, "prior_weight": 1.0, "class_images": 64}
-    for name, opts, guided in (
-            ("DreamBooth, no prior", {}, False),
-            ("+ prior, recipe's class images (DDIM 25, no guidance)", prior, False),
-            ("+ prior, guided class images (DDPM 50, gamma 3)", prior, True)):
-        out = args.out / ("db_plain", "db_prior", "db_prior_guided")[len(runs) - 1]
-        seeded = guided_class_images(base, out, CLASS, 64) if guided else None
-        _, cpu[name] = timed(lambda o=out, k=opts: finetune(
-            args.base, subject, o, args.db_steps, batch_size=4, lr=args.db_lr,
-            instance_prompt=INSTANCE, **k))
+    half, seeded = args.db_lr / 2, None
+    for name, opts, guided, lr in (
+            ("DreamBooth, no prior", {}, False, args.db_lr),
+            ("+ prior, recipe's class images (DDIM 25, no guidance)", prior, False, args.db_lr),
+            ("+ prior, guided class images (DDPM 50, gamma 3)", prior, True, args.db_lr),
+            (f"+ prior, guided class images, lr {half:g}", prior, True, half)):
+        out = args.out / ("db_plain", "db_prior", "db_prior_guided", "db_prior_half")[
+            len(runs) - 1]
+        seeded = guided_class_images(base, out, CLASS, 64, seeded) if guided else None
+        _, cpu[name] = timed(lambda o=out, k=opts, r=lr: finetune(
+            args.base, subject, o, args.db_steps, batch_size=4, lr=r, instance_prompt=INSTANCE,
+            **k))
         if seeded is not None and not torch.equal(read_class_images(out), seeded):
             raise RuntimeError(f"{out}: the recipe did not train on the given class images")
         runs[name] = Pipeline.from_pretrained(out)
@@ -273,7 +276,8 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
     return {"rows": rows, "steps": args.db_steps, "lr": args.db_lr}
 
 
-def guided_class_images(base: Pipeline, out: Path, prompt: str, n: int) -> Tensor:
+def guided_class_images(base: Pipeline, out: Path, prompt: str, n: int,
+                        x: Tensor | None = None) -> Tensor:
     """DreamBooth's class images sampled as every sample here is (DDPM 50, guidance 3; the
     recipe samples them with the base's default sampler, DDIM 25, unguided, which leaves
     noise on many of this model's samples), seeds 0.., stored where the recipe caches its
@@ -283,8 +287,9 @@ def guided_class_images(base: Pipeline, out: Path, prompt: str, n: int) -> Tenso
 
     from difflab.recipes.dreambooth import CLASS_IMAGES_FILE
 
-    x = base(n, prompt=[prompt] * n, seed=0, sampler=SAMPLER, steps=SAMPLE_STEPS[0],
-             guidance=GUIDANCE).samples.float().contiguous()
+    if x is None:  # (or the ones already drawn)
+        x = base(n, prompt=[prompt] * n, seed=0, sampler=SAMPLER, steps=SAMPLE_STEPS[0],
+                 guidance=GUIDANCE).samples.float().contiguous()
     request = {"prompt": prompt, "label": "", "n": str(n), "steps": "25", "seed": "0",
                "shape": str(list(base.sample_shape))}
     out.mkdir(parents=True, exist_ok=True)
@@ -351,11 +356,12 @@ def controlnet_section(args: argparse.Namespace, checker: ShapeAttributeChecker
             pictures.append(x[:12])
         pictures.insert(len(pictures) - 4, masks[:12].expand(-1, 3, -1, -1) * 2 - 1)
     if args.images:
-        grid(args.images / "controlnet_masks.png", pictures[5:],
-             ["control mask", "base, no control", "ControlNet", "ControlNet, other colour",
-              "clean image of the mask"],
-             "held-out colour x shape pairs, centres past the training jitter; prompts: the "
-             "clean images' captions (row 4: colour changed)")
+        labels = ["control mask", "base, no control", "ControlNet", "ControlNet, other colour",
+                  "clean image of the mask"]
+        grid(args.images / "controlnet_masks.png", pictures,
+             [f"{'A' if i < 5 else 'B'}: {t}" for i, t in enumerate(labels * 2)],
+             "held-out colour x shape pairs; A: centres in the training jitter, B: past it; "
+             "prompts: the clean images' captions (row 4: colour changed)")
     return {"rows": rows, "steps": args.cn_steps, "cpu_s": cpu, "n": args.cn_n}
 
 
@@ -482,7 +488,7 @@ def main() -> None:
     ap.add_argument("--lora-steps", type=int, default=300)
     ap.add_argument("--db-steps", type=int, default=300)
     ap.add_argument("--db-lr", type=float, default=2e-4)
-    ap.add_argument("--cn-steps", type=int, default=600)
+    ap.add_argument("--cn-steps", type=int, default=2000)
     ap.add_argument("--cn-lr", type=float, default=1e-3)
     ap.add_argument("--cn-n", type=int, default=96)
     ap.add_argument("--p2p-n", type=int, default=48)
