@@ -19,8 +19,9 @@ included (so it also sees a new shape or colour leaking into the original prompt
   adapter's file size against the full model's.
 - **DreamBooth** (Ruiz et al. 2023): the new shape "plus" from 5 images bound to the rare
   token "sks"; subject fidelity (share of samples read as a plus) and prior preservation (all
-  four attributes right on 48 original prompts, same seeds before and after), with and
-  without the prior-preservation loss.
+  four attributes right on 48 original prompts, same seeds before and after), without the
+  prior-preservation loss, with it on the recipe's own class images, and with it on class
+  images sampled as every sample here (guided; see :func:`guided_class_images`).
 - **ControlNet** (Zhang et al. 2023): mask controls; IoU between the sample's foreground and
   the control mask on held-out masks (colour x shape pairs the training split never shows,
   centres moved past the training jitter) while the prompt sets the colour.
