@@ -9,10 +9,16 @@ have. Colour: the nearest palette colour to the mean foreground colour; position
 quadrant of the mask's centroid; shape and size (jointly, as size depends on the shape's
 area): a small scikit-learn MLP fitted on the masks of clean procedural images (every
 attribute combination, held-out pairs included: the checker is independent of any diffusion
-model and only needs to read the generated pictures).
+model and only needs to read the generated pictures). Given a ``palette`` and fitted on data
+with the new shape (``data.shapes.ALL_COLOURS``, ``load_shape_variants``), it reads the
+attributes a base model never saw too.
+
+:func:`mask_iou` and :func:`masked_psnr` score spatial control and edits against a mask.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -20,7 +26,8 @@ from torch import Tensor
 
 from ..data.shapes import COLOURS, CaptionedImageData
 
-__all__ = ["ShapeAttributeChecker", "attribute_accuracy", "foreground"]
+__all__ = ["ShapeAttributeChecker", "attribute_accuracy", "foreground", "mask_iou",
+           "masked_psnr"]
 
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "position")
 
@@ -36,11 +43,15 @@ def foreground(images: Tensor) -> Tensor:
 
 class ShapeAttributeChecker:
     """``fit(clean data)`` then ``predict(images [N, 3, H, W] in [-1, 1]) -> [N, 4]`` indices
-    (shape, colour, size, position) in the order of :class:`CaptionedImageData.attributes`."""
+    (shape, colour, size, position) in the order of :class:`CaptionedImageData.attributes`.
 
-    def __init__(self, seed: int = 0):
+    ``palette``: the colours it can read, name -> RGB in [0, 1], in index order (default: the
+    data set's :data:`~difflab.data.shapes.COLOURS`); the shapes are those of the fit data."""
+
+    def __init__(self, seed: int = 0,
+                 palette: Mapping[str, tuple[float, float, float]] | None = None):
         self.seed = seed
-        self.palette = torch.tensor(list(COLOURS.values()))  # [K, 3]
+        self.palette = torch.tensor(list((COLOURS if palette is None else palette).values()))
         self.shape_clf = None
 
     def fit(self, data: CaptionedImageData) -> ShapeAttributeChecker:
@@ -77,3 +88,24 @@ def attribute_accuracy(predicted: Tensor, target: Tensor) -> dict[str, float]:
     out = {name: float(hit[:, i].mean()) for i, name in enumerate(ATTRIBUTES)}
     out["all"] = float(np.all(hit, axis=1).mean())
     return out
+
+
+def mask_iou(images: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
+    """Intersection over union [N] of each image's foreground (:func:`foreground` >
+    ``threshold``) and a mask [N, H, W] or [N, 1, H, W] (> 0.5 is inside); 1 where both are
+    empty. (The soft foreground of a clean image is its shape's coverage, so ``threshold``
+    sets which anti-aliased edge pixels count, as a control mask's threshold does.)"""
+    fg = foreground(images) > threshold
+    target = (masks.reshape(fg.shape) > 0.5)
+    inter = (fg & target).sum((1, 2)).float()
+    union = (fg | target).sum((1, 2)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def masked_psnr(x: Tensor, y: Tensor, keep: Tensor) -> Tensor:
+    """PSNR [N] in dB between images [N, C, H, W] in [-1, 1] over the pixels where ``keep``
+    [N, H, W] is true (peak-to-peak 2); inf where they agree exactly there."""
+    keep = keep.reshape(len(x), 1, *x.shape[2:]).float()
+    se = ((x.float() - y.float()) ** 2 * keep).sum((1, 2, 3))
+    mse = se / (keep.sum((1, 2, 3)) * x.shape[1]).clamp(min=1)
+    return 10 * torch.log10(4 / mse)
