@@ -20,8 +20,8 @@ included (so it also sees a new shape or colour leaking into the original prompt
 - **DreamBooth** (Ruiz et al. 2023): the new shape "plus" from 5 images bound to the rare
   token "sks"; subject fidelity (share of samples read as a plus) and prior preservation (all
   four attributes right on 48 original prompts, same seeds before and after), without the
-  prior-preservation loss, with it on the recipe's own class images, and with it on class
-  images sampled as every sample here (guided; see :func:`guided_class_images`).
+  prior-preservation loss, with it on unguided 25-step DDIM class images, and with it on the
+  recipe's default class images (DDPM 50 steps, guidance 3: sampled as every sample here).
 - **ControlNet** (Zhang et al. 2023): mask controls; IoU between the sample's foreground and
   the control mask on held-out masks (colour x shape pairs the training split never shows,
   centres moved past the training jitter) while the prompt sets the colour.
@@ -131,10 +131,12 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def finetune(base: str, data: Any, out: Path, steps: int, *, batch_size: int,
              lr: float | None = None, lora_rank: int | None = None,
              instance_prompt: str | None = None, class_prompt: str | None = None,
-             prior_weight: float = 1.0, class_images: int = 64) -> Path:
+             prior_weight: float = 1.0, class_images: int = 64,
+             class_how: dict[str, Any] | None = None) -> Path:
     """A fine-tuning run (``difflab finetune``'s recipe, in this process) on the in-memory
     captioned ``data`` into ``out``: full, or LoRA of rank ``lora_rank``; DreamBooth's
-    prompts and prior preservation when given. Returns ``out``."""
+    prompts and prior preservation when given (``class_how``: class_sampler, class_steps,
+    class_guidance of the class images; None: the recipe's defaults). Returns ``out``."""
     from difflab.recipes.finetune import FinetuneRecipe
     from difflab.recipes.finetune_config import FinetuneConfig
 
@@ -145,7 +147,8 @@ def finetune(base: str, data: Any, out: Path, steps: int, *, batch_size: int,
         "model": {"base": base, "data": "shapes variants (given in memory)"},
         "method": {"lora": lora_rank is not None, "lora_rank": lora_rank or 4},
         "dreambooth": {"instance_prompt": instance_prompt, "class_prompt": class_prompt,
-                       "prior_weight": prior_weight, "class_images": class_images},
+                       "prior_weight": prior_weight, "class_images": class_images,
+                       **(class_how or {})},
         "optim": optim, "run": {"out_dir": str(out), "seed": 0}})
     FinetuneRecipe(cfg, data, overwrite=True).run(progress=False)
     return out
@@ -235,20 +238,19 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
     runs: dict[str, Pipeline] = {"base": base}
     cpu: dict[str, float] = {}
     prior = {"class_prompt": CLASS, "prior_weight": 1.0, "class_images": 64}
-    half, seeded = args.db_lr / 2, None
-    for name, opts, guided, lr in (
-            ("DreamBooth, no prior", {}, False, args.db_lr),
-            ("+ prior, recipe's class images (DDIM 25, no guidance)", prior, False, args.db_lr),
-            ("+ prior, guided class images (DDPM 50, gamma 3)", prior, True, args.db_lr),
-            (f"+ prior, guided class images, lr {half:g}", prior, True, half)):
+    unguided = {**prior, "class_how": {"class_sampler": "ddim", "class_steps": 25,
+                                       "class_guidance": 1.0}}
+    half = args.db_lr / 2
+    for name, opts, lr in (
+            ("DreamBooth, no prior", {}, args.db_lr),
+            ("+ prior, unguided class images (DDIM 25)", unguided, args.db_lr),
+            ("+ prior, the recipe's class images (DDPM 50, guidance 3)", prior, args.db_lr),
+            (f"+ prior, the recipe's class images, lr {half:g}", prior, half)):
         out = args.out / ("db_plain", "db_prior", "db_prior_guided", "db_prior_half")[
             len(runs) - 1]
-        seeded = guided_class_images(base, out, CLASS, 64, seeded) if guided else None
         _, cpu[name] = timed(lambda o=out, k=opts, r=lr: finetune(
             args.base, subject, o, args.db_steps, batch_size=4, lr=r, instance_prompt=INSTANCE,
             **k))
-        if seeded is not None and not torch.equal(read_class_images(out), seeded):
-            raise RuntimeError(f"{out}: the recipe did not train on the given class images")
         runs[name] = Pipeline.from_pretrained(out)
     rows, pictures = [], []
     for name, pipe in runs.items():
@@ -275,34 +277,6 @@ def dreambooth_section(args: argparse.Namespace, checker: ShapeAttributeChecker
              ["training images | data", *runs],
              f"left: '{INSTANCE}'; right: original prompts (same seeds in every row)")
     return {"rows": rows, "steps": args.db_steps, "lr": args.db_lr}
-
-
-def guided_class_images(base: Pipeline, out: Path, prompt: str, n: int,
-                        x: Tensor | None = None) -> Tensor:
-    """DreamBooth's class images sampled as every sample here is (DDPM 50, guidance 3; the
-    recipe samples them with the base's default sampler, DDIM 25, unguided, which leaves
-    noise on many of this model's samples), seeds 0.., stored where the recipe caches its
-    class images for exactly this request (``class_prompt``, ``class_images`` = n,
-    ``class_steps`` 25, seed 0), so the run trains on them."""
-    from safetensors.torch import save_file
-
-    from difflab.recipes.dreambooth import CLASS_IMAGES_FILE
-
-    if x is None:  # (or the ones already drawn)
-        x = base(n, prompt=[prompt] * n, seed=0, sampler=SAMPLER, steps=SAMPLE_STEPS[0],
-                 guidance=GUIDANCE).samples.float().contiguous()
-    request = {"prompt": prompt, "label": "", "n": str(n), "steps": "25", "seed": "0",
-               "shape": str(list(base.sample_shape))}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({"images": x}, str(out / CLASS_IMAGES_FILE), metadata=request)
-    return x
-
-
-def read_class_images(out: Path) -> Tensor:
-    from difflab.io import read_safetensors
-    from difflab.recipes.dreambooth import CLASS_IMAGES_FILE
-
-    return read_safetensors(out / CLASS_IMAGES_FILE)["images"]
 
 
 # -- ControlNet --------------------------------------------------------------------------------
