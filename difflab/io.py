@@ -129,6 +129,22 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise LoadError(f"{path} is not valid JSON (cut short or corrupt?): {e}") from None
 
 
+def read_jsonl(path: str | os.PathLike[str], error: type[Exception] = LoadError
+               ) -> list[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of the JSON-lines file ``path``; a
+    line that is not JSON raises ``error`` naming the file and the line."""
+    path = Path(path)
+    rows = []
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((k, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise error(f"{path}, line {k}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (on the CPU); a missing file is FileNotFoundError,
     a cut or garbage one (safetensors checks that its header covers the file exactly) a

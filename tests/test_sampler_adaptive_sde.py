@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from test_sampler_restart import exact_moments, mixture, noise  # the same 2-D mixture
 
-from difflab.analytic import GaussianData, GaussianMixture
+from difflab.analytic import GaussianData
 from difflab.process import make_process
 from difflab.samplers import (
     SAMPLERS,
@@ -21,25 +22,6 @@ from difflab.samplers.adaptive_sde import BrownianQueue, end_time, local_error
 from difflab.samplers.grids import default_sigma_min
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def mixture(process):
-    mu = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.5]], dtype=torch.float64)
-    return GaussianMixture(process, mu, torch.tensor([0.2, 0.3, 0.25], dtype=torch.float64),
-                           torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
-
-
-def noise(process, n, d=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64) * process.sigma(process.t_max)
-
-
-def exact_moments(data):
-    w = data.log_w.exp()
-    mean = w @ data.mu
-    second = sum(wk * (torch.diag(sk**2) + torch.outer(mk, mk))
-                 for wk, mk, sk in zip(w, data.mu, data.std, strict=True))
-    return mean, second - torch.outer(mean, mean)
 
 
 def walk(n, rule, seed=0, keep_draw=False):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DataError
-from ..io import atomic_write
+from ..io import atomic_write, read_jsonl
 from .outputs import add_overwrite_option, check_outputs
 
 #: columns of metrics.jsonl that are not plotted against the step
@@ -45,13 +45,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"no training log {path}: RUN must be a run folder of difflab "
                         "train or train-classifier")
     rows = []
-    for k, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {k}: not valid JSON ({e.msg})") from None
+    for k, row in read_jsonl(path, DataError):
         if not isinstance(row, dict) or not isinstance(row.get("step"), int | float):
             raise DataError(f"{path}, line {k}: expected an object with a numeric 'step'")
         rows.append(row)

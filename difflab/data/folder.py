@@ -27,7 +27,6 @@ shorter side resized to ``resolution`` (bicubic, antialiased), then centre-cropp
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..io import read_jsonl
 from .base import DataError, ImageData, from_uint8
 from .images import WHITE, _check_channels, pil_to_mode, pil_to_uint8, resize_center_crop
 from .shapes import CaptionedImageData
@@ -158,13 +158,7 @@ def read_captions(root: Path, paths: Sequence[Path]) -> list[str] | None:
     if not file.is_file():
         return None
     found: dict[str, str] = {}
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{n}: not JSON ({e.msg})") from None
+    for n, row in read_jsonl(file, DataError):
         if not (isinstance(row, dict) and isinstance(row.get("file_name"), str)
                 and isinstance(row.get("text"), str)):
             raise DataError(f"{file}:{n}: expected {{\"file_name\": ..., \"text\": ...}}")
