@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn
+from .abm2 import abm2_solve
 from .base import (
     Callback,
     Generators,
@@ -38,6 +39,7 @@ from .base import (
     final_step,
     zero_snr_start,
 )
+from .bs23 import bs23_solve
 from .options import SamplerOption, declare_options
 
 
@@ -58,27 +60,41 @@ def _time_at(process, v: float, knee: float) -> tuple[Tensor, float]:
                   min_exclusive=True),
     SamplerOption("atol", float, 1e-5, "absolute tolerance of the adaptive step (on "
                   "x / sigma)", min=0.0, min_exclusive=True),
-    SamplerOption("method", str, "RK45", "scipy.integrate.solve_ivp method",
-                  choices=("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")),
+    SamplerOption("method", str, "RK45", "scipy.integrate.solve_ivp method; or, in torch, "
+                  "ABM2: adaptive Adams predictor-corrector, 1 NFE a step, for budgets of "
+                  "10-40 NFE; BS23: Bogacki-Shampine 3(2), 3 NFE a step",
+                  choices=("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA", "ABM2", "BS23")),
     SamplerOption("snr_knee", float, 10.0, "w_c: the solver's time is asinh(w / w_c) of "
                   "w = alpha / sigma, linear below w_c and logarithmic above",
-                  min=0.0, min_exclusive=True))
+                  min=0.0, min_exclusive=True),
+    SamplerOption("max_nfe", int, None, "methods ABM2 and BS23: cap on network evaluations; "
+                  "the last affordable step goes to the end and is accepted", min=2))
 @zero_snr_start
 @torch.no_grad()
 def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, rtol: float = 1e-5,
-         atol: float = 1e-5, method: str = "RK45", snr_knee: float = 10.0) -> Tensor:
+         atol: float = 1e-5, method: str = "RK45", snr_knee: float = 10.0,
+         max_nfe: int | None = None) -> Tensor:
     """Adaptive RK45 (or any ``solve_ivp`` method, e.g. "RK23" for the fewest evaluations at
     loose tolerances, "DOP853" for tight ones) on the PF ODE dq / dw = x0_hat in q = x / sigma,
     w = alpha / sigma, against asinh(w / ``snr_knee``) (module docstring). Only the first and
     the last two grid points are used. The callback sees every accepted step. On a rising grid
-    (inversion) it integrates from ts[0] up to ts[-1] and returns x there."""
-    from scipy.integrate import solve_ivp
+    (inversion) it integrates from ts[0] up to ts[-1] and returns x there.
 
+    ``method="ABM2"`` (``samplers.abm2``) and ``"BS23"`` (``samplers.bs23``) run in torch on
+    x's device, return the last evaluation's x0_hat (no extra one) and, with ``max_nfe``, end
+    within that many NFE."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     process = denoiser.process
     t0, t1 = ts[0], ts[-1] if rising else ts[-2]
     v0, v1 = (math.asinh(_snr_sqrt(process, t) / snr_knee) for t in (t0, t1))
+    if max_nfe is not None and method not in _TORCH_METHODS:
+        raise ValueError(f"rk45: option 'max_nfe' needs method ABM2 or BS23, got {method}")
+    if method in _TORCH_METHODS:
+        return _rk45_torch(denoiser, x, (t0, t1, v0, v1), rising, callback, cond, rtol, atol,
+                           snr_knee, method, max_nfe)
+    from scipy.integrate import solve_ivp
+
     shape, dtype, device = x.shape, x.dtype, x.device
 
     def as_tensor(q_flat: np.ndarray) -> Tensor:
@@ -106,6 +122,44 @@ def rk45(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
         return x_end
     pred = denoiser(x_end, t1, cond)
     return final_step(callback, 0 if v1 == v0 else len(sol.t) - 1, t1, pred)
+
+
+_TORCH_METHODS = ("ABM2", "BS23")
+
+
+def _rk45_torch(denoiser: DenoiserFn, x: Tensor, span: tuple, rising: bool,
+                callback: Callback | None, cond: Any, rtol: float, atol: float,
+                snr_knee: float, method: str, max_nfe: int | None) -> Tensor:
+    """rk45 with difflab's torch solvers on the same ODE (``samplers.abm2``, ``.bs23``)."""
+    t0, t1, v0, v1 = span
+    process, last = denoiser.process, {}
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def x0_at(v: float, q: Tensor) -> Tensor:
+        t, s = (t1, float(process.sigma(t1))) if v == v1 else _time_at(process, v, snr_knee)
+        last["pred"] = denoiser((s * q).to(x.dtype), t, cond)
+        return last["pred"].x0.to(work)
+
+    steps = []
+
+    def on_step(v: float, q: Tensor) -> None:
+        if callback is not None:
+            t, s = _time_at(process, v, snr_knee)
+            xk = (s * q).to(x.dtype)
+            callback(StepInfo(i=len(steps), t=t, x=xk, x0=xk))
+        steps.append(v)
+
+    q0 = x.to(work) / float(process.sigma(t0))
+    opts = {"rtol": rtol, "atol": atol, "max_nfe": max_nfe, "on_step": on_step}
+    if method == "ABM2":
+        q_end, _ = abm2_solve(x0_at, v0, v1, q0, snr_knee, **opts)
+    else:
+        q_end, _, _ = bs23_solve(lambda v, q: snr_knee * math.cosh(v) * x0_at(v, q), v0, v1,
+                                 q0, **opts)
+    x_end = (float(process.sigma(t1)) * q_end).to(x.dtype)
+    if rising:
+        return x_end
+    return final_step(callback, len(steps), t1, last["pred"])
 
 
 __all__ = ["rk45"]
