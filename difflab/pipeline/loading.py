@@ -42,8 +42,7 @@ from .card import CARD_FILE, ModelCard, StageCard
 MAX_BASE_DEPTH = 8
 
 
-def read_source(path: str | Path, ema: bool | None = None, _depth: int = 0
-                ) -> tuple[ModelCard, Path]:
+def read_source(path: str | Path, ema: bool | None = None) -> tuple[ModelCard, Path]:
     """(card, folder its weight files are relative to) of a pipeline folder or checkpoint.
 
     ``ema``: for a checkpoint, EMA weights unless False; for a pipeline folder, None accepts
@@ -51,34 +50,30 @@ def read_source(path: str | Path, ema: bool | None = None, _depth: int = 0
     ``base`` (adapters saved alone) comes back joined to its base's stages, every weights
     file then named by its absolute path; ``ema`` applies to the adapters, the base gives
     the weights it would give by itself."""
+    card, root, _, _ = read_joined(path, ema)
+    return card, root
+
+
+def read_joined(path: str | Path, ema: bool | None = None, _depth: int = 0
+                ) -> tuple[ModelCard, Path, Path, int]:
+    """:func:`read_source`'s (card, root), and the complete model under ``path`` with its
+    number of stages: ``path`` itself when its card needs no base, else its ``base``
+    followed to the end (whose stages come first in the joined card)."""
     card, root = _read_one(path, ema)
     if card.base is None:
-        return card, root
+        return card, root, Path(path), len(card.stages)
     if _depth >= MAX_BASE_DEPTH:
         raise LoadError(f"{path}: more than {MAX_BASE_DEPTH} base models deep (a cycle?)")
     base_path = Path(card.base).expanduser()
     base_path = base_path if base_path.is_absolute() else root / base_path
     try:
-        base, base_root = read_source(base_path, None, _depth + 1)
+        base, base_root, complete, n_base = read_joined(base_path, None, _depth + 1)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"base model of {path} not found: {e}") from None
     stages = [StageCard(**{**vars(s), "weights": str((r / s.weights).resolve())})
               for stages, r in ((base.stages, base_root), (card.stages, root)) for s in stages]
-    return ModelCard(**{**vars(card), "stages": stages, "base": None}), root
-
-
-def complete_source(path: str | Path) -> tuple[Path, int]:
-    """(the complete model under ``path``, its number of stages): ``path`` itself when its
-    card needs no base, else its ``base`` followed to the end (what
-    :func:`read_source` puts first in the joined card)."""
-    p = Path(path)
-    for _ in range(MAX_BASE_DEPTH + 1):
-        card, root = _read_one(p, None)
-        if card.base is None:
-            return p, len(card.stages)
-        base = Path(card.base).expanduser()
-        p = base if base.is_absolute() else root / base
-    raise LoadError(f"{path}: more than {MAX_BASE_DEPTH} base models deep (a cycle?)")
+    joined = ModelCard(**{**vars(card), "stages": stages, "base": None})
+    return joined, root, complete, n_base
 
 
 def read_adapters(path: str | Path, ema: bool | None = None) -> list[tuple[StageCard, Path]]:

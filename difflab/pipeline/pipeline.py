@@ -40,10 +40,9 @@ from .controlnet import ControlSpec, control_batch_size, set_control
 from .loading import (
     LoadedClassifier,
     build_stage_network,
-    complete_source,
     load_classifier,
     read_adapters,
-    read_source,
+    read_joined,
     stage_weights,
     write_stage_weights,
 )
@@ -101,12 +100,11 @@ class Pipeline:
 
         ``ema``: a checkpoint gives its EMA weights unless ``ema=False``; a pipeline folder
         holds one set (``card.ema``), and asking for the other is an error."""
-        card, root = read_source(path, ema)
+        card, root, base, n_base = read_joined(path, ema)
         cache: dict[str, dict[str, Tensor]] = {}
         nets = [build_stage_network(s, stage_weights(s, root, cache), device, channels_last,
                                     root=root) for s in card.stages]
         pipe = cls(card, nets, device)
-        base, n_base = complete_source(path)
         pipe.source, pipe.base_source = Path(path).resolve(), base.resolve()
         pipe._base_stages = n_base
         return pipe
