@@ -18,7 +18,18 @@ text-conditional data set); every image must have a caption.
 
 Files and folders whose names start with "." are skipped, symbolic links to folders below the
 class level are not followed, and files are matched by extension (case-insensitive). Files are
-read in sorted path order, so the result is deterministic.
+read in a sorted order, so the result is deterministic.
+
+**torchvision parity.** A folder that torchvision's ``ImageFolder`` reads gives the same
+samples in the same order with the same labels: class index = position in the sorted class
+folder names, files of each class in ``sorted(os.walk(...))`` order, torchvision's extensions
+(:data:`IMAGE_EXTENSIONS`). Deliberate differences, each where ``ImageFolder`` would fail or
+read something unintended: hidden files and folders (``.ipynb_checkpoints``, macOS ``._x.png``)
+are skipped, not classes or samples; a class folder without images is ignored (ImageFolder
+refuses it, or with ``allow_empty=True`` gives it an index); ``.gif`` is read too; links to
+folders below the class level are not followed; a folder without class sub-folders is an
+unlabelled set (ImageFolder refuses it); images beside class folders are refused (ImageFolder
+ignores them).
 
 Every image is converted to "L" or "RGB" (see :func:`difflab.data.images.pil_to_mode`), its
 shorter side resized to ``resolution`` (bicubic, antialiased), then centre-cropped to
@@ -38,10 +49,12 @@ from tqdm.auto import tqdm
 
 from ..io import read_jsonl
 from .base import DataError, ImageData, from_uint8
-from .images import WHITE, _check_channels, pil_to_mode, pil_to_uint8, resize_center_crop
+from .images import WHITE, _check_channels, fit_image
 from .shapes import CaptionedImageData
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
+#: torchvision's ImageFolder extensions (jpg jpeg png ppm bmp pgm tif tiff webp) and gif
+IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "ppm", "bmp", "pgm", "gif", "webp",
+                                     "tif", "tiff")
 PROGRESS_THRESHOLD = 500
 _MAX_LISTED = 20
 
@@ -63,12 +76,14 @@ def _is_image(name: str, exts: tuple[str, ...]) -> bool:
 
 
 def _images_under(folder: Path, exts: tuple[str, ...]) -> list[Path]:
-    """Image files anywhere below ``folder`` (hidden entries skipped), sorted."""
-    found = []
+    """Image files anywhere below ``folder`` (hidden entries skipped) in torchvision's order:
+    folders sorted by their path string (so a folder's own files come before its
+    sub-folders'), files by name within each."""
+    walked = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(f, exts))
-    return sorted(found)
+        walked.append((dirpath, sorted(f for f in filenames if _is_image(f, exts))))
+    return [Path(d) / f for d, files in sorted(walked) for f in files]
 
 
 def _describe(paths: Sequence[object]) -> str:
@@ -84,8 +99,7 @@ def _load_one(
     try:
         with Image.open(path) as img:
             img.load()
-            out = resize_center_crop(pil_to_mode(img, channels, background), resolution)
-        return pil_to_uint8(out)
+            return fit_image(img, resolution, channels, background)
     except Exception as exc:  # Pillow raises many exception types for bad files
         return f"{type(exc).__name__}: {exc}"
 

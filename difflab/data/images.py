@@ -278,6 +278,13 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img
 
 
+def fit_image(img: Image.Image, resolution: int, channels: int,
+              background: tuple[int, int, int] = WHITE) -> Tensor:
+    """uint8 ``[channels, resolution, resolution]`` of a Pillow image, prepared the way every
+    loader prepares one: :func:`pil_to_mode`, then :func:`resize_center_crop`."""
+    return pil_to_uint8(resize_center_crop(pil_to_mode(img, channels, background), resolution))
+
+
 def load_png(path: str | os.PathLike[str], channels: int = 3,
              resolution: int | None = None) -> Tensor:
     """Load one image file (PNG or any format Pillow reads) as ``[channels, H, W]`` in
