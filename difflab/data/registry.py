@@ -1,9 +1,10 @@
 """Data sets by name: ``name -> loader``. Adding a data set is its module plus one line here.
 
 A name is ``NAME`` (a built-in with no argument, case-insensitive; ``scenes:captions`` is one
-such name), ``NAME:ARG`` (a loader that takes an argument: ``folder:PATH``, ``toy:moons``) or
-the path of an existing image folder. A built-in name wins over a folder of the same name; use
-``folder:NAME`` for that.
+such name), ``NAME:ARG`` (a loader that takes an argument: ``folder:PATH``, ``toy:moons``,
+``hf:PATH``, ``cifar10:PATH``; the last two take ``:KEY=VALUE`` options and a ``:train`` /
+``:test`` suffix, see :mod:`difflab.data.spec`) or the path of an existing image folder.
+A built-in name wins over a folder of the same name; use ``folder:NAME`` for that.
 
 :func:`dataset_folder`, :func:`dataset_slug` and :func:`folder_resolution` tell a recipe what a
 name refers to before loading it (the defaults of ``difflab train`` follow from them).
@@ -20,10 +21,14 @@ import torch
 from PIL import Image
 
 from .base import DataError, ImageData, PointData, check_split, split_data
+from .cifar import CIFAR10, CIFAR100, CifarLayout, load_cifar
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, _images_under, load_image_folder
+from .hf import OPTIONS as HF_OPTIONS
+from .hf import load_hf_dataset
 from .scenes import load_scenes
 from .shapes import load_shapes
+from .spec import effective_split, parse_path_spec
 from .toy2d import TOY_DATASETS, sample_toy
 
 
@@ -72,6 +77,24 @@ def _folder(arg: str, r: DataRequest) -> ImageData:
     return split_data(data, r.split, r.test_fraction, r.seed)
 
 
+def _hf(arg: str, r: DataRequest) -> ImageData:
+    spec = parse_path_spec("hf", arg, HF_OPTIONS)
+    o = spec.options
+    return load_hf_dataset(
+        spec.path, r.resolution, 3 if r.channels is None else r.channels,
+        effective_split(f"hf:{arg}", spec.split, r.split), r.test_fraction, r.seed,
+        image=o.get("image"), label=o.get("label"), text=o.get("text"), hf_split=o.get("split"))
+
+
+def _cifar(key: str, layout: CifarLayout) -> Loader:
+    def load(arg: str, r: DataRequest) -> ImageData:
+        spec = parse_path_spec(key, arg, ("label",) if len(layout.names) > 1 else ())
+        return load_cifar(spec.path, r.resolution, 3 if r.channels is None else r.channels,
+                          effective_split(f"{key}:{arg}", spec.split, r.split), layout=layout,
+                          label=spec.options.get("label"))
+    return load
+
+
 def _toy(arg: str, r: DataRequest) -> PointData:
     if arg not in TOY_DATASETS:
         raise DataError(f"unknown toy dataset {arg!r}; choose from {sorted(TOY_DATASETS)}")
@@ -85,6 +108,9 @@ DATASETS: dict[str, tuple[Loader, bool]] = {
     "scenes": (_scenes(captions=False), False),          # 12 classes: the main object
     "scenes:captions": (_scenes(captions=True), False),  # the same images, captioned
     "folder": (_folder, True),
+    "hf": (_hf, True),                          # a Hugging Face save_to_disk folder
+    "cifar10": (_cifar("cifar10", CIFAR10), True),     # CIFAR-10's binary version
+    "cifar100": (_cifar("cifar100", CIFAR100), True),  # CIFAR-100's binary version
     "toy": (_toy, True),
 }
 
@@ -134,6 +160,10 @@ def dataset_slug(name: str) -> str:
     key, sep, arg = name.strip().partition(":")
     if DATASETS.get(key.lower(), (None, True))[1] is False and not sep:
         return key.lower()
+    if sep and key in ("cifar10", "cifar100"):
+        return key
+    if sep and key == "hf":
+        return Path(parse_path_spec(key, arg, HF_OPTIONS).path).resolve().name or "hf"
     if sep and key in DATASETS and key != "folder":
         return f"{key}-{arg}".replace("/", "-")
     folder = Path(arg if sep and key == "folder" else name).expanduser()

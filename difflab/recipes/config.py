@@ -249,8 +249,8 @@ DERIVED_DEFAULTS = {
                           "scaled_linear with --autoencoder",
     "diffusion.prediction": "eps; flow with --objective rectified-flow",
 }
-#: built-in data sets drawn at a size of their own (the default --resolution for them)
-NATIVE_RESOLUTIONS = {"scenes": 64}
+#: data sets with a size of their own (the default --resolution for them; cifar10:PATH too)
+NATIVE_RESOLUTIONS = {"scenes": 64, "cifar10": 32, "cifar100": 32}
 #: warm-up steps not given are capped at ``steps // WARMUP_FRACTION``
 WARMUP_FRACTION = 5
 
