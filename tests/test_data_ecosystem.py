@@ -22,6 +22,7 @@ from difflab.data import (
     to_uint8,
 )
 from difflab.data.registry import dataset_slug
+from difflab.evaluation.reference import load_sample_set
 from difflab.recipes.config import resolve_values
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -83,6 +84,8 @@ def test_cifar10_binary_round_trip_and_splits(tmp_path: Path) -> None:
         assert data.labels.tolist() == labels.tolist()
         assert data.class_names == CIFAR10_NAMES
     assert len(truth["train"][0]) == 12 and len(truth["test"][0]) == 3
+    samples = load_sample_set(f"cifar10:{folder}:test", resolution=32)  # difflab eval's names
+    assert np.array_equal(samples.images, truth["test"][0].transpose(0, 2, 3, 1))
     _one_line_error(f"cifar10:{folder}:test", DataRequest(32, split="train"),
                     "split 'test'", "'train'")
 

@@ -1,7 +1,8 @@
 """Data sets for difflab: built-in digits, image folders, 2-D toys, and image file I/O.
 
 All image loaders return :class:`ImageData` (``[N, C, H, W]`` float32 in ``[-1, 1]``).
-:func:`load_data` picks a loader by name from the registry :data:`DATASETS` (2-D toys give
+:func:`load_data` picks a loader by name from the registry :data:`DATASETS` (image folders,
+``hf:PATH`` Hugging Face ``save_to_disk`` folders, ``cifar10:PATH`` binary CIFAR; 2-D toys give
 :class:`PointData`); :func:`load_dataset` is the same for image data sets.
 """
 
@@ -16,8 +17,10 @@ from .base import (
     split_indices,
     to_uint8,
 )
+from .cifar import CIFAR10, CIFAR100, load_cifar
 from .digits import load_digits
 from .folder import IMAGE_EXTENSIONS, load_image_folder
+from .hf import load_hf_dataset
 from .images import (
     labelled_grid_image,
     load_png,
@@ -47,6 +50,8 @@ __all__ = [
     "EpochSource",
     "RandomSource",
     "BUILTIN_DATASETS",
+    "CIFAR10",
+    "CIFAR100",
     "CaptionedImageData",
     "DATASETS",
     "DataError",
@@ -59,9 +64,11 @@ __all__ = [
     "checkerboard",
     "eight_gaussians",
     "from_uint8",
+    "load_cifar",
     "load_data",
     "load_dataset",
     "load_digits",
+    "load_hf_dataset",
     "load_image_folder",
     "load_png",
     "load_scenes",
