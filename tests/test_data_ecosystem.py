@@ -21,6 +21,7 @@ from difflab.data import (
     load_image_folder,
     to_uint8,
 )
+from difflab.data import hf as hf_module
 from difflab.data.registry import dataset_slug
 from difflab.evaluation.reference import load_sample_set
 from difflab.recipes.config import resolve_values
@@ -202,7 +203,8 @@ def _chw(pixels: np.ndarray) -> torch.Tensor:
 
 
 @needs_hf
-def test_hf_dataset_round_trip(tmp_path: Path) -> None:
+def test_hf_dataset_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_module, "_BATCH", 4)  # rows are read in batches: two here
     ds, pixels, labels, captions = _hf_dataset()
     ds.save_to_disk(str(tmp_path / "ds"))
     data = load_data(f"hf:{tmp_path / 'ds'}", DataRequest(resolution=8))
@@ -297,6 +299,16 @@ def test_hf_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                     "img, img2", ":image=COLUMN")
     _one_line_error(f"hf:{tmp_path / 'two'}:image=img2", DataRequest(8),
                     "4 unreadable image(s)", "'img2'", "row 0")
+    garbage = datasets.Dataset.from_dict(
+        {"img": [{"bytes": b"not an image", "path": None}]},
+        features=datasets.Features({"img": datasets.Image()}))
+    garbage.save_to_disk(str(tmp_path / "garbage"))
+    _one_line_error(f"hf:{tmp_path / 'garbage'}", DataRequest(8), "1 unreadable image(s)",
+                    "row 0 (UnidentifiedImageError", str(tmp_path / "garbage"))
+    ds.map(lambda row: {"label": -1 if row["idx"] == 2 else row["label"]}).save_to_disk(
+        str(tmp_path / "minus"))
+    _one_line_error(f"hf:{tmp_path / 'minus'}", DataRequest(8), "1 row(s) without a label",
+                    ":label=none")
     unlabelled = ds.remove_columns(["label"])
     unlabelled.save_to_disk(str(tmp_path / "nolabel"))
     assert load_data(f"hf:{tmp_path / 'nolabel'}", DataRequest(8)).labels is None

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .base import DataError, ImageData, from_uint8, split_data, split_indices
+from .folder import PROGRESS_THRESHOLD
 from .images import _check_channels, fit_image
 from .shapes import CaptionedImageData
 
@@ -137,29 +142,43 @@ def _pick(features: dict[str, Any], kind: type, what: str, option: str, named: s
     return found[0] if found else None
 
 
+def _decode_cell(cell: dict[str, Any] | None, mode: str | None, resolution: int,
+                 channels: int) -> torch.Tensor | str:
+    """uint8 ``[C, R, R]`` of one ``Image(decode=False)`` cell, or why it cannot be read."""
+    if cell is None or (cell["bytes"] is None and cell["path"] is None):
+        return "no image"
+    try:
+        source = io.BytesIO(cell["bytes"]) if cell["bytes"] is not None else cell["path"]
+        with Image.open(source) as img:
+            img.load()
+            return fit_image(img.convert(mode) if mode else img, resolution, channels)
+    except Exception as exc:  # Pillow raises many types for bad images
+        return _first_line(exc)
+
+
 def _decode_images(ds: Any, column: str, feature: Any, resolution: int, channels: int,
                    where: Path) -> torch.Tensor:
-    """Every image of ``column`` as uint8 ``[N, channels, resolution, resolution]``."""
+    """Every image of ``column`` as uint8 ``[N, channels, resolution, resolution]``, decoded
+    by Pillow in threads (it releases the GIL) as the image-folder loader does."""
     datasets = _datasets()
     raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
     out = torch.empty((len(ds), channels, resolution, resolution), dtype=torch.uint8)
     bad: list[str] = []
     mode = getattr(feature, "mode", None)  # Image(mode=...): datasets' own decoding converts
-    for b, batch in enumerate(raw.with_format("arrow").iter(batch_size=_BATCH)):
-        for j, cell in enumerate(batch.column(column).to_pylist()):
-            row = b * _BATCH + j
-            if cell is None or (cell["bytes"] is None and cell["path"] is None):
-                bad.append(f"row {row} (no image)")
-                continue
-            try:
-                source = io.BytesIO(cell["bytes"]) if cell["bytes"] is not None \
-                    else cell["path"]
-                with Image.open(source) as img:
-                    img.load()
-                    img = img.convert(mode) if mode else img
-                    out[row] = fit_image(img, resolution, channels)
-            except Exception as exc:  # Pillow raises many types for bad images
-                bad.append(f"row {row} ({_first_line(exc)})")
+    job = partial(_decode_cell, mode=mode, resolution=resolution, channels=channels)
+    row = 0
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(ds), desc=f"decoding {where.name}", unit="img",
+                 disable=len(ds) <= PROGRESS_THRESHOLD) as bar:
+        for batch in raw.with_format("arrow").iter(batch_size=_BATCH):
+            cells = batch.column(column).to_pylist()
+            for res in pool.map(job, cells):
+                if isinstance(res, str):
+                    bad.append(f"row {row} ({res})")
+                else:
+                    out[row] = res
+                row += 1
+            bar.update(len(cells))
     if bad:
         raise DataError(f"{len(bad)} unreadable image(s) in column {column!r} of {where}: "
                         f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
