@@ -252,23 +252,30 @@ def load_hf_dataset(path: str | Path, resolution: int, channels: int = 3, split:
     datasets = _datasets()
     features = dict(ds.features)
     img_col = _pick(features, datasets.Image, "Image", "image", image, folder)
-    if img_col is None or not isinstance(features[img_col], datasets.Image):
+    if img_col is None:
         raise DataError(f"no Image column in {folder} (columns: {', '.join(features)}); "
-                        f"name one with :image=COLUMN" if img_col is None else
-                        f"column {img_col!r} of {folder} is not an Image column")
+                        f"name one with :image=COLUMN")
+    if not isinstance(features[img_col], datasets.Image):
+        raise DataError(f"column {img_col!r} of {folder} is not an Image column")
+    labels, names, captioned = _targets(ds, features, label, text, folder)  # before decoding
     images = from_uint8(_decode_images(ds, img_col, features[img_col], resolution, channels,
                                        folder))
-    if text is not None:
-        txt_col = _pick(features, datasets.Value, "text", "text", text, folder)
-        index, names = _captions(ds, str(txt_col), features[str(txt_col)], folder)
-        data: ImageData = CaptionedImageData(images, index, names)
-    else:
-        lab_col = None if label == "none" else _pick(
-            features, datasets.ClassLabel, "ClassLabel", "label", label, folder, "label")
-        labels, names = _labels(ds, lab_col, features[lab_col], folder) if lab_col \
-            else (None, [])
-        data = ImageData(images, labels, names)
+    data = (CaptionedImageData if captioned else ImageData)(images, labels, names)
     return data if whole else _split(data, split, test_fraction, seed)
+
+
+def _targets(ds: Any, features: dict[str, Any], label: str | None, text: str | None,
+             where: Path) -> tuple[torch.Tensor | None, list[str], bool]:
+    """(labels, class names, captioned): caption indices for ``text``, else class labels."""
+    datasets = _datasets()
+    if text is not None:
+        col = str(_pick(features, datasets.Value, "text", "text", text, where))
+        return (*_captions(ds, col, features[col], where), True)
+    col = None if label == "none" else _pick(
+        features, datasets.ClassLabel, "ClassLabel", "label", label, where, "label")
+    if col is None:
+        return None, [], False
+    return (*_labels(ds, col, features[col], where), False)
 
 
 def _split(data: ImageData, split: str, test_fraction: float, seed: int) -> ImageData:
