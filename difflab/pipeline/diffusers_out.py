@@ -52,7 +52,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -62,8 +62,11 @@ from ..networks.unet import AttentionBlock, Downsample, ResBlock, UNet, UNetConf
 from ..process import DiscreteProcess, Process
 from .card import StageCard
 
-__all__ = ["DiffusersExport", "PREDICTION_TYPES", "convert_unet", "export_diffusers",
-           "scheduler_config", "unet2d_config", "write_diffusers"]
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["DiffusersExport", "PREDICTION_TYPES", "check_process", "convert_unet",
+           "export_diffusers", "scheduler_config", "unet2d_config", "write_diffusers"]
 
 #: difflab prediction type -> diffusers ``prediction_type``
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -349,7 +352,7 @@ def scheduler_config(process: Process, prediction: str | None,
 
 
 # -- the pipeline ------------------------------------------------------------------------------
-def _check_stages(pipe: Any) -> StageCard:
+def _check_stages(pipe: Pipeline) -> StageCard:
     """The diffusion stage if the card exports, else a one-line ValueError naming it."""
     for s in pipe.card.stages:
         if s.kind != "diffusion":
@@ -368,7 +371,7 @@ def _check_stages(pipe: Any) -> StageCard:
     return st
 
 
-def export_diffusers(pipe: Any) -> DiffusersExport:
+def export_diffusers(pipe: Pipeline) -> DiffusersExport:
     """Convert a :class:`~difflab.pipeline.Pipeline` whose diffusion stage is a U-Net on a
     1000-step DDPM chain (eps, v or x0) to diffusers' configs and weights; anything that does
     not map is a one-line ValueError naming the field (nothing is written)."""

@@ -1,0 +1,159 @@
+"""`difflab export --format diffusers`: tiny random difflab models saved, exported, loaded in
+diffusers and compared with difflab's own network, schedule and DDIM."""
+
+import json
+
+import pytest
+import torch
+
+from difflab.cli.main import main
+from difflab.config import to_dict
+from difflab.networks.unet import UNet, UNetConfig
+from difflab.pipeline import Pipeline
+from difflab.pipeline.card import ModelCard, StageCard
+from difflab.pipeline.diffusers_out import export_diffusers, scheduler_config, unet2d_config
+from difflab.process import make_process
+from difflab.samplers import get_sampler
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = [2, 8, 8]
+TINY = dict(in_channels=2, image_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(4,), num_heads=2, groups=4)
+
+
+def save_model(root, prediction="eps", schedule="linear", num_classes=None, seed=0,
+               process=None, learned_variance=False, **unet):
+    """A randomly initialised difflab U-Net pipeline (every weight drawn: the zero-init
+    output layers would hide a wrong mapping) saved into ``root``."""
+    cfg = UNetConfig(**{**TINY, "num_classes": num_classes, **unet})
+    torch.manual_seed(seed)
+    net = UNet(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.3)
+    process = process or make_process(schedule)
+    names = [f"c{i}" for i in range(num_classes)] if num_classes else []
+    stage = StageCard(name="diffusion", network="unet", network_config=to_dict(cfg),
+                      sample_shape=SHAPE, weights="diffusion.safetensors",
+                      process=process.to_config(), prediction=prediction, data_range=[-1.0, 1.0],
+                      conditioning="class" if num_classes else "none", class_names=names,
+                      learned_variance=learned_variance)
+    Pipeline(ModelCard(stages=[stage]), net).save_pretrained(root)
+    return root
+
+
+def export(tmp_path, *args, **kwargs):
+    src = save_model(tmp_path / "model", *args, **kwargs)
+    assert main(["export", "--format", "diffusers", str(src), str(tmp_path / "out")]) == 0
+    return Pipeline.from_pretrained(src, channels_last=False), tmp_path / "out"
+
+
+@pytest.mark.parametrize("time_conditioning", ["scale_shift", "add"])
+def test_exported_unet_gives_difflab_outputs(tmp_path, time_conditioning):
+    pipe, out = export(tmp_path, time_conditioning=time_conditioning)
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    for k in (0, 1, 37, 500, 998, 999):  # diffusers' step k is difflab's t = k + 1
+        with torch.no_grad():
+            ours = pipe.net(x, pipe.process.c_noise(torch.full((3,), k + 1.0)).float())
+            theirs = unet(x, k).sample
+        assert ours.abs().max() > 0.1
+        torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-5)
+
+
+def test_class_conditional_unet_takes_the_null_label(tmp_path):
+    pipe, out = export(tmp_path, num_classes=3)
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    assert unet.config.num_class_embeds == 4
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 3])  # 3 is the null label of classifier-free guidance
+    with torch.no_grad():
+        ours = pipe.net(x, torch.full((4,), 250.0), labels)
+        theirs = unet(x, 249, class_labels=labels).sample
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "scaled_linear", "sigmoid"])
+def test_scheduler_has_difflab_betas(tmp_path, schedule):
+    pipe, out = export(tmp_path, schedule=schedule, prediction="v")
+    loaded = diffusers.DDPMPipeline.from_pretrained(out)
+    sched = loaded.scheduler
+    assert isinstance(sched, diffusers.DDPMScheduler)
+    assert isinstance(loaded.unet, diffusers.UNet2DModel)
+    assert sched.config.prediction_type == "v_prediction" and sched.config.clip_sample
+    # the float32 betas are difflab's table rounded once; alpha_bar to float32 cumprod error
+    assert torch.equal(sched.betas, pipe.process.betas.float())
+    torch.testing.assert_close(sched.alphas_cumprod.double(), pipe.process.alpha_bar,
+                               rtol=2e-5, atol=0)
+    config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["trained_betas"] is None) == (schedule == "cosine")  # only cosine is named
+
+
+def test_ddim_on_the_export_matches_difflab_ddim(tmp_path):
+    pipe, out = export(tmp_path, prediction="eps")
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    sched = diffusers.DDIMScheduler.from_pretrained(out / "scheduler", clip_sample=False)
+    sched.set_timesteps(10)  # "leading": 900, 800, ..., 0, then alpha_bar = 1
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    with torch.no_grad():
+        for k in sched.timesteps:
+            y = sched.step(unet(y, k).sample, k, y).prev_sample
+        ts = torch.cat([sched.timesteps.double() + 1, torch.zeros(1, dtype=torch.float64)])
+        ours = get_sampler("ddim")(pipe.denoiser(clip=False), x, ts)
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(y, ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(prediction="edm"), "prediction 'edm'"),
+    (dict(prediction="flow", schedule="rectified_flow"), "prediction 'flow'"),
+    (dict(schedule="vpsde"), "process 'vpsde' is continuous-time"),
+    (dict(process=make_process("linear", T=500)), "process T=500"),
+    (dict(process=make_process("linear", zero_terminal_snr=True)), "zero_terminal_snr"),
+    (dict(learned_variance=True, out_channels=4), "learned_variance"),
+    (dict(base_channels=32, groups=32), "groups=32"),
+    (dict(channel_mult=(1, 2, 4), image_size=8, attention_resolutions=(4, 2)), "num_heads=2"),
+])
+def test_unmappable_models_are_refused_by_name(tmp_path, capsys, change, field):
+    src = save_model(tmp_path / "model", **change)
+    with pytest.raises(ValueError, match=field.replace("(", r"\(")):
+        export_diffusers(Pipeline.from_pretrained(src))
+    assert main(["export", "--format", "diffusers", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert field in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_and_guidance_nets_and_score_models_are_refused():
+    with pytest.raises(ValueError, match="context_dim=8"):
+        unet2d_config(UNet(UNetConfig(**{**TINY, "context_dim": 8})), SHAPE)
+    with pytest.raises(ValueError, match="guidance_embedding"):
+        unet2d_config(UNet(UNetConfig(**{**TINY, "guidance_embedding": True})), SHAPE)
+    with pytest.raises(ValueError, match="prediction 'score'"):
+        scheduler_config(make_process("linear"), "score")
+
+
+def test_zero_terminal_snr_v_model_exports_its_rescaled_betas(tmp_path):
+    pipe, out = export(tmp_path, prediction="v",
+                       process=make_process("linear", zero_terminal_snr=True))
+    sched = diffusers.DDPMScheduler.from_pretrained(out / "scheduler")
+    assert torch.equal(sched.betas, pipe.process.betas.float())
+    assert sched.alphas_cumprod[-1] == 0
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    src = save_model(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["export", "--format", "diffusers", str(src), str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(argv + ["--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
