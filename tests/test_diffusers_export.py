@@ -157,3 +157,35 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     assert main(argv + ["--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "unet"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_cli_exports_a_training_run(tmp_path, capsys):
+    from conftest import train_tiny_digits
+
+    train_tiny_digits(tmp_path, 2, groups=8)  # widths 16, 32, 48 all get 8 groups
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(["export", "--format", "diffusers", str(run), str(out)]) == 0
+    assert "label 10 is unconditional" in capsys.readouterr().out
+    pipe = Pipeline.from_pretrained(run, channels_last=False)
+    loaded = diffusers.DDPMPipeline.from_pretrained(out)
+    x = torch.randn(2, *pipe.sample_shape, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([7, 10])
+    with torch.no_grad():
+        ours = pipe.net(x, torch.full((2,), 600.0), labels)
+        theirs = loaded.unet(x, 599, class_labels=labels).sample
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-5)
+    sched = loaded.scheduler
+    assert sched.config.beta_schedule == "squaredcos_cap_v2"  # bit-exact: no trained_betas
+    assert torch.equal(sched.betas, pipe.process.betas.float())
+
+
+def test_the_default_training_preset_needs_one_group_count():
+    """The recipe's default U-Net (--model-size tiny: width 32 and 64 under --groups 32) has
+    16 groups at width 32 and 32 elsewhere: refused with the --groups that maps."""
+    from difflab.recipes import MODEL_SIZES
+
+    tiny = dict(in_channels=1, image_size=8, attention_resolutions=(4,), **MODEL_SIZES["tiny"])
+    with pytest.raises(ValueError, match=r"16 at width 32, 32 at width 64.*--groups 16 "):
+        unet2d_config(UNet(UNetConfig(**tiny)), [1, 8, 8])
+    assert unet2d_config(UNet(UNetConfig(**tiny, groups=16)), [1, 8, 8])["norm_num_groups"] == 16
+    assert unet2d_config(UNet(UNetConfig(in_channels=3)), [3, 16, 16])["norm_num_groups"] == 32

@@ -97,6 +97,14 @@ def _group_counts(net: UNet) -> dict[int, int]:
     return {m.num_groups: m.num_channels for m in net.modules() if isinstance(m, nn.GroupNorm)}
 
 
+def _uniform_groups(net: UNet, max_groups: int) -> int:
+    """The largest group count <= ``max_groups`` that ``group_count`` gives every GroupNorm
+    width of ``net`` (it divides each width and leaves >= 2 channels a group)."""
+    widths = {m.num_channels for m in net.modules() if isinstance(m, nn.GroupNorm)}
+    return max(g for g in range(1, max_groups + 1)
+               if all(w % g == 0 and (g <= w // 2 or w == 1) for w in widths))
+
+
 def _head_dim(cfg: UNetConfig) -> int | None:
     """diffusers' ``attention_head_dim`` for difflab's ``num_heads``, or a ValueError."""
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
@@ -130,7 +138,8 @@ def unet2d_config(net: UNet, sample_shape: list[int] | tuple[int, ...]) -> dict[
         desc = ", ".join(f"{g} at width {w}" for g, w in sorted(groups.items()))
         raise ValueError(f"groups={cfg.groups}: difflab's GroupNorms have different group "
                          f"counts ({desc}; networks.unet.group_count); UNet2DModel has one "
-                         "norm_num_groups")
+                         f"norm_num_groups (a model trained with --groups "
+                         f"{_uniform_groups(net, cfg.groups)} has one count at every width)")
     (num_groups,) = groups
     attn = [r in cfg.attention_resolutions for r in cfg.resolutions]
     h, w = (int(s) for s in sample_shape[-2:])
