@@ -189,3 +189,21 @@ def test_the_default_training_preset_needs_one_group_count():
         unet2d_config(UNet(UNetConfig(**tiny)), [1, 8, 8])
     assert unet2d_config(UNet(UNetConfig(**tiny, groups=16)), [1, 8, 8])["norm_num_groups"] == 16
     assert unet2d_config(UNet(UNetConfig(in_channels=3)), [3, 16, 16])["norm_num_groups"] == 32
+
+
+def test_ddpm_pipeline_on_the_export_draws_difflab_ddpm_samples(tmp_path):
+    """DDPMPipeline (clip_sample, beta_tilde variance, 10 "leading" steps) from one generator
+    = difflab's ddpm sampler (clipped x0_hat) on the grid k + 1 from the same generator: the
+    same initial noise and per-step noise draws, in the same order."""
+    pipe, out = export(tmp_path, prediction="x0", schedule="cosine")
+    loaded = diffusers.DDPMPipeline.from_pretrained(out)
+    loaded.set_progress_bar_config(disable=True)
+    images = loaded(batch_size=2, generator=torch.Generator().manual_seed(5),
+                    num_inference_steps=10, output_type="np").images  # [B, H, W, C] in [0, 1]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, *SHAPE, generator=g)
+    ts = torch.cat([loaded.scheduler.timesteps.double() + 1, torch.zeros(1, dtype=torch.float64)])
+    ours = get_sampler("ddpm")(pipe.denoiser(), x, ts, generator=g)
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert ours.std() > 0.05
+    torch.testing.assert_close(torch.from_numpy(images), ours, atol=1e-4, rtol=1e-4)
