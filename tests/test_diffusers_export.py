@@ -207,3 +207,13 @@ def test_ddpm_pipeline_on_the_export_draws_difflab_ddpm_samples(tmp_path):
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert ours.std() > 0.05
     torch.testing.assert_close(torch.from_numpy(images), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_export_needs_no_diffusers(monkeypatch):
+    """Without diffusers no named schedule can be checked bit for bit: trained_betas."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    config, notes = scheduler_config(make_process("cosine"), "eps", [-1.0, 1.0])
+    assert config["trained_betas"] == make_process("cosine").betas.tolist()
+    assert config["_diffusers_version"] == "0.30.0" and "trained_betas" in notes[0]
