@@ -93,8 +93,12 @@ class DiffusersExport:
 
 # -- the network -------------------------------------------------------------------------------
 def _group_counts(net: UNet) -> dict[int, int]:
-    """GroupNorm group count -> one width that has it."""
-    return {m.num_groups: m.num_channels for m in net.modules() if isinstance(m, nn.GroupNorm)}
+    """GroupNorm group count -> the smallest width that has it."""
+    counts: dict[int, int] = {}
+    for m in net.modules():
+        if isinstance(m, nn.GroupNorm):
+            counts[m.num_groups] = min(m.num_channels, counts.get(m.num_groups, m.num_channels))
+    return counts
 
 
 def _uniform_groups(net: UNet, max_groups: int) -> int:
@@ -206,9 +210,9 @@ def _convert_attention(out: dict[str, Tensor], dst: str, src: str,
     """qkv (1x1 conv, [3C, C, 1, 1]) -> to_q/to_k/to_v ([C, C]); proj -> to_out.0."""
     q, k, v = sd[f"{src}.qkv.weight"][:, :, 0, 0].chunk(3, dim=0)
     qb, kb, vb = sd[f"{src}.qkv.bias"].chunk(3, dim=0)
-    for name, wt, b in (("to_q", q, qb), ("to_k", k, kb), ("to_v", v, vb)):
-        out[f"{dst}.{name}.weight"], out[f"{dst}.{name}.bias"] = wt, b
-    out[f"{dst}.to_out.0.weight"] = sd[f"{src}.proj.weight"][:, :, 0, 0]
+    for name, wt, b in (("to_q", q, qb), ("to_k", k, kb), ("to_v", v, vb)):  # own storage
+        out[f"{dst}.{name}.weight"], out[f"{dst}.{name}.bias"] = wt.clone(), b.clone()
+    out[f"{dst}.to_out.0.weight"] = sd[f"{src}.proj.weight"][:, :, 0, 0].clone()
     out[f"{dst}.to_out.0.bias"] = sd[f"{src}.proj.bias"]
     out[f"{dst}.group_norm.weight"] = sd[f"{src}.norm.weight"]
     out[f"{dst}.group_norm.bias"] = sd[f"{src}.norm.bias"]
