@@ -50,10 +50,16 @@ def export(tmp_path, *args, **kwargs):
     return Pipeline.from_pretrained(src, channels_last=False), tmp_path / "out"
 
 
-@pytest.mark.parametrize("time_conditioning", ["scale_shift", "add"])
-def test_exported_unet_gives_difflab_outputs(tmp_path, time_conditioning):
-    pipe, out = export(tmp_path, time_conditioning=time_conditioning)
+@pytest.mark.parametrize("unet", [
+    dict(time_conditioning="scale_shift"),
+    dict(time_conditioning="add", num_res_blocks=2),
+    # one head: attention at widths 16 and 64 (attention_head_dim None), three levels
+    dict(num_heads=1, channel_mult=(1, 2, 4), attention_resolutions=(8, 2)),
+])
+def test_exported_unet_gives_difflab_outputs(tmp_path, unet):
+    pipe, out = export(tmp_path, **unet)
     unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    assert (unet.config.attention_head_dim is None) == (pipe.net.config.num_heads == 1)
     x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
     for k in (0, 1, 37, 500, 998, 999):  # diffusers' step k is difflab's t = k + 1
         with torch.no_grad():
