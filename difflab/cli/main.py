@@ -1,5 +1,5 @@
 """The ``difflab`` command: train, train-classifier, distill, finetune, sample, fit-grid,
-ems-stats, edit, eval, nll, plot."""
+ems-stats, edit, eval, nll, plot, export."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .distill import add_distill_parser
 from .edit import add_edit_parser
 from .ems_stats import add_ems_stats_parser
 from .evaluate import add_eval_parsers
+from .export import add_export_parser
 from .finetune import add_finetune_parser
 from .fit_grid import add_fit_grid_parser
 from .plot import add_plot_parser
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub)
     add_eval_parsers(sub)
     add_plot_parser(sub)
+    add_export_parser(sub)
     return p
 
 
