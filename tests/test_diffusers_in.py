@@ -86,6 +86,17 @@ def test_ddim_matches_ddim_pipeline(tmp_path):
     torch.testing.assert_close(out, want.float())
 
 
+def test_save_pretrained_round_trip(tmp_path):
+    save_ddim(tmp_path / "m", timestep_spacing="trailing")
+    pipe = Pipeline.from_pretrained(tmp_path / "m")
+    pipe.save_pretrained(tmp_path / "copy")
+    again = Pipeline.from_pretrained(tmp_path / "copy")
+    assert again.card.to_dict()["stages"][0]["diffusers_timesteps"] == {
+        "spacing": "trailing", "steps_offset": 0}
+    torch.testing.assert_close(again(2, steps=3).samples, pipe(2, steps=3).samples,
+                               rtol=0, atol=0)
+
+
 def test_v_prediction_zero_terminal_snr(tmp_path):
     _, ref = save_ddim(tmp_path / "m", prediction_type="v_prediction",
                        beta_schedule="scaled_linear", rescale_betas_zero_snr=True,
