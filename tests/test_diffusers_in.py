@@ -23,7 +23,7 @@ from difflab.pipeline.diffusers_in import (  # noqa: E402
     scheduler_sampler,
 )
 from difflab.process import process_from_config  # noqa: E402
-from difflab.samplers import ddim  # noqa: E402
+from difflab.samplers import ddim, ddpm  # noqa: E402
 
 TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -84,6 +84,25 @@ def test_ddim_matches_ddim_pipeline(tmp_path):
     with torch.no_grad():
         want = ddim(pipe.denoiser(clip=False), pipe.process.sigma(ts[0]) * x, ts)
     torch.testing.assert_close(out, want.float())
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_matches_ddpm_pipeline_with_clip_sample(tmp_path, variance_type):
+    """Ancestral sampling with diffusers' noise draws: clip_sample is difflab's x0 clipping,
+    variance_type the ddpm sampler's variance."""
+    ref = diffusers.DDPMPipeline(tiny_unet(), diffusers.DDPMScheduler(
+        clip_sample=True, variance_type=variance_type))
+    ref.save_pretrained(tmp_path / "m")
+    ref.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(tmp_path / "m")
+    want = ref(batch_size=1, generator=torch.Generator().manual_seed(2), num_inference_steps=8,
+               output_type="np").images
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((1, 3, 8, 8), generator=g)  # then every step's noise from g, as diffusers
+    with torch.no_grad():
+        out = ddpm(pipe.denoiser(), x, pipe.default_grid(8), g, **pipe.stage.sampler_options)
+    got = (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_save_pretrained_round_trip(tmp_path):
