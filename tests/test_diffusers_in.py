@@ -223,6 +223,18 @@ def test_lone_unet_folder_and_refusals(tmp_path):
         Pipeline.from_pretrained(tmp_path / "unet")
 
 
+def test_other_pipelines_and_raw_weights_are_refused(tmp_path):
+    save_ddim(tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps(
+        {**index, "vqvae": ["diffusers", "VQModel"]}))  # LDMPipeline's latent space
+    with pytest.raises(LoadError, match="vqvae="):
+        Pipeline.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="one set of weights"):
+        Pipeline.from_pretrained(tmp_path / "m", ema=False)
+
+
 def test_missing_extra_is_one_line(tmp_path, monkeypatch):
     save_ddim(tmp_path / "m")
     monkeypatch.setitem(sys.modules, "diffusers", None)

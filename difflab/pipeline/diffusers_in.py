@@ -368,18 +368,28 @@ def _vae_stage(root: Path, latent_hw: tuple[int, int]) -> StageCard:
         scale_factor=float(scale), shift_factor=float(shift))
 
 
+#: model_index.json components read (the others must be absent or null)
+COMPONENTS = {"unet", "scheduler", "vae", "text_encoder", "tokenizer", "safety_checker",
+              "feature_extractor", "image_encoder"}
+
+
 def _check_index(index: dict[str, Any], source: Path) -> bool:
     """True for the Stable Diffusion layout, False for a pixel one; others are refused."""
-    if "text_encoder_2" in index or "image_encoder" in index and index["image_encoder"][0]:
-        key = "text_encoder_2" if "text_encoder_2" in index else "image_encoder"
-        raise _refuse(source, key, index[key], "difflab reads one CLIP text encoder (the "
-                      "Stable Diffusion 1/2 layout)")
+    for key, value in index.items():
+        if key.startswith("_") or key in COMPONENTS:
+            continue
+        if isinstance(value, list) and value and value[-1] is not None:
+            raise _refuse(source, key, value, "a component difflab does not read (it reads "
+                          "DDPM/DDIM UNet2DModel and Stable Diffusion 1/2 folders)")
+    image = index.get("image_encoder")
+    if isinstance(image, list) and image and image[-1] is not None:
+        raise _refuse(source, "image_encoder", image, "difflab conditions on text only")
     text = "text_encoder" in index or "vae" in index
     if text:
         for part, cls in (("vae", "AutoencoderKL"), ("text_encoder", "CLIPTextModel"),
                           ("tokenizer", None)):
             got = index.get(part)
-            if not isinstance(got, list) or got[1] is None:
+            if not isinstance(got, list) or len(got) != 2 or got[1] is None:
                 raise LoadError(f"{source}: the Stable Diffusion layout needs a {part!r} "
                                 "component")
             if cls is not None and got[1] != cls:

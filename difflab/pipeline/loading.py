@@ -96,6 +96,9 @@ def _read_one(path: str | Path, ema: bool | None) -> tuple[ModelCard, Path]:
                              f"only; {'EMA' if ema else 'raw'} weights were asked for")
         return card, p
     if is_diffusers_folder(p):  # a diffusers pipeline or U-Net folder: its card on the fly
+        if ema is False:
+            raise ValueError(f"{p} is a diffusers folder with one set of weights; raw "
+                             "(non-EMA) weights were asked for")
         return diffusers_card(p)
     ckpt = resolve_checkpoint(p)
     meta = read_checkpoint_meta(ckpt)

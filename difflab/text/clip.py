@@ -65,11 +65,19 @@ class CLIPPromptEncoder:
         except ImportError:
             raise LoadError("a Stable Diffusion folder's text encoder needs transformers: pip "
                             "install 'difflab[diffusers]'") from None
+        from transformers.utils import logging as hf_logging
+
         self.source, self.device = str(source), torch.device(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"),
                                                        local_files_only=True)
-        model = CLIPTextModel.from_pretrained(str(root / "text_encoder"),
-                                              local_files_only=True, use_safetensors=True)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
+        try:
+            model = CLIPTextModel.from_pretrained(str(root / "text_encoder"),
+                                                  local_files_only=True, use_safetensors=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.model = model.float().to(self.device).eval().requires_grad_(False)
         self.dim = int(model.config.hidden_size)
         self.max_length = int(min(self.tokenizer.model_max_length,
