@@ -150,7 +150,8 @@ def test_v_prediction_zero_terminal_snr(tmp_path):
 ])
 def test_schedules_match_alphas_cumprod(config):
     sched = diffusers.DDPMScheduler(**config)
-    process_config, prediction = process_from_scheduler(dict(sched.config))
+    process_config, prediction = process_from_scheduler({**sched.config,
+                                                         "_class_name": "DDPMScheduler"})
     process = process_from_config(process_config)
     ab = process.alpha(torch.arange(1, 1001, dtype=torch.float64)) ** 2
     torch.testing.assert_close(ab, sched.alphas_cumprod.double(), rtol=2e-5, atol=1e-8)
@@ -162,19 +163,34 @@ def test_schedules_match_alphas_cumprod(config):
     ("linspace", 0, 50)])
 def test_time_grid_is_the_schedulers_timesteps(spacing, offset, steps):
     for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
-        sched = cls(timestep_spacing=spacing, steps_offset=offset)
+        sched = cls(timestep_spacing=spacing, steps_offset=offset, clip_sample=False)
         sched.set_timesteps(steps)
-        _, _, grid, _ = scheduler_sampler(dict(sched.config))
+        _, _, grid, _ = scheduler_sampler({**sched.config, "_class_name": cls.__name__})
         ts = diffusers_time_grid(grid, 1000, steps)
         assert ts[:-1].tolist() == (sched.timesteps + 1).tolist()
 
 
+def scheduler_config(cls, **kwargs) -> dict:
+    """The config a saved scheduler folder holds (with its class name)."""
+    return {**cls(**kwargs).config, "_class_name": cls.__name__}
+
+
+@pytest.mark.parametrize(("name", "sampler"), [
+    ("DDPMScheduler", "ddpm"), ("PNDMScheduler", "plms"), ("EulerDiscreteScheduler", "euler"),
+    ("HeunDiscreteScheduler", "heun"), ("LMSDiscreteScheduler", "lms"),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m"), ("UniPCMultistepScheduler", "unipc_bh2")])
+def test_default_configs_of_mapped_schedulers_load(name, sampler):
+    config = scheduler_config(getattr(diffusers, name))
+    assert scheduler_sampler(config)[0] == sampler
+    assert process_from_scheduler(config)[0]["schedule"] == "linear"
+
+
 def test_ddpm_options_map():
-    config = dict(diffusers.DDPMScheduler(variance_type="fixed_large").config)
+    config = scheduler_config(diffusers.DDPMScheduler, variance_type="fixed_large")
     assert scheduler_sampler(config)[:2] == ("ddpm", {"variance": "beta"})
-    config = dict(diffusers.DDPMScheduler(variance_type="learned_range").config)
+    config = scheduler_config(diffusers.DDPMScheduler, variance_type="learned_range")
     assert scheduler_sampler(config)[3] is True
-    config = dict(diffusers.DDIMScheduler(clip_sample=False).config)
+    config = scheduler_config(diffusers.DDIMScheduler, clip_sample=False)
     grid = scheduler_sampler(config)[2]
     assert diffusers_time_grid(grid, 1000, 4).tolist() == [751, 501, 251, 1, 0]
 
@@ -193,6 +209,8 @@ def test_ddpm_options_map():
     ({"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous"},
      "timestep_type"),
     ({"_class_name": "DDPMScheduler", "new_option": 1}, "new_option"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True},
+     "use_flow_sigmas"),
     ({"_class_name": "DDPMScheduler", "trained_betas": [0.1, 0.3, 0.2, 0.5]
       + [0.01] * 996}, "trained_betas"),
 ])

@@ -133,3 +133,18 @@ def test_cli_samples_a_stable_diffusion_folder(tmp_path):
                  "--sampler", "dpmpp_2m", "--out", str(out), "--no-progress",
                  "--device", "cpu"]) == 0
     assert out.is_file()
+
+
+def test_stable_diffusion_v1_scheduler_samples_with_plms(tmp_path):
+    """SD 1.x folders ship a PNDMScheduler (PLMS, steps_offset 1): difflab's plms is the
+    default sampler, on the scheduler's leading timesteps."""
+    save_sd(tmp_path / "sd", steps_offset=1)
+    config = {**diffusers.PNDMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+        set_alpha_to_one=False, steps_offset=1).config, "_class_name": "PNDMScheduler"}
+    (tmp_path / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    pipe = Pipeline.from_pretrained(tmp_path / "sd")
+    assert pipe.default_sampler()[0] == "plms"
+    assert pipe.default_grid(4).tolist() == [752, 502, 252, 2, 0]
+    out = pipe(1, prompt=PROMPT, guidance=2.0, steps=4)
+    assert out.samples.shape == (1, 3, 16, 16) and bool(out.samples.isfinite().all())

@@ -92,6 +92,9 @@ SOLVER_KEYS = {"solver_order", "algorithm_type", "solver_type", "lower_order_fin
                "predict_x0", "disable_corrector", "solver_p", "sigma_min", "sigma_max",
                "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
                "clip_sample", "clip_sample_range", "set_alpha_to_one", "timestep_type"}
+#: flow-matching options of the multistep schedulers: inert at these values, else refused
+FLOW_KEYS = {"use_flow_sigmas": False, "use_dynamic_shifting": False, "shift_terminal": None,
+             "flow_shift": None, "time_shift_type": None}
 META_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 
 
@@ -208,11 +211,15 @@ def scheduler_sampler(config: dict[str, Any], source: Any = SCHEDULER
     scheduler config; options that change the sampling update in a way no difflab sampler
     reproduces are refused by name."""
     cls = config.get("_class_name", "DDPMScheduler")
-    allowed = PROCESS_KEYS | META_KEYS | (GRID_KEYS if cls in GRID_SCHEDULERS else SOLVER_KEYS)
-    unknown = sorted(set(config) - allowed)
+    own = GRID_KEYS if cls in GRID_SCHEDULERS else SOLVER_KEYS | set(FLOW_KEYS)
+    unknown = sorted(set(config) - PROCESS_KEYS - META_KEYS - own)
     if unknown:
         raise _refuse(source, unknown[0], config[unknown[0]], f"an option of {cls} that "
                       "difflab does not map")
+    for key, inert in FLOW_KEYS.items():  # flow_shift, time_shift_type act through these
+        if inert is not None and config.get(key, inert) != inert:
+            raise _refuse(source, key, config[key], "flow-matching sigmas are not the "
+                          "discrete DDPM process")
     if config.get("thresholding"):
         raise _refuse(source, "thresholding", True, "dynamic thresholding is not a difflab "
                       "denoiser; set it to false")
@@ -223,7 +230,7 @@ def scheduler_sampler(config: dict[str, Any], source: Any = SCHEDULER
         return SAMPLERS[cls], {}, {}, False
     options: dict[str, Any] = {}
     learned = False
-    if config.get("clip_sample", True):
+    if config.get("clip_sample", cls != "PNDMScheduler"):  # PNDM has no clip_sample
         if cls != "DDPMScheduler":
             raise _refuse(source, "clip_sample", True, f"{cls} clips x0_hat but keeps "
                           "eps_hat, which changes the ODE; set it to false (difflab clips "
