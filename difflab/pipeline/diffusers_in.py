@@ -37,7 +37,7 @@ scheduler key              difflab
 ``variance_type``          DDPM: ``fixed_small`` -> ddpm variance beta_tilde,
                            ``fixed_large`` -> beta, ``learned_range`` -> learned variance
 ``clip_sample``            DDPM: x0_hat clipped to [-1, 1], as difflab's clip does;
-                           DDIM/PNDM: refused (diffusers clips x0_hat but keeps eps_hat)
+                           DDIM: refused (diffusers clips x0_hat but keeps eps_hat)
 ``thresholding``           refused when true
 =========================  ===============================================================
 """
