@@ -148,3 +148,16 @@ def test_stable_diffusion_v1_scheduler_samples_with_plms(tmp_path):
     assert pipe.default_grid(4).tolist() == [752, 502, 252, 2, 0]
     out = pipe(1, prompt=PROMPT, guidance=2.0, steps=4)
     assert out.samples.shape == (1, 3, 16, 16) and bool(out.samples.isfinite().all())
+
+
+def test_fp16_variant_files_load(tmp_path):
+    """Folders saved with variant="fp16" hold only the .fp16 safetensors: read as float32."""
+    sd = save_sd(tmp_path / "ref", steps_offset=1)
+    sd.to(torch.float16).save_pretrained(tmp_path / "sd", variant="fp16")
+    pipe = Pipeline.from_pretrained(tmp_path / "sd")
+    assert not (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    cond = pipe.encode_prompts([PROMPT])
+    want = sd.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    assert cond.tokens.dtype == torch.float32
+    torch.testing.assert_close(cond.tokens, want.float(), rtol=1e-2, atol=1e-2)
+    assert next(pipe.net.parameters()).dtype == torch.float32

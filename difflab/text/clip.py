@@ -73,7 +73,8 @@ class CLIPPromptEncoder:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
         try:
-            model = CLIPTextModel.from_pretrained(str(root / "text_encoder"),
+            variant = None if (root / "text_encoder" / WEIGHTS[0]).is_file() else "fp16"
+            model = CLIPTextModel.from_pretrained(str(root / "text_encoder"), variant=variant,
                                                   local_files_only=True, use_safetensors=True)
         finally:
             if bar:
