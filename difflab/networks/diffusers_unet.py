@@ -9,8 +9,8 @@ first noisy step: ``timestep = t - 1``. :class:`DiffusersUNet` converts once, in
 the U-Net sees exactly the timesteps diffusers' pipelines pass (integers on integer grids).
 
 The wrapped module's sub-modules are registered on the wrapper itself, so its state dict
-carries diffusers' own tensor names: a ``diffusion_pytorch_model.safetensors`` loads as it is,
-and LoRA targets name modules as diffusers does. diffusers is an optional extra
+carries diffusers' own tensor names: a ``diffusion_pytorch_model.safetensors`` loads as it is
+and ``save_pretrained`` writes it back unchanged. diffusers is an optional extra
 (``pip install 'difflab[diffusers]'``), imported only when such a network is built.
 """
 
