@@ -10,6 +10,12 @@ from torch import nn
 from difflab.networks.autoencoder import Autoencoder, AutoencoderConfig, LatentDistribution
 from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.controlnet import ControlledUNet, ControlNet, ControlNetConfig
+from difflab.networks.diffusers_unet import (
+    DiffusersAutoencoder,
+    DiffusersAutoencoderConfig,
+    DiffusersUNet,
+    DiffusersUNetConfig,
+)
 from difflab.networks.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.latent import LatentUNet, LatentUNetConfig
@@ -58,6 +64,8 @@ NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "lora": (LoRA, LoRAConfig),
     "token_embeddings": (TokenEmbeddings, TokenEmbeddingsConfig),
     "controlnet": (ControlNet, ControlNetConfig),
+    "diffusers_unet": (DiffusersUNet, DiffusersUNetConfig),
+    "diffusers_autoencoder": (DiffusersAutoencoder, DiffusersAutoencoderConfig),
 }
 
 

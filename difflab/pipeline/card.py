@@ -98,6 +98,11 @@ class StageCard:
         None, "the steps of ``sampler`` used when none are asked for; None: 50")
     sampler_options: dict[str, Any] = option(
         help="options of ``sampler`` used with it when no sampler is asked for", factory=dict)
+    diffusers_timesteps: dict[str, Any] = option(
+        help="a diffusers DDPM/DDIM/PNDM scheduler's time grid (spacing, steps_offset; "
+             "pipeline.diffusers_in.diffusers_time_grid): the default grid when neither a "
+             "grid nor a spacing is asked for; {}: none",
+        factory=dict)
     guidance_input: bool = option(
         False, "the network takes the guidance scale w as an input (a guidance-distilled "
                "student, Meng et al. 2023): guidance=w is one network call with w instead of "

@@ -104,7 +104,9 @@ def prompt_list(prompt: str | Sequence[str] | None, n: int | None) -> tuple[list
 def _text_encoder(source: str, device: str) -> Any:
     from .. import text  # optional extra: imported only for text models
 
-    return _encoder_of(text.TextEncoder, source, device)
+    # a Stable Diffusion folder (pipeline.diffusers_in): its CLIP encoder and tokenizer
+    factory = text.CLIPPromptEncoder if text.is_clip_folder(source) else text.TextEncoder
+    return _encoder_of(factory, source, device)
 
 
 @lru_cache(maxsize=4)

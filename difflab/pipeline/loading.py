@@ -5,7 +5,7 @@ A source is a pipeline folder (``model_card.json`` + safetensors), a training ru
 ``checkpoints/`` folder, or one checkpoint's ``step_*.json`` / ``.safetensors`` (the latest
 checkpoint for folders). Checkpoints are converted to a card on the fly
 (:meth:`ModelCard.from_checkpoint_meta`), so run folders written before pipelines existed load
-unchanged.
+unchanged; so are diffusers model folders (:func:`~difflab.pipeline.diffusers_in.diffusers_card`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ..training.checkpoint import (
     sub_dict,
 )
 from .card import CARD_FILE, ModelCard, StageCard
+from .diffusers_in import diffusers_card, is_diffusers_folder
 
 #: how many cards deep ``base`` may point (an adapter on an adapter on ... a model)
 MAX_BASE_DEPTH = 8
@@ -94,6 +95,11 @@ def _read_one(path: str | Path, ema: bool | None) -> tuple[ModelCard, Path]:
             raise ValueError(f"{p} holds {'EMA' if card.ema else 'raw (non-EMA)'} weights "
                              f"only; {'EMA' if ema else 'raw'} weights were asked for")
         return card, p
+    if is_diffusers_folder(p):  # a diffusers pipeline or U-Net folder: its card on the fly
+        if ema is False:
+            raise ValueError(f"{p} is a diffusers folder with one set of weights; raw "
+                             "(non-EMA) weights were asked for")
+        return diffusers_card(p)
     ckpt = resolve_checkpoint(p)
     meta = read_checkpoint_meta(ckpt)
     try:

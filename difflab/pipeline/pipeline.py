@@ -400,6 +400,16 @@ class Pipeline:
         st = self.stage
         return st.sampler or "ddim", st.sampler_steps or 50, dict(st.sampler_options)
 
+    def default_grid(self, steps: int) -> Tensor | None:
+        """The model's own time grid of ``steps`` steps (a diffusers scheduler's,
+        ``StageCard.diffusers_timesteps``), or None: the sampler's default."""
+        grid = self.stage.diffusers_timesteps
+        if not grid:
+            return None
+        from .diffusers_in import diffusers_time_grid
+
+        return diffusers_time_grid(grid, int(self.process.t_max), steps)
+
     def __call__(self, n: int | None = None, *, sampler: str | Callable | None = None,
                  steps: int | None = None, spacing: str | None = None,
                  grid: Tensor | str | Path | None = None,
@@ -455,6 +465,8 @@ class Pipeline:
         batch_size = control_batch_size(self, batch_size, len(seeds))
         fn, options = resolve_sampler(sampler, sampler_options)
         ts = load_time_grid(grid) if isinstance(grid, str | Path) else grid
+        if ts is None and spacing is None:
+            ts = self.default_grid(steps)
         x = generate(den, fn, self.sample_shape, seeds, labels=cond.cond, steps=steps,
                      spacing=spacing, ts=ts, batch_size=batch_size, device=self.device,
                      progress=progress, **options)
