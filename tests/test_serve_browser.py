@@ -256,10 +256,11 @@ def test_screenshots(tmp_path):
         set_value(driver, "count", "8")
         set_value(driver, "steps", "30")
         set_value(driver, "negative_prompt", "a blue square")
+        set_value(driver, "seed", "1")
         run_and_wait(driver, "generate", 300)
         time.sleep(0.3)
         driver.save_screenshot(str(out / "serve_generate.png"))
-        first = driver.find_element(By.CSS_SELECTOR, ".job img").get_attribute("src")
+        first = driver.find_elements(By.CSS_SELECTOR, ".job img")[3].get_attribute("src")
         src = tmp_path / "first.png"
         src.write_bytes(server.get(first.removeprefix(server.url)))
         choose_mode(driver, "inpaint")

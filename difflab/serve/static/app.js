@@ -90,7 +90,7 @@ function canvasPoint(ev) {
 
 function paintTo(p) {
   const ctx = $("mask").getContext("2d");
-  ctx.strokeStyle = ctx.fillStyle = "rgb(255, 0, 80)";
+  ctx.strokeStyle = "rgb(255, 255, 255)";  // shown at 60% over the image
   ctx.lineWidth = Number($("brush").value);
   ctx.lineCap = ctx.lineJoin = "round";
   ctx.beginPath();
