@@ -16,9 +16,9 @@ the JSON of the settings that made it. The page is plain HTML/JS served by the a
 path a client sends is ever opened. One job runs at a time (others wait in a queue).
 Needs the serve extra: pip install -e ".[serve]".
 
-Security: it binds 127.0.0.1 (only this machine) unless --host says otherwise, and then
-accepts only requests addressed to localhost; there is no login, so bind another address only
-on a network you trust."""
+Security: it binds 127.0.0.1 (only this machine) unless --host says otherwise; on a loopback
+address it answers only requests addressed to localhost/127.0.0.1 (no DNS rebinding). There is
+no login: bind another address only on a network you trust."""
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +70,9 @@ def run_serve(args: argparse.Namespace) -> int:
     models = load_models(args.runs, device=pick_device(args.device))
     app = create_app(models, limits,
                      trusted_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None)
+    if not is_loopback(args.host):
+        print(f"difflab serve: warning: binding {args.host}: any machine that can reach it may "
+              "use these models (there is no login)", flush=True)
     server = make_server(args.host, args.port, app, threaded=True)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"difflab serve: {len(models)} model(s) ({', '.join(m.name for m in models)}) at "
