@@ -312,3 +312,33 @@ def test_cli_help_and_refusals(served, capsys, tmp_path):
     _, _, root = served
     assert main(["serve", str(root / "digits"), "--port", "70000"]) == 2
     assert main(["serve", str(root / "digits"), "--max-count", "0"]) == 2
+
+
+def test_a_latent_model_generates_and_inpaints(tmp_path, one_thread):
+    """A latent model: the served sample is pipe(...)'s; inpainting edits the latents and
+    pastes the unpainted pixels back exactly."""
+    from test_latent import images, latent_config, write_autoencoder
+
+    from difflab.recipes import DiffusionRecipe
+
+    ae, _ = write_autoencoder(tmp_path / "ae")
+    recipe = DiffusionRecipe(latent_config(tmp_path, ae), data=images())
+    recipe.run(progress=False)
+    models = load_models([recipe.out_dir])
+    app = create_app(models, LIMITS)
+    client = app.test_client()
+    try:
+        assert models[0].info(0)["latent"] and models[0].info(0)["channels"] == 3
+        _, out = run_job(client, {"class": "c", "steps": "3", "count": "2", "seed": "4"})
+        ref = models[0].pipe(2, labels="c", steps=3, seed=4, sampler="ddim")
+        assert all(np.array_equal(a, b) for a, b in zip(out, uint8_hwc(ref.samples),
+                                                        strict=True))
+        rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[40:, :] = 255  # the bottom part painted (a grey-level mask)
+        job, out = run_job(client, {"mode": "inpaint", "steps": "3"}, image=png(rgb),
+                           mask=png(mask))
+        assert np.array_equal(out[0][:10], rgb[:10]) and not np.array_equal(out[0], rgb)
+        assert job["settings"]["mask_pixels"] == 6 * 16
+    finally:
+        app.extensions["difflab_jobs"].close(timeout=10)
