@@ -220,7 +220,7 @@ def test_inpaint_with_a_mask_painted_by_mouse(page):
     assert np.array_equal(out[:, :5], kept)  # columns 0..4 (canvas 0..159) were not painted
 
 
-def test_a_corrupt_upload_gets_a_visible_message(page):
+def test_a_corrupt_upload_and_a_bad_field_get_a_visible_message(page):
     driver, server, root = page
     load(driver, server)
     choose_mode(driver, "sdedit")
@@ -234,6 +234,11 @@ def test_a_corrupt_upload_gets_a_visible_message(page):
     driver.find_element(By.ID, "run").click()
     until(driver, lambda d: "Choose an input image" in box.text, what="the refusal")
     assert not jobs(driver, "sdedit")
+    choose_mode(driver, "generate")  # a field the server refuses: its 400 shown in the page
+    set_value(driver, "steps", "99999")
+    driver.find_element(By.ID, "run").click()
+    until(driver, lambda d: "steps must be between 1 and 500" in box.text, what="the 400")
+    assert not jobs(driver, "generate") and driver.find_element(By.ID, "run").is_enabled()
 
 
 SHOTS = os.environ.get("DIFFLAB_SCREENSHOTS")
