@@ -62,93 +62,98 @@ def create_app(models: Sequence[ServedModel], limits: ServeLimits | None = None,
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=limits.max_upload_bytes, TRUSTED_HOSTS=trusted_hosts)
     app.json.sort_keys = False  # settings in the order they are written
-    jobs = JobQueue(limits.max_queue, limits.keep_jobs)
-    app.extensions["difflab_jobs"] = jobs
+    api = _Api(list(models), limits, JobQueue(limits.max_queue, limits.keep_jobs))
+    app.extensions["difflab_jobs"] = api.jobs
+    app.after_request(_security_headers)
+    app.register_error_handler(HTTPException, api.http_error)
+    app.add_url_rule("/", "index", lambda: send_from_directory(STATIC, "index.html"))
+    for rule, view, methods in (
+            ("/api/info", api.info, ["GET"]), ("/api/preview", api.preview, ["POST"]),
+            ("/api/jobs", api.submit, ["POST"]), ("/api/jobs/<job_id>", api.status, ["GET"]),
+            ("/api/jobs/<job_id>/<int:index>.png", api.image, ["GET"]),
+            ("/api/jobs/<job_id>/settings.json", api.settings, ["GET"])):
+        app.add_url_rule(rule, view.__name__, view, methods=methods)
+    return app
 
-    @app.after_request
-    def headers(resp: Response) -> Response:
-        resp.headers.update(SECURITY_HEADERS)
-        return resp
 
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException) -> Any:
+def _security_headers(resp: Response) -> Response:
+    resp.headers.update(SECURITY_HEADERS)
+    return resp
+
+
+class _NotFound(HTTPException):
+    code = 404
+    name = "Not Found"
+
+
+class _Api:
+    """The views of the JSON API over ``models``, checked against ``limits``."""
+
+    def __init__(self, models: list[ServedModel], limits: ServeLimits, jobs: JobQueue):
+        self.models, self.limits, self.jobs = models, limits, jobs
+
+    def http_error(self, e: HTTPException) -> Any:
         if e.code == 413:
-            mib = limits.max_upload_bytes / 2**20
+            mib = self.limits.max_upload_bytes / 2**20
             return _error(f"the upload is too large: at most {mib:g} MiB", 413)
         return _error(f"{e.name}: {e.description}", e.code or 500)
 
-    @app.get("/")
-    def index() -> Response:
-        return send_from_directory(STATIC, "index.html")
-
-    @app.get("/api/info")
-    def info() -> Response:
+    def info(self) -> Response:
         return jsonify({"version": __version__, "modes": list(MODES),
-                        "samplers": sorted(SAMPLERS), "limits": limits.to_dict(),
-                        "models": [m.info(i) for i, m in enumerate(models)]})
+                        "samplers": sorted(SAMPLERS), "limits": self.limits.to_dict(),
+                        "models": [m.info(i) for i, m in enumerate(self.models)]})
 
-    @app.post("/api/preview")
-    def preview() -> Any:
+    def preview(self) -> Any:
+        """The uploaded image as the model will see it, as a PNG data URL."""
         try:
-            model = models[pick_model(request.form.get("model", "0"), models)]
+            model = self.models[pick_model(request.form.get("model", "0"), self.models)]
             data = _uploads().get("image")
             if data is None:
                 raise ValueError("no image uploaded")
-            c, h, _ = model.pipe.image_shape
-            png = png_bytes(read_image(data, c, h, limits))
+            c, h, w = model.pipe.image_shape
+            png = png_bytes(read_image(data, c, h, self.limits))
         except ValueError as e:
             return _error(str(e), 400)
         return jsonify({"image": "data:image/png;base64," + base64.b64encode(png).decode(),
-                        "width": model.pipe.image_shape[2],
-                        "height": model.pipe.image_shape[1]})
+                        "width": w, "height": h})
 
-    @app.post("/api/jobs")
-    def submit() -> Any:
+    def submit(self) -> Any:
+        """Validate the form and queue its job: 202, or 400 / 429 with the reason."""
         try:
-            req = parse_request(request.form, _uploads(), models, limits)
+            req = parse_request(request.form, _uploads(), self.models, self.limits)
         except ValueError as e:
             return _error(str(e), 400)
-        model = models[req.model]
+        model = self.models[req.model]
 
         def work(job: Job) -> list[bytes]:
             return png_images(run_request(req, model, job.progress))
 
         job = Job(work=work, settings=req.settings(model))
         try:
-            ahead = jobs.submit(job)
+            ahead = self.jobs.submit(job)
         except QueueFull as e:
             return _error(str(e), 429)
         return jsonify({"id": job.id, "ahead": ahead, "url": f"/api/jobs/{job.id}"}), 202
 
-    def _job(job_id: str) -> Job:
-        job = jobs.get(job_id)
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
         if job is None:
             raise _NotFound(f"no job {job_id[:40]!r} (unknown, or dropped after "
-                            f"{limits.keep_jobs} newer jobs)")
+                            f"{self.limits.keep_jobs} newer jobs)")
         return job
 
-    @app.get("/api/jobs/<job_id>")
-    def status(job_id: str) -> Any:
-        return jsonify(_job(job_id).to_dict())
+    def status(self, job_id: str) -> Any:
+        return jsonify(self._job(job_id).to_dict())
 
-    @app.get("/api/jobs/<job_id>/<int:index>.png")
-    def image(job_id: str, index: int) -> Any:
-        job = _job(job_id)
+    def image(self, job_id: str, index: int) -> Any:
+        job = self._job(job_id)
         if not 0 <= index < len(job.images):
             raise _NotFound(f"job {job_id} has no image {index}")
         name = f"difflab_{job_id[:8]}_{job.settings['seeds'][index]}.png"
         return Response(job.images[index], mimetype="image/png", headers={
             "Content-Disposition": f'inline; filename="{name}"'})
 
-    @app.get("/api/jobs/<job_id>/settings.json")
-    def settings(job_id: str) -> Any:
-        resp = jsonify(_job(job_id).settings)
+    def settings(self, job_id: str) -> Any:
+        resp = jsonify(self._job(job_id).settings)
         resp.headers["Content-Disposition"] = f'attachment; filename="difflab_{job_id[:8]}.json"'
         return resp
-
-    return app
-
-
-class _NotFound(HTTPException):
-    code = 404
-    name = "Not Found"
