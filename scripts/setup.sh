@@ -16,8 +16,29 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   $VPIP install --quiet ${DIFFLAB_TORCH:-torch==2.13.0}
 fi
+# dev: the web app's browser tests (tests/test_serve_browser.py) drive Debian's Chromium through
+# its chromedriver. Installed when missing and this machine allows it (root with apt-get); never
+# fails the set-up: without them those tests are skipped, saying why.
+install_browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: no chromium/chromedriver and no root apt-get to install them: the browser tests will be skipped"
+    return 0
+  fi
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+           >/dev/null 2>&1 \
+         || { apt-get update -qq >/dev/null 2>&1 \
+              && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+                 >/dev/null 2>&1; }; }; then
+    echo "setup: could not install chromium and chromium-driver with apt-get: the browser tests will be skipped"
+  fi
+  return 0
+}
 if [ "${1:-}" = "dev" ]; then
   $VPIP install --quiet -e ".[dev,text]"  # text: the tests run the real text encoder
+  install_browser
 else
   $VPIP install --quiet -e .
 fi

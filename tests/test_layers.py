@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),
     ("pipeline",),
     ("recipes",),
+    ("serve",),
     ("cli",),
     ("__main__",),
 ]

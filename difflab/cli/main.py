@@ -1,5 +1,5 @@
 """The ``difflab`` command: train, train-classifier, distill, finetune, sample, fit-grid,
-ems-stats, edit, eval, nll, plot, export."""
+ems-stats, edit, eval, nll, plot, export, serve."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .finetune import add_finetune_parser
 from .fit_grid import add_fit_grid_parser
 from .plot import add_plot_parser
 from .sample import add_sample_parser
+from .serve import add_serve_parser
 from .train import add_train_classifier_parser, add_train_parser
 from .train_autoencoder import add_train_autoencoder_parser
 from .train_controlnet import add_train_controlnet_parser
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(sub)
     add_plot_parser(sub)
     add_export_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
