@@ -69,11 +69,17 @@ FAMILY = ("ddim", "heun", "plms", "dpmpp_2m", "unipc_bh1, final_order=3")
 #: difflab solver -> (its configurations: DIFFLAB labels, the diffusers namesake). euler (Euler
 #: in sigma~) is not on main yet (branch samplers20), so Euler has no row.
 NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
-            "dpmpp_2m": (("dpmpp_2m",), "DPMSolverMultistep 2M"),
-            "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3"), "UniPC bh2 (2)"),
-            "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3"),
-                          "UniPC bh1 (3) trailing"),
-            "lms": (("lms",), "LMS"), "plms": (("plms", "plms, final_order=1"), "PNDM (PLMS)")}
+            "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"), "DPMSolverMultistep 2M"),
+            "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3",
+                           "unipc_bh2, final_order=0"), "UniPC bh2 (2)"),
+            "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
+                           "unipc_bh1, final_order=0"), "UniPC bh1 (3) trailing"),
+            "lms": (("lms",), "LMS"),
+            "plms": (("plms", "plms, final_order=1", "plms, final_order=0"), "PNDM (PLMS)")}
+#: the same, each difflab solver with its default options only (the published last step)
+DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
+                "unipc_bh2": "unipc_bh2 (2)", "unipc_bh1": "unipc_bh1 (3)", "lms": "lms",
+                "plms": "plms"}
 
 
 class RotatedMixture:
@@ -307,13 +313,14 @@ def ratio_rows(results, keep, title) -> list[str]:
     return [head, *rows]
 
 
-def namesake_table(results, grid: str | None) -> str:
+def namesake_table(results, grid: str | None, defaults_only: bool = False) -> str:
     """Median and worst over held-out problems of (difflab solver / diffusers namesake), the
-    solver's best configuration on ``grid`` (None: on its best grid). ** marks a cell
-    > 1 + TIE (a loss beyond float32-table precision)."""
+    solver's best configuration (``defaults_only``: its default options) on ``grid`` (None:
+    on its best grid). ** marks a cell > 1 + TIE (a loss beyond float32-table precision)."""
     head = "| difflab / diffusers | " + " | ".join(f"NFE {m}" for m in NFES) + " |"
     lines = [head, "|" + "---|" * (len(NFES) + 1)]
     for ours, (configs, theirs) in NAMESAKE.items():
+        configs = (DEFAULT_ONLY[ours],) if defaults_only else configs
         cells = []
         for m in NFES:
             def keep(label, configs=configs):
@@ -374,6 +381,8 @@ def report(results, problems, families, args, seconds) -> str:
              "### Which grids carry it (median ratio)", "", per_grid_table(results), "",
              "### Solver / namesake, default grid (median / worst over problems)", "",
              namesake_table(results, "default"), "",
+             "### The same with difflab's default options only (median / worst)", "",
+             namesake_table(results, "default", defaults_only=True), "",
              "### Solver / namesake, the solver's best grid (median / worst)", "",
              namesake_table(results, None), "",
              f"diffusers runs that raised (scored as infinite error): {len(FAILED)}"

@@ -64,6 +64,11 @@ DIFFLAB = [
     ("unipc_bh2, final_order=3", S["unipc_bh2"], {"final_order": 3}, "trailing", 1),
     ("unipc_bh1, final_order=3", S["unipc_bh1"], {"final_order": 3}, "trailing", 1),
     ("plms, final_order=1", S["plms"], {"final_order": 1}, "trailing", 1),
+    # final_order=0: the local-Gaussian last step (difflab.samplers.base.gaussian_final_step)
+    ("plms, final_order=0", S["plms"], {"final_order": 0}, "trailing", 1),
+    ("dpmpp_2m, final_order=0", S["dpmpp_2m"], {"final_order": 0}, "trailing", 1),
+    ("unipc_bh1, final_order=0", S["unipc_bh1"], {"final_order": 0}, "trailing", 1),
+    ("unipc_bh2, final_order=0", S["unipc_bh2"], {"final_order": 0}, "trailing", 1),
 ]
 STOCHASTIC = [
     ("ddpm", S["ddpm"], {}, "trailing", 1),
@@ -79,6 +84,11 @@ COUNTERPART = {"ddim": ["DDIM", "Euler", "Euler karras"], "heun": ["Heun", "Heun
                "dpmpp_2m": ["DPMSolverMultistep 2M", "DPMSolverMultistep 2M karras"],
                "dpmpp_3m": ["DPMSolverMultistep 3M", "DPMSolverMultistep 3M karras"],
                "plms, final_order=1": ["PNDM (PLMS)"],
+               "plms, final_order=0": ["PNDM (PLMS)"],
+               "dpmpp_2m, final_order=0": ["DPMSolverMultistep 2M",
+                                           "DPMSolverMultistep 2M karras"],
+               "unipc_bh1, final_order=0": ["UniPC bh1 (3)", "UniPC bh1 (3) trailing"],
+               "unipc_bh2, final_order=0": ["UniPC bh2 (2)"],
                "dpmpp_3m, final_order=3": ["DPMSolverMultistep 3M",
                                            "DPMSolverMultistep 3M karras"],
                "unipc_bh2, final_order=3": ["UniPC bh2 (2)"],
