@@ -23,10 +23,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+# this checkout's difflab, not whichever one is installed (a script's sys.path[0] is
+# benchmarks/, so the repository root is not on the path by itself)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from difflab.analytic import GaussianMixture, sliced_wasserstein
 from difflab.parameterization import Prediction
