@@ -73,9 +73,10 @@ FAMILY = ("ddim", "heun", "plms", "dpmpp_2m", "unipc_bh1, final_order=3")
 #: difflab solver -> (its configurations: DIFFLAB labels, the diffusers namesake). euler (Euler
 #: in sigma~) is not on main yet (branch samplers20), so Euler has no row.
 NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
-            "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"), "DPMSolverMultistep 2M"),
+            "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"),
+                         "DPMSolverMultistep 2M trailing"),
             "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3",
-                           "unipc_bh2, final_order=0"), "UniPC bh2 (2)"),
+                           "unipc_bh2, final_order=0"), "UniPC bh2 (2) trailing"),
             "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
                            "unipc_bh1, final_order=0"), "UniPC bh1 (3) trailing"),
             "lms": (("lms",), "LMS"),
@@ -505,13 +506,15 @@ README_INTRO = """\
 `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 2000 --readme` (the
 script's docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE
 solution, difflab over diffusers, per held-out problem; "best" is the best sampler and grid of
-each library per problem and NFE (diffusers: the 17 schedulers of `benchmarks/samplers.py`, run
+each library per problem and NFE (diffusers: the schedulers of `benchmarks/samplers.py`, run
 on a 1000-level table of each problem's process through `trained_betas`, float32; difflab's
 tables are float64).
 
 Seeds: the samplers, the grid optimiser's variants and the last-step option below were
 developed looking at the problems of seeds 1000..1023; the run here draws a fresh family
-(`--seed-base 2000`, seeds 2000..2023) that nothing was tuned on.
+(`--seed-base 2000`, seeds 2000..2023) that nothing was tuned on. Every error of the run is
+in `benchmarks/sampler_family.json` (`--save`); `--load benchmarks/sampler_family.json
+--readme` reprints these tables without running.
 
 Grids: "default" is the same trailing grid diffusers' trailing spacing picks; "ays" is
 `optimize_schedule(..., bound="ode", free_end=True, sigma_min=2e-4, order=p)` (p = 1 for
@@ -524,23 +527,27 @@ in sigma~) has no namesake row (on the same grid it equals DDIM); `rk45` is adap
 run.
 
 Namesake tables: difflab's solver (its best configuration; the second table: its default
-options only) against the diffusers scheduler of the same name on the default grid. Cells are
-bold only beyond 1 + 0.01: within 1 % they are ties at float precision (diffusers' float32
-tables: sigma~ rounded to ~6e-8 and a cumprod drift of ~1e-6 relative; on the cosine problems,
-sigma~_max = 2e4, that alone moves diffusers' error by 0.1-0.3 %). Where the grids are not
-quite the same: diffusers' DDIM and PNDM step to t - T // n, so when n does not divide
-T = 1000 (PNDM at 8, 15, 20 NFE runs 7, 14, 19 steps; DDIM at 15 NFE) their state lands one
-level off the level they evaluate next; PNDM spends one evaluation on a Heun first step (n =
-NFE - 1) and stops at the table's first level (`set_alpha_to_one=False`), and UniPC bh1
+options only) against the diffusers scheduler of the same name on the default (trailing) grid
+(DPMSolverMultistep and UniPC bh2 with `timestep_spacing="trailing"`: their default "linspace"
+puts most levels one below the trailing ones). Cells are bold only beyond 1 + 0.01: within 1 %
+they are ties at float precision (diffusers' float32 tables: sigma~ rounded to ~6e-8 and a
+cumprod drift of ~1e-6 relative; on the cosine problems, sigma~_max = 2e4, that alone moves
+diffusers' error by 0.1-0.3 %). Where the grids are not quite the same: diffusers' DDIM and
+PNDM step to t - T // n, so when n does not divide T = 1000 (PNDM at 8, 15, 20 NFE runs 7, 14,
+19 steps; DDIM at 15 NFE) their state lands one level off the level they evaluate next (a
+float64 re-implementation of DDIM and PNDM with those off-grid steps reproduces diffusers'
+errors to 3 digits, and with on-grid steps gives difflab's: such cells are accidents of the
+off-grid step, not monotone in NFE); PNDM spends one evaluation on a Heun first step (n = NFE -
+1) and stops at the table's first level (`set_alpha_to_one=False`), and UniPC bh1
 (`final_sigmas_type="sigma_min"`) steps to that level, both returning that slightly noisy
 sample, while difflab always ends at sigma = 0. That last interval is where plms and unipc_bh1
 lost: plms's default last step (Adams-Bashforth order 4 in sigma~ over [0, sigma~_{N-1}]) has
 weights summing to 42x the step in absolute value on trailing DDPM grids (sigma~ ~ sqrt(t) near
 the data), so on problems whose data scale is below sigma~_{N-1} it amplifies the mixture's
-structure in eps_hat; unipc_bh1's default x0_hat (`final_order=1`) is first order and loses
-on smooth, large-scale problems. `final_order=0` (the local-Gaussian last step, exact for
-isotropic Gaussian data, `docs/samplers.md`) is the configuration added for that; the
-defaults keep the published last steps.
+structure in eps_hat; unipc_bh1's default x0_hat (`final_order=1`) is first order and loses on
+smooth, large-scale problems. `final_order=0` (the local-Gaussian last step, exact for
+isotropic Gaussian data, `docs/samplers.md`) is the configuration added for that; the defaults
+keep the published last steps.
 
 Goal status: the "goal" column of the first two tables, per NFE (median <= 0.5 and worst
 <= 0.8 over the held-out problems).
