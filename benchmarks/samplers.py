@@ -23,10 +23,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+# this checkout's difflab, not whichever one is installed (a script's sys.path[0] is
+# benchmarks/, so the repository root is not on the path by itself)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from difflab.analytic import GaussianMixture, sliced_wasserstein
 from difflab.parameterization import Prediction
@@ -64,6 +69,11 @@ DIFFLAB = [
     ("unipc_bh2, final_order=3", S["unipc_bh2"], {"final_order": 3}, "trailing", 1),
     ("unipc_bh1, final_order=3", S["unipc_bh1"], {"final_order": 3}, "trailing", 1),
     ("plms, final_order=1", S["plms"], {"final_order": 1}, "trailing", 1),
+    # final_order=0: the local-Gaussian last step (difflab.samplers.base.gaussian_final_step)
+    ("plms, final_order=0", S["plms"], {"final_order": 0}, "trailing", 1),
+    ("dpmpp_2m, final_order=0", S["dpmpp_2m"], {"final_order": 0}, "trailing", 1),
+    ("unipc_bh1, final_order=0", S["unipc_bh1"], {"final_order": 0}, "trailing", 1),
+    ("unipc_bh2, final_order=0", S["unipc_bh2"], {"final_order": 0}, "trailing", 1),
 ]
 STOCHASTIC = [
     ("ddpm", S["ddpm"], {}, "trailing", 1),
@@ -76,9 +86,15 @@ COUNTERPART = {"ddim": ["DDIM", "Euler", "Euler karras"], "heun": ["Heun", "Heun
                "plms": ["PNDM (PLMS)"], "lms": ["LMS", "LMS karras"],
                "dpm_solver (3)": ["DPMSolverSinglestep 3 eps"],
                "dpm_solver (3), data_prediction": ["DPMSolverSinglestep 3"],
-               "dpmpp_2m": ["DPMSolverMultistep 2M", "DPMSolverMultistep 2M karras"],
+               "dpmpp_2m": ["DPMSolverMultistep 2M", "DPMSolverMultistep 2M karras",
+                            "DPMSolverMultistep 2M trailing"],
                "dpmpp_3m": ["DPMSolverMultistep 3M", "DPMSolverMultistep 3M karras"],
                "plms, final_order=1": ["PNDM (PLMS)"],
+               "plms, final_order=0": ["PNDM (PLMS)"],
+               "dpmpp_2m, final_order=0": ["DPMSolverMultistep 2M",
+                                           "DPMSolverMultistep 2M karras"],
+               "unipc_bh1, final_order=0": ["UniPC bh1 (3)", "UniPC bh1 (3) trailing"],
+               "unipc_bh2, final_order=0": ["UniPC bh2 (2)", "UniPC bh2 (2) trailing"],
                "dpmpp_3m, final_order=3": ["DPMSolverMultistep 3M",
                                            "DPMSolverMultistep 3M karras"],
                "unipc_bh2, final_order=3": ["UniPC bh2 (2)"],
@@ -94,7 +110,7 @@ COUNTERPART = {"ddim": ["DDIM", "Euler", "Euler karras"], "heun": ["Heun", "Heun
                "unipc_bh1, final_order=3, three-piece grid + Nelder-Mead": [
                    "UniPC bh1 (3)", "UniPC bh1 (3) trailing"],
                "unipc_bh1 (3)": ["UniPC bh1 (3)", "UniPC bh1 (3) trailing"],
-               "unipc_bh2 (2)": ["UniPC bh2 (2)"]}
+               "unipc_bh2 (2)": ["UniPC bh2 (2)", "UniPC bh2 (2) trailing"]}
 
 
 def diffusers_schedulers() -> dict[str, tuple[type, dict]]:
@@ -129,6 +145,13 @@ def diffusers_schedulers() -> dict[str, tuple[type, dict]]:
                                     "final_sigmas_type": "sigma_min",
                                     "timestep_spacing": "trailing"}),
         "UniPC bh2 (2)": (d.UniPCMultistepScheduler, {"solver_type": "bh2"}),
+        # the default spacing of the two above ("linspace") puts most levels one below the
+        # trailing ones (e.g. 200 for 199 as the last noisy level at 5 steps); these are the
+        # same two on difflab's default (trailing) grid, for the namesake comparisons
+        "DPMSolverMultistep 2M trailing": (d.DPMSolverMultistepScheduler,
+                                           {"timestep_spacing": "trailing"}),
+        "UniPC bh2 (2) trailing": (d.UniPCMultistepScheduler,
+                                   {"solver_type": "bh2", "timestep_spacing": "trailing"}),
     }
 
 

@@ -111,7 +111,7 @@ def test_values_are_converted_to_the_declared_types():
     ("ddim", {"eta": True}, "option 'eta' must be a float"),
     ("lms", {"order": 2.5}, "option 'order' must be an int >= 1, got 2.5"),
     ("lms", {"order": True}, "option 'order' must be an int"),
-    ("lms", {"final_order": 0}, "option 'final_order' must be an int >= 1 or None, got 0"),
+    ("lms", {"final_order": -1}, "option 'final_order' must be an int >= 0 or None, got -1"),
     ("dpm_solver", {"order": 4}, "option 'order' must be one of 1, 2, 3, got 4"),
     ("dpm_solver", {"data_prediction": 1}, "must be true or false, got 1"),
     ("ddpm", {"variance": "beta~"}, "must be one of auto, beta, beta_tilde, got 'beta~'"),

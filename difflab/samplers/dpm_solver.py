@@ -80,10 +80,10 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
     eps_hist: list[Tensor] = []
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
-        eps_hist = [pred.eps, *eps_hist][:final_order]
+        eps_hist = [pred.eps, *eps_hist][:final_order or 2]
         if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
-                              eps_hist)
+                              eps_hist, gaussian=final_order == 0)
         history = [pred.x0, *history][:order]
         cx, w = plan[i]
         x_new = cx * x

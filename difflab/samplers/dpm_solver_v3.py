@@ -240,7 +240,7 @@ def resolve_statistics(statistics: Any, denoiser: DenoiserFn, lam: Tensor,
     SamplerOption("corrector_pseudo", bool, False, "pseudo-order corrector of order + 1"),
     SamplerOption("lower_order_final", bool, True, "lower the predictor order over the last "
                   "steps (at most 2 on the last)"),
-    final_order_option(1))
+    final_order_option(1, gaussian=False))
 @zero_snr_start
 @torch.no_grad()
 def dpm_solver_v3(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,

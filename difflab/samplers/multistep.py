@@ -10,7 +10,8 @@ the probability-flow ODE is dy / dsigma~ = eps_hat (Karras et al. 2022, eq. 4).
   sigma~ integrated exactly over each step), the method of diffusers' LMSDiscreteScheduler.
 
 By default both end with a multistep step to clean data (``final_order``, ``base``): plms of
-order 4, lms of its ``order``; ``final_order=1`` returns x0_hat of the last evaluation instead.
+order 4, lms of its ``order``; ``final_order=1`` returns x0_hat of the last evaluation instead,
+``final_order=0`` the local-Gaussian step (``base.gaussian_final_step``).
 
 Both hold for steps of either sign in sigma~: on a rising grid (inversion) they run the same
 Adams-Bashforth steps upwards, with no final step, and return x at the last grid point.
@@ -42,7 +43,8 @@ AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
 
 @torch.no_grad()
 def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback | None,
-                 cond: Any, weights: list[list[float]], rising: bool = False) -> Tensor:
+                 cond: Any, weights: list[list[float]], rising: bool = False,
+                 gaussian: bool = False) -> Tensor:
     """y_{i+1} = y_i + sum_j weights[i][j] eps_{i-j}; with a weight list for the last step
     too, it is the multistep step to sigma~ = 0 (clean data), else the shared x0_hat step.
     On a rising grid every step is an ordinary step and x at ts[-1] is returned."""
@@ -54,7 +56,9 @@ def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback
     for i in range(len(ts) - 1):
         pred = denoiser(a[i] * y, ts[i], cond)
         if i == len(ts) - 2 and len(weights) < len(ts) - 1:
-            return final_step(callback, i, ts[i], pred)
+            return final_step(callback, i, ts[i], pred, sigma_tilde=_sigma_tilde(process, ts),
+                              eps_hist=[pred.eps, *hist][:2] if gaussian else None,
+                              gaussian=gaussian)
         hist = [pred.eps, *hist][:depth]
         for wj, ej in zip(weights[i], hist, strict=False):
             y = y + wj * ej
@@ -82,7 +86,7 @@ def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
                for i in range(len(ts) - (1 if rising else 2))]
     if final_order > 1 and not rising:
         weights += final_weights(st, final_order)
-    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising)
+    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0)
 
 
 @declare_options(
@@ -105,7 +109,7 @@ def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = Non
     final_order = order if final_order is None else final_order
     if final_order > 1 and not rising:
         weights += final_weights(st, final_order)
-    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising)
+    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0)
 
 
 __all__ = ["lms", "plms"]

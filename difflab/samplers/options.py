@@ -203,15 +203,19 @@ def describe_options(sampler: str, declared: Mapping[str, SamplerOption]) -> str
     return "\n".join(o.describe() for o in declared.values())
 
 
-def final_order_option(default: int | None, derived: str = "") -> SamplerOption:
+def final_order_option(default: int | None, derived: str = "",
+                       gaussian: bool = True) -> SamplerOption:
     """The one name and meaning of the last-step choice (``base`` docstring): 1 returns
     x0_hat; k > 1 an Adams-Bashforth step in sigma~ to clean data through the latest k
-    eps_hat. ``derived`` says what a None default stands for."""
+    eps_hat; 0 (where ``gaussian``) the local-Gaussian step (``base.gaussian_final_step``).
+    ``derived`` says what a None default stands for."""
+    zero = ("; 0 the local-Gaussian step (x0_hat plus the share of sigma~ eps_hat a Gaussian "
+            "fitted to the last two eps_hat leaves)" if gaussian else "")
     return SamplerOption(
         "final_order", int, default,
         "order of the last step to clean data: 1 returns x0_hat of the last evaluation, k > 1 "
         "an Adams-Bashforth step in sigma~ through the latest k eps_hat (grids ending at "
-        f"sigma = 0){derived}", min=1)
+        f"sigma = 0){zero}{derived}", min=0 if gaussian else 1)
 
 
 __all__ = ["SamplerOption", "check_options", "declare_options", "declared_options",

@@ -121,7 +121,7 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     x_prev = None
     for i in range(len(ts) - 1):
         pred = denoiser(x, ts[i], cond)
-        eps_hist = [pred.eps, *eps_hist][:final_order]
+        eps_hist = [pred.eps, *eps_hist][:final_order or 2]
         if corrector and i > 0:  # UniC on the step i-1 -> i, reusing m_i
             scale = float(a[i] * (lam[i] - lam[i - 1]))
             cw = plan[i - 1][1]
@@ -130,7 +130,7 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
                 x = x + scale * wj * mj
         if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
-                              eps_hist)
+                              eps_hist, gaussian=final_order == 0)
         hist = [pred.x0, *hist][:order]
         pw = plan[i][0]
         scale = float(a[i + 1] * (lam[i + 1] - lam[i]))

@@ -1,0 +1,93 @@
+"""final_order=0: the local-Gaussian last step (``base.gaussian_final_step``).
+
+Closed forms: for data N(mu, s^2 I) the PF-ODE keeps z fixed, y(sigma~) = mu + q z with
+q = sqrt(s^2 + sigma~^2), x0_hat = mu + (s^2 / q) z, eps_hat = (sigma~ / q) z, and
+y(0) = mu + s z."""
+
+import functools
+
+import pytest
+import torch
+
+from difflab.analytic import GaussianMixture
+from difflab.process import make_process
+from difflab.samplers import SAMPLERS, check_sampler_options, time_grid
+from difflab.samplers.base import gaussian_final_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ZERO = ["plms", "lms", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2"]
+
+
+def on_trajectory(mu, z, s, st):
+    q = (s * s + st * st) ** 0.5
+    return mu + (s * s / q) * z, (st / q) * z
+
+
+@pytest.mark.parametrize("s", [1e-3, 0.05, 0.3, 2.0])
+def test_exact_on_a_gaussian_trajectory(s):
+    g = torch.Generator().manual_seed(0)
+    mu, z = torch.randn(2, 4, 7, generator=g, dtype=torch.float64)
+    st, st_prev = 0.2, 0.35
+    x0, eps = on_trajectory(mu, z, s, st)
+    _, eps_prev = on_trajectory(mu, z, s, st_prev)
+    out = gaussian_final_step(x0, eps, eps_prev, st, st_prev)
+    torch.testing.assert_close(out, mu + s * z, rtol=0, atol=1e-12)
+
+
+def test_limits_unresolved_and_resolved():
+    """eps_hat unchanged by the step (still the noise): x0_hat; eps_hat shrinking like sigma~
+    (small-noise regime): the midpoint (y + x0_hat) / 2 = x0_hat + sigma~ eps_hat / 2."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    # rounding in kappa = r <eps, eps> / |eps|^2 enters through a square root: ~1e-8 of a share
+    torch.testing.assert_close(gaussian_final_step(x0, eps, eps, 0.1, 0.3), x0, rtol=0,
+                               atol=1e-7)
+    torch.testing.assert_close(gaussian_final_step(x0, eps, 3 * eps, 0.1, 0.3),
+                               x0 + 0.05 * eps, rtol=0, atol=1e-15)
+
+
+@functools.cache
+def gaussian(s: float):
+    process = make_process("linear")
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(1, 16, generator=g, dtype=torch.float64)
+    data = GaussianMixture(process, mu, torch.full((1, 16), s, dtype=torch.float64),
+                           torch.ones(1, dtype=torch.float64))
+    x_T = torch.randn(64, 16, generator=g, dtype=torch.float64) * process.sigma(process.t_max)
+    return process, data, x_T, data.ode_solution(x_T, process.t_max, process.t_min)
+
+
+class Recorder:
+    def __init__(self, inner):
+        self.inner, self.process, self.calls = inner, inner.process, []
+
+    def __call__(self, x, t, cond=None):
+        pred = self.inner(x, t, cond)
+        self.calls.append((float(t), pred))
+        return pred
+
+
+@pytest.mark.parametrize("name", ZERO)
+def test_samplers_end_with_the_gaussian_step(name):
+    """final_order=0 is the same last step in every sampler that takes it: the local-Gaussian
+    step on the last two evaluations; and on Gaussian data, resolved (s = 0.5) or not
+    (s = 0.01) at the last noisy level of a 10-step trailing grid, it is >= 2x closer to the
+    PF-ODE end than x0_hat (final_order=1) and than the order-3 Adams-Bashforth step."""
+    assert check_sampler_options(name, {"final_order": 0}) == {"final_order": 0}
+    for s in (0.5, 0.01):
+        process, data, x_T, ref = gaussian(s)
+        ts = time_grid(process, 10)
+        rec = Recorder(data)
+        out = SAMPLERS[name](rec, x_T, ts, final_order=0)
+        (t1, p1), (t2, p2) = rec.calls[-1], rec.calls[-2]
+        st = (-0.5 * process.log_snr(torch.tensor([t1, t2], dtype=torch.float64))).exp()
+        expected = gaussian_final_step(p1.x0, p1.eps, p2.eps, float(st[0]), float(st[1]))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        err = {k: float((SAMPLERS[name](data, x_T, ts, final_order=k) - ref).pow(2).mean())
+               for k in (1, 3)}
+        assert float((out - ref).pow(2).mean()) ** 0.5 * 2 < min(err.values()) ** 0.5
+
+
+def test_dpm_solver_v3_does_not_take_zero():
+    with pytest.raises(ValueError, match="final_order"):
+        check_sampler_options("dpm_solver_v3", {"final_order": 0})
