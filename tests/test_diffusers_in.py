@@ -239,6 +239,10 @@ def test_lone_unet_folder_and_refusals(tmp_path):
     tiny_unet(time_embedding_type="fourier").save_pretrained(tmp_path / "unet")
     with pytest.raises(LoadError, match="time_embedding_type="):
         Pipeline.from_pretrained(tmp_path / "unet")
+    # class labels without a null class (difflab.json names the classes of difflab's exports)
+    tiny_unet(num_class_embeds=3).save_pretrained(tmp_path / "unet")
+    with pytest.raises(LoadError, match="num_class_embeds=3"):
+        Pipeline.from_pretrained(tmp_path / "unet")
 
 
 def test_other_pipelines_and_raw_weights_are_refused(tmp_path):

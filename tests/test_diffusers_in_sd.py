@@ -123,6 +123,15 @@ def test_sd_layout_refusals(tmp_path):
         pipe.encode_prompts([PROMPT])
 
 
+def test_prompt_to_prompt_refuses_a_diffusers_unet_by_its_cross_attention(tmp_path):
+    from difflab.editing.prompt2prompt import prompt_to_prompt
+
+    save_sd(tmp_path / "sd", steps_offset=1)
+    pipe = Pipeline.from_pretrained(tmp_path / "sd")
+    with pytest.raises(ValueError, match="difflab cross-attention.*DiffusersUNet has none"):
+        prompt_to_prompt(pipe, PROMPT, "a blue circle", steps=2)
+
+
 def test_cli_samples_a_stable_diffusion_folder(tmp_path):
     from difflab.cli.main import main
 

@@ -265,9 +265,7 @@ def run_controlled(denoiser: DenoiserFn, net: nn.Module, control: PromptToPrompt
     get the same noise stream (seed ``seed``). Returns [2, ...]: source, edit."""
     if len(cond) != 2:
         raise ValueError(f"prompt-to-prompt samples 2 rows (source, target), got {len(cond)}")
-    if not any(getattr(m, "is_cross", False) for _, m in attention_blocks(net)):
-        raise ValueError("prompt-to-prompt needs a network with cross-attention to the prompt "
-                         f"(a text U-Net or DiT); {type(net).__name__} has none")
+    check_cross_attention(net)
     if x_T.shape[0] != 1:
         raise ValueError(f"x_T must hold one initial noise [1, ...], got {tuple(x_T.shape)}")
     x = x_T.expand(2, *x_T.shape[1:]).clone()
@@ -275,6 +273,14 @@ def run_controlled(denoiser: DenoiserFn, net: nn.Module, control: PromptToPrompt
     gens = seed_generators([seed, seed], x.device)
     with torch.no_grad(), attention_processor(net, control):
         return fn(ControlledDenoiser(denoiser, control), x, ts, gens, cond=cond, **options)
+
+
+def check_cross_attention(net: nn.Module) -> None:
+    """Refuse a network without difflab cross-attention blocks to control (e.g. a diffusers
+    U-Net run as diffusers' own module)."""
+    if not any(getattr(m, "is_cross", False) for _, m in attention_blocks(net)):
+        raise ValueError("prompt-to-prompt needs a network with difflab cross-attention to "
+                         f"the prompt (a text U-Net or DiT); {type(net).__name__} has none")
 
 
 # -- with a pipeline -------------------------------------------------------------------------
@@ -313,6 +319,7 @@ def prompt_to_prompt(pipe: Any, source: str, target: str, *, guidance: float = 5
     used, so the source row reconstructs the image. ``guidance`` is the scale gamma."""
     if guidance < 1:
         raise ValueError(f"--guidance must be at least 1 for prompt-to-prompt, got {guidance}")
+    check_cross_attention(pipe.net)
     from ..samplers import time_grid
 
     if inversion is not None:
@@ -346,6 +353,6 @@ def check_token_count(cond: TextCond, control: PromptToPromptControl, source: st
 
 
 __all__ = ["MODES", "ControlledDenoiser", "EditMap", "PromptToPromptControl", "PromptTokens",
-           "check_token_count", "edit_map", "guided_denoiser", "make_control",
-           "prompt_to_prompt", "refine_map", "replace_map", "reweight_vector", "run_controlled",
-           "tokenize", "window_end", "word_positions"]
+           "check_cross_attention", "check_token_count", "edit_map", "guided_denoiser",
+           "make_control", "prompt_to_prompt", "refine_map", "replace_map", "reweight_vector",
+           "run_controlled", "tokenize", "window_end", "word_positions"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from difflab.conditioning import TextCond, split_guidance
@@ -104,10 +105,7 @@ class DiffusersUNet(_Adopted):
         ts = self.timesteps(c_noise.reshape(-1).expand(x.shape[0]) if c_noise.numel() == 1
                             else c_noise)
         if not self.text:
-            if cond is not None:
-                raise ValueError("this diffusers UNet2DModel is unconditional; got a "
-                                 "condition")
-            return self.model(x, ts).sample
+            return self._forward_2d(x, ts, cond)
         if not isinstance(cond, TextCond):
             raise ValueError("a diffusers UNet2DConditionModel needs prompt embeddings "
                              "(a TextCond) as its condition")
@@ -115,6 +113,19 @@ class DiffusersUNet(_Adopted):
         mask = None if bool(cond.mask.all()) else cond.mask
         return self.model(x, ts, encoder_hidden_states=tokens,
                           encoder_attention_mask=mask).sample
+
+    def _forward_2d(self, x: Tensor, ts: Tensor, cond: Any) -> Tensor:
+        """A ``UNet2DModel``: unconditional, or class labels [B] (long) as ``class_labels``."""
+        labelled = self.model.config.num_class_embeds is not None
+        if not labelled:
+            if cond is not None:
+                raise ValueError("this diffusers UNet2DModel is unconditional; got a "
+                                 "condition")
+            return self.model(x, ts).sample
+        if not isinstance(cond, Tensor) or cond.dtype != torch.long:
+            raise ValueError("this diffusers UNet2DModel is class-conditional: its condition "
+                             "is a tensor of integer labels")
+        return self.model(x, ts, class_labels=cond.reshape(-1).expand(x.shape[0])).sample
 
 
 @dataclass

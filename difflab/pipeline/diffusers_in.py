@@ -60,6 +60,9 @@ __all__ = ["diffusers_card", "diffusers_time_grid", "is_diffusers_folder",
            "process_from_scheduler", "scheduler_sampler"]
 
 INDEX = "model_index.json"
+#: written beside model_index.json by ``difflab export`` for what diffusers' configs cannot say
+#: (a class-conditional U-Net's class names; its null label is their number)
+DIFFLAB_FILE = "difflab.json"
 CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -295,16 +298,22 @@ def _sample_size(config: dict[str, Any], source: Path) -> tuple[int, int]:
     raise _refuse(source, "sample_size", size, "an integer or [height, width]")
 
 
-def _check_unet2d(config: dict[str, Any], source: Path, learned: bool) -> None:
-    """Refuse UNet2DModel options difflab's denoiser cannot drive."""
+def _check_unet2d(config: dict[str, Any], source: Path, learned: bool,
+                  class_names: list[str]) -> None:
+    """Refuse UNet2DModel options difflab's denoiser cannot drive; ``class_names`` of a
+    class-conditional one come from :data:`DIFFLAB_FILE`."""
     if config.get("time_embedding_type", "positional") != "positional":
         raise _refuse(source, "time_embedding_type", config["time_embedding_type"],
                       "Fourier time features belong to score-SDE (VE) models; difflab reads "
                       "DDPM-type U-Nets")
-    for key in ("class_embed_type", "num_class_embeds"):
-        if config.get(key) is not None:
-            raise _refuse(source, key, config[key], "a class-conditional UNet2DModel has no "
-                          "null class for difflab's guidance")
+    if config.get("class_embed_type") is not None:
+        raise _refuse(source, "class_embed_type", config["class_embed_type"], "difflab "
+                      "reads label embeddings (num_class_embeds) only")
+    n = config.get("num_class_embeds")
+    if n is not None and len(class_names) + 1 != n:
+        raise _refuse(source, "num_class_embeds", n, "a class-conditional UNet2DModel has no "
+                      f"null class for difflab's guidance unless {DIFFLAB_FILE} (written by "
+                      "difflab export) names its classes")
     cin, cout = config.get("in_channels", 3), config.get("out_channels", 3)
     if cout != cin * (2 if learned else 1):
         raise _refuse(source, "out_channels", cout, f"expected {cin * (2 if learned else 1)}"
@@ -325,6 +334,17 @@ def _check_unet_cond(config: dict[str, Any], source: Path) -> None:
                       "only positional timestep embeddings")
 
 
+def _class_names(root: Path) -> list[str]:
+    """The class names in ``root``'s :data:`DIFFLAB_FILE` ([] without one)."""
+    path = root / DIFFLAB_FILE
+    if not path.is_file():
+        return []
+    names = _json(path).get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _refuse(path, "class_names", names, "a list of strings")
+    return names
+
+
 def _unet_stage(unet: Path, root: Path, scheduler: dict[str, Any], sched_file: Path,
                 text: bool) -> StageCard:
     config = _json(unet / CONFIG)
@@ -334,10 +354,12 @@ def _unet_stage(unet: Path, root: Path, scheduler: dict[str, Any], sched_file: P
         raise _refuse(unet / CONFIG, "_class_name", cls, f"this layout needs a {want}")
     process, prediction = process_from_scheduler(scheduler, sched_file)
     sampler, options, grid, learned = scheduler_sampler(scheduler, sched_file)
+    names: list[str] = []
     if text:
         _check_unet_cond(config, unet / CONFIG)
     else:
-        _check_unet2d(config, unet / CONFIG, learned)
+        names = _class_names(root) if config.get("num_class_embeds") is not None else []
+        _check_unet2d(config, unet / CONFIG, learned, names)
     h, w = _sample_size(config, unet / CONFIG)
     net_config = {"model_class": want, "num_train_timesteps": process["T"],
                   "config": {k: v for k, v in config.items() if k not in META_KEYS}}
@@ -347,7 +369,9 @@ def _unet_stage(unet: Path, root: Path, scheduler: dict[str, Any], sched_file: P
         weights=str(weights_file(unet).relative_to(root)), process=process,
         prediction=prediction, learned_variance=learned,
         data_range=None if text else [-1.0, 1.0], sampler=sampler, sampler_options=options,
-        diffusers_timesteps=grid, conditioning="text" if text else "none",
+        diffusers_timesteps=grid,
+        conditioning="text" if text else ("class" if names else "none"),
+        class_names=names,
         text_encoder=str(root.resolve()) if text else None)
 
 

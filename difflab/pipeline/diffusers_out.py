@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from ..networks.unet import AttentionBlock, Downsample, ResBlock, UNet, UNetConfig, Upsample
 from ..process import DiscreteProcess, Process
 from .card import StageCard
+from .diffusers_in import DIFFLAB_FILE
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -89,6 +90,9 @@ class DiffusersExport:
     scheduler_config: dict[str, Any]
     state_dict: dict[str, Tensor]
     notes: list[str] = field(default_factory=list)
+    #: a class-conditional model's class names (label K = len(class_names) is the null label);
+    #: written to ``difflab.json`` so difflab reads the folder back with guidance
+    class_names: list[str] | None = None
 
 
 # -- the network -------------------------------------------------------------------------------
@@ -398,7 +402,8 @@ def export_diffusers(pipe: Pipeline) -> DiffusersExport:
         notes.append(f"class-conditional: pass class_labels to the UNet (label "
                      f"{unet['num_class_embeds'] - 1} is unconditional); DDPMPipeline "
                      "passes none")
-    return DiffusersExport(unet, sched, convert_unet(pipe.net), notes)
+    names = list(st.class_names) if unet["num_class_embeds"] is not None else None
+    return DiffusersExport(unet, sched, convert_unet(pipe.net), notes, names)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -425,6 +430,9 @@ def write_diffusers(export: DiffusersExport, out: str | os.PathLike[str],
         _write_json(tmp / "unet" / "config.json", export.unet_config)
         save_file(export.state_dict, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
         _write_json(tmp / "scheduler" / "scheduler_config.json", export.scheduler_config)
+        if export.class_names is not None:  # diffusers ignores it; difflab reads it back
+            _write_json(tmp / DIFFLAB_FILE, {"class_names": export.class_names,
+                                             "null_class": len(export.class_names)})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
