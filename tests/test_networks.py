@@ -225,7 +225,8 @@ def test_mlp_unconditional_and_default():
 # --------------------------------------------------------------------- registry
 def test_build_network_and_count_parameters():
     assert set(NETWORKS) == {"unet", "mlp", "classifier", "latent_unet", "autoencoder", "dit",
-                             "lora", "token_embeddings", "controlnet"}
+                             "lora", "token_embeddings", "controlnet", "diffusers_unet",
+                             "diffusers_autoencoder"}
     unet = build_network("unet", {**TINY, "image_size": 8, "channel_mult": [1, 2]})
     assert isinstance(unet, UNet) and unet.config.channel_mult == (1, 2)
     mlp = build_network("mlp", {"hidden": 8, "depth": 1, "time_dim": 4})
