@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..conditioning import TextCond
 from ..io import LoadError
+from .encoder import cached_rows
 
 __all__ = ["CLIPPromptEncoder", "is_clip_folder"]
 
@@ -98,11 +99,6 @@ class CLIPPromptEncoder:
 
     def __call__(self, prompts: Sequence[str] | str) -> TextCond:
         """Token embeddings ``[B, L, D]`` and an all-True mask ``[B, L]``."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        for p in prompts:
-            if p not in self._cache:
-                self._cache[p] = self._encode_one(p)
-        tokens = torch.stack([self._cache[p] for p in prompts])
+        tokens = torch.stack(cached_rows(self._cache, prompts, self._encode_one))
         return TextCond(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool,
                                            device=tokens.device))

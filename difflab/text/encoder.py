@@ -16,7 +16,7 @@ has seen, because training captions repeat a lot. Loading never touches the netw
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,17 @@ __all__ = ["DEFAULT_TEXT_ENCODER", "TextEncoder", "TextEncoderUnavailable", "res
 
 #: name of the packaged default model
 DEFAULT_TEXT_ENCODER = "minilm"
+
+
+def cached_rows(cache: dict[str, Tensor], prompts: Sequence[str] | str,
+                encode_one: Callable[[str], Tensor]) -> list[Tensor]:
+    """Each prompt's embedding [L, D], encoded once by ``encode_one`` and kept in ``cache``."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    for p in prompts:
+        if p not in cache:
+            cache[p] = encode_one(p)
+    return [cache[p] for p in prompts]
 
 
 class TextEncoderUnavailable(ImportError):
@@ -86,12 +97,7 @@ class TextEncoder:
 
     def __call__(self, prompts: Sequence[str] | str) -> TextCond:
         """Token embeddings ``[B, L, D]`` (L = longest prompt) and mask ``[B, L]``."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        for p in prompts:
-            if p not in self._cache:
-                self._cache[p] = self._encode_one(p)
-        rows = [self._cache[p] for p in prompts]
+        rows = cached_rows(self._cache, prompts, self._encode_one)
         length = max(len(r) for r in rows)
         tokens = torch.zeros(len(rows), length, self.dim, device=self.device)
         mask = torch.zeros(len(rows), length, dtype=torch.bool, device=self.device)
