@@ -55,6 +55,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
 from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
+from difflab.samplers import plms  # noqa: E402
+
+#: candidates of this benchmark beyond ``samplers.DIFFLAB`` (same fields), and the evaluations
+#: each spends beyond one per step (``EXTRA_NFE``): plms with PNDM's trapezoidal first step
+#: runs NFE - 1 steps, as diffusers' PNDM does
+CANDIDATES = [*DIFFLAB,
+              ("plms, warm_start=heun", plms, {"warm_start": "heun"}, "trailing", 1),
+              ("plms, warm_start=heun, final_order=0", plms,
+               {"warm_start": "heun", "final_order": 0}, "trailing", 1)]
+EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1}
+
 NFES = (5, 8, 10, 15, 20)
 SCHEDULES = ("linear", "cosine", "scaled_linear", "vpsde", "ve")
 COVARIANCES = ("isotropic", "diagonal", "full")
@@ -80,7 +91,9 @@ NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
             "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
                            "unipc_bh1, final_order=0"), "UniPC bh1 (3) trailing"),
             "lms": (("lms",), "LMS"),
-            "plms": (("plms", "plms, final_order=1", "plms, final_order=0"), "PNDM (PLMS)")}
+            "plms": (("plms", "plms, final_order=1", "plms, final_order=0",
+                      "plms, warm_start=heun", "plms, warm_start=heun, final_order=0"),
+                     "PNDM (PLMS)")}
 #: the same, each difflab solver with its default options only (the published last step)
 DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
                 "unipc_bh2": "unipc_bh2 (2)", "unipc_bh1": "unipc_bh1 (3)", "lms": "lms",
@@ -210,15 +223,17 @@ def rms(a, b) -> float:
     return e if math.isfinite(e) else math.inf
 
 
-def steps_for(nfe: int, k: int) -> int:
-    return (nfe - 1) // k + 1
+def steps_for(nfe: int, k: int, label: str = "") -> int:
+    """Steps of a sampler with ``k`` evaluations per step (and ``EXTRA_NFE[label]`` more in
+    all) within ``nfe`` evaluations."""
+    return (nfe - 1 - EXTRA_NFE.get(label, 0)) // k + 1
 
 
 def difflab_errors(problem, x_T, ref, grids) -> dict[str, dict[int, float]]:
-    """{"label [grid]": {nfe: rms}} for every DIFFLAB sampler on every grid in ``grids``
+    """{"label [grid]": {nfe: rms}} for every CANDIDATES sampler on every grid in ``grids``
     ({grid name: fn(label, k, nfe) -> ts or None})."""
     out = {}
-    for label, fn, opts, _spacing, k in DIFFLAB:
+    for label, fn, opts, _spacing, k in CANDIDATES:
         for gname, make in grids.items():
             row = {}
             for m in NFES:
@@ -270,24 +285,25 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
     x_T = z * float(proc.sigma(proc.t_max))
     ref = reference_solution(problem.data, x_T, tol)
     data = problem.data.sample(256, torch.Generator().manual_seed(seed + 1))
-    steps = sorted({steps_for(m, k) for *_, k in DIFFLAB for m in NFES})
-    ays = {order: optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
-                                     free_end=True, order=order,
-                                     generator=torch.Generator().manual_seed(seed + 2))
-           for order in (1, 2)}
+    steps = sorted({steps_for(m, c[4], c[0]) for c in CANDIDATES for m in NFES})
+    ays = {(order, cs): optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
+                                           free_end=True, order=order, cauchy_schwarz=cs,
+                                           generator=torch.Generator().manual_seed(seed + 2))
+           for order in (1, 2) for cs in ("sigma", "min")}
 
-    def ays_grid(label, k, m):
-        return ays[AYS_ORDER.get(label, 2)][steps_for(m, k)]
+    def ays_grid(label, k, m, cs="sigma"):
+        return ays[AYS_ORDER.get(label, 2), cs][steps_for(m, k, label)]
 
     def family_grid(label, k, m):
         if (label, m) not in families:
             return None
         rho, warp, end = families[label, m]
-        return grid_family(proc, steps_for(m, k), rho, warp,
+        return grid_family(proc, steps_for(m, k, label), rho, warp,
                            sigma_min=sigma_min(problem) if end is None else end)
 
-    grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k)),
-             "ays": ays_grid, "family": family_grid}
+    grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k, label)),
+             "ays": ays_grid, "ays_min": lambda label, k, m: ays_grid(label, k, m, "min"),
+             "family": family_grid}
     return {"difflab": difflab_errors(problem, x_T, ref, grids),
             "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
 
@@ -360,7 +376,9 @@ def per_grid_table(results) -> str:
     """Median over held-out problems of each grid's best sampler / best diffusers."""
     lines = ["| difflab grids used | " + " | ".join(f"NFE {m}" for m in NFES) + " |",
              "|" + "---|" * (len(NFES) + 1)]
-    for grid in ("default", "ays", "family"):
+    for grid in ("default", "ays", "ays_min", "family"):
+        if not any(lab.endswith(f"[{grid}]") for lab in results[0]["difflab"]):
+            continue  # a run saved before this grid existed
         cells = []
         for m in NFES:
             r = [best(res["difflab"], m, lambda lab, g=grid: lab.endswith(f"[{g}]"))
@@ -396,7 +414,7 @@ def goal_status(results) -> str:
 
 def report(results, problems, families, args, seconds) -> str:
     every = lambda label: True  # noqa: E731
-    no_ays = lambda label: not label.endswith("[ays]")  # noqa: E731
+    no_ays = lambda label: "[ays" not in label  # noqa: E731
     base = getattr(args, "seed_base", 1000)
     parts = [f"{len(problems)} held-out problems ({args.problems - len(problems)} fit; seeds "
              f"{base}..{base + args.problems - 1}), "
