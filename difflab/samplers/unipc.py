@@ -74,13 +74,6 @@ def _order(default: int) -> SamplerOption:
                          "corrector has p + 1)", min=1)
 
 
-def _stop_sigma() -> SamplerOption:
-    return SamplerOption("stop_sigma", float, 0.0, "> 0: on a grid ending at clean data, "
-                         "take the last step with the UniP predictor to sigma~ = stop_sigma "
-                         "instead and return y = x / alpha there (final_order is then "
-                         "ignored); 0: the final step to clean data", min=0.0)
-
-
 def _lower_order_final() -> SamplerOption:
     return SamplerOption("lower_order_final", bool, False, "below "
                          f"{LOWER_ORDER_FINAL_STEPS} steps, take the last step to the last "
@@ -92,27 +85,16 @@ def _lower_order_final() -> SamplerOption:
     SamplerOption("variant", str, "bh2", "B(h): bh1 = h, bh2 = e^h - 1",
                   choices=("bh1", "bh2")),
     SamplerOption("corrector", bool, True, "apply the UniC corrector (false: plain UniP)"),
-    final_order_option(1), _lower_order_final(), _stop_sigma())
+    final_order_option(1), _lower_order_final())
 @zero_snr_start
 @torch.no_grad()
 def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
           callback: Callback | None = None, *, cond: Any = None, order: int = 2,
           variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
-          final_order: int = 1, lower_order_final: bool = False,
-          stop_sigma: float = 0.0) -> Tensor:
+          final_order: int = 1, lower_order_final: bool = False) -> Tensor:
     """UniPC-p (Zhao et al. 2023): UniP-``order`` predictor and UniC corrector (order + 1);
     ``corrector=False`` gives the plain UniP multistep predictor; ``final_order`` > 1 makes the
     last step an Adams-Bashforth step in sigma~ to clean data (``base.final_step``).
-
-    ``stop_sigma`` > 0 (on a grid ending at sigma = 0 whose last noisy level is above it):
-    the last step is the UniP predictor step of order ``order`` in lambda to sigma~ =
-    ``stop_sigma`` (a finite step in lambda keeps the predictor's order, where a step to
-    lambda = inf would extrapolate the polynomial in lambda to infinity, which is why the step
-    to clean data is otherwise x0_hat or a step in sigma~), and y = x / alpha there is
-    returned: the PF-ODE state a distance (sqrt(v + stop_sigma^2) - sqrt(v)) |z| <=
-    stop_sigma |z| from clean data for data of variance v along z. diffusers' UniPC with
-    ``final_sigmas_type="sigma_min"`` ends the same way at its table's first level (and
-    returns alpha x there).
 
     ``lower_order_final`` (off by default): on a sampling grid of fewer than
     ``LOWER_ORDER_FINAL_STEPS`` steps, the step to the last noisy level is first order and
@@ -130,17 +112,10 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     ts, rising = check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
-    end_noisy = (stop_sigma > 0 and not rising and float(s[-1]) == 0
-                 and float(s[-2] / a[-2]) > stop_sigma)
-    if end_noisy:  # the grid's end moved from sigma~ = 0 to stop_sigma
-        t_end = denoiser.process.t_from_log_snr(
-            torch.tensor(-2 * math.log(stop_sigma), dtype=torch.float64))
-        ts = torch.cat([ts[:-1], t_end.reshape(1)])
-        lam, a, s = half_log_snr_grid(denoiser.process, ts)
     lower_final = lower_order_final and not rising and len(ts) - 1 < LOWER_ORDER_FINAL_STEPS
     if lower_final:
         final_order = 1
-    plan = _plan(lam, order, variant, rising or end_noisy, lower_final)
+    plan = _plan(lam, order, variant, rising, lower_final)
     hist: list[Tensor] = []
     eps_hist: list[Tensor] = []
     x_prev = None
@@ -153,7 +128,7 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
             x = float(s[i] / s[i - 1]) * x_prev
             for wj, mj in zip(cw, [pred.x0, *hist], strict=False):
                 x = x + scale * wj * mj
-        if i == len(ts) - 2 and not rising and not end_noisy:
+        if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
                               eps_hist, gaussian=final_order == 0)
         hist = [pred.x0, *hist][:order]
@@ -164,29 +139,25 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
         for wj, mj in zip(pw, hist, strict=False):
             x = x + scale * wj * mj
         report(callback, i, ts[i], x, pred)
-    return x / float(a[-1]) if end_noisy else x
+    return x
 
 
-@declare_options(_order(3), final_order_option(1), _lower_order_final(), _stop_sigma())
+@declare_options(_order(3), final_order_option(1), _lower_order_final())
 def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 3,
-              final_order: int = 1, lower_order_final: bool = False,
-              stop_sigma: float = 0.0) -> Tensor:
+              final_order: int = 1, lower_order_final: bool = False) -> Tensor:
     """UniPC with B(h) = h (Zhao et al. 2023, eq. 8); recommended for few steps."""
     return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh1",
-                 final_order=final_order, lower_order_final=lower_order_final,
-                 stop_sigma=stop_sigma)
+                 final_order=final_order, lower_order_final=lower_order_final)
 
 
-@declare_options(_order(2), final_order_option(1), _lower_order_final(), _stop_sigma())
+@declare_options(_order(2), final_order_option(1), _lower_order_final())
 def unipc_bh2(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 2,
-              final_order: int = 1, lower_order_final: bool = False,
-              stop_sigma: float = 0.0) -> Tensor:
+              final_order: int = 1, lower_order_final: bool = False) -> Tensor:
     """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, eq. 9)."""
     return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh2",
-                 final_order=final_order, lower_order_final=lower_order_final,
-                 stop_sigma=stop_sigma)
+                 final_order=final_order, lower_order_final=lower_order_final)
 
 
 __all__ = ["unipc", "unipc_bh1", "unipc_bh2"]
