@@ -11,8 +11,10 @@ mixture seen through one random rotation Q, so covariance Q diag(s_k^2) Q^T), un
 the schedules linear, cosine, scaled_linear (DDPM, T = 1000), vpsde and EDM's VE sigma range
 (0.002..80). Problems with even index (seed B + i, B = ``--seed-base``, default 1000) are FIT
 problems, odd ones HELD-OUT; nothing fitted ever sees a held-out problem's reference or noise.
-``--seed-base 2000`` draws a fresh family (seeds >= 1024 were never looked at while the
-samplers, grids and optimiser were tuned on seeds 1000..1023).
+``--seed-base 3000`` draws a fresh family (the samplers, grids and optimiser were tuned on
+seeds 1000..1023; seeds 2000..2023 were a fresh range once and have been looked at since).
+``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
+goal status of another saved run.
 
 Error: RMS distance to the model's own PF-ODE solution from the same x_T (DOP853,
 ``reference_solution``). Every sampler, difflab's and diffusers', is driven by the same exact
@@ -55,6 +57,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
 from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
+from difflab.samplers import plms  # noqa: E402
+
+#: candidates of this benchmark beyond ``samplers.DIFFLAB`` (same fields), and the evaluations
+#: each spends beyond one per step (``EXTRA_NFE``): plms with PNDM's trapezoidal first step
+#: runs NFE - 1 steps, as diffusers' PNDM does
+CANDIDATES = [*DIFFLAB,
+              ("plms, warm_start=heun", plms, {"warm_start": "heun"}, "trailing", 1),
+              ("plms, warm_start=heun, final_order=0", plms,
+               {"warm_start": "heun", "final_order": 0}, "trailing", 1)]
+EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1}
+
 NFES = (5, 8, 10, 15, 20)
 SCHEDULES = ("linear", "cosine", "scaled_linear", "vpsde", "ve")
 COVARIANCES = ("isotropic", "diagonal", "full")
@@ -76,11 +89,15 @@ NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
             "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"),
                          "DPMSolverMultistep 2M trailing"),
             "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3",
-                           "unipc_bh2, final_order=0"), "UniPC bh2 (2) trailing"),
+                           "unipc_bh2, final_order=0"),
+                          "UniPC bh2 (2) trailing"),
             "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
-                           "unipc_bh1, final_order=0"), "UniPC bh1 (3) trailing"),
+                           "unipc_bh1, final_order=0"),
+                          "UniPC bh1 (3) trailing"),
             "lms": (("lms",), "LMS"),
-            "plms": (("plms", "plms, final_order=1", "plms, final_order=0"), "PNDM (PLMS)")}
+            "plms": (("plms", "plms, final_order=1", "plms, final_order=0",
+                      "plms, warm_start=heun", "plms, warm_start=heun, final_order=0"),
+                     "PNDM (PLMS)")}
 #: the same, each difflab solver with its default options only (the published last step)
 DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
                 "unipc_bh2": "unipc_bh2 (2)", "unipc_bh1": "unipc_bh1 (3)", "lms": "lms",
@@ -210,15 +227,17 @@ def rms(a, b) -> float:
     return e if math.isfinite(e) else math.inf
 
 
-def steps_for(nfe: int, k: int) -> int:
-    return (nfe - 1) // k + 1
+def steps_for(nfe: int, k: int, label: str = "") -> int:
+    """Steps of a sampler with ``k`` evaluations per step (and ``EXTRA_NFE[label]`` more in
+    all) within ``nfe`` evaluations."""
+    return (nfe - 1 - EXTRA_NFE.get(label, 0)) // k + 1
 
 
 def difflab_errors(problem, x_T, ref, grids) -> dict[str, dict[int, float]]:
-    """{"label [grid]": {nfe: rms}} for every DIFFLAB sampler on every grid in ``grids``
+    """{"label [grid]": {nfe: rms}} for every CANDIDATES sampler on every grid in ``grids``
     ({grid name: fn(label, k, nfe) -> ts or None})."""
     out = {}
-    for label, fn, opts, _spacing, k in DIFFLAB:
+    for label, fn, opts, _spacing, k in CANDIDATES:
         for gname, make in grids.items():
             row = {}
             for m in NFES:
@@ -270,24 +289,25 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
     x_T = z * float(proc.sigma(proc.t_max))
     ref = reference_solution(problem.data, x_T, tol)
     data = problem.data.sample(256, torch.Generator().manual_seed(seed + 1))
-    steps = sorted({steps_for(m, k) for *_, k in DIFFLAB for m in NFES})
-    ays = {order: optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
-                                     free_end=True, order=order,
-                                     generator=torch.Generator().manual_seed(seed + 2))
-           for order in (1, 2)}
+    steps = sorted({steps_for(m, c[4], c[0]) for c in CANDIDATES for m in NFES})
+    ays = {(order, cs): optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
+                                           free_end=True, order=order, cauchy_schwarz=cs,
+                                           generator=torch.Generator().manual_seed(seed + 2))
+           for order in (1, 2) for cs in ("sigma", "min")}
 
-    def ays_grid(label, k, m):
-        return ays[AYS_ORDER.get(label, 2)][steps_for(m, k)]
+    def ays_grid(label, k, m, cs="sigma"):
+        return ays[AYS_ORDER.get(label, 2), cs][steps_for(m, k, label)]
 
     def family_grid(label, k, m):
         if (label, m) not in families:
             return None
         rho, warp, end = families[label, m]
-        return grid_family(proc, steps_for(m, k), rho, warp,
+        return grid_family(proc, steps_for(m, k, label), rho, warp,
                            sigma_min=sigma_min(problem) if end is None else end)
 
-    grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k)),
-             "ays": ays_grid, "family": family_grid}
+    grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k, label)),
+             "ays": ays_grid, "ays_min": lambda label, k, m: ays_grid(label, k, m, "min"),
+             "family": family_grid}
     return {"difflab": difflab_errors(problem, x_T, ref, grids),
             "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
 
@@ -360,7 +380,9 @@ def per_grid_table(results) -> str:
     """Median over held-out problems of each grid's best sampler / best diffusers."""
     lines = ["| difflab grids used | " + " | ".join(f"NFE {m}" for m in NFES) + " |",
              "|" + "---|" * (len(NFES) + 1)]
-    for grid in ("default", "ays", "family"):
+    for grid in ("default", "ays", "ays_min", "family"):
+        if not any(lab.endswith(f"[{grid}]") for lab in results[0]["difflab"]):
+            continue  # a run saved before this grid existed
         cells = []
         for m in NFES:
             r = [best(res["difflab"], m, lambda lab, g=grid: lab.endswith(f"[{g}]"))
@@ -396,7 +418,7 @@ def goal_status(results) -> str:
 
 def report(results, problems, families, args, seconds) -> str:
     every = lambda label: True  # noqa: E731
-    no_ays = lambda label: not label.endswith("[ays]")  # noqa: E731
+    no_ays = lambda label: "[ays" not in label  # noqa: E731
     base = getattr(args, "seed_base", 1000)
     parts = [f"{len(problems)} held-out problems ({args.problems - len(problems)} fit; seeds "
              f"{base}..{base + args.problems - 1}), "
@@ -425,7 +447,7 @@ def report(results, problems, families, args, seconds) -> str:
 
 
 HEADING = "Samplers on a family of problems (`benchmarks/sampler_family.py`)"
-INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 2000 --readme` "
+INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 3000` "
              "| difflab samplers (default, AYS-optimised and family grids) against diffusers on "
              "held-out exact problems: median/worst ratios, bootstrap intervals | "
              "[Sampler family](#samplers-on-a-family-of-problems-benchmarkssampler_familypy) |")
@@ -454,6 +476,9 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="also write every error as JSON here")
     parser.add_argument("--load", type=Path,
                         help="report (and --readme) a JSON written by --save, without running")
+    parser.add_argument("--compare", type=Path, nargs="*",
+                        help="with --load: also state the goal status of these other saved "
+                             "runs")
     args = parser.parse_args()
     if args.problems < 2 or args.draws < 1 or args.fit_draws < 1:
         raise SystemExit("--problems must be >= 2 and --draws, --fit-draws >= 1")
@@ -481,16 +506,34 @@ def main() -> None:
     publish(args, text)
 
 
+def load_results(path: Path) -> tuple[dict, list[dict]]:
+    """(the saved JSON, its per-problem errors with int NFE keys) of a run saved with --save."""
+    saved = json.loads(path.read_text())
+    return saved, [{lib: {label: {int(m): v for m, v in row.items()}
+                          for label, row in errs.items()}
+                    for lib, errs in res.items()} for res in saved["results"]]
+
+
+def compare_line(path: Path) -> str:
+    """One paragraph: the goal status of another saved run (``--compare``), same tables."""
+    saved, results = load_results(path)
+    base = saved.get("seed_base", 1000)
+    labels = {lab.split(" [")[0] for res in results for lab in res["difflab"]}
+    return (f"**For comparison, seeds {base}..{base + 2 * len(results) - 1}** (`--load "
+            f"{path.name}`; {len(labels)} difflab configurations): " + goal_status(results))
+
+
 def report_saved(args) -> None:
     """The tables of a run saved with --save (JSON turns the NFE keys into strings)."""
-    saved = json.loads(args.load.read_text())
-    results = [{lib: {label: {int(m): v for m, v in row.items()} for label, row in errs.items()}
-                for lib, errs in res.items()} for res in saved["results"]]
+    saved, results = load_results(args.load)
     held = [argparse.Namespace(name=name) for name in saved["problems"]]
     families = {(f[0], f[1]): tuple(f[2:]) for f in saved["families"]}
     FAILED[:] = saved.get("failed", [])
     args.seed_base = saved.get("seed_base", 1000)
     text = report(results, held, families, args, saved.get("seconds", math.nan))
+    for other in args.compare or []:
+        text = text.replace("\n\n### Best difflab", f"\n\n{compare_line(other)}"
+                            "\n\n### Best difflab", 1)
     print(text)
     publish(args, text)
 
@@ -503,28 +546,36 @@ def publish(args, text: str) -> None:
 
 
 README_INTRO = """\
-`OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 2000 --readme` (the
-script's docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE
-solution, difflab over diffusers, per held-out problem; "best" is the best sampler and grid of
-each library per problem and NFE (diffusers: the schedulers of `benchmarks/samplers.py`, run
-on a 1000-level table of each problem's process through `trained_betas`, float32; difflab's
-tables are float64).
+`OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 3000 --save
+benchmarks/sampler_family.json`, then `--load benchmarks/sampler_family.json --compare
+benchmarks/sampler_family_2000.json --readme` (the script's docstring has the problem family).
+Ratios are RMS errors to the model's own PF-ODE solution, difflab over diffusers, per held-out
+problem; "best" is the best sampler and grid of each library per problem and NFE (diffusers:
+the schedulers of `benchmarks/samplers.py`, run on a 1000-level table of each problem's process
+through `trained_betas`, float32; difflab's tables are float64).
 
-Seeds: the samplers, the grid optimiser's variants and the last-step option below were
-developed looking at the problems of seeds 1000..1023; the run here draws a fresh family
-(`--seed-base 2000`, seeds 2000..2023) that nothing was tuned on. Every error of the run is
-in `benchmarks/sampler_family.json` (`--save`); `--load benchmarks/sampler_family.json
---readme` reprints these tables without running.
+Seeds: the samplers, the grid optimiser's variants and the last-step options below were
+developed looking at the problems of seeds 1000..1023 (and at problems of the same kinds drawn
+apart from any range); seeds 2000..2023 were the previous round's fresh range and have since
+been looked at (their failing cells were diagnosed, by kind); the run here draws a family
+never looked at before it ran once (`--seed-base 3000`, seeds 3000..3023), with the same
+candidates run again on 2000..2023 for comparison (`benchmarks/sampler_family_2000.json`,
+its status line below). Every error of each run is in those JSON files (`--save`); `--load
+... --readme` reprints the tables without running.
 
 Grids: "default" is the same trailing grid diffusers' trailing spacing picks; "ays" is
 `optimize_schedule(..., bound="ode", free_end=True, sigma_min=2e-4, order=p)` (p = 1 for
 `ddim`/`euler_ode`, 2 for the others) computed per held-out problem from its denoiser and 256
-fresh data draws (no reference solutions, no evaluation noise; `free_end` lets it end below
-the table's first level, which an exact or continuous-time model allows and a network trained
-on T discrete steps does not); "family" is `grid_family` with (rho, warp, smallest level)
-fitted per sampler and NFE on the 12 FIT problems only and applied unchanged. `euler` (Euler
-in sigma~) has no namesake row (on the same grid it equals DDIM); `rk45` is adaptive and not
-run.
+fresh data draws (no reference solutions, no evaluation noise; `free_end` lets it end below the
+table's first level, which an exact or continuous-time model allows and a network trained on T
+discrete steps does not); "ays_min" is the same with `cauchy_schwarz="min"` (each step's bound
+the smaller of two Cauchy-Schwarz bounds, `docs/samplers.md`); "family" is `grid_family` with
+(rho, warp, smallest level) fitted per sampler and NFE on the 12 FIT problems only and applied
+unchanged. `euler` (Euler in sigma~) has no namesake row (on the same grid it equals DDIM);
+`rk45` is adaptive and not run. `plms, warm_start=heun` (PNDM's trapezoidal first step, one
+extra evaluation: NFE - 1 steps, as diffusers' PNDM) runs with its default last step and with
+`final_order=0`. The 4000 line (seeds 4000..4023) is a second never-looked-at range, run with
+the same code after the 3000 run.
 
 Namesake tables: difflab's solver (its best configuration; the second table: its default
 options only) against the diffusers scheduler of the same name on the default (trailing) grid
@@ -540,14 +591,19 @@ errors to 3 digits, and with on-grid steps gives difflab's: such cells are accid
 off-grid step, not monotone in NFE); PNDM spends one evaluation on a Heun first step (n = NFE -
 1) and stops at the table's first level (`set_alpha_to_one=False`), and UniPC bh1
 (`final_sigmas_type="sigma_min"`) steps to that level, both returning that slightly noisy
-sample, while difflab always ends at sigma = 0. That last interval is where plms and unipc_bh1
-lost: plms's default last step (Adams-Bashforth order 4 in sigma~ over [0, sigma~_{N-1}]) has
-weights summing to 42x the step in absolute value on trailing DDPM grids (sigma~ ~ sqrt(t) near
-the data), so on problems whose data scale is below sigma~_{N-1} it amplifies the mixture's
-structure in eps_hat; unipc_bh1's default x0_hat (`final_order=1`) is first order and loses on
-smooth, large-scale problems. `final_order=0` (the local-Gaussian last step, exact for
-isotropic Gaussian data, `docs/samplers.md`) is the configuration added for that; the defaults
-keep the published last steps.
+sample, while difflab always ends at sigma = 0. That last interval is
+where plms and unipc_bh1 lost: plms's default last step (Adams-Bashforth order 4 in sigma~ over
+[0, sigma~_{N-1}]) has weights summing to 42x the step in absolute value on trailing DDPM grids
+(sigma~ ~ sqrt(t) near the data), so on problems whose data scale is below sigma~_{N-1} it
+amplifies the mixture's structure in eps_hat; unipc_bh1's default x0_hat (`final_order=1`) is
+first order and loses on smooth, large-scale problems. `final_order=0` (the local-Gaussian last
+step, exact for isotropic Gaussian data, `docs/samplers.md`) is the configuration added for
+that; on a VE problem at 5 NFE it was PNDM's Heun first step that won, which
+`warm_start=heun` takes. unipc_bh1 still loses on small-scale problems (data scale near the
+table's first level), where diffusers' last UniP step to that level beats every difflab step to
+sigma = 0 (a UniP step of the solver's order to that level, tried, was 3-4x worse: one step of
+h ~ 3 in lambda after steps of ~0.2 extrapolates x0_hat far). The defaults keep the published
+steps.
 
 Goal status: the "goal" column of the first two tables, per NFE (median <= 0.5 and worst
 <= 0.8 over the held-out problems).

@@ -3,6 +3,7 @@ process, and a tiny run produces every table."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -92,8 +93,29 @@ def test_tiny_run_scores_every_sampler(monkeypatch):
     fit = [bench.draw_problem(1000)]
     fams = bench.fit_families(fit, 4, 1e-6)
     res = bench.evaluate(bench.draw_problem(1001), 5000, 8, 1e-6, fams)
-    assert {lab.split(" [")[1] for lab in res["difflab"]} == {"default]", "ays]", "family]"}
+    assert {lab.split(" [")[1] for lab in res["difflab"]} == {"default]", "ays]", "ays_min]",
+                                                             "family]"}
     assert all(math.isfinite(v) for row in res["difflab"].values() for v in row.values())
     assert bench.best(res["diffusers"], 5) > 0
     text = bench.namesake_table([res], "default")
     assert text.count("\n") == len(bench.NAMESAKE) + 1
+
+
+def test_warm_start_candidates_keep_within_the_budget():
+    """plms with PNDM's warm start spends one evaluation more than it has steps."""
+    label = "plms, warm_start=heun"
+    assert [bench.steps_for(m, 1, label) for m in bench.NFES] == [m - 1 for m in bench.NFES]
+    assert bench.steps_for(10, 2) == 5 and bench.steps_for(10, 1) == 10
+
+
+def test_compare_line_states_the_other_runs_goal(tmp_path):
+    """--compare: the goal status of another saved run, from its JSON alone."""
+    ours = {f"{configs[0]} [default]": {m: 1.0 for m in bench.NFES}
+            for configs, _ in bench.NAMESAKE.values()}
+    theirs = {name: {m: 2.0 for m in bench.NFES} for _, name in bench.NAMESAKE.values()}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"seed_base": 2000, "results": [
+        {"difflab": ours, "diffusers": theirs}] * 3}))
+    line = bench.compare_line(path)
+    assert "seeds 2000..2005" in line and "Goal met at NFE 5 (median 0.50, worst 0.50)" in line
+    assert "on some problem: none." in line

@@ -125,6 +125,36 @@ def interval_costs(gram: Tensor, sig: Tensor, power: int = 3) -> Tensor:
     return torch.where(upper, cost.clamp(min=0), torch.full_like(cost, math.inf))
 
 
+def _interval_sums(gram: Tensor, sig: Tensor, power: int) -> Tensor:
+    """``interval_costs`` summed per start level a (no differences of prefix sums over all
+    levels, which lose the small costs of short low-noise steps when the weights at high
+    noise are large, as s_j^-power with power < 0 makes them)."""
+    w = torch.zeros_like(sig)
+    w[1:] = (sig[:-1] - sig[1:]) / sig[1:] ** power
+    diag = gram.diagonal()
+    dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp(min=0)   # [a, j]
+    after = torch.ones_like(dist, dtype=torch.bool).triu(1)
+    cost = torch.where(after, w[None, :] * dist, torch.zeros_like(dist)).cumsum(1)
+    return torch.where(after, cost, torch.full_like(cost, math.inf))
+
+
+def local_error_bounds(gram: Tensor, sig: Tensor, cauchy_schwarz: str = "sigma") -> Tensor:
+    """B[a, b] (a < b; inf elsewhere): an upper bound on E || int_{s_b}^{s_a} (eps_hat(s) -
+    eps_hat(s_a)) ds ||^2, the squared local error of the first-order step in y from level a
+    to level b, from ``gram`` [J, J] of eps_hat along the trajectories (``_gram_ode``) at
+    the decreasing levels ``sig`` (integrals as Riemann sums on them). "sigma": Cauchy-Schwarz
+    with weight 1, (s_a - s_b) int ||d eps||^2 ds; "min": also with weight 1 / s,
+    log(s_a / s_b) int ||d eps||^2 s ds, and the smaller of the two."""
+    raw = interval_costs(gram, sig, 0)
+    step = (sig[:, None] - sig[None, :]).clamp(min=0)
+    bound_sq = torch.where(raw.isinf(), raw, raw * step)
+    if cauchy_schwarz == "min":
+        raw_s = _interval_sums(gram, sig, -1)                # int ||d eps||^2 s ds
+        log_h = (sig[:, None] / sig[None, :]).clamp(min=1).log()
+        bound_sq = torch.minimum(bound_sq, torch.where(raw_s.isinf(), raw_s, raw_s * log_h))
+    return bound_sq
+
+
 def best_path(cost: Tensor, edges: int, terminal: Tensor | None = None) -> list[int]:
     """Indices 0 = i_0 < ... < i_edges minimising sum_k cost[i_k, i_{k+1}] (exact dynamic
     programming, O(edges J^2)), ending at J - 1, or, given ``terminal`` [J], at the level
@@ -150,7 +180,7 @@ def optimize_schedule(denoiser: DenoiserFn, data: Tensor, steps: int, *,
                       sigma_min: float | None = None, sigma_max: float | None = None,
                       candidates: int = 256, generator: torch.Generator | None = None,
                       chunk: int = 64, bound: str = "ode", free_end: bool = False,
-                      order: int = 1) -> Tensor:
+                      order: int = 1, cauchy_schwarz: str = "sigma") -> Tensor:
     """An N-step time grid minimising an Align-Your-Steps error bound (module docstring).
 
     ``denoiser``: any denoiser with a ``process``; ``data``: clean draws x0 [n, ...] (training
@@ -165,19 +195,25 @@ def optimize_schedule(denoiser: DenoiserFn, data: Tensor, steps: int, *,
     given ``generator``. ``order`` (``bound="ode"``): the order p of the sampler the grid is
     for; each step's bound is scaled by h^(2(p - 1)), h = log(s_a / s_b) its log-sigma~ size
     (a p-th order step's local error is O(h^(p+1)) where the first-order one is O(h^2), with
-    derivatives of eps_hat of similar size). The result works as ``ts=`` with every sampler.
+    derivatives of eps_hat of similar size). ``cauchy_schwarz`` (``bound="ode"``): "sigma"
+    (default) bounds each step's squared local error by (s_a - s_b) int ||d eps||^2 ds; "min"
+    by the smaller of that and log(s_a / s_b) int ||d eps||^2 s ds (the same inequality with
+    weight 1 / s, ``_bound_costs``), which stays tight on long steps from high noise. The
+    result works as ``ts=`` with every sampler.
     """
     return optimize_schedules(denoiser, data, [steps], sigma_min=sigma_min,
                               sigma_max=sigma_max, candidates=candidates,
                               generator=generator, chunk=chunk, bound=bound,
-                              free_end=free_end, order=order)[steps]
+                              free_end=free_end, order=order,
+                              cauchy_schwarz=cauchy_schwarz)[steps]
 
 
 def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int], *,
                        sigma_min: float | None = None, sigma_max: float | None = None,
                        candidates: int = 256, generator: torch.Generator | None = None,
                        chunk: int = 64, bound: str = "ode",
-                       free_end: bool = False, order: int = 1) -> dict[int, Tensor]:
+                       free_end: bool = False, order: int = 1,
+                       cauchy_schwarz: str = "sigma") -> dict[int, Tensor]:
     """``optimize_schedule`` for several step counts at once, {N: grid}: the denoiser is
     evaluated once (the interval costs are shared) and each N solved by its own programme."""
     if not steps or min(steps) < 1:
@@ -188,6 +224,8 @@ def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int],
         raise ValueError(f"bound must be 'ode' or 'sde', got {bound!r}")
     if order < 1 or (order > 1 and bound != "ode"):
         raise ValueError(f"order must be >= 1, and 1 with bound='sde', got {order}")
+    if cauchy_schwarz not in ("sigma", "min"):
+        raise ValueError(f"cauchy_schwarz must be 'sigma' or 'min', got {cauchy_schwarz!r}")
     if free_end and bound != "ode":
         raise ValueError("free_end needs bound='ode' (the KLUB of the last step to clean "
                          "data is infinite)")
@@ -197,13 +235,14 @@ def optimize_schedules(denoiser: DenoiserFn, data: Tensor, steps: Sequence[int],
     s_lo, s_hi = _sigma_bounds(process, sigma_min, sigma_max)
     sig = torch.logspace(math.log10(s_hi), math.log10(s_lo), candidates, dtype=torch.float64)
     cost, terminal = _bound_costs(denoiser, data, sig, generator, chunk, bound, free_end,
-                                  order)
+                                  order, cauchy_schwarz)
     return {n: levels_to_times(process, sig[best_path(cost, n - 1, terminal)]) for n in steps}
 
 
 def _bound_costs(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
                  generator: torch.Generator | None, chunk: int, bound: str,
-                 free_end: bool, order: int = 1) -> tuple[Tensor, Tensor | None]:
+                 free_end: bool, order: int = 1,
+                 cauchy_schwarz: str = "sigma") -> tuple[Tensor, Tensor | None]:
     """(C, terminal): C[a, b] the bound's cost of one step from candidate level a to level b;
     terminal[b] that of the last step from level b to clean data (None: the path ends at the
     last candidate).
@@ -215,13 +254,21 @@ def _bound_costs(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
     at s_b reaches the data scaled by about sqrt(v / (v + s_b^2)) (the PF-ODE of a Gaussian
     with per-dimension variance v, the data's mean variance), so the squared bound is
     weighted by v / (v + s_b^2). The last step returns x0_hat = y_b - s_b eps_hat_b, the same
-    step to s = 0: its bound is s_b times the integral down to the smallest candidate."""
+    step to s = 0: its bound is s_b times the integral down to the smallest candidate.
+
+    ``cauchy_schwarz="min"``: Cauchy-Schwarz with weight 1 / s, |int f ds|^2 <= int ds / s *
+    int |f|^2 s ds, bounds the same local error by log(s_a / s_b) int ||d eps||^2 s ds; both
+    are upper bounds, so their minimum is one. The plain one is loose by the ratio of the step
+    to the level where eps_hat changes: from sigma~_max = 2e4 (the discrete cosine schedule)
+    with d eps ~ c / s it is (s_a / s_b) c^2 against the weighted one's log(s_a / s_b)^2 c^2,
+    so the plain bound spends a level on a step that costs almost nothing."""
     if bound == "sde":
         return interval_costs(_gram(denoiser, data, sig, generator, chunk, "x0"), sig, 3), None
-    raw = interval_costs(_gram_ode(denoiser, data, sig, generator, chunk), sig, 0)
+    gram = _gram_ode(denoiser, data, sig, generator, chunk)
+    raw = interval_costs(gram, sig, 0)
+    bound_sq = local_error_bounds(gram, sig, cauchy_schwarz)
     var = data.to(torch.float64).flatten(1).var(0).mean() if len(data) > 1 else 1.0
-    gain = (sig[:, None] - sig[None, :]).clamp(min=0) * var / (var + sig[None, :] ** 2)
-    cost = torch.where(raw.isinf(), raw, raw * gain)
+    cost = bound_sq * var / (var + sig[None, :] ** 2)
     if order > 1:
         h = (sig[:, None] / sig[None, :]).clamp(min=1).log()
         cost = torch.where(cost.isinf(), cost, cost * h ** (2 * (order - 1)))

@@ -44,10 +44,13 @@ AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
 @torch.no_grad()
 def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback | None,
                  cond: Any, weights: list[list[float]], rising: bool = False,
-                 gaussian: bool = False) -> Tensor:
+                 gaussian: bool = False, heun_start: bool = False) -> Tensor:
     """y_{i+1} = y_i + sum_j weights[i][j] eps_{i-j}; with a weight list for the last step
     too, it is the multistep step to sigma~ = 0 (clean data), else the shared x0_hat step.
-    On a rising grid every step is an ordinary step and x at ts[-1] is returned."""
+    On a rising grid every step is an ordinary step and x at ts[-1] is returned.
+    ``heun_start``: the first step (unless it is the last) is instead the trapezoidal step
+    y_1 = y_0 + h (eps_0 + eps_hat(y_0 + h eps_0, sigma~_1)) / 2 (one more evaluation, whose
+    output is not kept in the history), as in PNDM's pseudo-numerical warm-up."""
     process = denoiser.process
     a = process.alpha(ts).tolist()
     y = x / a[0]
@@ -60,6 +63,13 @@ def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback
                               eps_hist=[pred.eps, *hist][:2] if gaussian else None,
                               gaussian=gaussian)
         hist = [pred.eps, *hist][:depth]
+        if i == 0 and heun_start and i < len(weights) and (len(ts) > 2 or rising):
+            # Heun / trapezoidal first step (Liu et al. 2022, the 2nd-order pseudo step)
+            h = weights[0][0]
+            pred_1 = denoiser(a[1] * (y + h * pred.eps), ts[1], cond)
+            y = y + 0.5 * h * (pred.eps + pred_1.eps)
+            report(callback, i, ts[i], a[1] * y, pred)
+            continue
         for wj, ej in zip(weights[i], hist, strict=False):
             y = y + wj * ej
         if i == len(ts) - 2 and not rising:  # the step to clean data: x = y, no noise left
@@ -73,20 +83,31 @@ def _sigma_tilde(process, ts: Tensor) -> list[float]:
     return (-0.5 * process.log_snr(ts)).exp().tolist()
 
 
-@declare_options(final_order_option(4))
+@declare_options(
+    final_order_option(4),
+    SamplerOption("warm_start", str, "ab", "first step: 'ab' (Euler, then Adams-Bashforth of "
+                  "rising order; one evaluation per step) or 'heun' (a trapezoidal first step "
+                  "with one more evaluation, as diffusers' PNDM with skip_prk_steps)",
+                  choices=("ab", "heun")))
 @zero_snr_start
 def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-         callback: Callback | None = None, *, cond: Any = None, final_order: int = 4) -> Tensor:
+         callback: Callback | None = None, *, cond: Any = None, final_order: int = 4,
+         warm_start: str = "ab") -> Tensor:
     """PLMS (Liu et al. 2022, eq. 12) with Adams-Bashforth warm-up; one evaluation per step.
     ``final_order`` = 4: the last step to sigma~ = 0 is a variable-step Adams-Bashforth step of
-    order 4 (the steps are unequal there); 1 returns x0_hat instead."""
+    order 4 (the steps are unequal there); 1 returns x0_hat instead. ``warm_start="heun"``:
+    the first step is the second-order trapezoidal step (local error O(h^3) instead of
+    Euler's O(h^2)) at one extra evaluation (N + 1 for N >= 2 steps), the history then
+    continues from eps_hat at the corrected state, as PNDM's PLMS does (diffusers'
+    ``PNDMScheduler(skip_prk_steps=True)``; the paper's full warm-up is 3 Runge-Kutta steps)."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     st = _sigma_tilde(denoiser.process, ts)
     weights = [[(st[i + 1] - st[i]) * c for c in AB_COEFFS[min(i, 3)]]
                for i in range(len(ts) - (1 if rising else 2))]
     if final_order > 1 and not rising:
         weights += final_weights(st, final_order)
-    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0)
+    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0,
+                        heun_start=warm_start == "heun")
 
 
 @declare_options(
