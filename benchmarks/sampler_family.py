@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
 from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
-from difflab.samplers import plms  # noqa: E402
+from difflab.samplers import plms, unipc_bh1  # noqa: E402
 
 #: candidates of this benchmark beyond ``samplers.DIFFLAB`` (same fields), and the evaluations
 #: each spends beyond one per step (``EXTRA_NFE``): plms with PNDM's trapezoidal first step
@@ -65,7 +65,10 @@ from difflab.samplers import plms  # noqa: E402
 CANDIDATES = [*DIFFLAB,
               ("plms, warm_start=heun", plms, {"warm_start": "heun"}, "trailing", 1),
               ("plms, warm_start=heun, final_order=0", plms,
-               {"warm_start": "heun", "final_order": 0}, "trailing", 1)]
+               {"warm_start": "heun", "final_order": 0}, "trailing", 1),
+              # diffusers' bh1 end: ts[-1] -> the table's first level, returned noisy there
+              # (default grid only: ``difflab_errors`` moves its last time)
+              ("unipc_bh1, noisy_end", unipc_bh1, {"noisy_end": True}, "trailing", 1)]
 EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1}
 
 NFES = (5, 8, 10, 15, 20)
@@ -92,7 +95,7 @@ NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
                            "unipc_bh2, final_order=0"),
                           "UniPC bh2 (2) trailing"),
             "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
-                           "unipc_bh1, final_order=0"),
+                           "unipc_bh1, final_order=0", "unipc_bh1, noisy_end"),
                           "UniPC bh1 (3) trailing"),
             "lms": (("lms",), "LMS"),
             "plms": (("plms", "plms, final_order=1", "plms, final_order=0",
@@ -235,15 +238,20 @@ def steps_for(nfe: int, k: int, label: str = "") -> int:
 
 def difflab_errors(problem, x_T, ref, grids) -> dict[str, dict[int, float]]:
     """{"label [grid]": {nfe: rms}} for every CANDIDATES sampler on every grid in ``grids``
-    ({grid name: fn(label, k, nfe) -> ts or None})."""
+    ({grid name: fn(label, k, nfe) -> ts or None}). A ``noisy_end`` sampler runs on the
+    default grid only, its last time (t_min) moved to the table's first level."""
     out = {}
     for label, fn, opts, _spacing, k in CANDIDATES:
         for gname, make in grids.items():
+            if opts.get("noisy_end") and gname != "default":
+                continue
             row = {}
             for m in NFES:
                 ts = make(label, k, m)
                 if ts is None:
                     continue
+                if opts.get("noisy_end"):
+                    ts = torch.cat([ts[:-1], problem.times[:1]])
                 counted = CountingDenoiser(problem.data)
                 x = fn(counted, x_T, ts, torch.Generator().manual_seed(0), **opts)
                 row[m] = rms(x, ref) if counted.nfe <= m else math.inf

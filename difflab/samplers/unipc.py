@@ -52,15 +52,18 @@ LOWER_ORDER_FINAL_STEPS = 15
 
 
 def _plan(lam: Tensor, order: int, variant: str, rising: bool = False,
-          lower_final: bool = False) -> list[tuple[list[float], list[float]]]:
+          lower_final: bool = False, taper: bool = False) -> list[tuple[list[float], list[float]]]:
     """Per step i < N-1 (i < N on a rising grid): predictor weights on m_i, m_{i-1}, ... and
     corrector weights on m_{i+1}, m_i, m_{i-1}, ... (both to be multiplied by alpha_{i+1} h).
-    With ``lower_final`` the last step is first order."""
+    With ``lower_final`` the last step is first order; with ``taper`` step i of n has order at
+    most n - i (the last one first order, the one before at most second order)."""
     plan = []
     n = len(lam) - (1 if rising else 2)
     for i in range(n):
         h = float(lam[i + 1] - lam[i])
         k = 1 if lower_final and i == n - 1 else min(order, i + 1)
+        if taper:
+            k = min(k, n - i)
         hist = [float(lam[i - j] - lam[i]) for j in range(k)]
         pred_w = _weights(hist, h, variant)
         corr_nodes = [0.0, h] + hist[1:k]  # m_i, m_{i+1}, older: order k + 1
@@ -80,18 +83,25 @@ def _lower_order_final() -> SamplerOption:
                          "noisy level first order and end with x0_hat there (final_order 1)")
 
 
+def _noisy_end() -> SamplerOption:
+    return SamplerOption("noisy_end", bool, False, "treat the grid's last time as a noisy "
+                         "level: step to it like the others (order tapering to 1 on the last "
+                         "step) and return x there, not x0_hat (diffusers' sigma_min end)")
+
+
 @declare_options(
     _order(2),
     SamplerOption("variant", str, "bh2", "B(h): bh1 = h, bh2 = e^h - 1",
                   choices=("bh1", "bh2")),
     SamplerOption("corrector", bool, True, "apply the UniC corrector (false: plain UniP)"),
-    final_order_option(1), _lower_order_final())
+    final_order_option(1), _lower_order_final(), _noisy_end())
 @zero_snr_start
 @torch.no_grad()
 def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
           callback: Callback | None = None, *, cond: Any = None, order: int = 2,
           variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
-          final_order: int = 1, lower_order_final: bool = False) -> Tensor:
+          final_order: int = 1, lower_order_final: bool = False,
+          noisy_end: bool = False) -> Tensor:
     """UniPC-p (Zhao et al. 2023): UniP-``order`` predictor and UniC corrector (order + 1);
     ``corrector=False`` gives the plain UniP multistep predictor; ``final_order`` > 1 makes the
     last step an Adams-Bashforth step in sigma~ to clean data (``base.final_step``).
@@ -107,15 +117,26 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     final_order=3 raised the error on the trailing grid from 0.20 to 0.34. It is off by
     default because on the held-out problems of ``benchmarks/sampler_family.py`` (trailing
     grids) it made unipc_bh1 / bh2 less accurate than diffusers' UniPC at 5-10 NFE (median
-    ratio 1.09-1.17 against 0.83-0.90 without it)."""
+    ratio 1.09-1.17 against 0.83-0.90 without it).
+
+    ``noisy_end`` (off by default): ts[-1] must have sigma > 0; the run is a rising-style one
+    that steps down to ts[-1] and returns the (slightly noisy) x there, each step i of n of
+    order at most n - i, so the last step is a first-order UniP (DDIM) step and the corrector
+    applies up to the last evaluation. With ts[-1] the first level of a 1000-level table this is
+    the end of diffusers' UniPC with ``final_sigmas_type="sigma_min"`` and
+    ``lower_order_final``."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     ts, rising = check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
+    if noisy_end and not rising:
+        if float(denoiser.process.sigma(ts[-1])) <= 0:
+            raise ValueError("UniPC noisy_end needs sigma > 0 at the grid's last time")
+        rising = True  # step to ts[-1] like every other level (the plan covers all steps)
     lower_final = lower_order_final and not rising and len(ts) - 1 < LOWER_ORDER_FINAL_STEPS
     if lower_final:
         final_order = 1
-    plan = _plan(lam, order, variant, rising, lower_final)
+    plan = _plan(lam, order, variant, rising, lower_final, taper=noisy_end)
     hist: list[Tensor] = []
     eps_hist: list[Tensor] = []
     x_prev = None
@@ -142,13 +163,15 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     return x
 
 
-@declare_options(_order(3), final_order_option(1), _lower_order_final())
+@declare_options(_order(3), final_order_option(1), _lower_order_final(), _noisy_end())
 def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 3,
-              final_order: int = 1, lower_order_final: bool = False) -> Tensor:
+              final_order: int = 1, lower_order_final: bool = False,
+              noisy_end: bool = False) -> Tensor:
     """UniPC with B(h) = h (Zhao et al. 2023, eq. 8); recommended for few steps."""
     return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh1",
-                 final_order=final_order, lower_order_final=lower_order_final)
+                 final_order=final_order, lower_order_final=lower_order_final,
+                 noisy_end=noisy_end)
 
 
 @declare_options(_order(2), final_order_option(1), _lower_order_final())
