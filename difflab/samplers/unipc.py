@@ -174,13 +174,15 @@ def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
                  noisy_end=noisy_end)
 
 
-@declare_options(_order(2), final_order_option(1), _lower_order_final())
+@declare_options(_order(2), final_order_option(1), _lower_order_final(), _noisy_end())
 def unipc_bh2(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 2,
-              final_order: int = 1, lower_order_final: bool = False) -> Tensor:
+              final_order: int = 1, lower_order_final: bool = False,
+              noisy_end: bool = False) -> Tensor:
     """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, eq. 9)."""
     return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh2",
-                 final_order=final_order, lower_order_final=lower_order_final)
+                 final_order=final_order, lower_order_final=lower_order_final,
+                 noisy_end=noisy_end)
 
 
 __all__ = ["unipc", "unipc_bh1", "unipc_bh2"]
