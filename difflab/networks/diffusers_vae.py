@@ -32,6 +32,7 @@ __all__ = [
     "convert_diffusers_state",
     "diffusers_scaling",
     "load_diffusers_autoencoder",
+    "weights_file",
 ]
 
 CONFIG = "config.json"
@@ -160,7 +161,8 @@ def convert_diffusers_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _weights_path(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
+    """The safetensors weights of a diffusers model folder; pickles are refused."""
     for name in WEIGHTS:
         if (folder / name).exists():
             return folder / name
@@ -179,7 +181,7 @@ def load_diffusers_autoencoder(folder: str | Path) -> tuple[AutoencoderConfig, d
     scale and shift."""
     folder = _folder(folder)
     config = convert_diffusers_config(_read_config(folder), str(folder / CONFIG))
-    path = _weights_path(folder)
+    path = weights_file(folder)
     state = {k: v.float() if v.is_floating_point() else v  # fp16 / bf16 files: float32
              for k, v in convert_diffusers_state(read_safetensors(path)).items()}
     with torch.device("meta"):  # names and shapes only; no memory, no initialisation cost

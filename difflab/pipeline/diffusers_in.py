@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ..io import LoadError, read_json
+from ..networks.diffusers_vae import weights_file
 from ..process import BETA_SCHEDULES
 from .card import CARD_FILE, ModelCard, StageCard
 
@@ -65,8 +66,6 @@ INDEX = "model_index.json"
 DIFFLAB_FILE = "difflab.json"
 CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
-WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-PICKLES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 
 #: diffusers beta_schedule -> difflab schedule (with beta_start/end as beta_1/beta_T)
@@ -136,18 +135,6 @@ def _scheduler_file(root: Path, unet: Path) -> Path:
             return f
     raise LoadError(f"{root}: no scheduler config (scheduler/{SCHEDULER}, or {SCHEDULER} "
                     "beside the unet's config.json)")
-
-
-def weights_file(folder: Path) -> Path:
-    """The safetensors weights of a diffusers model folder; pickles are refused."""
-    for name in WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
-    for name in PICKLES:
-        if (folder / name).is_file():
-            raise LoadError(f"{folder / name}: pickled PyTorch weights are not loaded (they "
-                            "can run code); save the model with safe_serialization=True")
-    raise LoadError(f"{folder / WEIGHTS[0]}: missing")
 
 
 def _json(path: Path) -> dict[str, Any]:
