@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
 from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
-from difflab.samplers import plms, unipc_bh1  # noqa: E402
+from difflab.samplers import ddim, heun, plms, unipc_bh1  # noqa: E402
 
 #: candidates of this benchmark beyond ``samplers.DIFFLAB`` (same fields), and the evaluations
 #: each spends beyond one per step (``EXTRA_NFE``): plms with PNDM's trapezoidal first step
@@ -68,8 +68,17 @@ CANDIDATES = [*DIFFLAB,
                {"warm_start": "heun", "final_order": 0}, "trailing", 1),
               # diffusers' bh1 end: ts[-1] -> the table's first level, returned noisy there
               # (default grid only: ``difflab_errors`` moves its last time)
-              ("unipc_bh1, noisy_end", unipc_bh1, {"noisy_end": True}, "trailing", 1)]
-EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1}
+              ("unipc_bh1, noisy_end", unipc_bh1, {"noisy_end": True}, "trailing", 1),
+              # diffusers' PNDM end (set_alpha_to_one=False): the last step lands on the
+              # table's first level and x is returned there (default grid only, as above)
+              ("plms, noisy_end", plms, {"noisy_end": True}, "trailing", 1),
+              ("plms, warm_start=heun, noisy_end", plms,
+               {"warm_start": "heun", "noisy_end": True}, "trailing", 1),
+              ("heun, final_order=0", heun, {"final_order": 0}, "trailing", 2),
+              # diffusers' DDIM end when n does not divide T (it lands on alpha_bar_0)
+              ("ddim, noisy_end", ddim, {"noisy_end": True}, "trailing", 1)]
+EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1,
+             "plms, warm_start=heun, noisy_end": 1}
 
 NFES = (5, 8, 10, 15, 20)
 SCHEDULES = ("linear", "cosine", "scaled_linear", "vpsde", "ve")
@@ -87,8 +96,9 @@ TIE = 0.01
 #: difflab samplers that get a family fitted (the fit is the costly part of the run)
 FAMILY = ("ddim", "heun", "plms", "dpmpp_2m", "unipc_bh1, final_order=3")
 #: difflab solver -> (its configurations: DIFFLAB labels, the diffusers namesake). euler (Euler
-#: in sigma~) is not on main yet (branch samplers20), so Euler has no row.
-NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
+#: in sigma~) has no row: on the same grid it equals DDIM.
+NAMESAKE = {"ddim": (("ddim", "ddim, noisy_end"), "DDIM"),
+            "heun": (("heun", "heun, final_order=0"), "Heun"),
             "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"),
                          "DPMSolverMultistep 2M trailing"),
             "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3",
@@ -99,7 +109,8 @@ NAMESAKE = {"ddim": (("ddim",), "DDIM"), "heun": (("heun",), "Heun"),
                           "UniPC bh1 (3) trailing"),
             "lms": (("lms",), "LMS"),
             "plms": (("plms", "plms, final_order=1", "plms, final_order=0",
-                      "plms, warm_start=heun", "plms, warm_start=heun, final_order=0"),
+                      "plms, warm_start=heun", "plms, warm_start=heun, final_order=0",
+                      "plms, noisy_end", "plms, warm_start=heun, noisy_end"),
                      "PNDM (PLMS)")}
 #: the same, each difflab solver with its default options only (the published last step)
 DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
@@ -608,10 +619,15 @@ amplifies the mixture's structure in eps_hat; unipc_bh1's default x0_hat (`final
 first order and loses on smooth, large-scale problems. `final_order=0` (the local-Gaussian last
 step, exact for isotropic Gaussian data, `docs/samplers.md`) is the configuration added for
 that; on a VE problem at 5 NFE it was PNDM's Heun first step that won, which
-`warm_start=heun` takes. unipc_bh1 still loses on small-scale problems (data scale near the
-table's first level), where diffusers' last UniP step to that level beats every difflab step to
-sigma = 0 (a UniP step of the solver's order to that level, tried, was 3-4x worse: one step of
-h ~ 3 in lambda after steps of ~0.2 extrapolates x0_hat far). The defaults keep the published
+`warm_start=heun` takes. On small-scale problems (data scale near the table's first level) the
+diffusers ends that stop at that level won: `unipc_bh1, noisy_end` and `plms, noisy_end` (with
+or without `warm_start=heun`) end the same way (default grid only, its last time moved to the
+table's first level), and with them no unipc_bh1 or plms cell is flagged. `heun,
+final_order=0` is Heun with the local-Gaussian last step. The one heun cell still flagged (5
+NFE, cosine, a single Gaussian) is diffusers' Heun taking the full trapezoidal step out of
+sigma~ = 2e4 (12000x farther from the closed-form PF-ODE state than difflab's DDIM step
+there), whose overshoot happens to offset the
+x0_hat of the last step (docs/samplers.md, "heun final_order"). The defaults keep the published
 steps.
 
 Goal status: the "goal" column of the first two tables, per NFE (median <= 0.5 and worst

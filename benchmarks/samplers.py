@@ -118,7 +118,8 @@ def diffusers_schedulers() -> dict[str, tuple[type, dict]]:
 
     k = {"use_karras_sigmas": True}
     return {
-        "DDIM": (d.DDIMScheduler, {"timestep_spacing": "trailing"}),
+        # clip_sample off: its default (True) clips x0_hat to [-1, 1], which difflab does not
+        "DDIM": (d.DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}),
         "Euler": (d.EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
         "Euler karras": (d.EulerDiscreteScheduler, k),
         "Heun": (d.HeunDiscreteScheduler, {"timestep_spacing": "trailing"}),

@@ -25,7 +25,7 @@ from difflab.samplers.options import declare_options, declared_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FINAL_ORDER_SAMPLERS = {"plms", "lms", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2",
+FINAL_ORDER_SAMPLERS = {"plms", "lms", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2",
                         "dpm_solver_v3"}
 
 
@@ -81,7 +81,7 @@ def test_an_option_the_sampler_does_not_take_names_its_options():
     with pytest.raises(ValueError) as err:
         check_sampler_options("heun", {"eta": 0.5})
     assert str(err.value) == ("sampler 'heun' does not take option 'eta'; heun's options: "
-                              "churn, s_tmin, s_tmax, s_noise")
+                              "churn, s_tmin, s_tmax, s_noise, final_order")
     with pytest.raises(ValueError, match=r"^sampler 'euler_ode' does not take options 'eta', "
                                          r"'order'; euler_ode takes no options$"):
         check_sampler_options("euler_ode", {"eta": 0.0, "order": 2})

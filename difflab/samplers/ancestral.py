@@ -95,23 +95,34 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
                             noise_var, learned)
 
 
-@declare_options(SamplerOption(
-    "eta", float, 0.0, "stochasticity: noise c^2 = eta^2 beta_tilde per step (0: the "
-    "deterministic ODE sampler, 1: DDPM with beta_tilde)", min=0.0))
+@declare_options(
+    SamplerOption("eta", float, 0.0, "stochasticity: noise c^2 = eta^2 beta_tilde per step "
+                  "(0: the deterministic ODE sampler, 1: DDPM with beta_tilde)", min=0.0),
+    SamplerOption("noisy_end", bool, False, "treat the grid's last time as a noisy level: "
+                  "take the DDIM update to it and return x there, not x0_hat (where diffusers' "
+                  "DDIM lands when its step count does not divide T)"))
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-         callback: Callback | None = None, *, cond: Any = None, eta: float = 0.0) -> Tensor:
+         callback: Callback | None = None, *, cond: Any = None, eta: float = 0.0,
+         noisy_end: bool = False) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
     c^2 = eta^2 beta_tilde; eta = 0 is deterministic, eta = 1 is DDPM with beta_tilde.
     With eta = 0 a rising grid runs the same update upwards: DDIM inversion (Song et al. 2021,
-    Sec. 4.3; Dhariwal & Nichol 2021, eq. 55), returning x at ts[-1]."""
+    Sec. 4.3; Dhariwal & Nichol 2021, eq. 55), returning x at ts[-1].
+
+    ``noisy_end`` (off by default): ts[-1] must have sigma > 0; the last step is the update to
+    it and x there is returned (still holding that level's noise). diffusers' DDIMScheduler
+    steps from timestep k to k - T // n, so when n does not divide T its last step lands on
+    alpha_bar_0, the table's first level, rather than on alpha = 1."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     if rising and eta != 0:
         raise ValueError("DDIM on a rising (inversion) grid needs eta = 0")
+    if noisy_end and not rising and float(denoiser.process.sigma(ts[-1])) <= 0:
+        raise ValueError("ddim noisy_end needs sigma > 0 at the grid's last time")
     a, sig, _, beta_tilde = posterior_variances(denoiser.process, ts)
     c2 = eta**2 * beta_tilde
     return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, c2, c2,
-                            rising=rising)
+                            rising=rising or noisy_end)
 
 
 __all__ = ["ddim", "ddpm", "posterior_step", "posterior_variances"]

@@ -88,19 +88,33 @@ def _sigma_tilde(process, ts: Tensor) -> list[float]:
     SamplerOption("warm_start", str, "ab", "first step: 'ab' (Euler, then Adams-Bashforth of "
                   "rising order; one evaluation per step) or 'heun' (a trapezoidal first step "
                   "with one more evaluation, as diffusers' PNDM with skip_prk_steps)",
-                  choices=("ab", "heun")))
+                  choices=("ab", "heun")),
+    SamplerOption("noisy_end", bool, False, "treat the grid's last time as a noisy level: "
+                  "step to it with the PLMS combination like the others and return x there "
+                  "(the end of diffusers' PNDM with set_alpha_to_one=False)"))
 @zero_snr_start
 def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, final_order: int = 4,
-         warm_start: str = "ab") -> Tensor:
+         warm_start: str = "ab", noisy_end: bool = False) -> Tensor:
     """PLMS (Liu et al. 2022, eq. 12) with Adams-Bashforth warm-up; one evaluation per step.
     ``final_order`` = 4: the last step to sigma~ = 0 is a variable-step Adams-Bashforth step of
     order 4 (the steps are unequal there); 1 returns x0_hat instead. ``warm_start="heun"``:
     the first step is the second-order trapezoidal step (local error O(h^3) instead of
     Euler's O(h^2)) at one extra evaluation (N + 1 for N >= 2 steps), the history then
     continues from eps_hat at the corrected state, as PNDM's PLMS does (diffusers'
-    ``PNDMScheduler(skip_prk_steps=True)``; the paper's full warm-up is 3 Runge-Kutta steps)."""
+    ``PNDMScheduler(skip_prk_steps=True)``; the paper's full warm-up is 3 Runge-Kutta steps).
+
+    ``noisy_end`` (off by default): ts[-1] must have sigma > 0; every step, the last one too,
+    is the PLMS step of its place in the warm-up, and x at ts[-1] is returned (still holding
+    that level's noise; ``final_order`` does not apply). With ts[-1] the first level of a
+    1000-level table this is diffusers' PNDM, whose last step lands on alpha_bar_0 when
+    ``set_alpha_to_one`` is False (its default). Where the data scale is about that level's
+    sigma~ the remaining noise has about the right size and beats every step to sigma = 0."""
     ts, rising = check_ode_grid(ts, denoiser.process)
+    if noisy_end and not rising:
+        if float(denoiser.process.sigma(ts[-1])) <= 0:
+            raise ValueError("plms noisy_end needs sigma > 0 at the grid's last time")
+        rising = True  # the last step is an ordinary step and x at ts[-1] is returned
     st = _sigma_tilde(denoiser.process, ts)
     weights = [[(st[i + 1] - st[i]) * c for c in AB_COEFFS[min(i, 3)]]
                for i in range(len(ts) - (1 if rising else 2))]
