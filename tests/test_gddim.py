@@ -6,6 +6,8 @@
   flow ODE solution, while CLD's Cholesky factor K = L does not;
 - convergence at order q + 1 on an exact Gaussian-mixture CLD model;
 - on a scalar VP process q = 0 is DDIM; q >= 1 converges at order q + 1 too;
+- stochastic gDDIM (lambda > 0): the one-point-data transition keeps the marginal exactly, the
+  sampler reproduces it in distribution, and on a VP process lambda = 1 is DDPM's posterior;
 - bad input: a ValueError naming what is wrong.
 """
 
@@ -21,8 +23,8 @@ from scipy.integrate import solve_ivp
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
 from difflab.process.cld import CLD, CLDGaussianMixture, quadratic_grid
-from difflab.samplers import ddim, time_grid
-from difflab.samplers.gddim import gddim
+from difflab.samplers import ddim, ddpm, time_grid
+from difflab.samplers.gddim import cld_stochastic_transition, gddim
 from difflab.samplers.options import check_options, declared_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,6 +167,52 @@ def test_scalar_multistep_order(order, band):
     assert band[0] < slope(ns, errs) < band[1], errs
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 2.0])
+def test_stochastic_transition_keeps_the_marginal(lam):
+    """Phi Sigma_t Phi^T + P = Sigma_s; at lambda = 0 it is the ODE's R_s R_t^{-1}, P = 0."""
+    process = CLD()
+    for t, s in [(1.0, 0.5), (0.3, 0.01), (0.05, 0.001)]:
+        phi, p = cld_stochastic_transition(process, t, s, lam)
+        sig_s = process.covariance(s)
+        assert torch.allclose(phi @ process.covariance(t) @ phi.T + p, sig_s, atol=1e-9)
+        assert torch.linalg.eigvalsh(p).min() > -1e-12
+        if lam == 0:
+            r_map = process.r_factor(s) @ torch.linalg.inv(process.r_factor(t))
+            assert torch.allclose(phi, r_map, atol=1e-9) and p.abs().max() < 1e-12
+        else:
+            assert torch.linalg.eigvalsh(p).min() > 1e-8
+
+
+def test_stochastic_gddim_samples_the_one_point_marginal():
+    """From u_1 drawn exactly, lambda = 1 over three steps gives u ~ N(c x0, Sigma) at
+    t = 0.05: the standardised draws have mean 0 and covariance I within 5 standard errors."""
+    process = CLD()
+    dirac = CLDGaussianMixture(process, torch.full((1, 500), 0.5, dtype=F64), 0.0)
+    g = torch.Generator().manual_seed(4)
+    u = dirac.sample_marginal(100, 1.0, g)
+    out = gddim(dirac, u, torch.tensor([1.0, 0.6, 0.2, 0.05], dtype=F64), g, lam=1.0)
+    v = out.permute(0, 2, 1).reshape(-1, 2)
+    z = torch.linalg.solve(process.cholesky(0.05), (v - 0.5 * process.mean_coefficient(0.05)).T)
+    n = z.shape[1]
+    assert z.mean(1).abs().max() < 5 / math.sqrt(n)
+    assert (torch.cov(z) - torch.eye(2, dtype=F64)).abs().max() < 5 * math.sqrt(2 / n)
+    # and it is not the deterministic sampler
+    assert (out - gddim(dirac, u, torch.tensor([1.0, 0.6, 0.2, 0.05], dtype=F64))).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["vpsde", "linear"])
+def test_scalar_lambda_one_is_ddpm_posterior(name):
+    process = make_process(name)
+    g = torch.Generator().manual_seed(0)
+    mix = GaussianMixture(process, torch.randn(2, 3, generator=g, dtype=F64),
+                          torch.tensor([0.4, 0.6], dtype=F64))
+    x = torch.randn(8, 3, generator=g, dtype=F64)
+    ts = time_grid(process, 10)
+    out_d = ddpm(mix, x, ts, torch.Generator().manual_seed(5), variance="beta_tilde")
+    out_g = gddim(mix, x, ts, torch.Generator().manual_seed(5), lam=1.0)
+    assert (out_d - out_g).abs().max().item() < 1e-12
+
+
 def test_bad_input_names_the_problem():
     process = CLD()
     mix = CLDGaussianMixture(process, torch.zeros(1, 2, dtype=F64), 0.5)
@@ -181,6 +229,10 @@ def test_bad_input_names_the_problem():
         gddim(mix, u, quadratic_grid(process, 4), order=3)
     with pytest.raises(ValueError, match="'factor'"):
         gddim(mix, u, quadratic_grid(process, 4), factor="symmetric")
+    with pytest.raises(ValueError, match="'lam' > 0 .* needs order 0"):
+        gddim(mix, u, quadratic_grid(process, 4), order=1, lam=0.5)
+    with pytest.raises(ValueError, match="'lam' must be >= 0"):
+        gddim(mix, u, quadratic_grid(process, 4), lam=-1.0)
     with pytest.raises(ValueError, match="gamma > 0"):
         CLD(gamma=0.0)
     with pytest.raises(ValueError, match="zero terminal SNR"):
