@@ -24,6 +24,7 @@ from .ddgan import ddgan
 from .dpm_solver import dpm_solver, dpmpp_2m, dpmpp_3m, dpmpp_sde
 from .dpm_solver_v3 import dpm_solver_v3
 from .ems import EMSStatistics, ems_lambdas, ems_statistics
+from .gddim import gddim
 from .grids import (
     SPACINGS,
     default_sigma_min,
@@ -67,6 +68,7 @@ SAMPLERS: dict[str, Callable] = {
 SAMPLERS["restart"] = restart
 SAMPLERS["adaptive_sde"] = adaptive_sde
 SAMPLERS["dpm_solver_v3"] = dpm_solver_v3
+SAMPLERS["gddim"] = gddim
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
 # which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
@@ -119,7 +121,7 @@ __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid"
             "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
 __all__ += ["restart"]
-__all__ += ["adaptive_sde"]
+__all__ += ["adaptive_sde", "gddim"]
 __all__ += ["EMSStatistics", "dpm_solver_v3", "ems_lambdas", "ems_statistics"]
 __all__ += ["fit_grid_family", "grid_family", "optimize_schedule", "optimize_schedules"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
