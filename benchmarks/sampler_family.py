@@ -11,8 +11,8 @@ mixture seen through one random rotation Q, so covariance Q diag(s_k^2) Q^T), un
 the schedules linear, cosine, scaled_linear (DDPM, T = 1000), vpsde and EDM's VE sigma range
 (0.002..80). Problems with even index (seed B + i, B = ``--seed-base``, default 1000) are FIT
 problems, odd ones HELD-OUT; nothing fitted ever sees a held-out problem's reference or noise.
-``--seed-base 3000`` draws a fresh family (the samplers, grids and optimiser were tuned on
-seeds 1000..1023; seeds 2000..2023 were a fresh range once and have been looked at since).
+``--seed-base 8000`` draws a fresh family (the samplers, grids and optimiser were tuned on
+seeds 1000..1023; the ranges 2000 to 7000 were each fresh once and have been looked at since).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
@@ -467,7 +467,7 @@ def report(results, problems, families, args, seconds) -> str:
 
 
 HEADING = "Samplers on a family of problems (`benchmarks/sampler_family.py`)"
-INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 3000` "
+INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 7000` "
              "| difflab samplers (default, AYS-optimised and family grids) against diffusers on "
              "held-out exact problems: median/worst ratios, bootstrap intervals | "
              "[Sampler family](#samplers-on-a-family-of-problems-benchmarkssampler_familypy) |")
@@ -566,22 +566,24 @@ def publish(args, text: str) -> None:
 
 
 README_INTRO = """\
-`OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 3000 --save
+`OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 7000 --save
 benchmarks/sampler_family.json`, then `--load benchmarks/sampler_family.json --compare
-benchmarks/sampler_family_2000.json --readme` (the script's docstring has the problem family).
-Ratios are RMS errors to the model's own PF-ODE solution, difflab over diffusers, per held-out
-problem; "best" is the best sampler and grid of each library per problem and NFE (diffusers:
-the schedulers of `benchmarks/samplers.py`, run on a 1000-level table of each problem's process
-through `trained_betas`, float32; difflab's tables are float64).
+benchmarks/sampler_family_2000.json ... benchmarks/sampler_family_6000.json --readme` (the
+script's docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE
+solution, difflab over diffusers, per held-out problem; "best" is the best sampler and grid of
+each library per problem and NFE (diffusers: the schedulers of `benchmarks/samplers.py`, run on
+a 1000-level table of each problem's process through `trained_betas`, float32; difflab's tables
+are float64).
 
 Seeds: the samplers, the grid optimiser's variants and the last-step options below were
 developed looking at the problems of seeds 1000..1023 (and at problems of the same kinds drawn
-apart from any range); seeds 2000..2023 were the previous round's fresh range and have since
-been looked at (their failing cells were diagnosed, by kind); the run here draws a family
-never looked at before it ran once (`--seed-base 3000`, seeds 3000..3023), with the same
-candidates run again on 2000..2023 for comparison (`benchmarks/sampler_family_2000.json`,
-its status line below). Every error of each run is in those JSON files (`--save`); `--load
-... --readme` reprints the tables without running.
+apart from any range). The ranges 2000, 3000, 4000, 5000 and 6000 (seeds B..B+23) were each a
+never-looked-at range once, run before the changes made after them, and have since been looked
+at (their failing cells were diagnosed, by kind). The run here draws seeds 7000..7023, never
+looked at before it ran once with the current candidates; the status lines of the earlier
+ranges, rerun with the same candidates, follow it (`benchmarks/sampler_family_B.json`). Every
+error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the tables
+without running.
 
 Grids: "default" is the same trailing grid diffusers' trailing spacing picks; "ays" is
 `optimize_schedule(..., bound="ode", free_end=True, sigma_min=2e-4, order=p)` (p = 1 for
@@ -592,43 +594,37 @@ discrete steps does not); "ays_min" is the same with `cauchy_schwarz="min"` (eac
 the smaller of two Cauchy-Schwarz bounds, `docs/samplers.md`); "family" is `grid_family` with
 (rho, warp, smallest level) fitted per sampler and NFE on the 12 FIT problems only and applied
 unchanged. `euler` (Euler in sigma~) has no namesake row (on the same grid it equals DDIM);
-`rk45` is adaptive and not run. `plms, warm_start=heun` (PNDM's trapezoidal first step, one
-extra evaluation: NFE - 1 steps, as diffusers' PNDM) runs with its default last step and with
-`final_order=0`. The 4000 line (seeds 4000..4023) is a second never-looked-at range, run with
-the same code after the 3000 run.
+`rk45` is adaptive and not run; `gddim` on these scalar processes is DDIM and DEIS' multistep
+and is not run either. `plms, warm_start=heun` (PNDM's trapezoidal first step, one extra
+evaluation: NFE - 1 steps, as diffusers' PNDM) runs with its default last step and with
+`final_order=0`.
 
 Namesake tables: difflab's solver (its best configuration; the second table: its default
 options only) against the diffusers scheduler of the same name on the default (trailing) grid
 (DPMSolverMultistep and UniPC bh2 with `timestep_spacing="trailing"`: their default "linspace"
-puts most levels one below the trailing ones). Cells are bold only beyond 1 + 0.01: within 1 %
-they are ties at float precision (diffusers' float32 tables: sigma~ rounded to ~6e-8 and a
-cumprod drift of ~1e-6 relative; on the cosine problems, sigma~_max = 2e4, that alone moves
-diffusers' error by 0.1-0.3 %). Where the grids are not quite the same: diffusers' DDIM and
-PNDM step to t - T // n, so when n does not divide T = 1000 (PNDM at 8, 15, 20 NFE runs 7, 14,
-19 steps; DDIM at 15 NFE) their state lands one level off the level they evaluate next (a
-float64 re-implementation of DDIM and PNDM with those off-grid steps reproduces diffusers'
-errors to 3 digits, and with on-grid steps gives difflab's: such cells are accidents of the
-off-grid step, not monotone in NFE); PNDM spends one evaluation on a Heun first step (n = NFE -
-1) and stops at the table's first level (`set_alpha_to_one=False`), and UniPC bh1
+puts most levels one below the trailing ones; DDIM with `clip_sample=False`, since difflab does
+not clip x0_hat to [-1, 1]). Cells are bold only beyond 1 + 0.01: within 1 % they are ties at
+float precision (diffusers' float32 tables: sigma~ rounded to ~6e-8 and a cumprod drift of
+~1e-6 relative; on the cosine problems, sigma~_max = 2e4, that alone moves diffusers' error by
+0.1-0.3 %). Where the grids are not the same: diffusers' DDIM and PNDM step to t - T // n, so
+when n does not divide T = 1000 (PNDM at 8, 15, 20 NFE runs 7, 14, 19 steps; DDIM at 15 NFE)
+their state lands one level off the level they evaluate next, and their last step lands on
+alpha_bar_0 (a float64 re-implementation of DDIM and PNDM with those off-grid steps reproduces
+diffusers' errors to 3 digits, and with on-grid steps gives difflab's: such cells are accidents
+of the off-grid step, not monotone in NFE). PNDM spends one evaluation on a Heun first step (n =
+NFE - 1) and stops at the table's first level (`set_alpha_to_one=False`), and UniPC bh1
 (`final_sigmas_type="sigma_min"`) steps to that level, both returning that slightly noisy
-sample, while difflab always ends at sigma = 0. That last interval is
-where plms and unipc_bh1 lost: plms's default last step (Adams-Bashforth order 4 in sigma~ over
-[0, sigma~_{N-1}]) has weights summing to 42x the step in absolute value on trailing DDPM grids
-(sigma~ ~ sqrt(t) near the data), so on problems whose data scale is below sigma~_{N-1} it
-amplifies the mixture's structure in eps_hat; unipc_bh1's default x0_hat (`final_order=1`) is
-first order and loses on smooth, large-scale problems. `final_order=0` (the local-Gaussian last
-step, exact for isotropic Gaussian data, `docs/samplers.md`) is the configuration added for
-that; on a VE problem at 5 NFE it was PNDM's Heun first step that won, which
-`warm_start=heun` takes. On small-scale problems (data scale near the table's first level) the
-diffusers ends that stop at that level won: `unipc_bh1, noisy_end` and `plms, noisy_end` (with
-or without `warm_start=heun`) end the same way (default grid only, its last time moved to the
-table's first level), and with them no unipc_bh1 or plms cell is flagged. `heun,
-final_order=0` is Heun with the local-Gaussian last step. The one heun cell still flagged (5
-NFE, cosine, a single Gaussian) is diffusers' Heun taking the full trapezoidal step out of
-sigma~ = 2e4 (12000x farther from the closed-form PF-ODE state than difflab's DDIM step
-there), whose overshoot happens to offset the
-x0_hat of the last step (docs/samplers.md, "heun final_order"). The defaults keep the published
-steps.
+sample. difflab's defaults end at sigma = 0, and its candidates include both kinds of end:
+`final_order=0` (the local-Gaussian last step, exact for isotropic Gaussian data,
+`docs/samplers.md`) and `noisy_end` (`ddim`, `plms`, `unipc_bh1`: the last step lands on the
+table's first level and x there is returned, as diffusers does; default grid only, its last
+time moved to that level). On small-scale problems (data scale near that level) the noisy end
+wins; on smooth, large-scale ones the step to sigma = 0 does. `heun, final_order=0` is Heun with
+the local-Gaussian last step. The heun cell flagged on the 5000 range (5 NFE, cosine, a single
+Gaussian) is diffusers' Heun taking the full trapezoidal step out of sigma~ = 2e4 (12000x
+farther from the closed-form PF-ODE state than difflab's DDIM step there), whose overshoot
+happens to offset the x0_hat of the last step (docs/samplers.md, "heun final_order"). The
+defaults keep the published steps.
 
 Goal status: the "goal" column of the first two tables, per NFE (median <= 0.5 and worst
 <= 0.8 over the held-out problems).

@@ -130,14 +130,18 @@ def test_cld_convergence_order(cld_problem, order, band):
     assert errs[-1] < [3e-2, 5e-3, 1e-3][order]
 
 
-@pytest.mark.parametrize("name,tol", [("vpsde", 1e-12), ("linear", 1e-12), ("cosine", 1e-11)])
-def test_scalar_q0_is_ddim(name, tol):
+def scalar_problem(name: str):
+    """A 2-component mixture on a scalar process, 8 starting points and its 10-step grid."""
     process = make_process(name)
     g = torch.Generator().manual_seed(0)
     mix = GaussianMixture(process, torch.randn(2, 3, generator=g, dtype=F64),
                           torch.tensor([0.4, 0.6], dtype=F64))
-    x = torch.randn(8, 3, generator=g, dtype=F64)
-    ts = time_grid(process, 10)
+    return mix, torch.randn(8, 3, generator=g, dtype=F64), time_grid(process, 10)
+
+
+@pytest.mark.parametrize("name,tol", [("vpsde", 1e-12), ("linear", 1e-12), ("cosine", 1e-11)])
+def test_scalar_q0_is_ddim(name, tol):
+    mix, x, ts = scalar_problem(name)
     seen_d, seen_g = [], []
     out_d = ddim(mix, x, ts, callback=lambda info: seen_d.append(info.x))
     out_g = gddim(mix, x, ts, callback=lambda info: seen_g.append(info.x))
@@ -202,12 +206,7 @@ def test_stochastic_gddim_samples_the_one_point_marginal():
 
 @pytest.mark.parametrize("name", ["vpsde", "linear"])
 def test_scalar_lambda_one_is_ddpm_posterior(name):
-    process = make_process(name)
-    g = torch.Generator().manual_seed(0)
-    mix = GaussianMixture(process, torch.randn(2, 3, generator=g, dtype=F64),
-                          torch.tensor([0.4, 0.6], dtype=F64))
-    x = torch.randn(8, 3, generator=g, dtype=F64)
-    ts = time_grid(process, 10)
+    mix, x, ts = scalar_problem(name)
     out_d = ddpm(mix, x, ts, torch.Generator().manual_seed(5), variance="beta_tilde")
     out_g = gddim(mix, x, ts, torch.Generator().manual_seed(5), lam=1.0)
     assert (out_d - out_g).abs().max().item() < 1e-12

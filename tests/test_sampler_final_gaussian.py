@@ -1,4 +1,5 @@
-"""final_order=0: the local-Gaussian last step (``base.gaussian_final_step``).
+"""final_order=0: the local-Gaussian last step (``base.gaussian_final_step``); heun's
+final_order (0, 1 = EDM's x0_hat, k > 1).
 
 Closed forms: for data N(mu, s^2 I) the PF-ODE keeps z fixed, y(sigma~) = mu + q z with
 q = sqrt(s^2 + sigma~^2), x0_hat = mu + (s^2 / q) z, eps_hat = (sigma~ / q) z, and
@@ -11,8 +12,8 @@ import torch
 
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
-from difflab.samplers import SAMPLERS, check_sampler_options, time_grid
-from difflab.samplers.base import gaussian_final_step
+from difflab.samplers import SAMPLERS, check_sampler_options, heun, time_grid
+from difflab.samplers.base import final_sigma_step, gaussian_final_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZERO = ["plms", "lms", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2"]
@@ -63,7 +64,7 @@ class Recorder:
 
     def __call__(self, x, t, cond=None):
         pred = self.inner(x, t, cond)
-        self.calls.append((float(t), pred))
+        self.calls.append((x, float(t), pred))
         return pred
 
 
@@ -79,7 +80,7 @@ def test_samplers_end_with_the_gaussian_step(name):
         ts = time_grid(process, 10)
         rec = Recorder(data)
         out = SAMPLERS[name](rec, x_T, ts, final_order=0)
-        (t1, p1), (t2, p2) = rec.calls[-1], rec.calls[-2]
+        (_, t1, p1), (_, t2, p2) = rec.calls[-1], rec.calls[-2]
         st = (-0.5 * process.log_snr(torch.tensor([t1, t2], dtype=torch.float64))).exp()
         expected = gaussian_final_step(p1.x0, p1.eps, p2.eps, float(st[0]), float(st[1]))
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
@@ -91,3 +92,45 @@ def test_samplers_end_with_the_gaussian_step(name):
 def test_dpm_solver_v3_does_not_take_zero():
     with pytest.raises(ValueError, match="final_order"):
         check_sampler_options("dpm_solver_v3", {"final_order": 0})
+
+
+def test_heun_default_is_x0_hat_bit_for_bit():
+    _, data, x_T, _ = gaussian(0.3)
+    ts = time_grid(data.process, 6)
+    rec = Recorder(data)
+    out = heun(rec, x_T, ts)
+    assert torch.equal(out, heun(data, x_T, ts, final_order=1))
+    assert torch.equal(out, rec.calls[-1][2].x0)
+    assert check_sampler_options("heun", {"final_order": 0}) == {"final_order": 0}
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_heun_last_step_uses_the_grid_point_evaluations(order):
+    """heun's last step works on eps_hat at the grid points (the evaluation that starts each
+    step), not the predictor's. Evaluations per step: grid point t_i, then the predictor at
+    t_{i+1}; the last grid point's is the final one. The last step takes eps_hat at t_{N-1}
+    and t_{N-2} (calls[-1] and calls[-3]), never the predictor's (calls[-2], also at
+    t_{N-1})."""
+    process, data, x_T, _ = gaussian(0.3)
+    ts = time_grid(process, 6)
+    rec = Recorder(data)
+    out = heun(rec, x_T, ts, final_order=order)
+    (x1, t1, p1), (_, t2, p2) = rec.calls[-1], rec.calls[-3]
+    assert t1 == float(ts[-2]) and t2 == float(ts[-3])
+    st = (-0.5 * process.log_snr(ts)).exp().tolist()
+    if order == 0:
+        expected = gaussian_final_step(p1.x0, p1.eps, p2.eps, st[-2], st[-3])
+    else:
+        expected = final_sigma_step(x1, float(process.alpha(ts[-2])), st, [p1.eps, p2.eps], 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_heun_gaussian_end_beats_x0_hat_on_gaussian_data():
+    """On N(mu, s^2 I), resolved (s = 0.5) or not (s = 0.01) at the last noisy level of a
+    10-step trailing grid, the Gaussian last step is >= 2x closer to the PF-ODE end."""
+    for s in (0.5, 0.01):
+        _, data, x_T, ref = gaussian(s)
+        ts = time_grid(data.process, 10)
+        err = {k: float((heun(data, x_T, ts, final_order=k) - ref).pow(2).mean().sqrt())
+               for k in (0, 1)}
+        assert 2 * err[0] < err[1], (s, err)
