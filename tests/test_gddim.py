@@ -234,10 +234,6 @@ def test_bad_input_names_the_problem():
         gddim(mix, u, quadratic_grid(process, 4), lam=-1.0)
     with pytest.raises(ValueError, match="gamma > 0"):
         CLD(gamma=0.0)
-    with pytest.raises(ValueError, match="zero terminal SNR"):
-        vp = make_process("linear", zero_terminal_snr=True)
-        gddim(GaussianMixture(vp, torch.zeros(1, 2, dtype=F64), torch.ones(1, dtype=F64)),
-              torch.zeros(2, 2, dtype=F64), time_grid(vp, 4))
     declared = declared_options(gddim)
     assert check_options("gddim", declared, {"order": 2.0}) == {"order": 2}
     with pytest.raises(ValueError, match="option 'order' must be one of 0, 1, 2"):
@@ -256,3 +252,18 @@ def test_callback_reports_each_step_and_x0_hat_is_exact_at_the_data():
     for info in infos:
         assert torch.allclose(info.x0, point.expand(3, 2), atol=1e-9)
     assert math.isclose(float(infos[0].t), process.t_max)
+
+
+def test_zero_terminal_snr_start_is_ddim():
+    """From alpha = 0 (zero terminal SNR) the first step is the exact DDIM step out of pure
+    noise (``base.zero_snr_start``), so order 0 is still ddim, and orders 1, 2 stay finite."""
+    vp = make_process("linear", zero_terminal_snr=True)
+    g = torch.Generator().manual_seed(0)
+    mix = GaussianMixture(vp, torch.randn(2, 3, generator=g, dtype=F64),
+                          torch.tensor([0.4, 0.6], dtype=F64))
+    x = torch.randn(8, 3, generator=g, dtype=F64)
+    ts = time_grid(vp, 10)
+    assert float(vp.alpha(ts[0])) == 0
+    torch.testing.assert_close(gddim(mix, x, ts), ddim(mix, x, ts), rtol=0, atol=1e-12)
+    for order in (1, 2):
+        assert torch.isfinite(gddim(mix, x, ts, order=order)).all()

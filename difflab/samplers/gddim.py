@@ -62,7 +62,15 @@ from torch import Tensor
 
 from ..process import Process
 from ..process.cld import CLD, apply2, gauss_legendre, rotation
-from .base import Callback, Generators, check_grid, final_step, randn_like, report
+from .base import (
+    Callback,
+    Generators,
+    check_grid,
+    final_step,
+    randn_like,
+    report,
+    zero_snr_start,
+)
 from .options import SamplerOption, declare_options
 
 #: Gauss-Legendre nodes per step for the weights of the extrapolated (q >= 1) eps.
@@ -291,6 +299,17 @@ def gddim(denoiser, x: Tensor, ts: Tensor, generator: Generators = None,
         if lam > 0:
             return gddim_cld_stochastic(denoiser, x, ts, generator, callback, cond, lam)
         return gddim_cld(denoiser, x, ts, callback, cond, order, factor)
+    return _scalar_from_any_snr(denoiser, x, ts, generator, callback, cond=cond, order=order,
+                                lam=lam)
+
+
+@zero_snr_start
+def _scalar_from_any_snr(denoiser, x: Tensor, ts: Tensor, generator: Generators = None,
+                         callback: Callback | None = None, *, cond: Any = None, order: int = 0,
+                         lam: float = 0.0) -> Tensor:
+    """``gddim_scalar``, and from zero terminal SNR (alpha = 0 at ts[0], where
+    alpha_s / alpha_t is infinite) first the exact DDIM step out of pure noise
+    (``base.zero_snr_start``), as every other scalar sampler."""
     return gddim_scalar(denoiser, x, ts, callback, cond, order, lam, generator)
 
 
