@@ -211,7 +211,8 @@ class TableModel:
 
 def vp_state(problem: Problem, x_T: torch.Tensor) -> torch.Tensor:
     """difflab's initial state at t_max as diffusers' variance-preserving sample at its last
-    level (diffusers starts from x = that * init_noise_sigma): the same start for both."""
+    level (``run_diffusers`` scales it to each scheduler's sample, ``samplers.ve_scale``): the
+    same start for both."""
     s_max = float(problem.sigmas[-1])
     return x_T * (1 / math.sqrt(1 + s_max**2)) / float(problem.process.alpha(
         problem.process.t_max))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import statistics
 import sys
 import time
@@ -176,9 +177,21 @@ def make_problem(seed: int = 0):
     return process, GaussianMixture(process, mu, std, weights)
 
 
+def ve_scale(sched) -> float:
+    """The factor from a variance-preserving start x_T to the scheduler's sample: 1 for those
+    that step x itself (init_noise_sigma 1), and sqrt(1 + sigma_max^2) = 1 / alpha for those
+    that step x / alpha (Euler, Heun, LMS). Their ``init_noise_sigma`` is sigma_max alone with
+    "linspace" or "trailing" spacing, the scale of a draw randn * sigma(T) / alpha(T), so
+    multiplying the VP state x_T = sigma(T) z by it would start them from sigma(T) x_T."""
+    if float(sched.init_noise_sigma) == 1.0:
+        return 1.0
+    return math.sqrt(1.0 + float(sched.sigmas.max()) ** 2)
+
+
 def run_diffusers(cls, config, data, x_T, nfe, seed=0):
     """Run a diffusers scheduler with the exact model (epsilon prediction, diffusers timestep
-    k <-> difflab t = k + 1); returns (x0, NFE used)."""
+    k <-> difflab t = k + 1) from difflab's variance-preserving start x_T (``ve_scale``);
+    returns (x0, NFE used)."""
     sched = cls(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                 beta_end=0.02, **config)
     n = nfe
@@ -190,7 +203,7 @@ def run_diffusers(cls, config, data, x_T, nfe, seed=0):
         n -= 1
     g = torch.Generator().manual_seed(seed)
     takes_gen = "generator" in inspect.signature(sched.step).parameters
-    x = x_T * sched.init_noise_sigma
+    x = x_T * ve_scale(sched)
     for t in sched.timesteps:
         inp = sched.scale_model_input(x, t)
         eps = data(inp, float(t) + 1.0).eps
