@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -114,15 +116,33 @@ def main() -> None:
     parser.add_argument("--seeds", default="7000,7001,7002,7003",
                         help="comma-separated problem seeds (held out: no test uses them)")
     parser.add_argument("--samples", type=int, default=64, help="noise draws per problem")
+    parser.add_argument("--readme", action="store_true", help="also write benchmarks/README.md")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
     geo, t_ref = run(seeds, args.samples)
-    print(f"CLD (beta=4, M=1/4, gamma=0.04), {len(seeds)} mixture problems (seeds {args.seeds}), "
-          f"{args.samples} draws each; RMS of x at t_min = 1e-3 vs DOP853 (geometric mean over "
-          "problems); quadratic time grid\n")
-    print(table(geo))
-    print(f"\n{time.perf_counter() - start:.1f} s in all ({t_ref:.1f} s reference solves)")
+    text = (f"CLD (beta=4, M=1/4, gamma=0.04), {len(seeds)} mixture problems (seeds "
+            f"{args.seeds}), {args.samples} draws each; RMS of x at t_min = 1e-3 vs DOP853 "
+            f"(geometric mean over problems); quadratic time grid\n\n{table(geo)}\n\n"
+            f"{time.perf_counter() - start:.1f} s in all ({t_ref:.1f} s reference solves) on "
+            f"{torch.get_num_threads()} thread(s).")
+    print(text)
+    if args.readme:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from readme_section import write_section
+
+        intro = ("`OMP_NUM_THREADS=1 python benchmarks/gddim.py --readme` (the script's "
+                 "docstring has the problems; diffusers has no CLD scheduler, so the baselines "
+                 "are Euler and Heun on the same probability-flow ODE, docs/gddim.md).\n\n")
+        path = write_section(Path(__file__).with_name("README.md"), HEADING, intro + text,
+                             INDEX_ROW, "gddim.py")
+        print(f"wrote {path}")
+
+
+HEADING = "gDDIM on critically-damped Langevin diffusion (`benchmarks/gddim.py`)"
+INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/gddim.py` | gDDIM (orders 0-2, R_t and "
+             "Cholesky parameterisations) against Euler and Heun on exact CLD mixtures | "
+             "[gDDIM on CLD](#gddim-on-critically-damped-langevin-diffusion-benchmarksgddimpy) |")
 
 
 if __name__ == "__main__":
