@@ -15,7 +15,7 @@ import torch
 
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
-from difflab.samplers import CountingDenoiser, check_sampler_options, ddim
+from difflab.samplers import SAMPLERS, CountingDenoiser, check_sampler_options, ddim
 from difflab.samplers.multistep import plms
 from difflab.samplers.unipc import unipc_bh1
 
@@ -57,18 +57,6 @@ def test_unipc_two_steps_by_hand():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_unipc_zero_end_refused():
-    """A grid ending at sigma = 0 has no noisy last level: a one-line ValueError."""
-    model = mixture()
-    ts = torch.tensor([999.0, 500.0, 200.0, 50.0, 0.0], dtype=torch.float64)
-    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    with pytest.raises(ValueError, match="noisy_end"):
-        unipc_bh1(model, x, ts, noisy_end=True)
-    out = unipc_bh1(model, x * float(model.process.sigma(999.0)),
-                    torch.cat([ts[:-1], torch.ones(1, dtype=torch.float64)]), noisy_end=True)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-
-
 def sigma_tilde(proc, ts):
     return (-0.5 * proc.log_snr(ts)).exp().tolist()
 
@@ -94,13 +82,6 @@ def test_plms_three_steps_by_hand():
     assert counted.nfe == 3
     torch.testing.assert_close(got, a[3] * y, rtol=1e-12, atol=1e-12)
     assert check_sampler_options("plms", {"noisy_end": True}) == {"noisy_end": True}
-
-
-def test_plms_zero_end_refused():
-    model = mixture()
-    ts = torch.tensor([999.0, 500.0, 0.0], dtype=torch.float64)
-    with pytest.raises(ValueError, match="noisy_end"):
-        plms(model, start(model.process, 999.0), ts, noisy_end=True)
 
 
 @pytest.mark.parametrize("n", [4, 5, 10])
@@ -149,13 +130,6 @@ def test_ddim_two_steps_by_hand():
     assert torch.equal(ddim(model, x, ts), p1.x0)
 
 
-def test_ddim_zero_end_refused():
-    model = mixture()
-    ts = torch.tensor([1000.0, 500.0, 0.0], dtype=torch.float64)
-    with pytest.raises(ValueError, match="noisy_end"):
-        ddim(model, start(model.process), ts, noisy_end=True)
-
-
 @pytest.mark.parametrize("n", [5, 10])
 def test_equals_diffusers_ddim_ending_at_alpha_bar_0(n):
     """On diffusers' trailing levels (k -> t = k + 1) plus its first level, it is
@@ -177,3 +151,24 @@ def test_equals_diffusers_ddim_ending_at_alpha_bar_0(n):
     torch.testing.assert_close(got, xd.to(torch.float64), rtol=3e-4, atol=2e-5)
     clean = ddim(model, x, ts)  # the default x0_hat end is measurably elsewhere
     assert float((clean - got).abs().max()) > 100 * float((got - xd).abs().max())
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "unipc_bh1", "unipc_bh2"])
+def test_a_grid_ending_at_zero_ends_at_the_first_level(name):
+    """Every default grid ends at sigma = 0: there noisy_end ends at the process's first level
+    instead (t = 1, alpha_bar_0 of a DDPM table), so the option works from the command line;
+    a last noisy time already at that level stays the end (the zero is dropped); a grid with no
+    noisy level to end at is a one-line ValueError."""
+    sampler = SAMPLERS[name]
+    model = mixture()
+    x = start(model.process)
+    one = torch.ones(1, dtype=torch.float64)
+    ts = torch.tensor([1000.0, 500.0, 200.0, 50.0, 0.0], dtype=torch.float64)
+    at_first = torch.cat([ts[:-1], one])
+    assert torch.equal(sampler(model, x, ts, noisy_end=True),
+                       sampler(model, x, at_first, noisy_end=True))
+    assert torch.equal(sampler(model, x, torch.cat([at_first, 0 * one]), noisy_end=True),
+                       sampler(model, x, at_first, noisy_end=True))
+    assert not torch.equal(sampler(model, x, ts), sampler(model, x, ts, noisy_end=True))
+    with pytest.raises(ValueError, match="noisy_end"):
+        sampler(model, x, torch.tensor([1.0, 0.0], dtype=torch.float64), noisy_end=True)

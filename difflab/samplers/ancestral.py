@@ -23,6 +23,7 @@ from torch import Tensor
 from ..parameterization import DenoiserFn, Prediction
 from ..process import Process
 from .base import Callback, Generators, check_grid, check_ode_grid, randn_like, report
+from .grids import noisy_end_grid
 from .options import SamplerOption, declare_options
 
 
@@ -98,9 +99,9 @@ def ddpm(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
 @declare_options(
     SamplerOption("eta", float, 0.0, "stochasticity: noise c^2 = eta^2 beta_tilde per step "
                   "(0: the deterministic ODE sampler, 1: DDPM with beta_tilde)", min=0.0),
-    SamplerOption("noisy_end", bool, False, "treat the grid's last time as a noisy level: "
-                  "take the DDIM update to it and return x there, not x0_hat (where diffusers' "
-                  "DDIM lands when its step count does not divide T)"))
+    SamplerOption("noisy_end", bool, False, "end at a noisy level and return x there, not "
+                  "x0_hat: the grid's last time or, where that is sigma = 0, the process's first "
+                  "level (where diffusers' DDIM lands when its step count does not divide T)"))
 @torch.no_grad()
 def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, eta: float = 0.0,
@@ -110,15 +111,16 @@ def ddim(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     With eta = 0 a rising grid runs the same update upwards: DDIM inversion (Song et al. 2021,
     Sec. 4.3; Dhariwal & Nichol 2021, eq. 55), returning x at ts[-1].
 
-    ``noisy_end`` (off by default): ts[-1] must have sigma > 0; the last step is the update to
-    it and x there is returned (still holding that level's noise). diffusers' DDIMScheduler
+    ``noisy_end`` (off by default): the last step is the update to the grid's last noisy level
+    (``grids.noisy_end_grid``: a grid ending at sigma = 0 ends at the process's first level
+    instead) and x there is returned (still holding that level's noise). diffusers' DDIMScheduler
     steps from timestep k to k - T // n, so when n does not divide T its last step lands on
     alpha_bar_0, the table's first level, rather than on alpha = 1."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     if rising and eta != 0:
         raise ValueError("DDIM on a rising (inversion) grid needs eta = 0")
-    if noisy_end and not rising and float(denoiser.process.sigma(ts[-1])) <= 0:
-        raise ValueError("ddim noisy_end needs sigma > 0 at the grid's last time")
+    if noisy_end and not rising:
+        ts = noisy_end_grid(denoiser.process, ts)
     a, sig, _, beta_tilde = posterior_variances(denoiser.process, ts)
     c2 = eta**2 * beta_tilde
     return _posterior_steps(denoiser, x, ts, generator, callback, cond, a, sig, c2, c2,

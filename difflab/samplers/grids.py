@@ -60,8 +60,30 @@ def discrete_timesteps(T: int, n: int, spacing: Spacing = "trailing") -> Tensor:
 
 def default_sigma_min(process: Process) -> float:
     """sigma~ = sigma / alpha of the least noisy level a sampler should visit."""
-    t = process.t_min + (1.0 if process.is_discrete else 1e-3 * (process.t_max - process.t_min))
-    return float((-0.5 * process.log_snr(t)).exp())
+    return float((-0.5 * process.log_snr(first_noisy_time(process))).exp())
+
+
+def first_noisy_time(process: Process) -> float:
+    """The time of the least noisy level a sampler should visit (``default_sigma_min``): the
+    first level of a discrete process's table (t_min + 1), 1e-3 of the range above t_min on a
+    continuous one."""
+    return process.t_min + (1.0 if process.is_discrete else 1e-3 * (process.t_max - process.t_min))
+
+
+def noisy_end_grid(process: Process, ts: Tensor) -> Tensor:
+    """The falling grid a ``noisy_end`` sampler runs on: ``ts`` itself when its last time is
+    noisy; when it ends at sigma = 0, as every default grid does, that last time becomes the
+    process's first noise level (``first_noisy_time``: on a DDPM table alpha_bar_0, where
+    diffusers' DDIM, PNDM and UniPC with ``final_sigmas_type="sigma_min"`` end), or is dropped
+    where the grid's last noisy time is already at or below that level."""
+    if float(process.sigma(ts[-1])) > 0:
+        return ts
+    t_first = first_noisy_time(process)
+    if float(ts[-2]) > t_first:
+        return torch.cat([ts[:-1], torch.full_like(ts[-1:], t_first)])
+    if len(ts) < 3:
+        raise ValueError(f"noisy_end: the grid {ts.tolist()} has no noisy level to end at")
+    return ts[:-1]
 
 
 def noise_level_grid(process: Process, n: int, spacing: str, rho: float = 7.0,

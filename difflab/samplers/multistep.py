@@ -35,6 +35,7 @@ from .base import (
     zero_snr_start,
 )
 from .expint import lagrange_weights
+from .grids import noisy_end_grid
 from .options import SamplerOption, declare_options, final_order_option
 
 AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
@@ -89,9 +90,10 @@ def _sigma_tilde(process, ts: Tensor) -> list[float]:
                   "rising order; one evaluation per step) or 'heun' (a trapezoidal first step "
                   "with one more evaluation, as diffusers' PNDM with skip_prk_steps)",
                   choices=("ab", "heun")),
-    SamplerOption("noisy_end", bool, False, "treat the grid's last time as a noisy level: "
-                  "step to it with the PLMS combination like the others and return x there "
-                  "(the end of diffusers' PNDM with set_alpha_to_one=False)"))
+    SamplerOption("noisy_end", bool, False, "end at a noisy level, stepping to it with the "
+                  "PLMS combination like the others, and return x there: the grid's last time "
+                  "or, where that is sigma = 0, the process's first level (diffusers' PNDM end "
+                  "with set_alpha_to_one=False)"))
 @zero_snr_start
 def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, final_order: int = 4,
@@ -104,7 +106,9 @@ def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     continues from eps_hat at the corrected state, as PNDM's PLMS does (diffusers'
     ``PNDMScheduler(skip_prk_steps=True)``; the paper's full warm-up is 3 Runge-Kutta steps).
 
-    ``noisy_end`` (off by default): ts[-1] must have sigma > 0; every step, the last one too,
+    ``noisy_end`` (off by default): the run ends at the grid's last noisy level
+    (``grids.noisy_end_grid``: a grid ending at sigma = 0 ends at the process's first level
+    instead); every step, the last one too,
     is the PLMS step of its place in the warm-up, and x at ts[-1] is returned (still holding
     that level's noise; ``final_order`` does not apply). With ts[-1] the first level of a
     1000-level table this is diffusers' PNDM, whose last step lands on alpha_bar_0 when
@@ -112,8 +116,7 @@ def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     sigma~ the remaining noise has about the right size and beats every step to sigma = 0."""
     ts, rising = check_ode_grid(ts, denoiser.process)
     if noisy_end and not rising:
-        if float(denoiser.process.sigma(ts[-1])) <= 0:
-            raise ValueError("plms noisy_end needs sigma > 0 at the grid's last time")
+        ts = noisy_end_grid(denoiser.process, ts)
         rising = True  # the last step is an ordinary step and x at ts[-1] is returned
     st = _sigma_tilde(denoiser.process, ts)
     weights = [[(st[i + 1] - st[i]) * c for c in AB_COEFFS[min(i, 3)]]

@@ -30,6 +30,7 @@ from .base import (
     zero_snr_start,
 )
 from .expint import half_log_snr_grid, lagrange_weights
+from .grids import noisy_end_grid
 from .options import SamplerOption, declare_options, final_order_option
 
 
@@ -84,9 +85,10 @@ def _lower_order_final() -> SamplerOption:
 
 
 def _noisy_end() -> SamplerOption:
-    return SamplerOption("noisy_end", bool, False, "treat the grid's last time as a noisy "
-                         "level: step to it like the others (order tapering to 1 on the last "
-                         "step) and return x there, not x0_hat (diffusers' sigma_min end)")
+    return SamplerOption("noisy_end", bool, False, "end at a noisy level: the grid's last "
+                         "time or, where that is sigma = 0, the process's first level; step to "
+                         "it like the others (order tapering to 1 on the last step) and return "
+                         "x there, not x0_hat (diffusers' sigma_min end)")
 
 
 @declare_options(
@@ -119,7 +121,9 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     grids) it made unipc_bh1 / bh2 less accurate than diffusers' UniPC at 5-10 NFE (median
     ratio 1.09-1.17 against 0.83-0.90 without it).
 
-    ``noisy_end`` (off by default): ts[-1] must have sigma > 0; the run is a rising-style one
+    ``noisy_end`` (off by default): the run ends at the grid's last noisy level
+    (``grids.noisy_end_grid``: a grid ending at sigma = 0 ends at the process's first level
+    instead); it is a rising-style one
     that steps down to ts[-1] and returns the (slightly noisy) x there, each step i of n of
     order at most n - i, so the last step is a first-order UniP (DDIM) step and the corrector
     applies up to the last evaluation. With ts[-1] the first level of a 1000-level table this is
@@ -128,11 +132,10 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     ts, rising = check_ode_grid(ts, denoiser.process)
-    lam, a, s = half_log_snr_grid(denoiser.process, ts)
     if noisy_end and not rising:
-        if float(denoiser.process.sigma(ts[-1])) <= 0:
-            raise ValueError("UniPC noisy_end needs sigma > 0 at the grid's last time")
+        ts = noisy_end_grid(denoiser.process, ts)
         rising = True  # step to ts[-1] like every other level (the plan covers all steps)
+    lam, a, s = half_log_snr_grid(denoiser.process, ts)
     lower_final = lower_order_final and not rising and len(ts) - 1 < LOWER_ORDER_FINAL_STEPS
     if lower_final:
         final_order = 1
