@@ -55,6 +55,17 @@ from difflab.samplers.ays import fit_grid_family, grid_family, optimize_schedule
 
 sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
+from sampler_family_tables import (  # noqa: E402
+    FAILED,
+    HEADING,
+    INDEX_ROW,
+    LEVELS,
+    NFES,
+    README_INTRO,
+    compare_line,
+    load_results,
+    report,
+)
 from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
 from difflab.samplers import ddim, heun, plms, unipc_bh1  # noqa: E402
@@ -80,42 +91,14 @@ CANDIDATES = [*DIFFLAB,
 EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1,
              "plms, warm_start=heun, noisy_end": 1}
 
-NFES = (5, 8, 10, 15, 20)
 SCHEDULES = ("linear", "cosine", "scaled_linear", "vpsde", "ve")
 COVARIANCES = ("isotropic", "diagonal", "full")
-LEVELS = 1000
 AYS_FLOOR = 2e-4  # the smallest sigma~ the optimiser may end at (it chooses where, free_end)
 #: the bound's order per sampler (``optimize_schedule(order=)``): 1 for the first-order
 #: samplers, 2 for every other (higher orders assume more smoothness than these data have)
 AYS_ORDER = {"ddim": 1, "euler_ode": 1}
-FAILED: list[str] = []  # diffusers runs that raised (scored as inf, i.e. left out of "best")
-#: namesake ratios within 1 + TIE count as ties (not flagged): diffusers runs on float32
-#: tables (sigma~ rounded to ~6e-8, cumprod drift ~1e-6 relative), difflab on float64 ones;
-#: on the cosine problems (sigma~_max = 2e4) that alone moves diffusers' error by 0.1-0.3 %
-TIE = 0.01
 #: difflab samplers that get a family fitted (the fit is the costly part of the run)
 FAMILY = ("ddim", "heun", "plms", "dpmpp_2m", "unipc_bh1, final_order=3")
-#: difflab solver -> (its configurations: DIFFLAB labels, the diffusers namesake). euler (Euler
-#: in sigma~) has no row: on the same grid it equals DDIM.
-NAMESAKE = {"ddim": (("ddim", "ddim, noisy_end"), "DDIM"),
-            "heun": (("heun", "heun, final_order=0"), "Heun"),
-            "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"),
-                         "DPMSolverMultistep 2M trailing"),
-            "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3",
-                           "unipc_bh2, final_order=0"),
-                          "UniPC bh2 (2) trailing"),
-            "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
-                           "unipc_bh1, final_order=0", "unipc_bh1, noisy_end"),
-                          "UniPC bh1 (3) trailing"),
-            "lms": (("lms",), "LMS"),
-            "plms": (("plms", "plms, final_order=1", "plms, final_order=0",
-                      "plms, warm_start=heun", "plms, warm_start=heun, final_order=0",
-                      "plms, noisy_end", "plms, warm_start=heun, noisy_end"),
-                     "PNDM (PLMS)")}
-#: the same, each difflab solver with its default options only (the published last step)
-DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
-                "unipc_bh2": "unipc_bh2 (2)", "unipc_bh1": "unipc_bh1 (3)", "lms": "lms",
-                "plms": "plms"}
 
 
 class RotatedMixture:
@@ -332,160 +315,6 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
             "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
 
 
-def best(errors: dict[str, dict[int, float]], m: int, keep=lambda label: True) -> float:
-    return min(v[m] for label, v in errors.items() if m in v and keep(label))
-
-
-def bootstrap_median(r: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """5th and 95th percentiles of the median of ``r`` over problems resampled with
-    replacement."""
-    rng = np.random.default_rng(seed)
-    med = np.median(r[rng.integers(len(r), size=(n_boot, len(r)))], axis=1)
-    return float(np.quantile(med, 0.05)), float(np.quantile(med, 0.95))
-
-
-def ratio_rows(results, keep, title) -> list[str]:
-    rows = []
-    for m in NFES:
-        r = np.array([best(res["difflab"], m, keep) / best(res["diffusers"], m)
-                      for res in results])
-        lo, hi = bootstrap_median(r)
-        med, worst = float(np.median(r)), float(r.max())
-        ok = "yes" if med <= 0.5 and worst <= 0.8 else "**no**"
-        rows.append(f"| {m} | {med:.2f} | {lo:.2f}-{hi:.2f} | {worst:.2f} | {ok} |")
-    head = (f"| NFE | median ratio ({title}) | bootstrap 90% of median | worst problem | "
-            "goal (median <= 0.5, worst <= 0.8) |\n|---|---|---|---|---|")
-    return [head, *rows]
-
-
-def off_grid(theirs: str, nfe: int) -> bool:
-    """Whether diffusers' namesake at ``nfe`` runs off the trailing grid: DDIM and PNDM step
-    from timestep k to k - T // n, which lands beside their next trailing level (and their last
-    step on alpha_bar_0) when their n steps do not divide T (PNDM: n = NFE - 1)."""
-    n = {"DDIM": nfe, "PNDM (PLMS)": nfe - 1}.get(theirs)
-    return n is not None and LEVELS % n != 0
-
-
-def namesake_table(results, grid: str | None, defaults_only: bool = False) -> str:
-    """Median and worst over held-out problems of (difflab solver / diffusers namesake), the
-    solver's best configuration (``defaults_only``: its default options) on ``grid`` (None:
-    on its best grid). ** marks a cell > 1 + TIE (a loss beyond float32-table precision);
-    "(off-grid)" a cell where diffusers' namesake does not run on that grid (``off_grid``)."""
-    head = "| difflab / diffusers | " + " | ".join(f"NFE {m}" for m in NFES) + " |"
-    lines = [head, "|" + "---|" * (len(NFES) + 1)]
-    for ours, (configs, theirs) in NAMESAKE.items():
-        configs = (DEFAULT_ONLY[ours],) if defaults_only else configs
-        cells = []
-        for m in NFES:
-            def keep(label, configs=configs):
-                name, g = label[:-1].split(" [")
-                return name in configs and (grid is None or g == grid)
-            r = np.array([best(res["difflab"], m, keep) / res["diffusers"][theirs][m]
-                          for res in results])
-            med, worst = float(np.median(r)), float(r.max())
-            flag = lambda v: f"**{v:.3f}**" if v > 1 + TIE else f"{v:.3f}"  # noqa: E731
-            mark = " (off-grid)" if off_grid(theirs, m) else ""
-            cells.append(f"{flag(med)} / {flag(worst)}{mark}")
-        lines.append(f"| {ours} / {theirs} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def worst_table(results, problems) -> str:
-    """Per NFE, the held-out problem with the largest best-difflab / best-diffusers ratio (all
-    grids), and which sampler and grid of each library was best there."""
-    lines = ["| NFE | worst problem | ratio | best difflab (error) | best diffusers (error) |",
-             "|---|---|---|---|---|"]
-    for m in NFES:
-        rows = []
-        for res, prob in zip(results, problems, strict=True):
-            ours = min((v[m], lab) for lab, v in res["difflab"].items() if m in v)
-            theirs = min((v[m], lab) for lab, v in res["diffusers"].items())
-            rows.append((ours[0] / theirs[0], prob.name, ours, theirs))
-        r, name, (eo, lo), (et, lt) = max(rows)
-        lines.append(f"| {m} | {name} | {r:.3f} | {lo} ({eo:.2e}) | {lt} ({et:.2e}) |")
-    return "\n".join(lines)
-
-
-def per_grid_table(results) -> str:
-    """Median over held-out problems of each grid's best sampler / best diffusers."""
-    lines = ["| difflab grids used | " + " | ".join(f"NFE {m}" for m in NFES) + " |",
-             "|" + "---|" * (len(NFES) + 1)]
-    for grid in ("default", "ays", "ays_min", "family"):
-        if not any(lab.endswith(f"[{grid}]") for lab in results[0]["difflab"]):
-            continue  # a run saved before this grid existed
-        cells = []
-        for m in NFES:
-            r = [best(res["difflab"], m, lambda lab, g=grid: lab.endswith(f"[{g}]"))
-                 / best(res["diffusers"], m) for res in results]
-            cells.append(f"{np.median(r):.2f}")
-        lines.append(f"| {grid} only | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def goal_status(results) -> str:
-    """One paragraph: at which NFE the goal is met (all grids), and every namesake cell of the
-    default grid (best configuration) that loses beyond the tie tolerance."""
-    met, missed = [], []
-    for m in NFES:
-        r = np.array([best(res["difflab"], m) / best(res["diffusers"], m) for res in results])
-        (met if np.median(r) <= 0.5 and r.max() <= 0.8 else missed).append(
-            f"{m} (median {np.median(r):.2f}, worst {r.max():.2f})")
-    losses, off = [], []
-    for ours, (configs, theirs) in NAMESAKE.items():
-        for m in NFES:
-            def keep(label, configs=configs):
-                name, g = label[:-1].split(" [")
-                return name in configs and g == "default"
-            worst = max(best(res["difflab"], m, keep) / res["diffusers"][theirs][m]
-                        for res in results)
-            if worst > 1 + TIE:
-                where = " off-grid" if off_grid(theirs, m) else ""
-                (off if where else losses).append(f"{ours} at {m} NFE{where} ({worst:.3f})")
-    goal = (f"Goal met at NFE {', '.join(met) or 'none'}; not met at NFE {', '.join(missed)}"
-            if missed else f"Goal met at every NFE: {', '.join(met)}")
-    return (f"{goal}. Namesake cells (default grid, best configuration) "
-            f"less accurate than diffusers beyond the 1 % tie on some problem: "
-            f"{', '.join(losses) or 'none'}" + (f"; on a different grid (diffusers' off-grid "
-            f"steps, not counted): {', '.join(off)}" if off else "") + ".")
-
-
-def report(results, problems, families, args, seconds) -> str:
-    every = lambda label: True  # noqa: E731
-    no_ays = lambda label: "[ays" not in label  # noqa: E731
-    base = getattr(args, "seed_base", 1000)
-    parts = [f"{len(problems)} held-out problems ({args.problems - len(problems)} fit; seeds "
-             f"{base}..{base + args.problems - 1}), "
-             f"{args.draws} draws each, reference tol {args.tol:g}; {seconds / 60:.1f} min "
-             f"on {torch.get_num_threads()} thread(s).", "",
-             "Held-out problems: " + "; ".join(p.name for p in problems) + ".", "",
-             "**Status.** " + goal_status(results), "",
-             "### Best difflab / best diffusers on the held-out problems", "",
-             *ratio_rows(results, every, "all grids"), "",
-             *ratio_rows(results, no_ays, "default + family grids"), "",
-             "### The worst problem per NFE (all grids)", "", worst_table(results, problems), "",
-             "### Which grids carry it (median ratio)", "", per_grid_table(results), "",
-             "### Solver / namesake, default grid (median / worst over problems)", "",
-             namesake_table(results, "default"), "",
-             "### The same with difflab's default options only (median / worst)", "",
-             namesake_table(results, "default", defaults_only=True), "",
-             "### Solver / namesake, the solver's best grid (median / worst)", "",
-             namesake_table(results, None), "",
-             f"diffusers runs that raised (scored as infinite error): {len(FAILED)}"
-             + (": " + "; ".join(FAILED) if FAILED else "") + ".", "",
-             "Family parameters (rho, warp, smallest sigma~; 'table': the table's first level) "
-             "fitted on the FIT problems: "
-             + "; ".join(f"{lab} @ {m}: ({r:g}, {w:g}, {e if e else 'table'})"
-                         for (lab, m), (r, w, e) in families.items()) + "."]
-    return "\n".join(parts)
-
-
-HEADING = "Samplers on a family of problems (`benchmarks/sampler_family.py`)"
-INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 7000` "
-             "| difflab samplers (default, AYS-optimised and family grids) against diffusers on "
-             "held-out exact problems: median/worst ratios, bootstrap intervals | "
-             "[Sampler family](#samplers-on-a-family-of-problems-benchmarkssampler_familypy) |")
-
-
 def quiet_diffusers() -> None:
     import warnings
 
@@ -539,23 +368,6 @@ def main() -> None:
     publish(args, text)
 
 
-def load_results(path: Path) -> tuple[dict, list[dict]]:
-    """(the saved JSON, its per-problem errors with int NFE keys) of a run saved with --save."""
-    saved = json.loads(path.read_text())
-    return saved, [{lib: {label: {int(m): v for m, v in row.items()}
-                          for label, row in errs.items()}
-                    for lib, errs in res.items()} for res in saved["results"]]
-
-
-def compare_line(path: Path) -> str:
-    """One paragraph: the goal status of another saved run (``--compare``), same tables."""
-    saved, results = load_results(path)
-    base = saved.get("seed_base", 1000)
-    labels = {lab.split(" [")[0] for res in results for lab in res["difflab"]}
-    return (f"**For comparison, seeds {base}..{base + 2 * len(results) - 1}** (`--load "
-            f"{path.name}`; {len(labels)} difflab configurations): " + goal_status(results))
-
-
 def report_saved(args) -> None:
     """The tables of a run saved with --save (JSON turns the NFE keys into strings)."""
     saved, results = load_results(args.load)
@@ -576,73 +388,6 @@ def publish(args, text: str) -> None:
         path = write_section(Path(__file__).with_name("README.md"), HEADING,
                              README_INTRO + text, INDEX_ROW, "sampler_family.py")
         print(f"wrote {path}")
-
-
-README_INTRO = """\
-`OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 7000 --save
-benchmarks/sampler_family.json`, then `--load benchmarks/sampler_family.json --compare
-benchmarks/sampler_family_2000.json ... benchmarks/sampler_family_6000.json --readme` (the
-script's docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE
-solution, difflab over diffusers, per held-out problem; "best" is the best sampler and grid of
-each library per problem and NFE (diffusers: the schedulers of `benchmarks/samplers.py`, run on
-a 1000-level table of each problem's process through `trained_betas`, float32; difflab's tables
-are float64).
-
-Seeds: the samplers, the grid optimiser's variants and the last-step options below were
-developed looking at the problems of seeds 1000..1023 (and at problems of the same kinds drawn
-apart from any range). The ranges 2000, 3000, 4000, 5000 and 6000 (seeds B..B+23) were each a
-never-looked-at range once, run before the changes made after them, and have since been looked
-at (their failing cells were diagnosed, by kind). The run here draws seeds 7000..7023, never
-looked at before it ran once with the current candidates; the status lines of the earlier
-ranges, rerun with the same candidates, follow it (`benchmarks/sampler_family_B.json`). Every
-error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the tables
-without running.
-
-Grids: "default" is the same trailing grid diffusers' trailing spacing picks; "ays" is
-`optimize_schedule(..., bound="ode", free_end=True, sigma_min=2e-4, order=p)` (p = 1 for
-`ddim`/`euler_ode`, 2 for the others) computed per held-out problem from its denoiser and 256
-fresh data draws (no reference solutions, no evaluation noise; `free_end` lets it end below the
-table's first level, which an exact or continuous-time model allows and a network trained on T
-discrete steps does not); "ays_min" is the same with `cauchy_schwarz="min"` (each step's bound
-the smaller of two Cauchy-Schwarz bounds, `docs/samplers.md`); "family" is `grid_family` with
-(rho, warp, smallest level) fitted per sampler and NFE on the 12 FIT problems only and applied
-unchanged. `euler` (Euler in sigma~) has no namesake row (on the same grid it equals DDIM);
-`rk45` is adaptive and not run; `gddim` on these scalar processes is DDIM and DEIS' multistep
-and is not run either. `plms, warm_start=heun` (PNDM's trapezoidal first step, one extra
-evaluation: NFE - 1 steps, as diffusers' PNDM) runs with its default last step and with
-`final_order=0`.
-
-Namesake tables: difflab's solver (its best configuration; the second table: its default
-options only) against the diffusers scheduler of the same name on the default (trailing) grid
-(DPMSolverMultistep and UniPC bh2 with `timestep_spacing="trailing"`: their default "linspace"
-puts most levels one below the trailing ones; DDIM with `clip_sample=False`, since difflab does
-not clip x0_hat to [-1, 1]). Cells are bold only beyond 1 + 0.01: within 1 % they are ties at
-float precision (diffusers' float32 tables: sigma~ rounded to ~6e-8 and a cumprod drift of
-~1e-6 relative; on the cosine problems, sigma~_max = 2e4, that alone moves diffusers' error by
-0.1-0.3 %). Where the grids are not the same: diffusers' DDIM and PNDM step to t - T // n, so
-when n does not divide T = 1000 (PNDM at 8, 15, 20 NFE runs 7, 14, 19 steps; DDIM at 15 NFE)
-their state lands one level off the level they evaluate next, and their last step lands on
-alpha_bar_0 (a float64 re-implementation of DDIM and PNDM with those off-grid steps reproduces
-diffusers' errors to 3 digits, and with on-grid steps gives difflab's: such cells are accidents
-of the off-grid step, not monotone in NFE). PNDM spends one evaluation on a Heun first step (n =
-NFE - 1) and stops at the table's first level (`set_alpha_to_one=False`), and UniPC bh1
-(`final_sigmas_type="sigma_min"`) steps to that level, both returning that slightly noisy
-sample. difflab's defaults end at sigma = 0, and its candidates include both kinds of end:
-`final_order=0` (the local-Gaussian last step, exact for isotropic Gaussian data,
-`docs/samplers.md`) and `noisy_end` (`ddim`, `plms`, `unipc_bh1`: the last step lands on the
-table's first level and x there is returned, as diffusers does; default grid only, its last
-time moved to that level). On small-scale problems (data scale near that level) the noisy end
-wins; on smooth, large-scale ones the step to sigma = 0 does. `heun, final_order=0` is Heun with
-the local-Gaussian last step. The heun cell flagged on the 5000 range (5 NFE, cosine, a single
-Gaussian) is diffusers' Heun taking the full trapezoidal step out of sigma~ = 2e4 (12000x
-farther from the closed-form PF-ODE state than difflab's DDIM step there), whose overshoot
-happens to offset the x0_hat of the last step (docs/samplers.md, "heun final_order"). The
-defaults keep the published steps.
-
-Goal status: the "goal" column of the first two tables, per NFE (median <= 0.5 and worst
-<= 0.8 over the held-out problems).
-
-"""
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from difflab.samplers import SAMPLERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sampler_family as bench  # noqa: E402
+import sampler_family_tables as tables  # noqa: E402
 
 
 def test_rotated_mixture_is_the_exact_full_covariance_denoiser():
@@ -82,7 +83,7 @@ def ddim_agrees(seed):
 
 def test_bootstrap_interval_contains_the_median():
     r = torch.linspace(0.1, 1.0, 11).numpy()
-    lo, hi = bench.bootstrap_median(r)
+    lo, hi = tables.bootstrap_median(r)
     assert lo <= 0.55 <= hi and lo >= 0.1 and hi <= 1.0
 
 
@@ -96,9 +97,9 @@ def test_tiny_run_scores_every_sampler(monkeypatch):
     assert {lab.split(" [")[1] for lab in res["difflab"]} == {"default]", "ays]", "ays_min]",
                                                              "family]"}
     assert all(math.isfinite(v) for row in res["difflab"].values() for v in row.values())
-    assert bench.best(res["diffusers"], 5) > 0
-    text = bench.namesake_table([res], "default")
-    assert text.count("\n") == len(bench.NAMESAKE) + 1
+    assert tables.best(res["diffusers"], 5) > 0
+    text = tables.namesake_table([res], "default")
+    assert text.count("\n") == len(tables.NAMESAKE) + 1
 
 
 def test_warm_start_candidates_keep_within_the_budget():
@@ -111,12 +112,12 @@ def test_warm_start_candidates_keep_within_the_budget():
 def test_compare_line_states_the_other_runs_goal(tmp_path):
     """--compare: the goal status of another saved run, from its JSON alone."""
     ours = {f"{configs[0]} [default]": {m: 1.0 for m in bench.NFES}
-            for configs, _ in bench.NAMESAKE.values()}
-    theirs = {name: {m: 2.0 for m in bench.NFES} for _, name in bench.NAMESAKE.values()}
+            for configs, _ in tables.NAMESAKE.values()}
+    theirs = {name: {m: 2.0 for m in bench.NFES} for _, name in tables.NAMESAKE.values()}
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"seed_base": 2000, "results": [
         {"difflab": ours, "diffusers": theirs}] * 3}))
-    line = bench.compare_line(path)
+    line = tables.compare_line(path)
     assert "seeds 2000..2005" in line
     assert "Goal met at every NFE: 5 (median 0.50, worst 0.50)" in line
     assert "on some problem: none." in line
