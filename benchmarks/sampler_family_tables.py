@@ -213,7 +213,7 @@ def compare_line(path: Path) -> str:
 README_INTRO = """\
 `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 7000 --save
 benchmarks/sampler_family.json`, then `--load benchmarks/sampler_family.json --compare
-benchmarks/sampler_family_2000.json ... benchmarks/sampler_family_6000.json --readme` (the
+benchmarks/sampler_family_2000.json ... benchmarks/sampler_family_8000.json --readme` (the
 script's docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE
 solution, difflab over diffusers, per held-out problem; "best" is the best sampler and grid of
 each library per problem and NFE (diffusers: the schedulers of `benchmarks/samplers.py`, run on
@@ -226,7 +226,8 @@ apart from any range). The ranges 2000, 3000, 4000, 5000 and 6000 (seeds B..B+23
 never-looked-at range once, run before the changes made after them, and have since been looked
 at (their failing cells were diagnosed, by kind). The run here draws seeds 7000..7023, never
 looked at before it ran once with the current candidates; the status lines of the earlier
-ranges, rerun with the same candidates, follow it (`benchmarks/sampler_family_B.json`). Every
+ranges, rerun with the same candidates, follow it (`benchmarks/sampler_family_B.json`), and
+that of 8000..8023, a second never-looked-at range run once after it with the same code. Every
 error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the tables
 without running.
 
