@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/gddim.py                  # 4 problems, seeds 7000..7003
     OMP_NUM_THREADS=1 python benchmarks/gddim.py --seeds 7000,7005 --samples 32
 
-Each problem is an exact CLD Gaussian mixture (``process.cld.CLDGaussianMixture``, the paper's
+Each problem is an exact CLD Gaussian mixture (``analytic.CLDGaussianMixture``, the paper's
 CLD settings beta = 4, M = 1/4, gamma = 0.04) drawn from its seed: K components in D
 dimensions with random means, stds and weights. Noise u_T is drawn from the exact marginal at
 t = 1 (its own generator); the reference is the probability-flow ODE solved by DOP853 at
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from difflab.process.cld import CLD, CLDGaussianMixture, quadratic_grid
+from difflab.analytic import CLDGaussianMixture
+from difflab.process.cld import CLD, quadratic_grid
 from difflab.samplers.gddim import gddim
 
 NFES = (5, 10, 20, 40)

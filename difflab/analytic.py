@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .parameterization import Prediction
 from .process import Process, as_time, expand_like
+from .process.cld import CLD, CLDPrediction, apply2
 
 
 class GaussianData:
@@ -55,7 +56,29 @@ class GaussianData:
         return a2 * self.mu + m2 / m1 * (x - a1 * self.mu)
 
 
-class GaussianMixture:
+class MixtureData:
+    """x0 ~ sum_k pi_k N(mu_k, diag(std_k^2)): the parameters and draws that the exact mixture
+    models share. ``mu`` [K, D]; ``std`` [K, D], [K] or a scalar (0: Dirac components);
+    ``weights`` [K] (default uniform)."""
+
+    def __init__(self, mu: Tensor, std: Tensor | float, weights: Tensor | None = None):
+        self.mu = torch.as_tensor(mu, dtype=torch.float64)
+        if self.mu.ndim != 2:
+            raise ValueError(f"mu must be [K, D], got shape {tuple(self.mu.shape)}")
+        std = torch.as_tensor(std, dtype=torch.float64)
+        self.std = (std[:, None] if std.ndim == 1 else std).expand_as(self.mu)
+        k = self.mu.shape[0]
+        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else weights
+        self.log_w = (w.to(torch.float64) / w.sum()).log()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws of x0 [n, D]."""
+        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        z = torch.randn((n, self.mu.shape[1]), generator=generator, dtype=torch.float64)
+        return self.mu[k] + self.std[k] * z
+
+
+class GaussianMixture(MixtureData):
     """x0 ~ sum_k pi_k N(mu_k, diag(std_k^2)), with everything exact for any Gaussian process.
 
     The noisy marginal is q_t = sum_k pi_k N(alpha mu_k, diag(m_k^2)), m_k^2 = alpha^2 std_k^2 +
@@ -71,18 +94,8 @@ class GaussianMixture:
 
     def __init__(self, process: Process, mu: Tensor, std: Tensor,
                  weights: Tensor | None = None):
+        super().__init__(mu, std, weights)
         self.process = process
-        self.mu = mu.to(torch.float64)
-        std = std.to(torch.float64)
-        self.std = std[:, None].expand_as(self.mu) if std.ndim == 1 else std
-        k = self.mu.shape[0]
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else weights
-        self.log_w = (w.to(torch.float64) / w.sum()).log()
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
-        z = torch.randn((n, self.mu.shape[1]), generator=generator, dtype=torch.float64)
-        return self.mu[k] + self.std[k] * z
 
     def _components(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, ...]:
         """Per-component quantities [B or 1, K, D] and the log joint [B, K] (one shared
@@ -160,6 +173,105 @@ class GaussianMixture:
 
         sol = solve_ivp(rhs, (float(t_from), float(t_to)), x.flatten().numpy(),
                         method="DOP853", rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+        return torch.from_numpy(sol.y[:, -1]).reshape(shape)
+
+
+# Exact data under critically-damped Langevin diffusion (``process.cld``).
+#
+# Gaussian-mixture data under critically-damped Langevin diffusion, with an exact score.
+#
+# Data x_0 ~ sum_k pi_k N(mu_k, diag(s_k^2)) in D dimensions and v_0 ~ N(0, gamma M I)
+# (``process.cld``). Given x_0 the state u_t = (x_t, v_t) is Gaussian per dimension d with mean
+# c_t x_0d (c_t = Psi(t, 0) e_1) and covariance Sigma_t, so component k contributes, per
+# dimension, N(c_t mu_kd, C_kd) with
+#
+#   C_kd = s_kd^2 c_t c_t^T + Sigma_t       (2x2),
+#
+# and the marginal of u_t is the mixture of these. With posterior weights w_k(u) proportional to
+# pi_k prod_d N(u_d; c_t mu_kd, C_kd) and residuals r_kd = u_d - c_t mu_kd,
+#
+#   score_d = grad_{u_d} log p_t(u) = -sum_k w_k C_kd^{-1} r_kd,
+#   E[x_0d | u_t] = sum_k w_k (mu_kd + s_kd^2 c_t^T C_kd^{-1} r_kd)     (Gaussian conditioning).
+#
+# A single component with s = 0 is a Dirac in x (the Gaussian N(c_t mu, Sigma_t) in u): along
+# its probability-flow ODE gDDIM's eps is constant (``samplers.gddim``). The model speaks the
+# denoiser interface: ``model(u, t)`` returns a ``CLDPrediction`` with x0 = E[x_0 | u_t] [B, D]
+# and eps = -L_t^T score [B, 2, D], CLD's Cholesky parameterisation (Dockhorn et al. 2022,
+# Sec. 3.2).
+# ``ode_solution`` integrates the probability-flow ODE du/dt = F u - G G^T score / 2 with scipy's
+# DOP853 at tight tolerances: the reference that samplers converge to.
+
+
+
+def _inv2(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse and determinant of 2x2 matrices [..., 2, 2] (closed form)."""
+    a, b, c, d = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+    det = a * d - b * c
+    inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2)
+    return inv / det[..., None, None], det
+
+
+class CLDGaussianMixture(MixtureData):
+    """x_0 ~ sum_k pi_k N(mu_k, diag(std_k^2)) under a ``CLD`` process, everything exact.
+
+    ``mu``, ``std``, ``weights`` as ``MixtureData``. States u are [B, 2, D].
+    """
+
+    def __init__(self, process: CLD, mu: Tensor, std: Tensor | float = 0.0,
+                 weights: Tensor | None = None):
+        super().__init__(mu, std, weights)
+        self.process = process
+
+    def sample_marginal(self, n: int, t: float, generator: torch.Generator | None = None
+                        ) -> Tensor:
+        """n draws of u_t [n, 2, D]: c_t x_0 + L_t z, x_0 from the data."""
+        x0 = self.sample(n, generator)
+        z = torch.randn((n, 2, self.mu.shape[1]), generator=generator, dtype=torch.float64)
+        c = self.process.mean_coefficient(t)
+        return c[None, :, None] * x0[:, None, :] + apply2(self.process.cholesky(t), z)
+
+    def _components(self, u: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Posterior weights w [B, K], C^{-1} r [B, K, D, 2], c_t [2] at one time t."""
+        c = self.process.mean_coefficient(t)                               # [2]
+        cov = self.std[..., None, None] ** 2 * torch.outer(c, c) + self.process.covariance(t)
+        inv, det = _inv2(cov)                                              # [K, D, 2, 2]
+        r = u.transpose(1, 2)[:, None] - self.mu[None, :, :, None] * c     # [B, K, D, 2]
+        ir = torch.einsum("kdij,bkdj->bkdi", inv, r)
+        quad = (r * ir).sum(-1) + det.log() + 2 * math.log(2 * math.pi)    # [B, K, D]
+        logp = self.log_w - 0.5 * quad.sum(-1)
+        return (logp - logp.logsumexp(-1, keepdim=True)).exp(), ir, c, cov
+
+    def score(self, u: Tensor, t: Tensor | float) -> Tensor:
+        """grad_u log p_t(u) [B, 2, D], exact."""
+        w, ir, _, _ = self._components(u.to(torch.float64), as_time(t).reshape(()))
+        return -torch.einsum("bk,bkdi->bid", w, ir).to(u.dtype)
+
+    def __call__(self, u: Tensor, t: Tensor | float, cond: Any = None) -> CLDPrediction:
+        """x0 = E[x_0 | u_t] [B, D] and eps = -L_t^T score [B, 2, D] (CLD's parameterisation)."""
+        t = as_time(t).reshape(())
+        w, ir, c, _ = self._components(u.to(torch.float64), t)
+        score = -torch.einsum("bk,bkdi->bid", w, ir)
+        x0 = w @ self.mu + torch.einsum("bk,kd,bkd->bd", w, self.std**2, ir @ c)
+        return CLDPrediction(x0=x0.to(u.dtype),
+                             eps=self.process.eps_from_score(score, t).to(u.dtype))
+
+    def ode_solution(self, u: Tensor, t_from: float, t_to: float, rtol: float = 1e-12,
+                     atol: float = 1e-12) -> Tensor:
+        """The probability-flow ODE map u_{t_from} -> u_{t_to} (float64, scipy DOP853)."""
+        from scipy.integrate import solve_ivp
+
+        shape = u.shape
+
+        def rhs(t: float, y: np.ndarray) -> np.ndarray:
+            uu = torch.from_numpy(y).reshape(shape)
+            tt = torch.tensor(t, dtype=torch.float64)
+            return self.process.pf_ode_drift(uu, tt, self.score(uu, tt)).flatten().numpy()
+
+        sol = solve_ivp(rhs, (float(t_from), float(t_to)),
+                        u.to(torch.float64).flatten().numpy(), method="DOP853", rtol=rtol,
+                        atol=atol)
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
         return torch.from_numpy(sol.y[:, -1]).reshape(shape)

@@ -20,9 +20,9 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from difflab.analytic import GaussianMixture
+from difflab.analytic import CLDGaussianMixture, GaussianMixture
 from difflab.process import make_process
-from difflab.process.cld import CLD, CLDGaussianMixture, quadratic_grid
+from difflab.process.cld import CLD, quadratic_grid
 from difflab.samplers import ddim, ddpm, time_grid
 from difflab.samplers.gddim import cld_stochastic_transition, gddim
 from difflab.samplers.options import check_options, declared_options
