@@ -178,8 +178,6 @@ class GaussianMixture(MixtureData):
         return torch.from_numpy(sol.y[:, -1]).reshape(shape)
 
 
-# Exact data under critically-damped Langevin diffusion (``process.cld``).
-#
 # Gaussian-mixture data under critically-damped Langevin diffusion, with an exact score.
 #
 # Data x_0 ~ sum_k pi_k N(mu_k, diag(s_k^2)) in D dimensions and v_0 ~ N(0, gamma M I)
@@ -202,7 +200,6 @@ class GaussianMixture(MixtureData):
 # Sec. 3.2).
 # ``ode_solution`` integrates the probability-flow ODE du/dt = F u - G G^T score / 2 with scipy's
 # DOP853 at tight tolerances: the reference that samplers converge to.
-
 
 
 def _inv2(m: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,10 +21,20 @@ DDPM step index t in [0, T] (0 = data); continuous processes use t in [0, 1].
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cache
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+@cache
+def gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
+    """Nodes and weights of the n-point Gauss-Legendre rule on [0, 1], float64 (cached: do
+    not modify them in place)."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
 
 
 def as_time(t: Tensor | float, like: Tensor | None = None) -> Tensor:

@@ -50,20 +50,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .base import as_time
+from .base import as_time, gauss_legendre
 
 #: Gauss-Legendre nodes of the rotation-angle quadrature (in sqrt(t)).
 THETA_NODES = 64
-
-
-def gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
-    """Nodes and weights of the n-point Gauss-Legendre rule on [0, 1], float64."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    return (torch.from_numpy(0.5 * (x + 1.0)), torch.from_numpy(0.5 * w))
 
 
 def mat2(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
@@ -223,5 +216,5 @@ class CLDPrediction:
     eps: Tensor
 
 
-__all__ = ["CLD", "CLDPrediction", "apply2", "gauss_legendre", "mat2",
+__all__ = ["CLD", "CLDPrediction", "apply2", "mat2",
            "quadratic_grid", "rotation"]

@@ -32,15 +32,14 @@ x0_hat = (1 - l) y - f. It costs no evaluation.
 from __future__ import annotations
 
 import math
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
+from ..process.base import gauss_legendre
 from .base import Callback, Generators, check_grid, final_step, report, zero_snr_start
 from .ems import EMSStatistics, Spline, ems_statistics
 from .options import SamplerOption, declare_options, final_order_option
@@ -50,13 +49,6 @@ MAX_PIECE = 0.5
 GL_NODES = 8
 #: Most interpolation nodes a step uses (order 3 with the pseudo corrector's extra node).
 MAX_NODES = 4
-
-
-@cache
-def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
-    r, w = np.polynomial.legendre.leggauss(n)
-    return (torch.tensor((r + 1) / 2, dtype=torch.float64),
-            torch.tensor(w / 2, dtype=torch.float64))
 
 
 def _pieces(a: float, c: float, knots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,7 +62,7 @@ def _pieces(a: float, c: float, knots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = max(1, math.ceil(abs(q - p) / MAX_PIECE))
         ends += [(p + (q - p) * i / m, p + (q - p) * (i + 1) / m) for i in range(m)]
     lo, hi = torch.tensor(ends, dtype=torch.float64).unbind(1)
-    r, w = _gauss_legendre(GL_NODES)
+    r, w = gauss_legendre(GL_NODES)
     span = (hi - lo)[:, None]
     return lo[:, None] + span * r, span * w, lo[:, None]
 
@@ -140,7 +132,7 @@ class _Coefficients:
         f = torch.exp(-(self._S(nodes) - s_a)) * self._b(nodes)
         whole = torch.einsum("pg,pg...->p...", w, f)
         before = torch.cumsum(whole, 0) - whole                      # exclusive
-        r, wr = _gauss_legendre(GL_NODES)
+        r, wr = gauss_legendre(GL_NODES)
         span = nodes - starts                                        # [P, G]
         sub = starts[..., None] + span[..., None] * r                # [P, G, G]
         fs = torch.exp(-(self._S(sub) - s_a)) * self._b(sub)

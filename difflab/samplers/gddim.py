@@ -61,7 +61,8 @@ import torch
 from torch import Tensor
 
 from ..process import Process
-from ..process.cld import CLD, apply2, gauss_legendre, rotation
+from ..process.base import gauss_legendre
+from ..process.cld import CLD, apply2, rotation
 from .base import (
     Callback,
     Generators,
@@ -119,12 +120,15 @@ def cld_step_weights(process: CLD, ts: Tensor, i: int, k: int, factor: str) -> T
     Lagrange basis through the k latest times t_i, t_{i-1}, ... (newest first); [k, 2, 2].
     For K = R the constant part sum_j W_j is the closed form R_s - Psi(s, t) R_t."""
     t, s = ts[i], ts[i + 1]
+    if factor == "R":
+        exact = process.r_factor(s) - process.transition(s, t) @ process.r_factor(t)
+        if k == 1:  # frozen eps: the closed form alone, no quadrature
+            return exact[None]
     r, dr = log_nodes(t, s)
     kern = cld_kernel(process, s, r, factor)                          # [n, 2, 2]
     ell = lagrange_basis(ts[i - k + 1:i + 1].flip(0), r)              # [k, n]
     w = torch.einsum("jn,nab->jab", ell * dr, kern)
     if factor == "R":
-        exact = process.r_factor(s) - process.transition(s, t) @ process.r_factor(t)
         w[0] = exact - w[1:].sum(0)
     return w
 
@@ -218,14 +222,17 @@ def scalar_step_weights(process: Process, ts: Tensor, i: int, k: int) -> Tensor:
     """c_j = -(alpha_s / 2) int_{lambda_t}^{lambda_s} e^{-lambda / 2} l_j(t(lambda)) dlambda,
     lambda the log-SNR: the scalar kernel (alpha_s / alpha_r) (g^2 / 2) / sigma_r dr in lambda
     (g^2 = -sigma^2 dlambda/dt); the constant part is sigma_s - alpha_s sigma_t / alpha_t. [k]"""
-    lam = process.log_snr(ts[i:i + 2])
     a, sig = process.alpha_sigma(ts[i:i + 2])
+    exact = sig[1] - a[1] * sig[0] / a[0]
+    if k == 1:  # frozen eps: DDIM's coefficient, no quadrature
+        return exact[None]
+    lam = process.log_snr(ts[i:i + 2])
     x, w = gauss_legendre(QUAD_NODES)
     nodes = lam[0] + (lam[1] - lam[0]) * x
     dl = (lam[1] - lam[0]) * w
     ell = lagrange_basis(ts[i - k + 1:i + 1].flip(0), process.t_from_log_snr(nodes))
     c = -0.5 * a[1] * (ell * (-0.5 * nodes).exp() * dl).sum(-1)
-    c[0] = sig[1] - a[1] * sig[0] / a[0] - c[1:].sum()
+    c[0] = exact - c[1:].sum()
     return c
 
 
@@ -243,12 +250,11 @@ def gddim_scalar(denoiser, x: Tensor, ts: Tensor, callback: Callback | None, con
     the last evaluation, as ``ddim`` does."""
     process = denoiser.process
     ts = check_grid(ts)
-    a, _ = process.alpha_sigma(ts)
+    a, sig = process.alpha_sigma(ts)
     if not float(a[0]) > 0:
         raise ValueError("gddim: the grid starts at zero terminal SNR (alpha = 0), where "
                          "alpha_s / alpha_t is infinite; start at a time with alpha > 0")
     n = len(ts) - 1
-    _, sig = process.alpha_sigma(ts)
     weights = [scalar_step_weights(process, ts, i, min(order, i) + 1) for i in range(n - 1)]
     hist: list[Tensor] = []
     for i in range(n):

@@ -143,12 +143,10 @@ def heun_pass(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
         if churn > 0 and st_hat[i] > st[i]:
             y = y + s_noise * math.sqrt(st_hat[i] ** 2 - st[i] ** 2) * randn_like(y, generator)
         pred = denoiser(a_hat[i] * y, t_hat[i], cond)
-        eps_hist = [pred.eps, *eps_hist][:max(final_order, 2)]
-        if i == len(ts) - 2 and not rising:
-            if final_order == 1:
-                return final_step(callback, i, ts[i], pred)
+        eps_hist = [pred.eps, *eps_hist][:final_order or 2]
+        if i == len(ts) - 2 and not rising:  # one eps_hat (final_order 1): x0_hat
             return final_step(callback, i, ts[i], pred, a_hat[i] * y, a_hat[i], st_hat,
-                              eps_hist[:final_order or 2], gaussian=final_order == 0)
+                              eps_hist, gaussian=final_order == 0)
         dt = st[i + 1] - st_hat[i]
         if i == euler_only:
             y = y + dt * pred.eps
