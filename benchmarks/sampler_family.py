@@ -53,6 +53,7 @@ from difflab.parameterization import Prediction
 from difflab.process import make_process
 from difflab.samplers import CountingDenoiser, discrete_timesteps, reference_solution
 from difflab.samplers.ays import fit_grid_family, grid_family, optimize_schedules
+from difflab.samplers.teleport import GaussianHead, data_moments, skip_level
 
 sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
@@ -69,7 +70,19 @@ from sampler_family_tables import (  # noqa: E402
 )
 from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
-from difflab.samplers import ddim, heun, plms, unipc_bh1  # noqa: E402
+from difflab.samplers import (  # noqa: E402
+    ddim,
+    dpm_solver_v3,
+    ems_lambdas,
+    ems_statistics,
+    heun,
+    plms,
+    unipc_bh1,
+)
+
+#: the ``statistics`` option of a DPM-Solver-v3 candidate that ``difflab_errors`` replaces by
+#: the held-out problem's own empirical model statistics (``problem_statistics``)
+EMS = "ems of the problem"
 
 #: candidates of this benchmark beyond ``samplers.DIFFLAB`` (same fields), and the evaluations
 #: each spends beyond one per step (``EXTRA_NFE``): plms with PNDM's trapezoidal first step
@@ -88,13 +101,21 @@ CANDIDATES = [*DIFFLAB,
                {"warm_start": "heun", "noisy_end": True}, "trailing", 1),
               ("heun, final_order=0", heun, {"final_order": 0}, "trailing", 2),
               # diffusers' DDIM end when n does not divide T (it lands on alpha_bar_0)
-              ("ddim, noisy_end", ddim, {"noisy_end": True}, "trailing", 1)]
+              ("ddim, noisy_end", ddim, {"noisy_end": True}, "trailing", 1),
+              # DPM-Solver-v3 (Zheng et al. 2023) on statistics estimated from the problem's
+              # model and fresh data draws, as AYS is (no reference, no evaluation noise)
+              ("dpm_solver_v3, ems", dpm_solver_v3, {"statistics": EMS}, "trailing", 1),
+              ("dpm_solver_v3, ems, predictor_pseudo", dpm_solver_v3,
+               {"statistics": EMS, "predictor_pseudo": True}, "trailing", 1)]
 EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1,
              "plms, warm_start=heun, noisy_end": 1}
 
 SCHEDULES = ("linear", "cosine", "scaled_linear", "vpsde", "ve")
 COVARIANCES = ("isotropic", "diagonal", "full")
 AYS_FLOOR = 2e-4  # the smallest sigma~ the optimiser may end at (it chooses where, free_end)
+#: EMS statistics per held-out problem: data draws and lambda knots (from lambda(t_max) down
+#: to sigma~ = AYS_FLOOR, so that they cover every grid of the run)
+EMS_DRAWS, EMS_KNOTS = 512, 64
 #: the bound's order per sampler (``optimize_schedule(order=)``): 1 for the first-order
 #: samplers, 2 for every other (higher orders assume more smoothness than these data have)
 AYS_ORDER = {"ddim": 1, "euler_ode": 1}
@@ -232,14 +253,31 @@ def steps_for(nfe: int, k: int, label: str = "") -> int:
     return (nfe - 1 - EXTRA_NFE.get(label, 0)) // k + 1
 
 
-def difflab_errors(problem, x_T, ref, grids) -> dict[str, dict[int, float]]:
+def problem_statistics(problem: Problem, seed: int):
+    """DPM-Solver-v3's empirical model statistics of the problem's model, estimated from
+    EMS_DRAWS fresh data draws (``ems_statistics``; the generator seeds draws and probes)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = problem.data.sample(EMS_DRAWS, gen)
+    knots = ems_lambdas(problem.process, EMS_KNOTS, sigma_min=AYS_FLOOR)
+    return ems_statistics(problem.data, data, knots, generator=gen)
+
+
+def difflab_errors(problem, x_T, ref, grids, statistics=None,
+                   head=None) -> dict[str, dict[int, float]]:
     """{"label [grid]": {nfe: rms}} for every CANDIDATES sampler on every grid in ``grids``
     ({grid name: fn(label, k, nfe) -> ts or None}). A ``noisy_end`` sampler runs on the
-    default grid only, its last time (t_min) moved to the table's first level."""
+    default grid only, its last time (t_min) moved to the table's first level; the option
+    ``statistics=EMS`` becomes ``statistics`` (``problem_statistics``). On the grid "head"
+    the model is ``head(model)`` (a ``GaussianHead``: its levels above sigma~_skip cost no
+    evaluation); the EMS candidates do not run there."""
     out = {}
     for label, fn, opts, _spacing, k in CANDIDATES:
+        if opts.get("statistics") == EMS:
+            opts = {**opts, "statistics": statistics}
         for gname, make in grids.items():
             if opts.get("noisy_end") and gname != "default":
+                continue
+            if gname == "head" and "statistics" in opts:
                 continue
             row = {}
             for m in NFES:
@@ -249,7 +287,8 @@ def difflab_errors(problem, x_T, ref, grids) -> dict[str, dict[int, float]]:
                 if opts.get("noisy_end"):
                     ts = torch.cat([ts[:-1], problem.times[:1]])
                 counted = CountingDenoiser(problem.data)
-                x = fn(counted, x_T, ts, torch.Generator().manual_seed(0), **opts)
+                model = head(counted) if gname == "head" else counted
+                x = fn(model, x_T, ts, torch.Generator().manual_seed(0), **opts)
                 row[m] = rms(x, ref) if counted.nfe <= m else math.inf
             if row:
                 out[f"{label} [{gname}]"] = row
@@ -312,7 +351,21 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
     grids = {"default": lambda label, k, m: problem.default_grid(steps_for(m, k, label)),
              "ays": ays_grid, "ays_min": lambda label, k, m: ays_grid(label, k, m, "min"),
              "family": family_grid}
-    return {"difflab": difflab_errors(problem, x_T, ref, grids),
+    # Gaussian head: the data Gaussian's exact denoiser above sigma~_skip (moments of the same
+    # fresh draws), the AYS grid from sigma~_skip down behind t_max (free: no evaluation)
+    moments = data_moments(data)
+    s_skip = skip_level(moments)
+    if s_skip < 0.5 * float(problem.sigmas[-1]):
+        t_max = torch.tensor([float(proc.t_max)], dtype=torch.float64)
+        head_ays = {order: optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
+                                              sigma_max=s_skip, free_end=True, order=order,
+                                              generator=torch.Generator().manual_seed(seed + 2))
+                    for order in (1, 2)}
+        grids["head"] = lambda label, k, m: torch.cat(
+            [t_max, head_ays[AYS_ORDER.get(label, 2)][steps_for(m, k, label)]])
+    stats = problem_statistics(problem, 10_000 + seed)
+    return {"difflab": difflab_errors(problem, x_T, ref, grids, stats,
+                                      lambda model: GaussianHead(model, moments, s_skip)),
             "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
 
 

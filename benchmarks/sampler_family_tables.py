@@ -117,15 +117,20 @@ def per_grid_table(results) -> str:
     """Median over held-out problems of each grid's best sampler / best diffusers."""
     lines = ["| difflab grids used | " + " | ".join(f"NFE {m}" for m in NFES) + " |",
              "|" + "---|" * (len(NFES) + 1)]
-    for grid in ("default", "ays", "ays_min", "family"):
-        if not any(lab.endswith(f"[{grid}]") for lab in results[0]["difflab"]):
-            continue  # a run saved before this grid existed
+    for grid in ("default", "ays", "ays_min", "family", "head"):
+        # "head" exists only where sigma~_skip is well below sigma~_max; a run saved before a
+        # grid existed has none
+        having = [res for res in results
+                  if any(lab.endswith(f"[{grid}]") for lab in res["difflab"])]
+        if not having:
+            continue
         cells = []
         for m in NFES:
             r = [best(res["difflab"], m, lambda lab, g=grid: lab.endswith(f"[{g}]"))
-                 / best(res["diffusers"], m) for res in results]
+                 / best(res["diffusers"], m) for res in having]
             cells.append(f"{np.median(r):.2f}")
-        lines.append(f"| {grid} only | " + " | ".join(cells) + " |")
+        some = "" if len(having) == len(results) else f" ({len(having)} problems)"
+        lines.append(f"| {grid} only{some} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,15 @@ def train_tiny_digits(tmp, steps: int, **options):
     return d
 
 
+def train_toy_moons(run) -> None:
+    """A 2-step toy-moons run in ``run`` (a model to read back, not a good one)."""
+    from difflab.cli.main import main
+
+    assert main(["train", "--dataset", "toy:moons", "--toy-points", "256", "--steps", "2",
+                 "--batch-size", "32", "--base-channels", "16", "--sample-steps", "2",
+                 "--out-dir", str(run), "--no-progress", "--device", "cpu"]) == 0
+
+
 def image_folder(root, size, odd=(50, 20)):
     """Two classes of 3 random RGB images of ``size`` px, plus one ``odd``-sized image."""
     rng = np.random.default_rng(size)

@@ -191,3 +191,17 @@ def test_order_spreads_the_steps_and_is_checked():
         optimize_schedule(data, x0, 4, order=0)
     with pytest.raises(ValueError, match="order"):
         optimize_schedule(data, x0, 4, order=2, bound="sde")
+
+
+def test_sigma_max_below_the_top_is_where_the_grid_starts():
+    """With sigma_max below sigma~(t_max) the grid starts at that level (for a sampler started
+    there, e.g. behind a GaussianHead), not at t_max; one step is the start level alone."""
+    data = mixture("cosine")
+    p = data.process
+    grids = optimize_schedules(data, draws(data, 32, 1), [1, 4], sigma_max=5.0,
+                               candidates=48, generator=torch.Generator().manual_seed(0))
+    for ts in grids.values():
+        top = float((-0.5 * p.log_snr(ts[0])).exp())
+        assert abs(top - 5.0) < 1e-9 * 5.0
+        assert float(ts[-1]) == p.t_min
+    assert len(grids[1]) == 2

@@ -230,12 +230,12 @@ def test_difflab_ems_stats_then_sample(tmp_path):
     """``difflab ems-stats`` on a trained (toy) model writes statistics of its sample shape
     that ``difflab sample --sampler-opt statistics=PATH`` reads; it refuses to overwrite; a
     missing statistics file is a one-line error (exit status 2)."""
+    from conftest import train_toy_moons
+
     from difflab.cli.main import main
 
     run = tmp_path / "toy"
-    assert main(["train", "--dataset", "toy:moons", "--toy-points", "256", "--steps", "2",
-                 "--batch-size", "32", "--base-channels", "16", "--sample-steps", "2",
-                 "--out-dir", str(run), "--no-progress", "--device", "cpu"]) == 0
+    train_toy_moons(run)
     path = tmp_path / "e.safetensors"
     ems = ["ems-stats", "--checkpoint", str(run), "--out", str(path), "--draws", "16",
            "--knots", "6", "--sample-steps", "4", "--device", "cpu"]

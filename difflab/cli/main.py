@@ -1,5 +1,5 @@
 """The ``difflab`` command: train, train-classifier, distill, finetune, sample, fit-grid,
-ems-stats, edit, eval, nll, plot, export, serve."""
+ems-stats, moments, edit, eval, nll, plot, export, serve."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .evaluate import add_eval_parsers
 from .export import add_export_parser
 from .finetune import add_finetune_parser
 from .fit_grid import add_fit_grid_parser
+from .moments import add_moments_parser
 from .plot import add_plot_parser
 from .sample import add_sample_parser
 from .serve import add_serve_parser
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_fit_grid_parser(sub)
     add_ems_stats_parser(sub)
+    add_moments_parser(sub)
     add_edit_parser(sub)
     add_eval_parsers(sub)
     add_plot_parser(sub)

@@ -48,6 +48,13 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="JSON time grid (samplers.save_time_grid, or a list of times), e.g. "
                         "one fitted by optimize_grid and saved with the model; replaces --steps "
                         "and --spacing")
+    p.add_argument("--gaussian-head", default=None, metavar="MOMENTS",
+                   help="moments file from 'difflab moments': noise levels above "
+                        "--skip-factor times the data's largest std are answered by that "
+                        "Gaussian, at no network evaluation (unconditional models)")
+    p.add_argument("--skip-factor", type=float, default=32.0,
+                   help="with --gaussian-head: its levels start at this many times the "
+                        "data's largest standard deviation")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM stochasticity (default 0: ODE)")
     p.add_argument("--variance", default=None, choices=["auto", "beta", "beta_tilde"],
@@ -176,7 +183,8 @@ def run_sample(args: argparse.Namespace) -> int:
                    guidance_rescale=args.guidance_rescale, classifier=clf,
                    classifier_scale=args.classifier_scale,
                    negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                   clip=not args.no_clip, progress=not args.no_progress and info.is_main)
+                   clip=not args.no_clip, progress=not args.no_progress and info.is_main,
+                   gaussian_head=args.gaussian_head, skip_factor=args.skip_factor)
         # images travel as uint8 (what the files hold), 2-D points as floats
         shards = gather_to_main(to_uint8(out.samples) if out.is_image else out.samples, info)
     if shards is None:  # ranks > 0: rank 0 writes

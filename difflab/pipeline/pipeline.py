@@ -25,6 +25,7 @@ from ..process import Process, process_from_config
 from ..samplers import check_sampler_options, get_sampler, load_time_grid
 from ..samplers.generate import generate
 from ..samplers.options import check_options, declared_options
+from ..samplers.teleport import GaussianHead, GaussianMoments, skip_level
 from ..training.checkpoint import write_json
 from .adapters import apply_adapter
 from .card import ADAPTER_KINDS, CARD_FILE, ModelCard, StageCard
@@ -393,6 +394,22 @@ class Pipeline:
             den = ClippedDenoiser(den, *self.stage.data_range)
         return den
 
+    def gaussian_head(self, den: DenoiserFn, moments: str | Path | GaussianMoments,
+                      skip_factor: float, cond: Conditions) -> DenoiserFn:
+        """``den`` behind a :class:`~difflab.samplers.teleport.GaussianHead` of ``moments``
+        (a file is loaded and its shape checked) at ``skip_level(moments, skip_factor)``."""
+        if cond.cond is not None:
+            raise ValueError("--gaussian-head: the moments describe the unconditional data; "
+                             "this model samples with classes or prompts")
+        source = str(moments) if isinstance(moments, str | Path) else "gaussian_head"
+        if isinstance(moments, str | Path):
+            moments = GaussianMoments.load(moments)
+        if tuple(moments.mean.shape) != tuple(self.sample_shape):
+            raise ValueError(f"{source}: moments of samples of shape "
+                             f"{tuple(moments.mean.shape)}, but this model draws "
+                             f"{tuple(self.sample_shape)}")
+        return GaussianHead(den, moments, skip_level(moments, skip_factor))
+
     # -- sampling ---------------------------------------------------------------------------------
     def default_sampler(self) -> tuple[str, int, dict[str, Any]]:
         """(sampler, steps, options) used when none are asked for: the stage's own (a
@@ -423,7 +440,9 @@ class Pipeline:
                  negative_prompt: str | None = None, cond: Conditions | None = None,
                  seed: int = 0, seeds: Sequence[int] | None = None, batch_size: int = 256,
                  clip: bool = True, progress: bool = False,
-                 control: ControlSpec | None = None) -> PipelineOutput:
+                 control: ControlSpec | None = None,
+                 gaussian_head: str | Path | GaussianMoments | None = None,
+                 skip_factor: float = 32.0) -> PipelineOutput:
         """Draw ``n`` samples; image i uses seed ``seed + i`` (or ``seeds[i]``) for its noise,
         so it does not depend on ``batch_size`` or on the other images.
 
@@ -434,7 +453,12 @@ class Pipeline:
         ``save_time_grid``) replacing ``steps`` and ``spacing``. Conditions come from
         ``labels``/``prompt`` (see :meth:`condition`) or ready-made as ``cond``; guidance
         options as in :meth:`denoiser`. ``control``: the control images of a model with
-        ControlNets (:func:`~difflab.pipeline.controlnet.set_control`; they stay set)."""
+        ControlNets (:func:`~difflab.pipeline.controlnet.set_control`; they stay set).
+        ``gaussian_head``: the data's moments (``GaussianMoments`` or a file from ``difflab
+        moments``); noise levels above ``skip_factor`` times the data's largest standard
+        deviation are then answered by that Gaussian's exact denoiser, at no network
+        evaluation (:class:`~difflab.samplers.teleport.GaussianHead`; unconditional sampling
+        only)."""
         if control is not None:
             set_control(self, control)
         own, own_steps, own_options = self.default_sampler()
@@ -462,6 +486,8 @@ class Pipeline:
         elif n is not None and n != len(cond):
             raise ValueError(f"n={n} disagrees with the {len(cond)} conditions given")
         seeds = list(range(seed, seed + len(cond))) if seeds is None else seeds
+        if gaussian_head is not None:
+            den = self.gaussian_head(den, gaussian_head, skip_factor, cond)
         batch_size = control_batch_size(self, batch_size, len(seeds))
         fn, options = resolve_sampler(sampler, sampler_options)
         ts = load_time_grid(grid) if isinstance(grid, str | Path) else grid

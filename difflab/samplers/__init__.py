@@ -55,6 +55,14 @@ from .renoise import renoise
 from .restart import restart
 from .rk import rk45
 from .sde import euler_maruyama, euler_ode
+from .teleport import (
+    GaussianDenoiser,
+    GaussianHead,
+    GaussianMoments,
+    data_moments,
+    skip_level,
+    teleport,
+)
 from .unipc import unipc, unipc_bh1, unipc_bh2
 
 SAMPLERS: dict[str, Callable] = {
@@ -124,5 +132,7 @@ __all__ += ["restart"]
 __all__ += ["adaptive_sde", "gddim"]
 __all__ += ["EMSStatistics", "dpm_solver_v3", "ems_lambdas", "ems_statistics"]
 __all__ += ["fit_grid_family", "grid_family", "optimize_schedule", "optimize_schedules"]
+__all__ += ["GaussianDenoiser", "GaussianHead", "GaussianMoments", "data_moments", "skip_level",
+            "teleport"]
 __all__ += ["SamplerOption", "check_sampler_options", "describe_sampler",
             "parse_sampler_options", "sampler_options"]

@@ -60,10 +60,13 @@ def _sigma_bounds(process: Process, sigma_min: float | None,
 
 
 def levels_to_times(process: Process, sigmas: Tensor) -> Tensor:
-    """Decreasing sigma~ levels (first = sigma~ at t_max) -> a time grid: their times, then
-    t_min (the sampler's last step returns clean data from the smallest level)."""
+    """Decreasing sigma~ levels -> a time grid: their times, then t_min (the sampler's last
+    step returns clean data from the smallest level). A first level at sigma~(t_max) (to
+    1e-6 relative) becomes t_max exactly; a lower one (``sigma_max=``) stays where it is."""
     ts = process.t_from_log_snr(-2 * sigmas.to(torch.float64).log())
-    ts[0] = process.t_max
+    s_top = math.exp(-0.5 * float(process.log_snr(process.t_max)))
+    if float(sigmas[0]) >= s_top * (1 - 1e-6):
+        ts[0] = process.t_max
     t_end = torch.tensor([process.t_min], dtype=torch.float64)
     return torch.cat([ts, t_end])
 
@@ -163,6 +166,8 @@ def best_path(cost: Tensor, edges: int, terminal: Tensor | None = None) -> list[
     if not 0 <= edges <= n - 1:
         raise ValueError(f"need 0 <= steps - 1 <= {n - 1} (candidate levels - 1), got "
                          f"{edges}")
+    if edges == 0:
+        return [0]  # the path is its start alone
     value = torch.full((n,), math.inf, dtype=torch.float64)
     value[0] = 0.0
     back = []
