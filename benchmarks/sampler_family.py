@@ -11,9 +11,10 @@ mixture seen through one random rotation Q, so covariance Q diag(s_k^2) Q^T), un
 the schedules linear, cosine, scaled_linear (DDPM, T = 1000), vpsde and EDM's VE sigma range
 (0.002..80). Problems with even index (seed B + i, B = ``--seed-base``, default 1000) are FIT
 problems, odd ones HELD-OUT; nothing fitted ever sees a held-out problem's reference or noise.
-``--seed-base 10000`` draws a fresh family (the samplers, grids and optimiser were tuned on
+``--seed-base 12000`` draws a fresh family (the samplers, grids and optimiser were tuned on
 seeds 1000..1023; the ranges 2000 to 8000 were each fresh once and have been looked at since;
-9000 served a smoke run).
+9000 served a smoke run; 10000 and 11000 ran once, fresh, with the Gaussian head and
+DPM-Solver-v3 candidates).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
@@ -28,7 +29,13 @@ float64 ones by ~1e-4 relative in sigma. difflab grids:
 - ays: ``optimize_schedule`` on the held-out problem's denoiser and fresh data draws (no
   reference, no evaluation noise);
 - family: ``grid_family`` with (rho, warp) fitted per sampler and NFE on the FIT problems
-  (``fit_grid_family``), applied unchanged to the held-out ones.
+  (``fit_grid_family``), applied unchanged to the held-out ones;
+- head: the ays grid from sigma~_skip = ``skip_level`` of the same fresh draws' moments down,
+  behind t_max, with the model behind a ``GaussianHead`` (levels above sigma~_skip answered by
+  the data Gaussian at no evaluation), where sigma~_skip < sigma~_max / 2.
+
+``dpm_solver_v3, ems`` runs DPM-Solver-v3 on empirical model statistics estimated per held-out
+problem from EMS_DRAWS other fresh data draws (``problem_statistics``).
 """
 
 from __future__ import annotations
@@ -227,24 +234,32 @@ def diffusers_errors(problem, z, ref) -> dict[str, dict[int, float]]:
     abar = 1 / (1 + problem.sigmas**2)
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     model = TableModel(problem)
-    out = {}
+    out, halves = {}, {}
     for label, (cls, cfg) in diffusers_schedulers().items():
         cfg = {**cfg, "trained_betas": betas.tolist()}
-        out[label] = {}
+        out[label], halves[label] = {}, {}
         for m in NFES:
             try:
                 x, _ = run_diffusers(cls, cfg, model, z, m)
             except (IndexError, ValueError, RuntimeError):  # e.g. Karras sigmas that repeat
                 FAILED.append(f"{label} at {m} NFE on {problem.name}")
-                out[label][m] = math.inf
+                out[label][m], halves[label][m] = math.inf, [math.inf, math.inf]
                 continue
             out[label][m] = rms(x.to(torch.float64), ref)
-    return out
+            halves[label][m] = rms_halves(x.to(torch.float64), ref)
+    return out, halves
 
 
 def rms(a, b) -> float:
     e = float((a - b).pow(2).mean().sqrt())
     return e if math.isfinite(e) else math.inf
+
+
+def rms_halves(a, b) -> list[float]:
+    """The RMS error over the first and over the second half of the draws (``crossfit``
+    selects a configuration on one half and scores it on the other)."""
+    h = len(a) // 2
+    return [rms(a[:h], b[:h]), rms(a[h:], b[h:])]
 
 
 def steps_for(nfe: int, k: int, label: str = "") -> int:
@@ -263,14 +278,15 @@ def problem_statistics(problem: Problem, seed: int):
 
 
 def difflab_errors(problem, x_T, ref, grids, statistics=None,
-                   head=None) -> dict[str, dict[int, float]]:
-    """{"label [grid]": {nfe: rms}} for every CANDIDATES sampler on every grid in ``grids``
+                   head=None) -> tuple[dict[str, dict[int, float]], dict]:
+    """({"label [grid]": {nfe: rms}}, the same with ``rms_halves``) for every CANDIDATES
+    sampler on every grid in ``grids``
     ({grid name: fn(label, k, nfe) -> ts or None}). A ``noisy_end`` sampler runs on the
     default grid only, its last time (t_min) moved to the table's first level; the option
     ``statistics=EMS`` becomes ``statistics`` (``problem_statistics``). On the grid "head"
     the model is ``head(model)`` (a ``GaussianHead``: its levels above sigma~_skip cost no
     evaluation); the EMS candidates do not run there."""
-    out = {}
+    out, halves = {}, {}
     for label, fn, opts, _spacing, k in CANDIDATES:
         if opts.get("statistics") == EMS:
             opts = {**opts, "statistics": statistics}
@@ -279,7 +295,7 @@ def difflab_errors(problem, x_T, ref, grids, statistics=None,
                 continue
             if gname == "head" and "statistics" in opts:
                 continue
-            row = {}
+            row, half = {}, {}
             for m in NFES:
                 ts = make(label, k, m)
                 if ts is None:
@@ -289,10 +305,12 @@ def difflab_errors(problem, x_T, ref, grids, statistics=None,
                 counted = CountingDenoiser(problem.data)
                 model = head(counted) if gname == "head" else counted
                 x = fn(model, x_T, ts, torch.Generator().manual_seed(0), **opts)
-                row[m] = rms(x, ref) if counted.nfe <= m else math.inf
+                ok = counted.nfe <= m
+                row[m] = rms(x, ref) if ok else math.inf
+                half[m] = rms_halves(x, ref) if ok else [math.inf, math.inf]
             if row:
-                out[f"{label} [{gname}]"] = row
-    return out
+                out[f"{label} [{gname}]"], halves[f"{label} [{gname}]"] = row, half
+    return out, halves
 
 
 def sigma_min(problem: Problem) -> float:
@@ -364,9 +382,11 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
         grids["head"] = lambda label, k, m: torch.cat(
             [t_max, head_ays[AYS_ORDER.get(label, 2)][steps_for(m, k, label)]])
     stats = problem_statistics(problem, 10_000 + seed)
-    return {"difflab": difflab_errors(problem, x_T, ref, grids, stats,
-                                      lambda model: GaussianHead(model, moments, s_skip)),
-            "diffusers": diffusers_errors(problem, vp_state(problem, x_T), ref)}
+    ours, our_halves = difflab_errors(problem, x_T, ref, grids, stats,
+                                      lambda model: GaussianHead(model, moments, s_skip))
+    theirs, their_halves = diffusers_errors(problem, vp_state(problem, x_T), ref)
+    return {"difflab": ours, "diffusers": theirs,
+            "difflab_halves": our_halves, "diffusers_halves": their_halves}
 
 
 def quiet_diffusers() -> None:
