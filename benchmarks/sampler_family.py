@@ -435,11 +435,22 @@ def main() -> None:
     text = report(results, held, families, args, seconds)
     print(text)
     if args.save:
-        args.save.write_text(json.dumps({"problems": [p.name for p in held], "results": results,
+        args.save.write_text(json.dumps({"problems": [p.name for p in held],
+                                         "results": rounded(results),
                                          "families": [[*k, *v] for k, v in families.items()],
                                          "seconds": seconds, "failed": FAILED,
                                          "seed_base": args.seed_base}))
     publish(args, text)
+
+
+def rounded(v):
+    """``v`` (nested dicts and lists of floats) with every float to 7 significant digits: the
+    saved errors, far finer than any ratio the tables print, in half the space."""
+    if isinstance(v, dict):
+        return {k: rounded(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [rounded(x) for x in v]
+    return float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v
 
 
 def report_saved(args) -> None:
