@@ -185,6 +185,13 @@ def test_moments_round_trip_and_bad_files(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="bad.safetensors"):
         GaussianMoments.load(bad)
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"mean": torch.zeros(2, dtype=F64), "eigvals": torch.ones(3, dtype=F64)},
+              str(wrong))
+    with pytest.raises(ValueError, match="wrong.safetensors: eigvals"):
+        GaussianMoments.load(wrong)
 
 
 def test_invalid_inputs():
@@ -198,6 +205,8 @@ def test_invalid_inputs():
         skip_level(m, 0.0)
     with pytest.raises(ValueError, match="draws"):
         data_moments(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        data_moments(torch.tensor([[0.0, 1.0], [float("nan"), 2.0]]))
     with pytest.raises(ValueError, match="alpha > 0"):
         teleport(make_process("linear", zero_terminal_snr=True), torch.zeros(1, 2, dtype=F64),
                  500.0, 1000.0, m)
@@ -242,7 +251,9 @@ def test_difflab_moments_then_sample_with_gaussian_head(tmp_path):
     assert np.isfinite(head).all() and not np.array_equal(head, plain)
     other = tmp_path / "other.safetensors"
     GaussianMoments(torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)).save(other)
-    for bad in (tmp_path / "none.safetensors", other):
+    for bad, extra in ((tmp_path / "none.safetensors", []), (other, []),
+                       (path, ["--skip-factor", "0"])):
         assert main(["sample", "--checkpoint", str(run), "--n", "2", "--steps", "4",
                      "--gaussian-head", str(bad), "--out", str(tmp_path / "x.png"),
-                     "--no-progress"]) == 2
+                     "--no-progress", *extra]) == 2
+    assert not (tmp_path / "x.png").exists()

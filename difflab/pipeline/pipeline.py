@@ -398,6 +398,8 @@ class Pipeline:
                       skip_factor: float, cond: Conditions) -> DenoiserFn:
         """``den`` behind a :class:`~difflab.samplers.teleport.GaussianHead` of ``moments``
         (a file is loaded and its shape checked) at ``skip_level(moments, skip_factor)``."""
+        if not skip_factor > 0:
+            raise ValueError(f"skip_factor (--skip-factor) must be > 0, got {skip_factor}")
         if cond.cond is not None:
             raise ValueError("--gaussian-head: the moments describe the unconditional data; "
                              "this model samples with classes or prompts")

@@ -93,7 +93,10 @@ class GaussianMoments:
             raise ValueError(f"cannot read Gaussian moments from {path}: {err}") from err
         if "mean" not in t or "eigvals" not in t:
             raise ValueError(f"{path} holds no Gaussian moments (need 'mean' and 'eigvals')")
-        return cls(t["mean"], t["eigvals"], t.get("eigvecs"))
+        try:
+            return cls(t["mean"], t["eigvals"], t.get("eigvecs"))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
 
 def data_moments(data: Tensor, full: bool | None = None) -> GaussianMoments:
@@ -104,6 +107,8 @@ def data_moments(data: Tensor, full: bool | None = None) -> GaussianMoments:
         raise ValueError(f"data_moments needs [n >= 2, ...] draws, got shape "
                          f"{tuple(data.shape)}")
     x = data.detach().to(torch.float64).flatten(1)
+    if not bool(x.isfinite().all()):
+        raise ValueError("data_moments: the draws hold NaN or infinite values")
     mean = x.mean(0)
     full = x.shape[1] <= FULL_MAX if full is None else full
     if not full:
