@@ -126,6 +126,14 @@ def skip_level(moments: GaussianMoments, factor: float = 32.0) -> float:
     return factor * moments.scale
 
 
+def _basis(moments: GaussianMoments, r: Tensor, back: bool = False) -> Tensor:
+    """Rows r [B, D] in C's eigenbasis (``back``: from it); the identity for a diagonal C."""
+    if moments.eigvecs is None:
+        return r
+    vec = moments.eigvecs.to(r.device)
+    return r @ (vec.T if back else vec)
+
+
 def teleport(process, x: Tensor, t_from: float | Tensor, t_to: float | Tensor,
              moments: GaussianMoments) -> Tensor:
     """x at ``t_to`` from x at ``t_from`` along the PF-ODE of N(mean, C) (module docstring),
@@ -137,14 +145,9 @@ def teleport(process, x: Tensor, t_from: float | Tensor, t_to: float | Tensor,
         raise ValueError("teleport must end at a time with alpha > 0")
     lam = moments.eigvals.to(x.device)
     mu = moments.mean.to(x.device, torch.float64).flatten()
-    vec = None if moments.eigvecs is None else moments.eigvecs.to(x.device)
-    r = x.to(torch.float64).flatten(1) - a0 * mu
-    if vec is not None:
-        r = r @ vec
-    r = r * ((lam + (s1 / a1) ** 2) / (a0 * a0 * lam + s0 * s0)).sqrt()
-    if vec is not None:
-        r = r @ vec.T
-    return (a1 * (mu + r)).reshape(x.shape).to(x.dtype)
+    w = _basis(moments, x.to(torch.float64).flatten(1) - a0 * mu)
+    w = w * ((lam + (s1 / a1) ** 2) / (a0 * a0 * lam + s0 * s0)).sqrt()
+    return (a1 * (mu + _basis(moments, w, back=True))).reshape(x.shape).to(x.dtype)
 
 
 class GaussianDenoiser:
@@ -157,26 +160,20 @@ class GaussianDenoiser:
 
     def __call__(self, x: Tensor, t, cond: Any = None) -> Prediction:
         m = self.moments
-        a, s = (expand_like(v, x[:, :1].flatten(1)) for v in self.process.alpha_sigma(
+        a, s = (v.reshape(-1, 1) for v in self.process.alpha_sigma(
             as_time(t, x).expand(x.shape[0])))
         mu = m.mean.to(x.device, torch.float64).flatten()
         lam = m.eigvals.to(x.device)
-        vec = None if m.eigvecs is None else m.eigvecs.to(x.device)
-        w = x.to(torch.float64).flatten(1) - a * mu
-        if vec is not None:
-            w = w @ vec
-        w = w / (a * a * lam + s * s)
-        x0, eps = a * lam * w, s * w
-        if vec is not None:
-            x0, eps = x0 @ vec.T, eps @ vec.T
-        return Prediction(x0=(mu + x0).reshape(x.shape).to(x.dtype),
-                          eps=eps.reshape(x.shape).to(x.dtype))
+        w = _basis(m, x.to(torch.float64).flatten(1) - a * mu) / (a * a * lam + s * s)
+        x0 = mu + _basis(m, a * lam * w, back=True)
+        eps = _basis(m, s * w, back=True)
+        return Prediction(x0=x0.reshape(x.shape).to(x.dtype), eps=eps.reshape(x.shape).to(x.dtype))
 
 
 class GaussianHead:
-    """``denoiser`` below the noise level ``sigma_skip`` (sigma~ = sigma / alpha) and the data
-    Gaussian's exact denoiser (``GaussianDenoiser``) at and above it, where the two agree to
-    about (lambda_max / sigma~^2)^2 (module docstring). A sampler on any grid then spends no
+    """``denoiser`` at and below the noise level ``sigma_skip`` (sigma~ = sigma / alpha) and
+    the data Gaussian's exact denoiser (``GaussianDenoiser``) above it, where the two differ by
+    terms of order kappa_3 / sigma~^2 (module docstring). A sampler on any grid then spends no
     model evaluation on its levels above ``sigma_skip`` and keeps them as history (a
     multistep method's first steps use them), so ``CountingDenoiser(denoiser)`` inside it
     counts only the model's evaluations. Any sampler works with it unchanged."""
