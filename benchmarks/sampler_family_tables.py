@@ -52,11 +52,12 @@ def bootstrap_median(r: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[
     return float(np.quantile(med, 0.05)), float(np.quantile(med, 0.95))
 
 
-def ratio_rows(results, keep, title) -> list[str]:
+def goal_rows(ratios, title: str) -> list[str]:
+    """The goal table: per NFE, the median (with its bootstrap interval) and the worst of the
+    per-problem ratios ``ratios(m)``."""
     rows = []
     for m in NFES:
-        r = np.array([best(res["difflab"], m, keep) / best(res["diffusers"], m)
-                      for res in results])
+        r = ratios(m)
         lo, hi = bootstrap_median(r)
         med, worst = float(np.median(r)), float(r.max())
         ok = "yes" if med <= 0.5 and worst <= 0.8 else "**no**"
@@ -64,6 +65,12 @@ def ratio_rows(results, keep, title) -> list[str]:
     head = (f"| NFE | median ratio ({title}) | bootstrap 90% of median | worst problem | "
             "goal (median <= 0.5, worst <= 0.8) |\n|---|---|---|---|---|")
     return [head, *rows]
+
+
+def ratio_rows(results, keep, title) -> list[str]:
+    return goal_rows(lambda m: np.array([best(res["difflab"], m, keep)
+                                         / best(res["diffusers"], m) for res in results]),
+                     title)
 
 
 def crossfit_ratios(results, m: int) -> np.ndarray:
@@ -89,16 +96,7 @@ def crossfit_rows(results) -> list[str]:
     """The goal table with ``crossfit_ratios`` (empty for runs saved without halves)."""
     if not has_halves(results):
         return []
-    rows = []
-    for m in NFES:
-        r = crossfit_ratios(results, m)
-        lo, hi = bootstrap_median(r)
-        med, worst = float(np.median(r)), float(r.max())
-        ok = "yes" if med <= 0.5 and worst <= 0.8 else "**no**"
-        rows.append(f"| {m} | {med:.2f} | {lo:.2f}-{hi:.2f} | {worst:.2f} | {ok} |")
-    head = ("| NFE | median ratio (selected on the other half) | bootstrap 90% of median | "
-            "worst problem | goal (median <= 0.5, worst <= 0.8) |\n|---|---|---|---|---|")
-    return [head, *rows]
+    return goal_rows(lambda m: crossfit_ratios(results, m), "selected on the other half")
 
 
 def off_grid(theirs: str, nfe: int) -> bool:

@@ -49,7 +49,7 @@ def run_ems_stats(args: argparse.Namespace) -> int:
     out = output_beside_run(args, "ems.safetensors")
     check_outputs(args, out=out)
     t0 = time.perf_counter()
-    _pipe, den, x0, device = draw_model_samples(args, "ems-stats")
+    den, x0, device = draw_model_samples(args, "ems-stats")
     g = torch.Generator().manual_seed(args.seed + args.draws)
     stats = ems_statistics(den, x0.to(device), ems_lambdas(den.process, args.knots),
                            generator=g, fd_step=args.fd_step, shared=args.shared,

@@ -48,9 +48,9 @@ def check_model_draw_options(args: argparse.Namespace) -> None:
 
 
 def draw_model_samples(args: argparse.Namespace, command: str
-                       ) -> tuple[Pipeline, DenoiserFn, torch.Tensor, torch.device]:
-    """(pipeline, its unguided unclipped denoiser, ``--draws`` samples [n, *sample_shape]
-    from seeds --seed.., device); text models are refused (``command`` names the caller)."""
+                       ) -> tuple[DenoiserFn, torch.Tensor, torch.device]:
+    """(the model's unguided unclipped denoiser, ``--draws`` samples [n, *sample_shape] from
+    seeds --seed.., device); text models are refused (``command`` names the caller)."""
     device = pick_device(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
                                     ema=False if args.no_ema else None)
@@ -62,4 +62,4 @@ def draw_model_samples(args: argparse.Namespace, command: str
     x0 = generate(den, get_sampler(args.sampler), pipe.sample_shape, list(seeds),
                   steps=args.sample_steps, batch_size=args.batch_size, device=device,
                   progress=False)
-    return pipe, den, x0, device
+    return den, x0, device

@@ -46,7 +46,7 @@ def run_moments(args: argparse.Namespace) -> int:
     out = output_beside_run(args, "moments.safetensors")
     check_outputs(args, out=out)
     t0 = time.perf_counter()
-    _pipe, _den, x0, _device = draw_model_samples(args, "moments")
+    _den, x0, _device = draw_model_samples(args, "moments")
     moments = data_moments(x0, full=x0[0].numel() <= args.full_max)
     moments.save(out)
     kind = "full covariance" if moments.eigvecs is not None else "per-entry variances"
