@@ -4,11 +4,15 @@ The fit follows ``difflab.samplers.optimize``: draw a pool of starting noises, k
 sensitive ones and a weighted sample of the others (``stratified_draws``), solve the model's
 own probability-flow ODE from them accurately (``reference_solution``), then refine the
 default grid and the best three-piece grid by Nelder-Mead and keep the better
-(``fit_grid``). Then the held-out check: the fitted and the default grid are run on fresh
-validation draws from another seed (``--validation-seed``, default ``--seed`` + 1), never seen
-by the fit, and a fitted grid less accurate there than the default is refused (exit status 2,
-one line with both errors, nothing written): a grid that overfits its training draws is
-worse than no fit. ``difflab sample --grid`` reads the result.
+(``fit_grid``). ``--method ays`` instead minimises the Align-Your-Steps error bound of the
+model's probability-flow ODE (``optimize_schedule``, bound of the sampler's order,
+``schedule_order``): no reference solutions and nothing fitted to draws, so it cannot overfit
+them; its data variance comes from the model's own samples. Then the held-out check: the
+fitted and the default grid are run on fresh validation draws from another seed
+(``--validation-seed``, default ``--seed`` + 1), never seen by the fit, and a fitted grid
+less accurate there than the default is refused (exit status 2, one line with both errors,
+nothing written): a grid that overfits its training draws is worse than no fit.
+``difflab sample --grid`` reads the result.
 
 Beside the JSON goes a PNG of the validation RMS error against the number of network
 evaluations (NFE), log-log, for the default and the fitted grid: one point each for this fit,
@@ -27,7 +31,15 @@ import torch
 
 from ..io import LoadError, read_json
 from ..pipeline import Pipeline
-from ..samplers import ODE_SAMPLERS, get_sampler, save_time_grid, time_grid
+from ..samplers import (
+    ODE_SAMPLERS,
+    dpmpp_3m,
+    get_sampler,
+    optimize_schedule,
+    save_time_grid,
+    schedule_order,
+    time_grid,
+)
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
 from .outputs import add_overwrite_option, check_outputs
@@ -52,6 +64,14 @@ def add_fit_grid_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="output JSON (default: RUN/grids/SAMPLER_STEPS.json beside the run)")
     add_overwrite_option(p)
+    p.add_argument("--method", default="fit", choices=("fit", "ays"),
+                   help="fit: refine the grid on the model's own ODE solutions (Nelder-Mead); "
+                        "ays: minimise the Align-Your-Steps error bound of the model's "
+                        "probability-flow ODE (no references, nothing fitted to draws)")
+    p.add_argument("--order", type=int, default=None,
+                   help="ays: the order of the bound (default: the sampler's, at most 3)")
+    p.add_argument("--trajectories", type=int, default=64,
+                   help="ays: probability-flow ODE trajectories the bound averages over")
     p.add_argument("--pool", type=int, default=512, help="noise draws ranked for sensitivity")
     p.add_argument("--hard", type=int, default=48, help="most sensitive draws kept")
     p.add_argument("--easy", type=int, default=48, help="other draws kept (weighted)")
@@ -86,36 +106,47 @@ class _FixedLabel:
         return self.inner(x, t, y)
 
 
+#: the curve of each --method in the error-against-NFE plot
+FITTED = {"fit": "fitted grid", "ays": "AYS grid"}
+
+
 def error_curves(out: Path) -> dict[str, tuple[list[float], list[float]]]:
     """Validation RMS against NFE of the default and the fitted grids saved in ``out``'s
     folder that were fitted like ``out`` (sampler, its options, class, guidance, clipping,
-    checkpoint); ``out`` itself included."""
+    checkpoint, method); ``out`` itself included."""
     this = read_json(out)
     same = ("sampler", "sampler_options", "label", "guidance", "clip", "checkpoint")
+    method = this.get("method", "fit")
     curves: dict[str, tuple[list[float], list[float]]] = {"default grid": ([], []),
-                                                          "fitted grid": ([], [])}
+                                                          FITTED[method]: ([], [])}
     for path in sorted(out.parent.glob("*.json")):
         try:
             grid = read_json(path)
         except LoadError:
             continue
         if not isinstance(grid, dict) or "nfe" not in grid or any(
-                grid.get(k) != this.get(k) for k in same):
+                grid.get(k) != this.get(k) for k in same) or grid.get("method",
+                                                                       "fit") != method:
             continue
         for name, key in (("default grid", "default_validation_rms"),
-                          ("fitted grid", "validation_rms")):
+                          (FITTED[method], "validation_rms")):
             curves[name][0].append(float(grid["nfe"]))
             curves[name][1].append(float(grid[key]))
     return curves
 
 
-def check_held_out(fitted: float, default: float, n: int) -> None:
+#: what to try when a grid of each --method is refused
+RETRY = {"fit": "fit on more draws, --pool/--hard/--easy",
+         "ays": "another --order or more --trajectories"}
+
+
+def check_held_out(fitted: float, default: float, n: int, method: str = "fit") -> None:
     """Refuse a fitted grid whose validation RMS ``fitted`` is above the default grid's
     ``default`` on ``n`` held-out draws: a one-line ValueError with both errors."""
     if not fitted <= default:
-        raise ValueError(f"the fitted grid is worse than the default on {n} held-out "
+        raise ValueError(f"the {FITTED[method]} is worse than the default on {n} held-out "
                          f"validation draws (RMS {fitted:.4e} vs {default:.4e}); not saved "
-                         "(fit on more draws, --pool/--hard/--easy, or keep the default grid)")
+                         f"(try {RETRY[method]}, or keep the default grid)")
 
 
 def run_fit_grid(args: argparse.Namespace) -> int:
@@ -129,6 +160,10 @@ def run_fit_grid(args: argparse.Namespace) -> int:
         raise ValueError(f"--tol must be > 0, got {args.tol}")
     if args.evals < 0:
         raise ValueError(f"--evals must be at least 0, got {args.evals}")
+    if args.order is not None and args.order < 1:
+        raise ValueError(f"--order must be at least 1, got {args.order}")
+    if args.trajectories < 2:
+        raise ValueError(f"--trajectories must be at least 2, got {args.trajectories}")
     out = Path(args.out) if args.out else (
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
         Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
@@ -161,34 +196,48 @@ def run_fit_grid(args: argparse.Namespace) -> int:
         return (torch.randn((n, *shape), generator=gen) * sigma_max).to(device)
 
     t0 = time.perf_counter()
-    x, w = stratified_draws(den, noise(args.pool, g), args.hard, args.easy, g)
-    ref = reference_solution(den, x, args.tol)
     x_val = noise(args.validation, g_val)
     ref_val = reference_solution(den, x_val, args.tol)
-    print(f"references: {len(x)} training + {len(x_val)} validation draws "
-          f"({time.perf_counter() - t0:.0f} s)")
-    ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
     default = time_grid(process, args.steps)
+    if args.method == "ays":
+        order = args.order or schedule_order(args.sampler, options)
+        # the bound needs the data's variance only: the model's own samples (25 DPM-Solver++
+        # 3M steps), then the trajectories of the bound from fresh noise of the same seed
+        data = dpmpp_3m(den, noise(args.trajectories, g), time_grid(process, 25))
+        ts = optimize_schedule(den, data, args.steps, order=order, free_end=True, generator=g)
+        print(f"AYS bound of order {order} on {args.trajectories} trajectories "
+              f"({time.perf_counter() - t0:.0f} s)")
+        train = [None, None]
+        extra = {"method": "ays", "order": order, "trajectories": args.trajectories}
+    else:
+        x, w = stratified_draws(den, noise(args.pool, g), args.hard, args.easy, g)
+        ref = reference_solution(den, x, args.tol)
+        print(f"references: {len(x)} training + {len(x_val)} validation draws "
+              f"({time.perf_counter() - t0:.0f} s)")
+        ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
+        train = [weighted_rms(sampler(den, x, default), ref, w), fitted_train]
+        extra = {}
     calls = den.calls
-    rows = [("fitted", fitted_train, weighted_rms(sampler(den, x_val, ts), ref_val))]
+    fitted_val = weighted_rms(sampler(den, x_val, ts), ref_val)
     nfe = den.calls - calls  # of one sampling run on the grid (batched)
-    rows.insert(0, ("default", weighted_rms(sampler(den, x, default), ref, w),
-                    weighted_rms(sampler(den, x_val, default), ref_val)))
+    rows = [("default", train[0], weighted_rms(sampler(den, x_val, default), ref_val)),
+            ("fitted" if args.method == "fit" else "ays", train[1], fitted_val)]
     den.close()
     print("| grid | training RMS (weighted) | validation RMS |\n|---|---|---|")
     for name, tr, va in rows:
-        print(f"| {name} | {tr:.4e} | {va:.4e} |")
-    check_held_out(rows[1][2], rows[0][2], len(x_val))
+        print(f"| {name} | {'-' if tr is None else f'{tr:.4e}'} | {va:.4e} |")
+    check_held_out(rows[1][2], rows[0][2], len(x_val), args.method)
     save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
         args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
         train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
         nfe=nfe, validation_seed=args.seed + 1 if args.validation_seed is None
-        else args.validation_seed, **({"sampler_options": options} if options else {}))
+        else args.validation_seed, **extra,
+        **({"sampler_options": options} if options else {}))
     curves = error_curves(out)
     plot_error_vs_nfe(curves, plot, f"{args.sampler} grids of {args.checkpoint}",
                       "validation RMS to the ODE solution")
-    print(f"wrote {plot} (error against NFE, {len(curves['fitted grid'][0])} grid(s) of "
-          f"{out.parent})")
+    print(f"wrote {plot} (error against NFE, {len(curves[FITTED[args.method]][0])} grid(s) "
+          f"of {out.parent})")
     opts = "".join(f" --sampler-opt {k}={v}" for k, v in options.items())
     print(f"times: {[round(float(t), 2) for t in ts]}\nwrote {out}  (use: difflab sample "
           f"--checkpoint {args.checkpoint} --sampler {args.sampler}{opts} --grid {out})")

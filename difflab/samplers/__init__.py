@@ -96,6 +96,33 @@ def sampler_options(name: str) -> dict[str, SamplerOption]:
     return dict(declared_options(get_sampler(name)))
 
 
+#: the local order of each fixed-grid ODE sampler's steps, where no ``order`` option sets it;
+#: UniPC's corrected steps are one above their predictor's ``order``
+_FIXED_ORDERS = {"ddim": 1, "euler": 1, "euler_ode": 1, "heun": 2, "plms": 4, "dpmpp_2m": 2,
+                 "dpmpp_3m": 3}
+#: ``schedule_order``'s cap: the bound of order 3 is the highest that ``optimize_schedule``
+#: grids carry to unseen problems (``benchmarks/sampler_family.py``, docs/samplers.md)
+MAX_SCHEDULE_ORDER = 3
+
+
+def schedule_order(name: str, options: Mapping[str, Any] | None = None,
+                   cap: int = MAX_SCHEDULE_ORDER) -> int:
+    """The ``order`` to give ``optimize_schedule`` for a grid of the fixed-grid ODE sampler
+    ``name`` with ``options``: the order of its steps (1 for DDIM and the Euler methods, 2 for
+    Heun and DPM-Solver++ 2M, the ``order`` option of lms and dpm_solver, one above it for
+    UniPC's corrected steps, 4 for plms), at most ``cap``."""
+    opts = check_sampler_options(name, options or {})
+    if name in _FIXED_ORDERS:
+        order = _FIXED_ORDERS[name]
+    elif name in ("lms", "dpm_solver", "unipc_bh1", "unipc_bh2"):
+        declared = sampler_options(name)["order"].default
+        order = opts.get("order", declared) + name.startswith("unipc")
+    else:
+        raise ValueError(f"{name!r} has no fixed-grid order; schedule_order takes "
+                         f"{', '.join(s for s in ODE_SAMPLERS if s != 'rk45')}")
+    return max(1, min(order, cap))
+
+
 def check_sampler_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` validated for sampler ``name`` and converted to the declared types; a
     ValueError naming the sampler and the options it takes for one it does not take, e.g.
@@ -123,7 +150,8 @@ __all__ = ["SAMPLERS", "SPACINGS", "CountingDenoiser", "StepInfo", "annealed_lan
            "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_sde", "euler", "euler_maruyama",
            "euler_ode",
            "get_sampler", "heun", "lms", "load_time_grid", "optimize_grid", "pc", "plms",
-           "reference_solution", "rk45", "save_time_grid", "stratified_draws", "time_grid",
+           "reference_solution", "rk45", "save_time_grid", "schedule_order",
+           "stratified_draws", "time_grid",
            "unipc", "unipc_bh1", "unipc_bh2"]
 __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid",
             "three_piece_grid", "ddgan", "renoise"]

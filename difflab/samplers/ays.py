@@ -81,11 +81,12 @@ def _gram(denoiser: DenoiserFn, data: Tensor, sig: Tensor, generator: torch.Gene
     gram = torch.zeros(len(sig), len(sig), dtype=torch.float64)
     for start in range(0, len(data), chunk):
         x0 = data[start:start + chunk].to(torch.float64)
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        # drawn on the CPU (the generator's device) whatever the model's: the same draws
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
         outs = [getattr(denoiser(alphas[j] * (x0 + sig[j] * eps), ts[j]), field).flatten(1)
                 for j in range(len(sig))]
         d = torch.stack(outs).flatten(1)                     # [J, chunk * dim]
-        gram += d @ d.T
+        gram += (d @ d.T).cpu()
     return gram / len(data)
 
 
@@ -101,7 +102,8 @@ def _gram_ode(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
     gram = torch.zeros(len(sig), len(sig), dtype=torch.float64)
     for start in range(0, len(data), chunk):
         shape = data[start:start + chunk].shape
-        y = sig[0] * torch.randn(shape, generator=generator, dtype=torch.float64)
+        y = sig[0] * torch.randn(shape, generator=generator, dtype=torch.float64).to(
+            data.device)
         outs = []
         for j in range(len(sig)):
             eps = denoiser(alphas[j] * y, ts[j]).eps.to(torch.float64)
@@ -109,7 +111,7 @@ def _gram_ode(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
             if j + 1 < len(sig):
                 y = y + (sig[j + 1] - sig[j]) * eps
         d = torch.stack(outs).flatten(1)
-        gram += d @ d.T
+        gram += (d @ d.T).cpu()
     return gram / len(data)
 
 
@@ -272,7 +274,7 @@ def _bound_costs(denoiser: DenoiserFn, data: Tensor, sig: Tensor,
     gram = _gram_ode(denoiser, data, sig, generator, chunk)
     raw = interval_costs(gram, sig, 0)
     bound_sq = local_error_bounds(gram, sig, cauchy_schwarz)
-    var = data.to(torch.float64).flatten(1).var(0).mean() if len(data) > 1 else 1.0
+    var = float(data.to(torch.float64).flatten(1).var(0).mean()) if len(data) > 1 else 1.0
     cost = bound_sq * var / (var + sig[None, :] ** 2)
     if order > 1:
         h = (sig[:, None] / sig[None, :]).clamp(min=1).log()
