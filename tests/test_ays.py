@@ -208,15 +208,16 @@ def test_sigma_max_below_the_top_is_where_the_grid_starts():
 
 
 def test_schedule_order_is_the_samplers_order_capped():
-    """The bound's order per sampler: its steps' order (UniPC's corrected ones one above its
-    predictor's), options read, capped at MAX_SCHEDULE_ORDER; rk45 has no fixed grid."""
+    """The bound's order per sampler: its (predictor) steps' order, options read, capped at
+    MAX_SCHEDULE_ORDER; rk45 has no fixed grid."""
     from difflab.samplers import schedule_order
 
     assert [schedule_order(n) for n in ("ddim", "euler", "euler_ode", "heun", "dpmpp_2m")] \
         == [1, 1, 1, 2, 2]
     assert [schedule_order(n) for n in ("plms", "lms", "dpmpp_3m", "dpm_solver", "unipc_bh1",
-                                        "unipc_bh2")] == [3] * 6
-    assert schedule_order("unipc_bh2", {"order": 1}) == 2
+                                        "unipc_bh2")] == [3, 3, 3, 3, 3, 2]
+    assert schedule_order("unipc_bh2", {"order": 3}) == 3
+    assert schedule_order("unipc_bh1", {"order": 1}) == 1
     assert schedule_order("lms", {"order": 2}) == 2 and schedule_order("plms", cap=4) == 4
     with pytest.raises(ValueError, match="rk45"):
         schedule_order("rk45")

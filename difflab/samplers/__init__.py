@@ -96,27 +96,27 @@ def sampler_options(name: str) -> dict[str, SamplerOption]:
     return dict(declared_options(get_sampler(name)))
 
 
-#: the local order of each fixed-grid ODE sampler's steps, where no ``order`` option sets it;
-#: UniPC's corrected steps are one above their predictor's ``order``
+#: the local order of each fixed-grid ODE sampler's steps, where no ``order`` option sets it
 _FIXED_ORDERS = {"ddim": 1, "euler": 1, "euler_ode": 1, "heun": 2, "plms": 4, "dpmpp_2m": 2,
                  "dpmpp_3m": 3}
-#: ``schedule_order``'s cap: the bound of order 3 is the highest that ``optimize_schedule``
-#: grids carry to unseen problems (``benchmarks/sampler_family.py``, docs/samplers.md)
+#: ``schedule_order``'s cap (the measurements behind it and the rule: docs/samplers.md,
+#: "Schedules that generalise")
 MAX_SCHEDULE_ORDER = 3
 
 
 def schedule_order(name: str, options: Mapping[str, Any] | None = None,
                    cap: int = MAX_SCHEDULE_ORDER) -> int:
     """The ``order`` to give ``optimize_schedule`` for a grid of the fixed-grid ODE sampler
-    ``name`` with ``options``: the order of its steps (1 for DDIM and the Euler methods, 2 for
-    Heun and DPM-Solver++ 2M, the ``order`` option of lms and dpm_solver, one above it for
-    UniPC's corrected steps, 4 for plms), at most ``cap``."""
+    ``name`` with ``options``: the order of its (predictor) steps, at most ``cap``: 1 for DDIM
+    and the Euler methods, 2 for Heun and DPM-Solver++ 2M, 3 for DPM-Solver++ 3M, 4 for plms,
+    the ``order`` option of lms, dpm_solver and UniPC (whose corrector is not counted: on the
+    benchmark family UniPC bh2's grids of order 3 are worse than those of order 2)."""
     opts = check_sampler_options(name, options or {})
     if name in _FIXED_ORDERS:
         order = _FIXED_ORDERS[name]
     elif name in ("lms", "dpm_solver", "unipc_bh1", "unipc_bh2"):
         declared = sampler_options(name)["order"].default
-        order = opts.get("order", declared) + name.startswith("unipc")
+        order = opts.get("order", declared)
     else:
         raise ValueError(f"{name!r} has no fixed-grid order; schedule_order takes "
                          f"{', '.join(s for s in ODE_SAMPLERS if s != 'rk45')}")
