@@ -139,3 +139,23 @@ def test_fit_grid_ays_refusal_and_bad_options(exact_pipeline, tmp_path, capsys):
         assert main(["fit-grid", *ARGS, "--method", "ays", *bad, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and bad[0] in err[0]
+
+
+def test_error_curves_keep_ays_and_fitted_grids_apart(tmp_path):
+    """The error-against-NFE plot joins grids made the same way only: an AYS grid's curve
+    holds the AYS grids of the folder, a fitted grid's (older files have no "method") the
+    fitted ones."""
+    from difflab.samplers import save_time_grid
+
+    ts = time_grid(make_process("linear"), 4)
+    common = {"sampler": "plms", "checkpoint": "run", "label": None, "guidance": None,
+              "clip": True}
+    for name, method, nfe, err in (("a.json", "ays", 4, 0.1), ("b.json", "ays", 8, 0.05),
+                                   ("c.json", None, 6, 0.2)):
+        extra = {"method": method} if method else {}
+        save_time_grid(ts, tmp_path / name, **common, **extra, nfe=nfe, validation_rms=err,
+                       default_validation_rms=2 * err)
+    ays = cli.error_curves(tmp_path / "a.json")
+    assert set(ays) == {"default grid", "AYS grid"} and sorted(ays["AYS grid"][0]) == [4, 8]
+    fit = cli.error_curves(tmp_path / "c.json")
+    assert set(fit) == {"default grid", "fitted grid"} and fit["fitted grid"] == ([6.0], [0.2])
