@@ -164,6 +164,10 @@ def run_fit_grid(args: argparse.Namespace) -> int:
         raise ValueError(f"--order must be at least 1, got {args.order}")
     if args.trajectories < 2:
         raise ValueError(f"--trajectories must be at least 2, got {args.trajectories}")
+    if args.method == "fit" and not (0 <= args.hard < args.pool
+                                     and 0 < args.easy <= args.pool - args.hard):
+        raise ValueError(f"need 0 <= --hard < --pool and 0 < --easy <= --pool - --hard, got "
+                         f"--pool {args.pool}, --hard {args.hard}, --easy {args.easy}")
     out = Path(args.out) if args.out else (
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
         Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
