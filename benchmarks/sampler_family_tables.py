@@ -259,8 +259,8 @@ def compare_line(path: Path) -> str:
 README_INTRO = """\
 `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 12000 --save
 benchmarks/sampler_family.json`, then `--load benchmarks/sampler_family.json --compare
-benchmarks/sampler_family_13000.json benchmarks/sampler_family_2000.json ...
-benchmarks/sampler_family_11000.json --readme` (the
+benchmarks/sampler_family_13000.json ... benchmarks/sampler_family_15000.json
+benchmarks/sampler_family_2000.json ... benchmarks/sampler_family_11000.json --readme` (the
 script's docstring has the problem family). Ratios are RMS errors to the model's own PF-ODE
 solution, difflab over diffusers, per held-out problem; "best" is the best sampler and grid of
 each library per problem and NFE (diffusers: the schedulers of `benchmarks/samplers.py`, run on
@@ -276,8 +276,9 @@ candidates after the 2000, 5000, 7000 and 8000 failures). 10000..10023 and 11000
 fresh once, with those candidates; the grid "ays3" was added after the 11000 failure at 10 NFE.
 The run here draws seeds 12000..12023, never looked at before it ran once with the current
 candidates; 13000..13023, a second never-looked-at range, ran once beside it with the same
-code; the status lines of the earlier ranges, rerun with the same candidates, follow
-(`benchmarks/sampler_family_B.json`).
+code, and 14000..14023 and 15000..15023 once after them, with the same code and nothing
+changed in between; the status lines of those and of the earlier ranges, rerun with the same
+candidates, follow (`benchmarks/sampler_family_B.json`).
 Every error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the
 tables without running.
 
