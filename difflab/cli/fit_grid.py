@@ -149,7 +149,49 @@ def check_held_out(fitted: float, default: float, n: int, method: str = "fit") -
                          f"(try {RETRY[method]}, or keep the default grid)")
 
 
-def run_fit_grid(args: argparse.Namespace) -> int:
+def _load_denoiser(args: argparse.Namespace, device) -> tuple[ProgressDenoiser, tuple]:
+    """The model's denoiser as fit-grid runs it (guidance, clipping, one class, a progress
+    bar of its evaluations) and its sample shape; text models and bad --class refused."""
+    pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
+                                    ema=False if args.no_ema else None)
+    den = pipe.denoiser(guidance=args.guidance, clip=not args.no_clip)
+    if pipe.is_text:
+        raise ValueError("fit-grid fits unconditional and class-conditional models; this "
+                         "model takes prompts")
+    if args.label is not None:
+        n_classes = len(pipe.class_names)
+        if not 0 <= args.label < n_classes:
+            raise ValueError(f"--class must be in 0..{n_classes - 1} for this model"
+                             if n_classes else "--class needs a class-conditional model")
+        den = _FixedLabel(den, args.label)
+    return (ProgressDenoiser(den, desc="fit-grid", unit="NFE", disable=args.no_progress),
+            pipe.sample_shape)
+
+
+def _make_grid(args: argparse.Namespace, den, sampler, options: dict, noise, g, default):
+    """(grid, [default's, grid's] training RMS (None for AYS: no training draws), what the
+    JSON records of the method) by --method; ``noise(n)`` draws n starting states."""
+    t0 = time.perf_counter()
+    if args.method == "ays":
+        order = args.order or schedule_order(args.sampler, options)
+        # the bound needs the data's variance only: the model's own samples (25 DPM-Solver++
+        # 3M steps), then the trajectories of the bound from fresh noise of the same seed
+        data = dpmpp_3m(den, noise(args.trajectories), time_grid(den.process, 25))
+        ts = optimize_schedule(den, data, args.steps, order=order, free_end=True, generator=g)
+        print(f"AYS bound of order {order} on {args.trajectories} trajectories "
+              f"({time.perf_counter() - t0:.0f} s)")
+        return ts, [None, None], {"method": "ays", "order": order,
+                                  "trajectories": args.trajectories}
+    x, w = stratified_draws(den, noise(args.pool), args.hard, args.easy, g)
+    ref = reference_solution(den, x, args.tol)
+    print(f"references: {len(x)} training draws ({time.perf_counter() - t0:.0f} s; "
+          f"{args.validation} validation draws before them)")
+    ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
+    return ts, [weighted_rms(sampler(den, x, default), ref, w), fitted_train], {}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One-line errors for option values out of range, before anything loads."""
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2 to have a grid to fit, got {args.steps}")
     if args.guidance is not None and args.label is None:
@@ -168,6 +210,10 @@ def run_fit_grid(args: argparse.Namespace) -> int:
                                      and 0 < args.easy <= args.pool - args.hard):
         raise ValueError(f"need 0 <= --hard < --pool and 0 < --easy <= --pool - --hard, got "
                          f"--pool {args.pool}, --hard {args.hard}, --easy {args.easy}")
+
+
+def run_fit_grid(args: argparse.Namespace) -> int:
+    _check_args(args)
     out = Path(args.out) if args.out else (
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
         Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
@@ -175,20 +221,7 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     check_outputs(args, out=out, plot=plot)
     options = sampler_options_from_args(args)
     device = pick_device(args.device)
-    pipe = Pipeline.from_pretrained(args.checkpoint, device=device,
-                                    ema=False if args.no_ema else None)
-    den = pipe.denoiser(guidance=args.guidance, clip=not args.no_clip)
-    if pipe.is_text:
-        raise ValueError("fit-grid fits unconditional and class-conditional models; this "
-                         "model takes prompts")
-    if args.label is not None:
-        n_classes = len(pipe.class_names)
-        if not 0 <= args.label < n_classes:
-            raise ValueError(f"--class must be in 0..{n_classes - 1} for this model"
-                             if n_classes else "--class needs a class-conditional model")
-        den = _FixedLabel(den, args.label)
-    den = ProgressDenoiser(den, desc="fit-grid", unit="NFE", disable=args.no_progress)
-    shape = pipe.sample_shape
+    den, shape = _load_denoiser(args, device)
     process = den.process
     sampler = functools.partial(get_sampler(args.sampler), **options)
     g = torch.Generator().manual_seed(args.seed)
@@ -199,28 +232,11 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     def noise(n: int, gen: torch.Generator) -> torch.Tensor:
         return (torch.randn((n, *shape), generator=gen) * sigma_max).to(device)
 
-    t0 = time.perf_counter()
     x_val = noise(args.validation, g_val)
     ref_val = reference_solution(den, x_val, args.tol)
     default = time_grid(process, args.steps)
-    if args.method == "ays":
-        order = args.order or schedule_order(args.sampler, options)
-        # the bound needs the data's variance only: the model's own samples (25 DPM-Solver++
-        # 3M steps), then the trajectories of the bound from fresh noise of the same seed
-        data = dpmpp_3m(den, noise(args.trajectories, g), time_grid(process, 25))
-        ts = optimize_schedule(den, data, args.steps, order=order, free_end=True, generator=g)
-        print(f"AYS bound of order {order} on {args.trajectories} trajectories "
-              f"({time.perf_counter() - t0:.0f} s)")
-        train = [None, None]
-        extra = {"method": "ays", "order": order, "trajectories": args.trajectories}
-    else:
-        x, w = stratified_draws(den, noise(args.pool, g), args.hard, args.easy, g)
-        ref = reference_solution(den, x, args.tol)
-        print(f"references: {len(x)} training + {len(x_val)} validation draws "
-              f"({time.perf_counter() - t0:.0f} s)")
-        ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
-        train = [weighted_rms(sampler(den, x, default), ref, w), fitted_train]
-        extra = {}
+    ts, train, extra = _make_grid(args, den, sampler, options, lambda n: noise(n, g), g,
+                                  default)
     calls = den.calls
     fitted_val = weighted_rms(sampler(den, x_val, ts), ref_val)
     nfe = den.calls - calls  # of one sampling run on the grid (batched)
