@@ -19,9 +19,8 @@ from .model_draws import (
     add_model_draw_options,
     check_model_draw_options,
     draw_model_samples,
-    output_beside_run,
 )
-from .outputs import add_overwrite_option, check_outputs
+from .outputs import add_overwrite_option, check_outputs, output_beside_run
 
 
 def add_ems_stats_parser(sub: argparse._SubParsersAction) -> None:

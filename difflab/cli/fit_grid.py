@@ -42,7 +42,7 @@ from ..samplers import (
 )
 from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
 from ..training import pick_device
-from .outputs import add_overwrite_option, check_outputs
+from .outputs import add_overwrite_option, check_outputs, output_beside_run
 from .plot import plot_error_vs_nfe
 from .progress import ProgressDenoiser
 from .sampler_args import add_sampler_opt, sampler_options_from_args
@@ -114,8 +114,11 @@ def error_curves(out: Path) -> dict[str, tuple[list[float], list[float]]]:
     """Validation RMS against NFE of the default and the fitted grids saved in ``out``'s
     folder that were fitted like ``out`` (sampler, its options, class, guidance, clipping,
     checkpoint, method); ``out`` itself included."""
+    def made_as(grid: dict) -> tuple:
+        return (*(grid.get(k) for k in ("sampler", "sampler_options", "label", "guidance",
+                                       "clip", "checkpoint")), grid.get("method", "fit"))
+
     this = read_json(out)
-    same = ("sampler", "sampler_options", "label", "guidance", "clip", "checkpoint")
     method = this.get("method", "fit")
     curves: dict[str, tuple[list[float], list[float]]] = {"default grid": ([], []),
                                                           FITTED[method]: ([], [])}
@@ -124,9 +127,7 @@ def error_curves(out: Path) -> dict[str, tuple[list[float], list[float]]]:
             grid = read_json(path)
         except LoadError:
             continue
-        if not isinstance(grid, dict) or "nfe" not in grid or any(
-                grid.get(k) != this.get(k) for k in same) or grid.get("method",
-                                                                       "fit") != method:
+        if not isinstance(grid, dict) or "nfe" not in grid or made_as(grid) != made_as(this):
             continue
         for name, key in (("default grid", "default_validation_rms"),
                           (FITTED[method], "validation_rms")):
@@ -214,9 +215,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run_fit_grid(args: argparse.Namespace) -> int:
     _check_args(args)
-    out = Path(args.out) if args.out else (
-        Path(args.checkpoint) if Path(args.checkpoint).is_dir() else
-        Path(args.checkpoint).parent) / "grids" / f"{args.sampler}_{args.steps}.json"
+    out = output_beside_run(args, f"grids/{args.sampler}_{args.steps}.json")
     plot = out.with_suffix(".png")
     check_outputs(args, out=out, plot=plot)
     options = sampler_options_from_args(args)
@@ -225,8 +224,8 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     process = den.process
     sampler = functools.partial(get_sampler(args.sampler), **options)
     g = torch.Generator().manual_seed(args.seed)
-    g_val = torch.Generator().manual_seed(args.seed + 1 if args.validation_seed is None
-                                          else args.validation_seed)
+    val_seed = args.seed + 1 if args.validation_seed is None else args.validation_seed
+    g_val = torch.Generator().manual_seed(val_seed)
     sigma_max = float(process.sigma(process.t_max))
 
     def noise(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -250,8 +249,7 @@ def run_fit_grid(args: argparse.Namespace) -> int:
     save_time_grid(ts, out, sampler=args.sampler, steps=args.steps, checkpoint=str(
         args.checkpoint), label=args.label, guidance=args.guidance, clip=not args.no_clip,
         train_rms=rows[1][1], validation_rms=rows[1][2], default_validation_rms=rows[0][2],
-        nfe=nfe, validation_seed=args.seed + 1 if args.validation_seed is None
-        else args.validation_seed, **extra,
+        nfe=nfe, validation_seed=val_seed, **extra,
         **({"sampler_options": options} if options else {}))
     curves = error_curves(out)
     plot_error_vs_nfe(curves, plot, f"{args.sampler} grids of {args.checkpoint}",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -27,14 +26,6 @@ def add_model_draw_options(p: argparse.ArgumentParser, draws: int, per_draw: str
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use raw weights, not the EMA")
     p.add_argument("--device", default="auto")
-
-
-def output_beside_run(args: argparse.Namespace, name: str) -> Path:
-    """``--out``, or ``name`` in the run folder (beside a checkpoint file given instead)."""
-    if args.out:
-        return Path(args.out)
-    ckpt = Path(args.checkpoint)
-    return (ckpt if ckpt.is_dir() else ckpt.parent) / name
 
 
 def check_model_draw_options(args: argparse.Namespace) -> None:

@@ -18,6 +18,14 @@ def add_overwrite_option(p: argparse.ArgumentParser) -> None:
                         "output file is an error and nothing is written)")
 
 
+def output_beside_run(args: argparse.Namespace, name: str) -> Path:
+    """``--out``, or ``name`` in the run folder (beside a checkpoint file given instead)."""
+    if args.out:
+        return Path(args.out)
+    ckpt = Path(args.checkpoint)
+    return (ckpt if ckpt.is_dir() else ckpt.parent) / name
+
+
 def check_outputs(args: argparse.Namespace, **flags: str | Path | None) -> None:
     """Refuse each given output (``flag name -> path``; None: not asked for) that exists,
     unless ``--overwrite``: a ValueError naming the option and the file."""

@@ -403,9 +403,9 @@ class Pipeline:
         if cond.cond is not None:
             raise ValueError("--gaussian-head: the moments describe the unconditional data; "
                              "this model samples with classes or prompts")
-        source = str(moments) if isinstance(moments, str | Path) else "gaussian_head"
+        source = "gaussian_head"
         if isinstance(moments, str | Path):
-            moments = GaussianMoments.load(moments)
+            source, moments = str(moments), GaussianMoments.load(moments)
         if tuple(moments.mean.shape) != tuple(self.sample_shape):
             raise ValueError(f"{source}: moments of samples of shape "
                              f"{tuple(moments.mean.shape)}, but this model draws "

@@ -48,10 +48,14 @@ from ..process import Process
 from .grids import default_sigma_min
 
 
+def _sigma_top(process: Process) -> float:
+    """sigma~ at t_max."""
+    return math.exp(-0.5 * float(process.log_snr(process.t_max)))
+
+
 def _sigma_bounds(process: Process, sigma_min: float | None,
                   sigma_max: float | None) -> tuple[float, float]:
-    lam_max = float(process.log_snr(process.t_max))
-    s_hi = sigma_max if sigma_max is not None else math.exp(-0.5 * lam_max)
+    s_hi = sigma_max if sigma_max is not None else _sigma_top(process)
     s_lo = sigma_min if sigma_min is not None else default_sigma_min(process)
     if not (math.isfinite(s_hi) and 0 < s_lo < s_hi):
         raise ValueError(f"need 0 < sigma_min < sigma_max (sigma~ = sigma / alpha), got "
@@ -64,8 +68,7 @@ def levels_to_times(process: Process, sigmas: Tensor) -> Tensor:
     step returns clean data from the smallest level). A first level at sigma~(t_max) (to
     1e-6 relative) becomes t_max exactly; a lower one (``sigma_max=``) stays where it is."""
     ts = process.t_from_log_snr(-2 * sigmas.to(torch.float64).log())
-    s_top = math.exp(-0.5 * float(process.log_snr(process.t_max)))
-    if float(sigmas[0]) >= s_top * (1 - 1e-6):
+    if float(sigmas[0]) >= _sigma_top(process) * (1 - 1e-6):
         ts[0] = process.t_max
     t_end = torch.tensor([process.t_min], dtype=torch.float64)
     return torch.cat([ts, t_end])

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..io import LoadError, atomic_write, read_safetensors
 from ..parameterization import Prediction
 from ..process import as_time, expand_like
 
@@ -74,29 +75,24 @@ class GaussianMoments:
         return math.sqrt(float(self.eigvals.max()))
 
     def save(self, path: str | Path) -> Path:
+        """Write mean, eigvals (and eigvecs) as a safetensors file, atomically."""
         from safetensors.torch import save_file
 
         tensors = {"mean": self.mean.contiguous(), "eigvals": self.eigvals.contiguous()}
         if self.eigvecs is not None:
             tensors["eigvecs"] = self.eigvecs.contiguous()
-        save_file(tensors, str(path))
-        return Path(path)
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianMoments:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            t = load_file(str(path))
-        except (OSError, SafetensorError) as err:
-            raise ValueError(f"cannot read Gaussian moments from {path}: {err}") from err
+        """Read a file written by ``save``; a LoadError naming the file if it is not one."""
+        t = read_safetensors(path)
         if "mean" not in t or "eigvals" not in t:
-            raise ValueError(f"{path} holds no Gaussian moments (need 'mean' and 'eigvals')")
+            raise LoadError(f"{path} holds no Gaussian moments (need 'mean' and 'eigvals')")
         try:
             return cls(t["mean"], t["eigvals"], t.get("eigvecs"))
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
+            raise LoadError(f"{path}: {err}") from None
 
 
 def data_moments(data: Tensor, full: bool | None = None) -> GaussianMoments:
