@@ -1,5 +1,6 @@
-"""final_order=0: the local-Gaussian last step (``base.gaussian_final_step``); heun's
-final_order (0, 1 = EDM's x0_hat, k > 1).
+"""final_order=0: the local-Gaussian last step (``base.gaussian_final_step``, and with
+gaussian_fit="two_point" ``base.two_point_gaussian_step``); heun's final_order (0, 1 = EDM's
+x0_hat, k > 1).
 
 Closed forms: for data N(mu, s^2 I) the PF-ODE keeps z fixed, y(sigma~) = mu + q z with
 q = sqrt(s^2 + sigma~^2), x0_hat = mu + (s^2 / q) z, eps_hat = (sigma~ / q) z, and
@@ -13,7 +14,7 @@ import torch
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
 from difflab.samplers import SAMPLERS, check_sampler_options, heun, time_grid
-from difflab.samplers.base import final_sigma_step, gaussian_final_step
+from difflab.samplers.base import final_sigma_step, gaussian_final_step, two_point_gaussian_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZERO = ["plms", "lms", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2"]
@@ -134,3 +135,54 @@ def test_heun_gaussian_end_beats_x0_hat_on_gaussian_data():
         err = {k: float((heun(data, x_T, ts, final_order=k) - ref).pow(2).mean().sqrt())
                for k in (0, 1)}
         assert 2 * err[0] < err[1], (s, err)
+
+
+def gaussian_prediction(mu, u, y, st):
+    """The exact denoiser of N(mu, u I) at y and sigma~ = st: (x0_hat, eps_hat)."""
+    eps = st * (y - mu) / (u + st * st)
+    return y - st * eps, eps
+
+
+@pytest.mark.parametrize("s", [1e-3, 0.05, 0.3, 2.0])
+def test_two_point_exact_off_the_trajectory(s):
+    """The two-point fit needs no common trajectory: from two unrelated evaluations of an
+    isotropic Gaussian's denoiser it returns the exact PF-ODE end of the last one,
+    mu + (s / q) (y - mu); the eps-ratio fit does not (it assumes one trajectory)."""
+    g = torch.Generator().manual_seed(2)
+    mu, y_a, y_b = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    st, st_prev = 0.2, 0.5
+    x0_a, eps_a = gaussian_prediction(mu, s * s, mu + y_a, st_prev)
+    x0_b, eps_b = gaussian_prediction(mu, s * s, mu + 0.3 * y_b, st)
+    exact = mu + s / (s * s + st * st) ** 0.5 * 0.3 * y_b
+    out = two_point_gaussian_step(x0_b, eps_b, x0_a, eps_a, st, st_prev)
+    torch.testing.assert_close(out, exact, rtol=0, atol=1e-12)
+    # the eps-ratio fit misses by a good part of the step x0_hat -> exact (it is near x0_hat
+    # itself where the data are fully resolved, s >> sigma~)
+    ratio = gaussian_final_step(x0_b, eps_b, eps_a, st, st_prev)
+    if s < 1:
+        assert float((ratio - exact).norm()) > 0.05 * float((x0_b - exact).norm())
+
+
+@pytest.mark.parametrize("name", [*ZERO, "heun"])
+def test_two_point_end_is_the_exact_map_of_the_last_state(name):
+    """With gaussian_fit="two_point" every sampler's last step on Gaussian data is the exact
+    PF-ODE map from the state of its last evaluation to t_min, whatever error the steps
+    before made (6 trailing steps: far from the reference, heun with 3 steps further)."""
+    assert check_sampler_options(name, {"final_order": 0, "gaussian_fit": "two_point"})
+    process, data, x_T, ref = gaussian(0.05)
+    ts = time_grid(process, 6)
+    rec = Recorder(data)
+    out = SAMPLERS[name](rec, x_T, ts, final_order=0, gaussian_fit="two_point")
+    x_last, t_last, _ = rec.calls[-1]
+    exact = data.ode_solution(x_last, torch.tensor(t_last, dtype=torch.float64), process.t_min)
+    torch.testing.assert_close(out, exact, rtol=0, atol=1e-9)
+    assert float((out - ref).abs().max()) > 1e-6  # the steps before did leave an error
+    # the default fit is not that map off the trajectory; final_order=1 ignores gaussian_fit
+    assert not torch.allclose(SAMPLERS[name](data, x_T, ts, final_order=0), out, atol=1e-9)
+    assert torch.equal(SAMPLERS[name](data, x_T, ts, final_order=1, gaussian_fit="two_point"),
+                       SAMPLERS[name](data, x_T, ts, final_order=1))
+
+
+def test_gaussian_fit_choices():
+    with pytest.raises(ValueError, match="gaussian_fit"):
+        check_sampler_options("plms", {"gaussian_fit": "three_point"})

@@ -81,7 +81,7 @@ def test_an_option_the_sampler_does_not_take_names_its_options():
     with pytest.raises(ValueError) as err:
         check_sampler_options("heun", {"eta": 0.5})
     assert str(err.value) == ("sampler 'heun' does not take option 'eta'; heun's options: "
-                              "churn, s_tmin, s_tmax, s_noise, final_order")
+                              "churn, s_tmin, s_tmax, s_noise, final_order, gaussian_fit")
     with pytest.raises(ValueError, match=r"^sampler 'euler_ode' does not take options 'eta', "
                                          r"'order'; euler_ode takes no options$"):
         check_sampler_options("euler_ode", {"eta": 0.0, "order": 2})

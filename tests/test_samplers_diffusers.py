@@ -13,7 +13,7 @@ import torch
 
 from difflab.analytic import GaussianMixture
 from difflab.process import make_process
-from difflab.samplers import dpmpp_2m, euler, time_grid
+from difflab.samplers import dpm_solver, dpmpp_2m, euler, time_grid
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -77,3 +77,23 @@ def test_dpmpp_2m_matches_dpm_solver_multistep(form, solver_type, spacing, n):
     torch.testing.assert_close(out.double(), ours, rtol=2e-5, atol=2e-5)
     other = dpmpp_2m(data, x_T, ts, form="phi2" if form == "midpoint" else "midpoint")
     assert float((out.double() - other).abs().max()) > 1e-3  # the forms differ
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("spacing,n", [("logsnr", 7), ("karras", 10), ("uniform", 14)])
+def test_dpm_solver_midpoint_matches_dpm_solver_singlestep(order, spacing, n):
+    """Singlestep DPM-Solver++ with form="midpoint", remainder="last" and steep_guard=False is
+    diffusers' DPMSolverSinglestepScheduler (data prediction, solver_type="midpoint", last
+    step to sigma = 0 first order) on the same grid; difflab's default form is another
+    solver (all stages in the interpolant)."""
+    process, data, x_T = mixture()
+    ts = time_grid(process, n, spacing)
+    scheduler = set_grid(diffusers.DPMSolverSinglestepScheduler(
+        num_train_timesteps=1000, solver_order=order, algorithm_type="dpmsolver++",
+        solver_type="midpoint", final_sigmas_type="zero"), process, ts)
+    out = run_scheduler(scheduler, data, x_T, ts, scale=False)
+    opts = {"order": order, "data_prediction": True, "remainder": "last", "steep_guard": False}
+    ours = dpm_solver(data, x_T, ts, form="midpoint", **opts)
+    torch.testing.assert_close(out.double(), ours, rtol=2e-5, atol=2e-5)
+    other = dpm_solver(data, x_T, ts, **opts)
+    assert float((out.double() - other).abs().max()) > 1e-4  # the forms differ

@@ -123,17 +123,23 @@ class CountingDenoiser:
 
 def final_step(callback: Callback | None, i: int, t: Tensor, pred: Prediction,
                x: Tensor | None = None, alpha: float = 1.0, sigma_tilde: list[float] | None = None,
-               eps_hist: list[Tensor] | None = None, gaussian: bool = False) -> Tensor:
+               eps_hist: list[Tensor] | None = None, gaussian: bool = False,
+               x0_prev: Tensor | None = None) -> Tensor:
     """The shared last step: return the denoised x0_hat (no residual noise) and report it.
 
     Given the state x at the last noisy level, sigma~ = sigma / alpha on the grid (ending at 0)
     and more than one recent eps_hat (newest first), the step to sigma~ = 0 is instead the
     Adams-Bashforth step in sigma~ through them (with one it is exactly x0_hat): still clean
     data, but of higher order than x0_hat of the last evaluation alone (``final_order``).
-    With ``gaussian`` it is ``gaussian_final_step`` on the latest two (``final_order=0``)."""
+    With ``gaussian`` it is ``gaussian_final_step`` on the latest two (``final_order=0``), or
+    with ``x0_prev`` (x0_hat of the evaluation before, at sigma~_{N-2})
+    ``two_point_gaussian_step`` (``gaussian_fit="two_point"``)."""
     out = pred.x0
     if eps_hist is not None and len(eps_hist) > 1 and sigma_tilde and sigma_tilde[-1] == 0:
-        if gaussian:
+        if gaussian and x0_prev is not None:
+            out = two_point_gaussian_step(pred.x0, eps_hist[0], x0_prev, eps_hist[1],
+                                          sigma_tilde[-2], sigma_tilde[-3])
+        elif gaussian:
             out = gaussian_final_step(pred.x0, eps_hist[0], eps_hist[1], sigma_tilde[-2],
                                       sigma_tilde[-3])
         else:
@@ -162,6 +168,44 @@ def gaussian_final_step(x0: Tensor, eps: Tensor, eps_prev: Tensor, st: float,
     norm = (eps_prev * eps_prev).sum(dims, keepdim=True)
     kappa = (r * dot / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(1.0, r)
     t = ((r * r - kappa * kappa) / (r * r - 1.0)).clamp_min(0.0).sqrt()
+    return x0 + (t / (1.0 + t)) * st * eps
+
+
+GAUSSIAN_FITS = ("eps_ratio", "two_point")
+
+
+def two_point_fit(gaussian_fit: str) -> bool:
+    """Whether ``gaussian_fit`` (``final_order=0``'s fit) is "two_point"; any name but the
+    two is an error."""
+    if gaussian_fit not in GAUSSIAN_FITS:
+        raise ValueError(f"gaussian_fit must be one of {', '.join(GAUSSIAN_FITS)}, got "
+                         f"{gaussian_fit!r}")
+    return gaussian_fit == "two_point"
+
+
+def two_point_gaussian_step(x0: Tensor, eps: Tensor, x0_prev: Tensor, eps_prev: Tensor,
+                            st: float, st_prev: float) -> Tensor:
+    """The local-Gaussian last step with the Gaussian fitted to the last two evaluations
+    themselves, wherever they were made (``gaussian_fit="two_point"``).
+
+    For data N(mu, u I) the denoiser at y and sigma~ has eps_hat = sigma~ (y - mu) / q^2 with
+    q^2 = u + sigma~^2, so y - mu = (q^2 / sigma~) eps_hat at each evaluation. Subtracting the
+    two (y = x0_hat + sigma~ eps_hat) gives d linear equations in the one unknown u,
+
+        x0_hat - x0_hat_prev = u g,   g = eps_hat / sigma~ - eps_hat_prev / sigma~_prev,
+
+    solved by least squares per example (u clipped at 0). Then the exact step of
+    ``gaussian_final_step``: y(0) = x0_hat + t / (1 + t) sigma~ eps_hat, t = sqrt(u / q^2).
+    Unlike the ratio of the last two eps_hat, which assumes both lie on one exact trajectory
+    and whose estimate degrades like (q_prev / q - sigma~_prev / sigma~) where sigma~ >> s,
+    this fit is exact for isotropic Gaussian data whatever error the solver has made in y,
+    and its estimate of u is a difference of x0_hat, not of two nearly equal ratios."""
+    dims = tuple(range(1, eps.ndim))
+    g = eps / st - eps_prev / st_prev
+    gg = (g * g).sum(dims, keepdim=True)
+    u = ((x0 - x0_prev) * g).sum(dims, keepdim=True) / gg.clamp_min(torch.finfo(gg.dtype).tiny)
+    u = u.clamp_min(0.0)
+    t = (u / (u + st * st)).sqrt()
     return x0 + (t / (1.0 + t)) * st * eps
 
 

@@ -31,10 +31,11 @@ from .base import (
     randn_like,
     report,
     steep_noisy_end,
+    two_point_fit,
     zero_snr_start,
 )
 from .expint import half_log_snr_grid, lagrange_weights, phi
-from .options import SamplerOption, declare_options, final_order_option
+from .options import SamplerOption, declare_options, final_order_option, gaussian_fit_option
 
 
 def midpoint_weights(h_prev: float, h: float, c: float) -> list[float]:
@@ -71,7 +72,9 @@ def _multistep_plan(lam: Tensor, a: Tensor, s: Tensor, order: int, c: float,
 @torch.no_grad()
 def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
                      callback: Callback | None, cond: Any, order: int, sde: bool,
-                     final_order: int = 1, midpoint: bool = False) -> Tensor:
+                     final_order: int = 1, midpoint: bool = False,
+                     gaussian_fit: str = "eps_ratio") -> Tensor:
+    two_point = two_point_fit(gaussian_fit)
     ts, rising = (check_grid(ts), False) if sde else check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 2.0 if sde else 1.0
@@ -83,7 +86,8 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
         eps_hist = [pred.eps, *eps_hist][:final_order or 2]
         if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
-                              eps_hist, gaussian=final_order == 0)
+                              eps_hist, gaussian=final_order == 0,
+                              x0_prev=history[0] if history and two_point else None)
         history = [pred.x0, *history][:order]
         cx, w = plan[i]
         x_new = cx * x
@@ -103,11 +107,11 @@ def _dpmpp_multistep(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gen
                   "interpolant of x0_hat in lambda exactly (diffusers' solver_type='heun'); "
                   "midpoint holds its value at the step's midpoint (Lu et al. 2022b, Alg. 2; "
                   "diffusers' default solver_type='midpoint')", choices=("phi2", "midpoint")),
-    final_order_option(1))
+    final_order_option(1), gaussian_fit_option())
 @zero_snr_start
 def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
              callback: Callback | None = None, *, cond: Any = None, form: str = "midpoint",
-             final_order: int = 1) -> Tensor:
+             final_order: int = 1, gaussian_fit: str = "eps_ratio") -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b), first step first order, order 2, in two forms of
     the second-order step from the latest two x0_hat D_i, D_{i-1} (step h in lambda, previous
     step h_prev, r = h / h_prev):
@@ -128,21 +132,24 @@ def dpmpp_2m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators 
     on log-SNR grids.
 
     ``final_order`` > 1 replaces the last x0_hat step by an Adams-Bashforth step to
-    sigma~ = 0 (``multistep``)."""
+    sigma~ = 0 (``multistep``); ``final_order=0`` the local-Gaussian step, fitted as
+    ``gaussian_fit`` says (``base.final_step``)."""
     if form not in ("phi2", "midpoint"):
         raise ValueError(f"dpmpp_2m form must be 'phi2' or 'midpoint', got {form!r}")
     return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 2, False, final_order,
-                            midpoint=form == "midpoint")
+                            midpoint=form == "midpoint", gaussian_fit=gaussian_fit)
 
 
-@declare_options(final_order_option(1))
+@declare_options(final_order_option(1), gaussian_fit_option())
 @zero_snr_start
 def dpmpp_3m(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
-             callback: Callback | None = None, *, cond: Any = None, final_order: int = 1
-             ) -> Tensor:
+             callback: Callback | None = None, *, cond: Any = None, final_order: int = 1,
+             gaussian_fit: str = "eps_ratio") -> Tensor:
     """DPM-Solver++(3M): quadratic interpolant through three x0_hat, integrated exactly
-    (Lu et al. 2022b, Appendix; phi_3 form). Order 3. ``final_order`` as in ``dpmpp_2m``."""
-    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 3, False, final_order)
+    (Lu et al. 2022b, Appendix; phi_3 form). Order 3. ``final_order`` and ``gaussian_fit`` as
+    in ``dpmpp_2m``."""
+    return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, 3, False, final_order,
+                            gaussian_fit=gaussian_fit)
 
 
 @declare_options(SamplerOption(
@@ -156,18 +163,19 @@ def dpmpp_sde(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
     return _dpmpp_multistep(denoiser, x, ts, generator, callback, cond, order, sde=True)
 
 
-def singlestep_orders(intervals: int, order: int) -> list[int]:
+def singlestep_orders(intervals: int, order: int, remainder: str = "first") -> list[int]:
     """How singlestep DPM-Solver spends a grid: steps of ``order`` grid intervals each, any
     remainder as one lower-order step first, where the data-prediction ODE is nearly linear in
     lambda (an "orders list" in the spirit of Lu et al. 2022, Sec. 3.4, that spends the NFE
-    budget exactly; placing the remainder first measured best on the benchmark mixture)."""
+    budget exactly; placing the remainder first measured best on the benchmark mixture), or
+    with ``remainder="last"`` at the clean end (diffusers' ``lower_order_final``)."""
     orders = [order] * (intervals // order)
     if intervals % order:
-        orders.insert(0, intervals % order)
+        orders.insert(0 if remainder == "first" else len(orders), intervals % order)
     return orders
 
 
-def spanned_orders(st: list[float], order: int) -> list[int]:
+def spanned_orders(st: list[float], order: int, remainder: str = "first") -> list[int]:
     """``singlestep_orders`` for the intervals of the sigma~ levels ``st`` (decreasing), with
     the order lowered until no step spans a fall in sigma~ beyond ``STEEP_START_RATIO``.
 
@@ -180,7 +188,7 @@ def spanned_orders(st: list[float], order: int) -> list[int]:
     where two second-order steps (126-fold each) give 0.42. The budget is unchanged: the
     intervals are regrouped into more, lower-order steps (at most order 1, DDIM)."""
     for k in range(order, 1, -1):
-        orders = singlestep_orders(len(st) - 1, k)
+        orders = singlestep_orders(len(st) - 1, k, remainder)
         ends = [0, *itertools.accumulate(orders)]
         if all(st[a] <= STEEP_START_RATIO * st[b] for a, b in itertools.pairwise(ends)):
             return orders
@@ -188,13 +196,15 @@ def spanned_orders(st: list[float], order: int) -> list[int]:
 
 
 def _expint(x: Tensor, i: int, j: int, nodes: list[int], outs: list[Tensor], lam: Tensor,
-            a: Tensor, s: Tensor, c: float) -> Tensor:
+            a: Tensor, s: Tensor, c: float, midpoint: bool = False) -> Tensor:
     """x at grid point j from x at grid point i, with the model output (eps for c = -1, x0 for
     c = 1) replaced by its interpolating polynomial in lambda through ``outs`` at grid points
     ``nodes`` and the rest integrated exactly (Lu et al. 2022, eq. 3.4 and 3.6; Lu et al.
-    2022b, eq. 9): x_j = cx x_i + scale * sum_m w_m out_m."""
+    2022b, eq. 9): x_j = cx x_i + scale * sum_m w_m out_m. ``midpoint`` (two nodes): the
+    linear interpolant's value at the step's midpoint held over it instead."""
     h = float(lam[j] - lam[i])
-    w = lagrange_weights([float(lam[n] - lam[i]) for n in nodes], h, c)
+    offsets = [float(lam[n] - lam[i]) for n in nodes]
+    w = (midpoint_weights(-offsets[1], h, c) if midpoint else lagrange_weights(offsets, h, c))
     if c > 0:
         cx, scale = float(s[j] / s[i]), float(a[j]) * h
     else:
@@ -205,16 +215,40 @@ def _expint(x: Tensor, i: int, j: int, nodes: list[int], outs: list[Tensor], lam
     return out
 
 
+def _stage_nodes(form: str, i: int, m: int) -> tuple[list[int], bool]:
+    """The grid points whose outputs predict stage m + 1 of the step from grid point i, and
+    whether by the midpoint rule (``dpm_solver``'s ``form``): "lagrange" all m + 1 of them;
+    "midpoint" with two outputs the linear interpolant's midpoint value (DPM-Solver-2, exact
+    at r = 1/2), with three the linear interpolant through the first and the last, integrated
+    exactly (DPM-Solver-3's last stage, third order at r = 1/3, 2/3)."""
+    if form == "lagrange" or m == 0:
+        return list(range(i, i + m + 1)), False
+    return ([i, i + 1], True) if m == 1 else ([i, i + m], False)
+
+
 @declare_options(
     SamplerOption("order", int, 3, "order of each singlestep step (grid intervals per step)",
                   choices=(1, 2, 3)),
     SamplerOption("data_prediction", bool, False, "interpolate x0_hat instead of eps_hat "
-                  "(singlestep DPM-Solver++)"))
+                  "(singlestep DPM-Solver++)"),
+    SamplerOption("form", str, "lagrange", "how a step uses its stages: lagrange integrates "
+                  "the interpolant through all of them exactly; midpoint is the paper's "
+                  "DPM-Solver-2/3 (Lu et al. 2022, Alg. 1-2) and diffusers' singlestep "
+                  "solver_type='midpoint': two stages by the linear interpolant's midpoint "
+                  "value, three by the linear one through the first and last (phi_2)",
+                  choices=("lagrange", "midpoint")),
+    SamplerOption("remainder", str, "first", "where the grid's intervals beyond a multiple of "
+                  "order go, as one lower-order step: first (the noisy end) or last (the clean "
+                  "end, diffusers' lower_order_final)", choices=("first", "last")),
+    SamplerOption("steep_guard", bool, True, "take a steep noisiest interval (STEEP_START_RATIO) "
+                  "as a DDIM step alone and lower the order where a step spans a larger fall "
+                  "of sigma~ (false: diffusers' singlestep, which does neither)"))
 @zero_snr_start
 @torch.no_grad()
 def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                callback: Callback | None = None, *, cond: Any = None, order: int = 3,
-               data_prediction: bool = False) -> Tensor:
+               data_prediction: bool = False, form: str = "lagrange",
+               remainder: str = "first", steep_guard: bool = True) -> Tensor:
     """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022, Alg. 1-2; with ``data_prediction`` the
     singlestep DPM-Solver++ of Lu et al. 2022b, Alg. 1). Every grid point costs one evaluation,
     like every sampler here: the first N - 1 intervals are grouped into singlestep steps of
@@ -229,9 +263,17 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     grouped, the lower-order remainder last (at the noisy end again, mirroring sampling), and
     x at ts[-1] is returned. Where sigma~ falls more than ``STEEP_START_RATIO``-fold over the
     noisiest interval (the discrete cosine schedule's t = T) that interval is a step of order 1
-    on its own."""
+    on its own (``steep_guard``).
+
+    ``form="midpoint"``: the paper's DPM-Solver-2/3 instead of the interpolant through all
+    stages (``_stage_nodes``); ``remainder="last"``: the lower-order step at the clean end;
+    ``steep_guard=False``: no steep-step handling. All three with ``data_prediction`` is
+    diffusers' DPMSolverSinglestepScheduler (solver_type="midpoint") on the same grid."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
+    if form not in ("lagrange", "midpoint") or remainder not in ("first", "last"):
+        raise ValueError(f"DPM-Solver form must be 'lagrange' or 'midpoint' and remainder "
+                         f"'first' or 'last', got {form!r}, {remainder!r}")
     ts, rising = check_ode_grid(ts, denoiser.process)
     lam, a, s = half_log_snr_grid(denoiser.process, ts)
     c = 1.0 if data_prediction else -1.0
@@ -240,18 +282,22 @@ def dpm_solver(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generator
     # sigma~ from the noisy end over the intervals the steps cover, decreasing
     st = (-lam).exp().tolist()
     st = st[::-1] if rising else st[:intervals + 1]
-    if intervals > 1 and steep_noisy_end(denoiser.process, ts):
+    if not steep_guard:
+        orders = singlestep_orders(intervals, order, remainder)
+    elif intervals > 1 and steep_noisy_end(denoiser.process, ts):
         # the noisiest interval as a DDIM step alone (``steep_noisy_end``)
-        orders = [1, *spanned_orders(st[1:], order)]
+        orders = [1, *spanned_orders(st[1:], order, remainder)]
     else:
-        orders = spanned_orders(st, order)
+        orders = spanned_orders(st, order, remainder)
     for k in orders[::-1] if rising else orders:
         outs: list[Tensor] = []
         x_stage = x
         for m in range(k):
             pred = denoiser(x_stage, ts[i + m], cond)
             outs.append(pred.x0 if data_prediction else pred.eps)
-            x_stage = _expint(x, i, i + m + 1, list(range(i, i + m + 1)), outs, lam, a, s, c)
+            nodes, mid = _stage_nodes(form, i, m)
+            x_stage = _expint(x, i, i + m + 1, nodes, [outs[n - i] for n in nodes], lam, a, s,
+                              c, mid)
         x = x_stage
         report(callback, i, ts[i], x, pred)
         i += k

@@ -28,9 +28,10 @@ from .base import (
     randn_like,
     report,
     steep_noisy_end,
+    two_point_fit,
     zero_snr_start,
 )
-from .options import SamplerOption, declare_options, final_order_option
+from .options import SamplerOption, declare_options, final_order_option, gaussian_fit_option
 
 
 def _churn_plan(process, ts: Tensor, churn: float, s_tmin: float, s_tmax: float
@@ -96,29 +97,30 @@ def euler(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     SamplerOption("s_tmin", float, 0.0, "churn only where sigma~ >= S_tmin", min=0.0),
     SamplerOption("s_tmax", float, math.inf, "churn only where sigma~ <= S_tmax", min=0.0),
     SamplerOption("s_noise", float, 1.0, "S_noise: scale of the churn noise", min=0.0),
-    final_order_option(1))
+    final_order_option(1), gaussian_fit_option())
 @zero_snr_start
 @torch.no_grad()
 def heun(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, churn: float = 0.0,
          s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-         final_order: int = 1) -> Tensor:
+         final_order: int = 1, gaussian_fit: str = "eps_ratio") -> Tensor:
     """EDM Heun sampler (Karras et al. 2022, Alg. 2): 2 evaluations per step, order 2;
     ``churn`` > 0 makes it stochastic. Without churn a rising grid runs the same steps upwards
     (inversion) and returns x at ts[-1]. Where sigma~ falls more than ``STEEP_START_RATIO``-fold
     over the noisiest interval (the discrete cosine schedule's t = T) that interval is the
     Euler (DDIM) step alone. The last step to sigma~ = 0 returns x0_hat (EDM's Euler step,
     ``final_order=1``); ``final_order`` k > 1 takes it by Adams-Bashforth in sigma~ through
-    eps_hat at the latest k grid points, 0 by ``base.gaussian_final_step`` on the latest two
-    (no extra evaluation either way)."""
+    eps_hat at the latest k grid points, 0 by the local-Gaussian step on the latest two, fitted
+    as ``gaussian_fit`` says (``base.final_step``; no extra evaluation either way)."""
     return heun_pass(denoiser, x, ts, generator, callback, cond, churn, s_tmin, s_tmax, s_noise,
-                     final_order=final_order)
+                     final_order=final_order, two_point=two_point_fit(gaussian_fit))
 
 
 def heun_pass(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators,
               callback: Callback | None, cond: Any, churn: float = 0.0, s_tmin: float = 0.0,
               s_tmax: float = math.inf, s_noise: float = 1.0,
-              at_grid: GridHook | None = None, final_order: int = 1) -> Tensor:
+              at_grid: GridHook | None = None, final_order: int = 1,
+              two_point: bool = False) -> Tensor:
     """The ``heun`` sampler's steps (no zero-SNR start, no gradient tracking: the caller's);
     ``at_grid(k, y)``, when given, runs after each step that lands on grid point k < N of a
     falling grid and returns the y to continue from. ``final_order``: as ``heun``'s, on
@@ -137,6 +139,7 @@ def heun_pass(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
     # the Euler step alone, which is the DDIM step there.
     euler_only = (len(ts) - 2 if rising else 0) if steep_noisy_end(process, ts) else -1
     eps_hist: list[Tensor] = []  # eps_hat at the grid points so far, newest first
+    x0_prev = None  # x0_hat at the previous grid point (the local Gaussian's two_point fit)
     for i in range(len(ts) - 1):
         # Alg. 2 line 6: y_hat = y + sqrt(s_hat^2 - s^2) eps (only with churn: st_hat and st
         # are computed two ways and may differ by rounding, which must not add noise)
@@ -146,7 +149,9 @@ def heun_pass(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators
         eps_hist = [pred.eps, *eps_hist][:final_order or 2]
         if i == len(ts) - 2 and not rising:  # one eps_hat (final_order 1): x0_hat
             return final_step(callback, i, ts[i], pred, a_hat[i] * y, a_hat[i], st_hat,
-                              eps_hist, gaussian=final_order == 0)
+                              eps_hist, gaussian=final_order == 0,
+                              x0_prev=x0_prev if two_point else None)
+        x0_prev = pred.x0
         dt = st[i + 1] - st_hat[i]
         if i == euler_only:
             y = y + dt * pred.eps

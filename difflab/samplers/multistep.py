@@ -32,11 +32,12 @@ from .base import (
     final_step,
     final_weights,
     report,
+    two_point_fit,
     zero_snr_start,
 )
 from .expint import lagrange_weights
 from .grids import noisy_end_grid
-from .options import SamplerOption, declare_options, final_order_option
+from .options import SamplerOption, declare_options, final_order_option, gaussian_fit_option
 
 AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
              [55 / 24, -59 / 24, 37 / 24, -9 / 24])
@@ -45,25 +46,29 @@ AB_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
 @torch.no_grad()
 def _ab_in_sigma(denoiser: DenoiserFn, x: Tensor, ts: Tensor, callback: Callback | None,
                  cond: Any, weights: list[list[float]], rising: bool = False,
-                 gaussian: bool = False, heun_start: bool = False) -> Tensor:
+                 gaussian: bool = False, heun_start: bool = False,
+                 two_point: bool = False) -> Tensor:
     """y_{i+1} = y_i + sum_j weights[i][j] eps_{i-j}; with a weight list for the last step
     too, it is the multistep step to sigma~ = 0 (clean data), else the shared x0_hat step.
     On a rising grid every step is an ordinary step and x at ts[-1] is returned.
     ``heun_start``: the first step (unless it is the last) is instead the trapezoidal step
     y_1 = y_0 + h (eps_0 + eps_hat(y_0 + h eps_0, sigma~_1)) / 2 (one more evaluation, whose
-    output is not kept in the history), as in PNDM's pseudo-numerical warm-up."""
+    output is not kept in the history), as in PNDM's pseudo-numerical warm-up. ``two_point``:
+    the local-Gaussian last step (``gaussian``) fits both evaluations (``gaussian_fit``)."""
     process = denoiser.process
     a = process.alpha(ts).tolist()
     y = x / a[0]
     depth = max(map(len, weights), default=1)  # outputs any step uses (zip takes its share)
     hist: list[Tensor] = []
+    x0_prev = None  # x0_hat of the previous grid point's evaluation (two_point)
     for i in range(len(ts) - 1):
         pred = denoiser(a[i] * y, ts[i], cond)
         if i == len(ts) - 2 and len(weights) < len(ts) - 1:
             return final_step(callback, i, ts[i], pred, sigma_tilde=_sigma_tilde(process, ts),
                               eps_hist=[pred.eps, *hist][:2] if gaussian else None,
-                              gaussian=gaussian)
+                              gaussian=gaussian, x0_prev=x0_prev if two_point else None)
         hist = [pred.eps, *hist][:depth]
+        x0_prev = pred.x0
         if i == 0 and heun_start and i < len(weights) and (len(ts) > 2 or rising):
             # Heun / trapezoidal first step (Liu et al. 2022, the 2nd-order pseudo step)
             h = weights[0][0]
@@ -93,11 +98,13 @@ def _sigma_tilde(process, ts: Tensor) -> list[float]:
     SamplerOption("noisy_end", bool, False, "end at a noisy level, stepping to it with the "
                   "PLMS combination like the others, and return x there: the grid's last time "
                   "or, where that is sigma = 0, the process's first level (diffusers' PNDM end "
-                  "with set_alpha_to_one=False)"))
+                  "with set_alpha_to_one=False)"),
+    gaussian_fit_option())
 @zero_snr_start
 def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
          callback: Callback | None = None, *, cond: Any = None, final_order: int = 4,
-         warm_start: str = "ab", noisy_end: bool = False) -> Tensor:
+         warm_start: str = "ab", noisy_end: bool = False,
+         gaussian_fit: str = "eps_ratio") -> Tensor:
     """PLMS (Liu et al. 2022, eq. 12) with Adams-Bashforth warm-up; one evaluation per step.
     ``final_order`` = 4: the last step to sigma~ = 0 is a variable-step Adams-Bashforth step of
     order 4 (the steps are unequal there); 1 returns x0_hat instead. ``warm_start="heun"``:
@@ -124,16 +131,16 @@ def plms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = No
     if final_order > 1 and not rising:
         weights += final_weights(st, final_order)
     return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0,
-                        heun_start=warm_start == "heun")
+                        heun_start=warm_start == "heun", two_point=two_point_fit(gaussian_fit))
 
 
 @declare_options(
     SamplerOption("order", int, 4, "order of the Adams-Bashforth steps", min=1),
-    final_order_option(None, "; default: order"))
+    final_order_option(None, "; default: order"), gaussian_fit_option())
 @zero_snr_start
 def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
         callback: Callback | None = None, *, cond: Any = None, order: int = 4,
-        final_order: int | None = None) -> Tensor:
+        final_order: int | None = None, gaussian_fit: str = "eps_ratio") -> Tensor:
     """Variable-step Adams-Bashforth in sigma~ (linear multistep, order ``order``); the last
     step to sigma~ = 0 is taken the same way, of order ``final_order`` (default: ``order``;
     1 returns x0_hat)."""
@@ -147,7 +154,8 @@ def lms(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = Non
     final_order = order if final_order is None else final_order
     if final_order > 1 and not rising:
         weights += final_weights(st, final_order)
-    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0)
+    return _ab_in_sigma(denoiser, x, ts, callback, cond, weights, rising, final_order == 0,
+                        two_point=two_point_fit(gaussian_fit))
 
 
 __all__ = ["lms", "plms"]

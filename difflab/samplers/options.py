@@ -218,5 +218,17 @@ def final_order_option(default: int | None, derived: str = "",
         f"sigma = 0){zero}{derived}", min=0 if gaussian else 1)
 
 
+
+def gaussian_fit_option() -> SamplerOption:
+    """How ``final_order=0`` fits its local Gaussian (``base.final_step``)."""
+    return SamplerOption(
+        "gaussian_fit", str, "eps_ratio",
+        "with final_order=0, how the local Gaussian is fitted: 'eps_ratio' from how much "
+        "eps_hat shrank between the last two grid points (assumes both on one exact "
+        "trajectory), 'two_point' by least squares of its variance to the last two "
+        "evaluations wherever they were made (base.two_point_gaussian_step)",
+        choices=("eps_ratio", "two_point"))
+
 __all__ = ["SamplerOption", "check_options", "declare_options", "declared_options",
-           "describe_options", "final_order_option", "parse_options", "unknown_option_error"]
+           "describe_options", "final_order_option", "gaussian_fit_option", "parse_options",
+           "unknown_option_error"]

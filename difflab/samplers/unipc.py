@@ -27,11 +27,12 @@ from .base import (
     check_ode_grid,
     final_step,
     report,
+    two_point_fit,
     zero_snr_start,
 )
 from .expint import half_log_snr_grid, lagrange_weights
 from .grids import noisy_end_grid
-from .options import SamplerOption, declare_options, final_order_option
+from .options import SamplerOption, declare_options, final_order_option, gaussian_fit_option
 
 
 def _weights(nodes: list[float], h: float, variant: str) -> list[float]:
@@ -96,17 +97,18 @@ def _noisy_end() -> SamplerOption:
     SamplerOption("variant", str, "bh2", "B(h): bh1 = h, bh2 = e^h - 1",
                   choices=("bh1", "bh2")),
     SamplerOption("corrector", bool, True, "apply the UniC corrector (false: plain UniP)"),
-    final_order_option(1), _lower_order_final(), _noisy_end())
+    final_order_option(1), _lower_order_final(), _noisy_end(), gaussian_fit_option())
 @zero_snr_start
 @torch.no_grad()
 def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
           callback: Callback | None = None, *, cond: Any = None, order: int = 2,
           variant: Literal["bh1", "bh2"] = "bh2", corrector: bool = True,
           final_order: int = 1, lower_order_final: bool = False,
-          noisy_end: bool = False) -> Tensor:
+          noisy_end: bool = False, gaussian_fit: str = "eps_ratio") -> Tensor:
     """UniPC-p (Zhao et al. 2023): UniP-``order`` predictor and UniC corrector (order + 1);
     ``corrector=False`` gives the plain UniP multistep predictor; ``final_order`` > 1 makes the
-    last step an Adams-Bashforth step in sigma~ to clean data (``base.final_step``).
+    last step an Adams-Bashforth step in sigma~ to clean data (``base.final_step``), 0 the
+    local-Gaussian step, fitted as ``gaussian_fit`` says.
 
     ``lower_order_final`` (off by default): on a sampling grid of fewer than
     ``LOWER_ORDER_FINAL_STEPS`` steps, the step to the last noisy level is first order and
@@ -131,6 +133,7 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     ``lower_order_final``."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    two_point = two_point_fit(gaussian_fit)
     ts, rising = check_ode_grid(ts, denoiser.process)
     if noisy_end and not rising:
         ts = noisy_end_grid(denoiser.process, ts)
@@ -154,7 +157,8 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
                 x = x + scale * wj * mj
         if i == len(ts) - 2 and not rising:
             return final_step(callback, i, ts[i], pred, x, float(a[i]), (-lam).exp().tolist(),
-                              eps_hist, gaussian=final_order == 0)
+                              eps_hist, gaussian=final_order == 0,
+                              x0_prev=hist[0] if hist and two_point else None)
         hist = [pred.x0, *hist][:order]
         pw = plan[i][0]
         scale = float(a[i + 1] * (lam[i + 1] - lam[i]))
@@ -166,26 +170,28 @@ def unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = N
     return x
 
 
-@declare_options(_order(3), final_order_option(1), _lower_order_final(), _noisy_end())
+@declare_options(_order(3), final_order_option(1), _lower_order_final(), _noisy_end(),
+                 gaussian_fit_option())
 def unipc_bh1(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 3,
               final_order: int = 1, lower_order_final: bool = False,
-              noisy_end: bool = False) -> Tensor:
+              noisy_end: bool = False, gaussian_fit: str = "eps_ratio") -> Tensor:
     """UniPC with B(h) = h (Zhao et al. 2023, eq. 8); recommended for few steps."""
     return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh1",
                  final_order=final_order, lower_order_final=lower_order_final,
-                 noisy_end=noisy_end)
+                 noisy_end=noisy_end, gaussian_fit=gaussian_fit)
 
 
-@declare_options(_order(2), final_order_option(1), _lower_order_final(), _noisy_end())
+@declare_options(_order(2), final_order_option(1), _lower_order_final(), _noisy_end(),
+                 gaussian_fit_option())
 def unipc_bh2(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
               callback: Callback | None = None, *, cond: Any = None, order: int = 2,
               final_order: int = 1, lower_order_final: bool = False,
-              noisy_end: bool = False) -> Tensor:
+              noisy_end: bool = False, gaussian_fit: str = "eps_ratio") -> Tensor:
     """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, eq. 9)."""
     return unipc(denoiser, x, ts, generator, callback, cond=cond, order=order, variant="bh2",
                  final_order=final_order, lower_order_final=lower_order_final,
-                 noisy_end=noisy_end)
+                 noisy_end=noisy_end, gaussian_fit=gaussian_fit)
 
 
 __all__ = ["unipc", "unipc_bh1", "unipc_bh2"]
