@@ -81,12 +81,15 @@ from samplers import DIFFLAB, diffusers_schedulers, run_diffusers  # noqa: E402
 
 from difflab.samplers import (  # noqa: E402
     ddim,
+    dpm_solver,
     dpm_solver_v3,
+    dpmpp_2m,
     ems_lambdas,
     ems_statistics,
     heun,
     plms,
     unipc_bh1,
+    unipc_bh2,
 )
 
 #: the ``statistics`` option of a DPM-Solver-v3 candidate that ``difflab_errors`` replaces by
@@ -109,8 +112,21 @@ CANDIDATES = [*DIFFLAB,
               ("plms, warm_start=heun, noisy_end", plms,
                {"warm_start": "heun", "noisy_end": True}, "trailing", 1),
               ("heun, final_order=0", heun, {"final_order": 0}, "trailing", 2),
+              # the local Gaussian fitted to the last two evaluations wherever they were made
+              # (``base.two_point_gaussian_step``), not along one assumed trajectory
+              *[(f"{name}, final_order=0, two_point", fn,
+                 {"final_order": 0, "gaussian_fit": "two_point"}, "trailing", k)
+                for name, fn, k in (("heun", heun, 2), ("plms", plms, 1),
+                                    ("dpmpp_2m", dpmpp_2m, 1), ("unipc_bh1", unipc_bh1, 1),
+                                    ("unipc_bh2", unipc_bh2, 1))],
               # diffusers' DDIM end when n does not divide T (it lands on alpha_bar_0)
               ("ddim, noisy_end", ddim, {"noisy_end": True}, "trailing", 1),
+              # singlestep DPM-Solver++(3) as diffusers' DPMSolverSinglestepScheduler runs it
+              # (the paper's midpoint forms, lower-order remainder at the clean end, no guard
+              # on steep steps): the same solver as diffusers' on the same grid
+              ("dpm_solver (3), data_prediction, midpoint", dpm_solver,
+               {"order": 3, "data_prediction": True, "form": "midpoint", "remainder": "last",
+                "steep_guard": False}, "trailing", 1),
               # DPM-Solver-v3 (Zheng et al. 2023) on statistics estimated from the problem's
               # model and fresh data draws, as AYS is (no reference, no evaluation noise)
               ("dpm_solver_v3, ems", dpm_solver_v3, {"statistics": EMS}, "trailing", 1),
@@ -236,12 +252,34 @@ def vp_state(problem: Problem, x_T: torch.Tensor) -> torch.Tensor:
         problem.process.t_max))
 
 
+def family_schedulers() -> dict[str, tuple[type, dict]]:
+    """diffusers' schedulers of ``samplers.diffusers_schedulers`` and DPMSolverSinglestep 3 on
+    the trailing spacing (difflab's default grid: the namesake of ``dpm_solver``'s midpoint
+    form; its default spacing, linspace, ends one level lower)."""
+    import diffusers as d
+
+    class TrailingSinglestep(d.DPMSolverSinglestepScheduler):
+        """DPMSolverSinglestepScheduler on the trailing timesteps (it has no
+        ``timestep_spacing``; custom ``timesteps`` are its way to another spacing)."""
+
+        def set_timesteps(self, num_inference_steps=None, device=None, **kw):
+            if num_inference_steps is not None and kw.get("timesteps") is None:
+                n_train = self.config.num_train_timesteps
+                kw["timesteps"] = (discrete_timesteps(n_train, num_inference_steps, "trailing")
+                                   - 1).tolist()
+                num_inference_steps = None
+            return super().set_timesteps(num_inference_steps, device, **kw)
+
+    return {**diffusers_schedulers(),
+            "DPMSolverSinglestep 3 trailing": (TrailingSinglestep, {"solver_order": 3})}
+
+
 def diffusers_errors(problem, z, ref) -> dict[str, dict[int, float]]:
     abar = 1 / (1 + problem.sigmas**2)
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     model = TableModel(problem)
     out, halves = {}, {}
-    for label, (cls, cfg) in diffusers_schedulers().items():
+    for label, (cls, cfg) in family_schedulers().items():
         cfg = {**cfg, "trained_betas": betas.tolist()}
         out[label], halves[label] = {}, {}
         for m in NFES:

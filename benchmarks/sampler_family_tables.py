@@ -19,24 +19,30 @@ FAILED: list[str] = []  # diffusers runs that raised (scored as inf, i.e. left o
 TIE = 0.01
 #: difflab solver -> (its configurations: DIFFLAB labels, the diffusers namesake). euler (Euler
 #: in sigma~) has no row: on the same grid it equals DDIM.
+TWO = "final_order=0, two_point"
 NAMESAKE = {"ddim": (("ddim", "ddim, noisy_end"), "DDIM"),
-            "heun": (("heun", "heun, final_order=0"), "Heun"),
-            "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0"),
+            "heun": (("heun", "heun, final_order=0", f"heun, {TWO}"), "Heun"),
+            "dpmpp_2m": (("dpmpp_2m", "dpmpp_2m, final_order=0", f"dpmpp_2m, {TWO}"),
                          "DPMSolverMultistep 2M trailing"),
             "unipc_bh2": (("unipc_bh2 (2)", "unipc_bh2, final_order=3",
-                           "unipc_bh2, final_order=0"),
+                           "unipc_bh2, final_order=0", f"unipc_bh2, {TWO}"),
                           "UniPC bh2 (2) trailing"),
             "unipc_bh1": (("unipc_bh1 (3)", "unipc_bh1, final_order=3",
-                           "unipc_bh1, final_order=0", "unipc_bh1, noisy_end"),
+                           "unipc_bh1, final_order=0", f"unipc_bh1, {TWO}",
+                           "unipc_bh1, noisy_end"),
                           "UniPC bh1 (3) trailing"),
+            "dpm_solver": (("dpm_solver (3), data_prediction",
+                            "dpm_solver (3), data_prediction, midpoint"),
+                           "DPMSolverSinglestep 3 trailing"),
             "lms": (("lms",), "LMS"),
-            "plms": (("plms", "plms, final_order=1", "plms, final_order=0",
+            "plms": (("plms", "plms, final_order=1", "plms, final_order=0", f"plms, {TWO}",
                       "plms, warm_start=heun", "plms, warm_start=heun, final_order=0",
                       "plms, noisy_end", "plms, warm_start=heun, noisy_end"),
                      "PNDM (PLMS)")}
 #: the same, each difflab solver with its default options only (the published last step)
 DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
-                "unipc_bh2": "unipc_bh2 (2)", "unipc_bh1": "unipc_bh1 (3)", "lms": "lms",
+                "unipc_bh2": "unipc_bh2 (2)", "unipc_bh1": "unipc_bh1 (3)",
+                "dpm_solver": "dpm_solver (3), data_prediction", "lms": "lms",
                 "plms": "plms"}
 
 
