@@ -95,7 +95,7 @@ def test_tiny_run_scores_every_sampler(monkeypatch):
     fams = bench.fit_families(fit, 4, 1e-6)
     res = bench.evaluate(bench.draw_problem(1001), 5000, 8, 1e-6, fams)
     assert {lab.split(" [")[1] for lab in res["difflab"]} == {"default]", "ays]", "ays_min]",
-                                                             "family]"}
+                                                             "ays3]", "family]"}
     assert all(math.isfinite(v) for row in res["difflab"].values() for v in row.values())
     assert tables.best(res["diffusers"], 5) > 0
     text = tables.namesake_table([res], "default")
