@@ -91,6 +91,7 @@ def test_bootstrap_interval_contains_the_median():
 def test_tiny_run_scores_every_sampler(monkeypatch):
     pytest.importorskip("diffusers")
     monkeypatch.setattr(bench, "NFES", (5, 8))
+    monkeypatch.setattr(tables, "NFES", (5, 8))
     fit = [bench.draw_problem(1000)]
     fams = bench.fit_families(fit, 4, 1e-6)
     res = bench.evaluate(bench.draw_problem(1001), 5000, 8, 1e-6, fams)
