@@ -15,7 +15,9 @@ problems, odd ones HELD-OUT; nothing fitted ever sees a held-out problem's refer
 seeds 1000..1023; the ranges 2000 to 8000 were each fresh once and have been looked at since;
 9000 served a smoke run; 10000 and 11000 ran once, fresh, with the Gaussian head and
 DPM-Solver-v3 candidates, and the "ays3" grid was added after 11000; 12000 to 15000 ran once,
-fresh, with it).
+fresh, with it; 16000 served a smoke run; 17000 and 18000 ran once, fresh, with the two-point
+last step added, and the singlestep candidate in diffusers' form was added after the 17000
+failures; 19000 and 20000 ran once, fresh, with it).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
