@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ..parameterization import Prediction
 from .expint import lagrange_weights
+from .options import GAUSSIAN_FITS
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,6 @@ def gaussian_final_step(x0: Tensor, eps: Tensor, eps_prev: Tensor, st: float,
     kappa = (r * dot / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(1.0, r)
     t = ((r * r - kappa * kappa) / (r * r - 1.0)).clamp_min(0.0).sqrt()
     return x0 + (t / (1.0 + t)) * st * eps
-
-
-GAUSSIAN_FITS = ("eps_ratio", "two_point")
 
 
 def two_point_fit(gaussian_fit: str) -> bool:

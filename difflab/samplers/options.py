@@ -219,6 +219,10 @@ def final_order_option(default: int | None, derived: str = "",
 
 
 
+#: how ``final_order=0`` fits its local Gaussian (``base.final_step``)
+GAUSSIAN_FITS = ("eps_ratio", "two_point")
+
+
 def gaussian_fit_option() -> SamplerOption:
     """How ``final_order=0`` fits its local Gaussian (``base.final_step``)."""
     return SamplerOption(
@@ -227,8 +231,8 @@ def gaussian_fit_option() -> SamplerOption:
         "eps_hat shrank between the last two grid points (assumes both on one exact "
         "trajectory), 'two_point' by least squares of its variance to the last two "
         "evaluations wherever they were made (base.two_point_gaussian_step)",
-        choices=("eps_ratio", "two_point"))
+        choices=GAUSSIAN_FITS)
 
-__all__ = ["SamplerOption", "check_options", "declare_options", "declared_options",
+__all__ = ["GAUSSIAN_FITS", "SamplerOption", "check_options", "declare_options", "declared_options",
            "describe_options", "final_order_option", "gaussian_fit_option", "parse_options",
            "unknown_option_error"]
