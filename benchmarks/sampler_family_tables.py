@@ -378,9 +378,10 @@ are diffusers' float32 arithmetic at the cosine schedule's top level. There the
 variance-preserving sigma is 1 - 1.2e-9, which float32 cannot hold (it stores 0.99999994), and
 x0_hat = (x - sigma eps_hat) / alpha divides that rounding by alpha = 4.9e-5: 1.2e-3 of error
 in x0_hat per unit of eps_hat. So diffusers' first step, the DDIM step out of sigma~ = 2e4, is
-3.8e-3 off the exact DDIM step (max over draws on the 17000 problem), where difflab's is within
-7e-15 of it; the rest of the two runs is the same method, and that first-step offset reaches the
-end as up to 3.3e-4, in either direction (on the linear schedule the two agree to 1e-6). On
-12000 it moves one draw into another component.
+4.2e-3 off the exact DDIM step (max over the 256 draws of the 17000 problem), where difflab's
+is within 1e-14 of it; the rest of the two runs is the same method, and that first-step offset
+reaches the end as up to 3.3e-4, in either direction (on a scaled-linear problem the two agree
+to 1.6e-6; `benchmarks/diffusers_top_level.py` prints these figures). On 12000 it moves one
+draw into another component.
 
 """
