@@ -17,7 +17,7 @@ seeds 1000..1023; the ranges 2000 to 8000 were each fresh once and have been loo
 DPM-Solver-v3 candidates, and the "ays3" grid was added after 11000; 12000 to 15000 ran once,
 fresh, with it; 16000 served a smoke run; 17000 and 18000 ran once, fresh, with the two-point
 last step added, and the singlestep candidate in diffusers' form was added after the 17000
-failures; 19000 and 20000 ran once, fresh, with it).
+failures; 19000 and 20000 ran once, fresh, with it, and 21000 and 22000 once after them).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 

@@ -265,7 +265,8 @@ def compare_line(path: Path) -> str:
 README_INTRO = """\
 `OMP_NUM_THREADS=1 python benchmarks/sampler_family.py --seed-base 20000 --save
 benchmarks/sampler_family.json`, then `--load benchmarks/sampler_family.json --compare
-benchmarks/sampler_family_19000.json benchmarks/sampler_family_17000.json
+benchmarks/sampler_family_19000.json benchmarks/sampler_family_21000.json
+benchmarks/sampler_family_22000.json benchmarks/sampler_family_17000.json
 benchmarks/sampler_family_18000.json benchmarks/sampler_family_12000.json ...
 benchmarks/sampler_family_15000.json benchmarks/sampler_family_2000.json ...
 benchmarks/sampler_family_11000.json --readme` (the
@@ -287,8 +288,9 @@ fresh once, with those candidates; the grid "ays3" was added after the 11000 fai
 (17000 failed at 8 and 10 NFE, and the singlestep candidate in diffusers' form was added after
 looking at its failing problems). The run here draws seeds 20000..20023, never looked at
 before it ran once with the current candidates; 19000..19023, a second never-looked-at range,
-ran once beside it with the same code; the status lines of 19000 and of every earlier range,
-rerun with the same candidates, follow (`benchmarks/sampler_family_B.json`).
+ran once beside it with the same code, and 21000..21023 and 22000..22023 once after them, with
+nothing changed in between; the status lines of those and of every earlier range, rerun with
+the same candidates, follow (`benchmarks/sampler_family_B.json`).
 Every error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the
 tables without running.
 
@@ -371,6 +373,12 @@ twin on the same grid (UniPC bh2 on 12000 at 8 NFE, the same singlestep DPM-Solv
 problem 9, ratio 1.00), and at 15 NFE, with levels down to the component scale, difflab's
 grids win by 10-20x
 (17000 problem 7: 1.4e-3 against 2.4e-2).
+
+The 21000 failure at 20 NFE (worst 54) is an accidental zero of diffusers' error: on a single
+isotropic Gaussian (vpsde, d = 28, s = 0.86) every draw's error is one common factor times its
+offset, and that factor of DPMSolverMultistep 2M (linspace) crosses zero between 19 and 21 NFE
+(RMS 1.7e-3, 3.6e-7 and 4.5e-4 at 19, 20 and 21 NFE); difflab's best there is 1.9e-5, and at
+15 NFE 7.6e-6 against diffusers' 1.0e-3.
 
 The unipc_bh1 namesake cells flagged on 12000 (10 NFE, 1.064) and 17000 (20 NFE, cosine, a
 single Gaussian: difflab's `noisy_end` 3.1e-4 and two-point 2.3e-4 against diffusers' 2.2e-4)
