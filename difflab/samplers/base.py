@@ -169,6 +169,12 @@ def gaussian_final_step(x0: Tensor, eps: Tensor, eps_prev: Tensor, st: float,
     norm = (eps_prev * eps_prev).sum(dims, keepdim=True)
     kappa = (r * dot / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(1.0, r)
     t = ((r * r - kappa * kappa) / (r * r - 1.0)).clamp_min(0.0).sqrt()
+    return _gaussian_end(x0, eps, st, t)
+
+
+def _gaussian_end(x0: Tensor, eps: Tensor, st: float, t: Tensor) -> Tensor:
+    """y(0) = x0_hat + t / (1 + t) sigma~ eps_hat: the exact PF-ODE end of a Gaussian with
+    t = s / q (``gaussian_final_step``), however t was estimated."""
     return x0 + (t / (1.0 + t)) * st * eps
 
 
@@ -203,8 +209,7 @@ def two_point_gaussian_step(x0: Tensor, eps: Tensor, x0_prev: Tensor, eps_prev: 
     gg = (g * g).sum(dims, keepdim=True)
     u = ((x0 - x0_prev) * g).sum(dims, keepdim=True) / gg.clamp_min(torch.finfo(gg.dtype).tiny)
     u = u.clamp_min(0.0)
-    t = (u / (u + st * st)).sqrt()
-    return x0 + (t / (1.0 + t)) * st * eps
+    return _gaussian_end(x0, eps, st, (u / (u + st * st)).sqrt())
 
 
 def final_sigma_step(x: Tensor, alpha: float, st: list[float], eps_hist: list[Tensor],
