@@ -276,12 +276,17 @@ def family_schedulers() -> dict[str, tuple[type, dict]]:
             "DPMSolverSinglestep 3 trailing": (TrailingSinglestep, {"solver_order": 3})}
 
 
-def diffusers_errors(problem, z, ref) -> dict[str, dict[int, float]]:
+def diffusers_errors(problem, z, ref, only=None, outputs=None) -> dict[str, dict[int, float]]:
+    """({label: {nfe: rms}}, the same with ``rms_halves``) for every ``family_schedulers``
+    scheduler, or only those in ``only``; ``outputs`` (a dict) also receives each final x as
+    outputs[label][nfe] (``sampler_family_tails.py``)."""
     abar = 1 / (1 + problem.sigmas**2)
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     model = TableModel(problem)
     out, halves = {}, {}
     for label, (cls, cfg) in family_schedulers().items():
+        if only is not None and label not in only:
+            continue
         cfg = {**cfg, "trained_betas": betas.tolist()}
         out[label], halves[label] = {}, {}
         for m in NFES:
@@ -291,6 +296,8 @@ def diffusers_errors(problem, z, ref) -> dict[str, dict[int, float]]:
                 FAILED.append(f"{label} at {m} NFE on {problem.name}")
                 out[label][m], halves[label][m] = math.inf, [math.inf, math.inf]
                 continue
+            if outputs is not None:
+                outputs.setdefault(label, {})[m] = x.to(torch.float64)
             out[label][m] = rms(x.to(torch.float64), ref)
             halves[label][m] = rms_halves(x.to(torch.float64), ref)
     return out, halves
@@ -323,15 +330,16 @@ def problem_statistics(problem: Problem, seed: int):
     return ems_statistics(problem.data, data, knots, generator=gen)
 
 
-def difflab_errors(problem, x_T, ref, grids, statistics=None,
-                   head=None) -> tuple[dict[str, dict[int, float]], dict]:
+def difflab_errors(problem, x_T, ref, grids, statistics=None, head=None, only=None,
+                   outputs=None) -> tuple[dict[str, dict[int, float]], dict]:
     """({"label [grid]": {nfe: rms}}, the same with ``rms_halves``) for every CANDIDATES
     sampler on every grid in ``grids``
     ({grid name: fn(label, k, nfe) -> ts or None}). A ``noisy_end`` sampler runs on the
     default grid only, its last time (t_min) moved to the table's first level; the option
     ``statistics=EMS`` becomes ``statistics`` (``problem_statistics``). On the grid "head"
     the model is ``head(model)`` (a ``GaussianHead``: its levels above sigma~_skip cost no
-    evaluation); the EMS candidates do not run there."""
+    evaluation); the EMS candidates do not run there. ``only`` and ``outputs`` as in
+    ``diffusers_errors`` (keys "label [grid]")."""
     out, halves = {}, {}
     for label, fn, opts, _spacing, k in CANDIDATES:
         if opts.get("statistics") == EMS:
@@ -340,6 +348,8 @@ def difflab_errors(problem, x_T, ref, grids, statistics=None,
             if opts.get("noisy_end") and gname != "default":
                 continue
             if gname == "head" and "statistics" in opts:
+                continue
+            if only is not None and f"{label} [{gname}]" not in only:
                 continue
             row, half = {}, {}
             for m in NFES:
@@ -352,6 +362,8 @@ def difflab_errors(problem, x_T, ref, grids, statistics=None,
                 model = head(counted) if gname == "head" else counted
                 x = fn(model, x_T, ts, torch.Generator().manual_seed(0), **opts)
                 ok = counted.nfe <= m
+                if outputs is not None and ok:
+                    outputs.setdefault(f"{label} [{gname}]", {})[m] = x
                 row[m] = rms(x, ref) if ok else math.inf
                 half[m] = rms_halves(x, ref) if ok else [math.inf, math.inf]
             if row:
@@ -389,12 +401,19 @@ def fit_families(fit: list[Problem], draws: int, tol: float) -> dict[tuple[str, 
     return out
 
 
-def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> dict:
-    """All errors on one held-out problem: {"difflab": {...}, "diffusers": {...}}."""
+def evaluate(problem: Problem, seed: int, draws: int, tol: float, families, only=None,
+             outputs=None, noise_seed: int | None = None) -> dict:
+    """All errors on one held-out problem: {"difflab": {...}, "diffusers": {...}}. ``seed``
+    seeds the evaluation noise and every fresh draw the grids and statistics are fitted on;
+    ``noise_seed`` replaces it for the noise alone (the same grids on other draws).
+    ``only``/``outputs``: only these configurations, and their final x
+    (``difflab_errors``); ``outputs`` also gets the reference as outputs["reference"]."""
     proc = problem.process
-    z = noise(problem, draws, seed)
+    z = noise(problem, draws, seed if noise_seed is None else noise_seed)
     x_T = z * float(proc.sigma(proc.t_max))
     ref = reference_solution(problem.data, x_T, tol)
+    if outputs is not None:
+        outputs["reference"] = ref
     data = problem.data.sample(256, torch.Generator().manual_seed(seed + 1))
     steps = sorted({steps_for(m, c[4], c[0]) for c in CANDIDATES for m in NFES})
     ays = {(order, cs): optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,
@@ -429,10 +448,13 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families) -> d
                     for order in (1, 2)}
         grids["head"] = lambda label, k, m: torch.cat(
             [t_max, head_ays[AYS_ORDER.get(label, 2)][steps_for(m, k, label)]])
-    stats = problem_statistics(problem, 10_000 + seed)
+    needs_ems = only is None or any(lab.startswith("dpm_solver_v3") for lab in only)
+    stats = problem_statistics(problem, 10_000 + seed) if needs_ems else None
     ours, our_halves = difflab_errors(problem, x_T, ref, grids, stats,
-                                      lambda model: GaussianHead(model, moments, s_skip))
-    theirs, their_halves = diffusers_errors(problem, vp_state(problem, x_T), ref)
+                                      lambda model: GaussianHead(model, moments, s_skip),
+                                      only, outputs)
+    theirs, their_halves = diffusers_errors(problem, vp_state(problem, x_T), ref, only,
+                                            outputs)
     return {"difflab": ours, "diffusers": theirs,
             "difflab_halves": our_halves, "diffusers_halves": their_halves}
 
@@ -487,7 +509,8 @@ def main() -> None:
                                          "results": rounded(results),
                                          "families": [[*k, *v] for k, v in families.items()],
                                          "seconds": seconds, "failed": FAILED,
-                                         "seed_base": args.seed_base}))
+                                         "seed_base": args.seed_base,
+                                         "draws": args.draws}))
     publish(args, text)
 
 
