@@ -46,8 +46,16 @@ DEFAULT_ONLY = {"ddim": "ddim", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
                 "plms": "plms"}
 
 
+def best_label(errors: dict[str, dict[int, float]], m: int,
+               keep=lambda label: True) -> tuple[str, float]:
+    """(label, error) of the smallest error at ``m`` NFE among the labels ``keep`` accepts
+    (ties: the first label in sort order)."""
+    error, label = min((v[m], label) for label, v in errors.items() if m in v and keep(label))
+    return label, error
+
+
 def best(errors: dict[str, dict[int, float]], m: int, keep=lambda label: True) -> float:
-    return min(v[m] for label, v in errors.items() if m in v and keep(label))
+    return best_label(errors, m, keep)[1]
 
 
 def bootstrap_median(r: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -145,10 +153,9 @@ def worst_table(results, problems) -> str:
     for m in NFES:
         rows = []
         for res, prob in zip(results, problems, strict=True):
-            ours = min((v[m], lab) for lab, v in res["difflab"].items() if m in v)
-            theirs = min((v[m], lab) for lab, v in res["diffusers"].items())
-            rows.append((ours[0] / theirs[0], prob.name, ours, theirs))
-        r, name, (eo, lo), (et, lt) = max(rows)
+            ours, theirs = best_label(res["difflab"], m), best_label(res["diffusers"], m)
+            rows.append((ours[1] / theirs[1], prob.name, ours, theirs))
+        r, name, (lo, eo), (lt, et) = max(rows)
         lines.append(f"| {m} | {name} | {r:.3f} | {lo} ({eo:.2e}) | {lt} ({et:.2e}) |")
     return "\n".join(lines)
 

@@ -32,16 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 from readme_section import write_section  # noqa: E402
 from sampler_family import draw_problem, evaluate, quiet_diffusers  # noqa: E402
-from sampler_family_tables import NFES, load_results  # noqa: E402
+from sampler_family_tables import NFES, best, best_label, load_results  # noqa: E402
 
 #: the run's evaluation noise of held-out problem i is seeded 5000 + i (``sampler_family.main``);
 #: the fresh draws here use FRESH_SEED + i, a range no run uses
 RUN_SEED, FRESH_SEED = 5000, 90_000
-
-
-def best_label(errors: dict[str, dict[int, float]], m: int) -> tuple[str, float]:
-    return min(((label, v[m]) for label, v in errors.items() if v.get(m) is not None),
-               key=lambda kv: kv[1])
 
 
 def worst_cells(results: list[dict], above: float, cells: int) -> list[tuple[float, int, int]]:
@@ -49,7 +44,7 @@ def worst_cells(results: list[dict], above: float, cells: int) -> list[tuple[flo
     out = []
     for i, res in enumerate(results):
         for m in NFES:
-            r = best_label(res["difflab"], m)[1] / best_label(res["diffusers"], m)[1]
+            r = best(res["difflab"], m) / best(res["diffusers"], m)
             if r > above:
                 out.append((r, i, m))
     return sorted(out, reverse=True)[:cells]
