@@ -17,7 +17,9 @@ seeds 1000..1023; the ranges 2000 to 8000 were each fresh once and have been loo
 DPM-Solver-v3 candidates, and the "ays3" grid was added after 11000; 12000 to 15000 ran once,
 fresh, with it; 16000 served a smoke run; 17000 and 18000 ran once, fresh, with the two-point
 last step added, and the singlestep candidate in diffusers' form was added after the 17000
-failures; 19000 and 20000 ran once, fresh, with it, and 21000 and 22000 once after them).
+failures; 19000 and 20000 ran once, fresh, with it, and 21000 to 24000 once after them;
+25000 and 26000 ran once, fresh, with the ``local_gaussian`` candidates, and 19000 to 24000
+were rerun with them).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
@@ -89,6 +91,7 @@ from difflab.samplers import (  # noqa: E402
     ems_lambdas,
     ems_statistics,
     heun,
+    local_gaussian,
     plms,
     unipc_bh1,
     unipc_bh2,
@@ -133,7 +136,12 @@ CANDIDATES = [*DIFFLAB,
               # model and fresh data draws, as AYS is (no reference, no evaluation noise)
               ("dpm_solver_v3, ems", dpm_solver_v3, {"statistics": EMS}, "trailing", 1),
               ("dpm_solver_v3, ems, predictor_pseudo", dpm_solver_v3,
-               {"statistics": EMS, "predictor_pseudo": True}, "trailing", 1)]
+               {"statistics": EMS, "predictor_pseudo": True}, "trailing", 1),
+              # DPM-Solver++(2M) in the variance-shifted time q = sqrt(u + sigma~^2), u fitted
+              # per example to the last two evaluations (exact for isotropic Gaussian data)
+              ("local_gaussian", local_gaussian, {}, "trailing", 1),
+              ("local_gaussian, corrected_end=false", local_gaussian, {"corrected_end": False},
+               "trailing", 1)]
 EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1,
              "plms, warm_start=heun, noisy_end": 1}
 
@@ -149,7 +157,7 @@ AYS_ORDER = {"ddim": 1, "euler_ode": 1}
 #: samplers of order 3 or more (their steps' local error O(h^4) or smaller: the multistep
 #: methods of order >= 3, singlestep DPM-Solver-3, UniPC's corrected steps, DPM-Solver-v3) also
 #: run on "ays3", the grid of the bound of order 3 (``optimize_schedule(order=3)``)
-LOW_ORDER = ("ddim", "euler_ode", "heun", "dpmpp_2m")
+LOW_ORDER = ("ddim", "euler_ode", "heun", "dpmpp_2m", "local_gaussian")
 #: difflab samplers that get a family fitted (the fit is the costly part of the run)
 FAMILY = ("ddim", "heun", "plms", "dpmpp_2m", "unipc_bh1, final_order=3")
 

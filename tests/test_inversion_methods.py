@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Nominal orders with the default options (plms: order 2 on unequal sigma~ steps; lms order 4;
 # DPM-Solver order 3; UniPC-p with corrector p + 1: bh1 p = 3, bh2 p = 2).
 ORDERS = {"ddim": 1, "euler": 1, "euler_ode": 1, "heun": 2, "plms": 2, "lms": 4,
-          "dpm_solver": 3, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc_bh1": 4, "unipc_bh2": 3}
+          "dpm_solver": 3, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc_bh1": 4, "unipc_bh2": 3,
+          "local_gaussian": 2}
 FIXED_STEP = [m for m in METHODS if m != "rk45"]  # rk45 is adaptive: tested to tolerance
 
 

@@ -1,0 +1,116 @@
+"""The local-Gaussian sampler against the methods it generalises, on the sampler family.
+
+    OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py                  # markdown tables
+    OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py --readme         # also README.md
+
+Every held-out problem of ``sampler_family.py``'s seed ranges ``--seed-bases`` (problem i =
+``draw_problem(B + i)``, i odd), on its default (trailing) grid. Errors are RMS to the model's
+own PF-ODE solution (DOP853), for ``local_gaussian`` (its defaults, and ``order=1``),
+DPM-Solver++(2M) (``dpmpp_2m``: ``local_gaussian`` with u = 0), UniPC bh2 and DDIM. Nothing is
+fitted to any problem: u is fitted per example at run time from the sampler's own evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from readme_section import write_section  # noqa: E402
+from sampler_family import draw_problem, noise  # noqa: E402
+
+from difflab.samplers import (  # noqa: E402
+    ddim,
+    dpmpp_2m,
+    local_gaussian,
+    reference_solution,
+    unipc_bh2,
+)
+
+HEADING = "The local-Gaussian sampler (`benchmarks/local_gaussian.py`)"
+INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py` | `local_gaussian` against "
+             "DPM-Solver++(2M), UniPC bh2 and DDIM on the default grids of held-out "
+             "sampler-family problems | [Local Gaussian]"
+             "(#the-local-gaussian-sampler-benchmarkslocal_gaussianpy) |")
+SAMPLERS = {
+    "local_gaussian": lambda d, x, ts: local_gaussian(d, x, ts),
+    "local_gaussian, order=1": lambda d, x, ts: local_gaussian(d, x, ts, order=1),
+    "dpmpp_2m": lambda d, x, ts: dpmpp_2m(d, x, ts),
+    "unipc_bh2": lambda d, x, ts: unipc_bh2(d, x, ts),
+    "ddim": lambda d, x, ts: ddim(d, x, ts),
+}
+BASE = "dpmpp_2m"
+
+
+def errors(problem, draws: int, nfes: list[int], seed: int) -> dict[str, dict[int, float]]:
+    """{sampler: {nfe: rms}} on one problem, from ``draws`` noise draws."""
+    proc = problem.process
+    x_T = noise(problem, draws, seed) * float(proc.sigma(proc.t_max))
+    ref = reference_solution(problem.data, x_T, 1e-9)
+    out = {}
+    for name, run in SAMPLERS.items():
+        out[name] = {m: float((run(problem.data, x_T, problem.default_grid(m)) - ref)
+                              .pow(2).mean().sqrt()) for m in nfes}
+    return out
+
+
+def tables(names: list[str], results: list[dict], nfes: list[int]) -> str:
+    """Per-problem errors of local_gaussian and the base, and median / geometric-mean /
+    worst ratios of every sampler to the base per NFE."""
+    head = "| problem | " + " | ".join(f"NFE {m}: local_gaussian / {BASE}" for m in nfes) + " |"
+    lines = [head, "|---|" + "---|" * len(nfes)]
+    for name, res in zip(names, results, strict=True):
+        cells = [f"{res['local_gaussian'][m]:.2e} / {res[BASE][m]:.2e}" for m in nfes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"| sampler / {BASE} (median, geometric mean, worst) | "
+              + " | ".join(f"NFE {m}" for m in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for s in SAMPLERS:
+        if s == BASE:
+            continue
+        cells = []
+        for m in nfes:
+            r = np.array([res[s][m] / res[BASE][m] for res in results])
+            cells.append(f"{np.median(r):.2f}, {np.exp(np.log(r).mean()):.2f}, {r.max():.2f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed-bases", type=int, nargs="+", default=[25000, 26000],
+                        help="sampler_family seed ranges whose held-out problems to run")
+    parser.add_argument("--problems", type=int, default=24, help="problems per range")
+    parser.add_argument("--draws", type=int, default=256, help="noise draws per problem")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--readme", action="store_true", help="write benchmarks/README.md")
+    args = parser.parse_args()
+    if args.draws < 1 or args.problems < 2 or min(args.nfe) < 2:
+        raise SystemExit("--draws must be >= 1, --problems >= 2 and every --nfe >= 2")
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    problems = [draw_problem(b + i) for b in args.seed_bases for i in range(1, args.problems, 2)]
+    results = [errors(p, args.draws, args.nfe, 5000 + k) for k, p in enumerate(problems)]
+    seconds = time.perf_counter() - t0
+    text = (f"{len(problems)} held-out problems (seed ranges "
+            f"{', '.join(map(str, args.seed_bases))}), {args.draws} draws each, default "
+            f"(trailing) grids; {seconds:.0f} s on 1 thread.\n\n"
+            + tables([p.name for p in problems], results, args.nfe))
+    print(text)
+    if args.readme:
+        intro = (f"`OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py --readme` (the "
+                 f"script's docstring has the setup). RMS error to each problem's own PF-ODE "
+                 f"solution; ratios to {BASE}, which is `local_gaussian` with u = 0.\n\n")
+        path = write_section(Path(__file__).with_name("README.md"), HEADING, intro + text,
+                             INDEX_ROW, "local_gaussian.py")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
