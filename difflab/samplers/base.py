@@ -204,12 +204,19 @@ def two_point_gaussian_step(x0: Tensor, eps: Tensor, x0_prev: Tensor, eps_prev: 
     and whose estimate degrades like (q_prev / q - sigma~_prev / sigma~) where sigma~ >> s,
     this fit is exact for isotropic Gaussian data whatever error the solver has made in y,
     and its estimate of u is a difference of x0_hat, not of two nearly equal ratios."""
+    u = two_point_variance(x0, eps, x0_prev, eps_prev, st, st_prev)[0].clamp_min(0.0)
+    return _gaussian_end(x0, eps, st, (u / (u + st * st)).sqrt())
+
+
+def two_point_variance(x0: Tensor, eps: Tensor, x0_prev: Tensor, eps_prev: Tensor,
+                       st: float, st_prev: float) -> tuple[Tensor, Tensor]:
+    """The variance u of the isotropic Gaussian through two evaluations, per example and not
+    clipped: least squares of x0_hat - x0_hat_prev = u g, g = eps_hat / sigma~ - eps_hat_prev
+    / sigma~_prev (``two_point_gaussian_step``); also |g|. Both keep x's dimensions as 1."""
     dims = tuple(range(1, eps.ndim))
     g = eps / st - eps_prev / st_prev
-    gg = (g * g).sum(dims, keepdim=True)
-    u = ((x0 - x0_prev) * g).sum(dims, keepdim=True) / gg.clamp_min(torch.finfo(gg.dtype).tiny)
-    u = u.clamp_min(0.0)
-    return _gaussian_end(x0, eps, st, (u / (u + st * st)).sqrt())
+    gg = (g * g).sum(dims, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    return ((x0 - x0_prev) * g).sum(dims, keepdim=True) / gg, gg.sqrt()
 
 
 def final_sigma_step(x: Tensor, alpha: float, st: list[float], eps_hist: list[Tensor],

@@ -40,7 +40,14 @@ import torch
 from torch import Tensor
 
 from ..parameterization import DenoiserFn, Prediction
-from .base import Callback, Generators, check_ode_grid, report, zero_snr_start
+from .base import (
+    Callback,
+    Generators,
+    check_ode_grid,
+    report,
+    two_point_variance,
+    zero_snr_start,
+)
 from .options import SamplerOption, declare_options
 
 FITS = ("two_point", "none")
@@ -52,12 +59,10 @@ def fit_variance(x0: Tensor, eps: Tensor, st: float, x0_prev: Tensor, eps_prev: 
     by least squares to two evaluations (module docstring). A u within the rounding of the
     x0_hat difference (|u| <= 4 eps_mach (|x0_hat| + |x0_hat_prev|) / |g|, Cauchy-Schwarz) is
     0: the end at q = sqrt(u) would turn rounding of 1e-16 into 1e-8."""
+    u, g_norm = two_point_variance(x0, eps, x0_prev, eps_prev, st, st_prev)
     dims = tuple(range(1, eps.ndim))
-    g = eps / st - eps_prev / st_prev
-    gg = (g * g).sum(dims, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-    u = ((x0 - x0_prev) * g).sum(dims, keepdim=True) / gg
     norm = lambda v: v.pow(2).sum(dims, keepdim=True).sqrt()  # noqa: E731
-    noise = 4 * torch.finfo(g.dtype).eps * (norm(x0) + norm(x0_prev)) / gg.sqrt()
+    noise = 4 * torch.finfo(eps.dtype).eps * (norm(x0) + norm(x0_prev)) / g_norm
     return torch.where(u > noise, u, torch.zeros_like(u))
 
 
