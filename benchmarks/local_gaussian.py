@@ -13,6 +13,7 @@ fitted to any problem: u is fitted per example at run time from the sampler's ow
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from readme_section import write_section  # noqa: E402
-from sampler_family import draw_problem, noise  # noqa: E402
+from sampler_family import draw_problem, noise, rms  # noqa: E402
 
 from difflab.samplers import (  # noqa: E402
     ddim,
@@ -39,13 +40,9 @@ INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py` | `local
              "DPM-Solver++(2M), UniPC bh2 and DDIM on the default grids of held-out "
              "sampler-family problems | [Local Gaussian]"
              "(#the-local-gaussian-sampler-benchmarkslocal_gaussianpy) |")
-SAMPLERS = {
-    "local_gaussian": lambda d, x, ts: local_gaussian(d, x, ts),
-    "local_gaussian, order=1": lambda d, x, ts: local_gaussian(d, x, ts, order=1),
-    "dpmpp_2m": lambda d, x, ts: dpmpp_2m(d, x, ts),
-    "unipc_bh2": lambda d, x, ts: unipc_bh2(d, x, ts),
-    "ddim": lambda d, x, ts: ddim(d, x, ts),
-}
+SAMPLERS = {"local_gaussian": local_gaussian,
+            "local_gaussian, order=1": functools.partial(local_gaussian, order=1),
+            "dpmpp_2m": dpmpp_2m, "unipc_bh2": unipc_bh2, "ddim": ddim}
 BASE = "dpmpp_2m"
 
 
@@ -54,11 +51,8 @@ def errors(problem, draws: int, nfes: list[int], seed: int) -> dict[str, dict[in
     proc = problem.process
     x_T = noise(problem, draws, seed) * float(proc.sigma(proc.t_max))
     ref = reference_solution(problem.data, x_T, 1e-9)
-    out = {}
-    for name, run in SAMPLERS.items():
-        out[name] = {m: float((run(problem.data, x_T, problem.default_grid(m)) - ref)
-                              .pow(2).mean().sqrt()) for m in nfes}
-    return out
+    return {name: {m: rms(run(problem.data, x_T, problem.default_grid(m)), ref) for m in nfes}
+            for name, run in SAMPLERS.items()}
 
 
 def tables(names: list[str], results: list[dict], nfes: list[int]) -> str:

@@ -10,10 +10,11 @@ Then, exactly and for any data, dy / dq = (y - mu) / q: the data-prediction ODE 
 Gaussian data N(m, u I) that mu is the constant m (eps_hat = sigma~ (y - m) / q^2), so one step
 y_{i+1} = mu + (q_{i+1} / q_i)(y_i - mu) is exact; u = 0 gives back x0_hat and DDIM.
 
-Each step fits u per example to its last two evaluations (``base.two_point_gaussian_step``'s
-least squares: x0_hat_i - x0_hat_{i-1} = u g, g = eps_i / sigma~_i - eps_{i-1} / sigma~_{i-1};
-exact for isotropic Gaussian data wherever the two evaluations were made), recomputes mu of both
-with that u, and takes the step in h = log(q_i / q_{i+1}):
+Each step fits u per example to its last two evaluations (``base.two_point_variance``, the
+least squares of ``two_point_gaussian_step``: x0_hat_i - x0_hat_{i-1} = u g,
+g = eps_i / sigma~_i - eps_{i-1} / sigma~_{i-1}; exact for isotropic Gaussian data wherever the
+two evaluations were made), recomputes mu of both with that u, and takes the step in
+h = log(q_i / q_{i+1}):
 
 - ``order=1``: the exact step of the fitted Gaussian, y_{i+1} = mu_i + (q_{i+1} / q_i)(y_i - mu_i);
 - ``order=2`` (default): DPM-Solver++(2M), midpoint form (Lu et al. 2022b, Alg. 2), on mu:
@@ -118,27 +119,29 @@ def local_gaussian(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
     if not rising:
         st[-1] = 0.0  # the last step goes to clean data
     y = x / a[0]
+    zero = torch.zeros_like(y.flatten(1)[:, :1]).view(-1, *([1] * (y.ndim - 1)))
     prev = None  # (x0_hat, eps_hat) of the previous evaluation
     for i in range(n):
         pred = denoiser(a[i] * y, ts[i], cond)
         x0, eps = pred.x0, pred.eps
         s, s_next = st[i], st[i + 1]
-        u = torch.zeros_like(y.flatten(1)[:, :1]).view(-1, *([1] * (y.ndim - 1)))
+        u = zero
         if prev is not None and fit == "two_point":
             u = fit_variance(x0, eps, s, prev[0], prev[1], st[i - 1])
         q, q_next = (u + s * s).sqrt(), (u + s_next * s_next).sqrt()
+        if prev is not None:  # the previous evaluation under this step's u
+            q_prev = (u + st[i - 1] ** 2).sqrt()
+            mu_prev = _mu(prev[0], prev[1], st[i - 1], u)
         if i == 1 and fit == "two_point":
             # the first step again, with the fitted Gaussian; this evaluation moved along
-            mu0 = _mu(prev[0], prev[1], st[0], u)
-            y_new = _step(mu0, mu0, prev[1], st[0], (u + st[0] ** 2).sqrt(), q)
+            y_new = _step(mu_prev, mu_prev, prev[1], st[0], q_prev, q)
             eps = eps + (s / (q * q)) * (y_new - y)
             y, x0 = y_new, y_new - s * eps
         mu = _mu(x0, eps, s, u)
         last = i == n - 1 and not rising
         d = mu
         if prev is not None and order == 2 and (corrected_end or not last):
-            q_prev = (u + st[i - 1] ** 2).sqrt()
-            d = _corrected(mu, _mu(prev[0], prev[1], st[i - 1], u), q_prev, q, q_next)
+            d = _corrected(mu, mu_prev, q_prev, q, q_next)
         prev = (x0, eps)
         y = _step(d, mu, eps, s, q, q_next)
         if last:
