@@ -1,13 +1,14 @@
-"""The local-Gaussian sampler against the methods it generalises, on the sampler family.
+"""The local-Gaussian samplers against the methods they generalise, on the sampler family.
 
     OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py                  # markdown tables
     OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py --readme         # also README.md
 
 Every held-out problem of ``sampler_family.py``'s seed ranges ``--seed-bases`` (problem i =
 ``draw_problem(B + i)``, i odd), on its default (trailing) grid. Errors are RMS to the model's
-own PF-ODE solution (DOP853), for ``local_gaussian`` (its defaults, and ``order=1``),
-DPM-Solver++(2M) (``dpmpp_2m``: ``local_gaussian`` with u = 0), UniPC bh2 and DDIM. Nothing is
-fitted to any problem: u is fitted per example at run time from the sampler's own evaluations.
+own PF-ODE solution (DOP853), for ``local_gaussian`` (its defaults, and ``order=1``) and
+``local_unipc``, each against itself with u = 0: DPM-Solver++(2M) (``dpmpp_2m``), DDIM and
+UniPC bh2. Nothing is fitted to any problem: u is fitted per example at run time from the
+sampler's own evaluations.
 """
 
 from __future__ import annotations
@@ -31,19 +32,26 @@ from difflab.samplers import (  # noqa: E402
     ddim,
     dpmpp_2m,
     local_gaussian,
+    local_unipc,
     reference_solution,
     unipc_bh2,
 )
 
-HEADING = "The local-Gaussian sampler (`benchmarks/local_gaussian.py`)"
-INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py` | `local_gaussian` against "
-             "DPM-Solver++(2M), UniPC bh2 and DDIM on the default grids of held-out "
-             "sampler-family problems | [Local Gaussian]"
-             "(#the-local-gaussian-sampler-benchmarkslocal_gaussianpy) |")
+HEADING = "The local-Gaussian samplers (`benchmarks/local_gaussian.py`)"
+INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py` | `local_gaussian` and "
+             "`local_unipc` against DPM-Solver++(2M), UniPC bh2 and DDIM on the default grids "
+             "of held-out sampler-family problems | [Local Gaussian]"
+             "(#the-local-gaussian-samplers-benchmarkslocal_gaussianpy) |")
 SAMPLERS = {"local_gaussian": local_gaussian,
             "local_gaussian, order=1": functools.partial(local_gaussian, order=1),
+            "local_unipc": local_unipc,
             "dpmpp_2m": dpmpp_2m, "unipc_bh2": unipc_bh2, "ddim": ddim}
-BASE = "dpmpp_2m"
+#: the ratios reported: each local-Gaussian sampler to itself with u = 0, then the bases
+RATIOS = [("local_gaussian", "dpmpp_2m"), ("local_gaussian, order=1", "ddim"),
+          ("local_unipc", "unipc_bh2"), ("local_unipc", "dpmpp_2m"), ("unipc_bh2", "dpmpp_2m"),
+          ("ddim", "dpmpp_2m")]
+#: the pairs of the per-problem table
+SHOWN = [("local_gaussian", "dpmpp_2m"), ("local_unipc", "unipc_bh2")]
 
 
 def errors(problem, draws: int, nfes: list[int], seed: int) -> dict[str, dict[int, float]]:
@@ -56,29 +64,30 @@ def errors(problem, draws: int, nfes: list[int], seed: int) -> dict[str, dict[in
 
 
 def tables(names: list[str], results: list[dict], nfes: list[int]) -> str:
-    """Per-problem errors of local_gaussian and the base, and median / geometric-mean /
-    worst ratios of every sampler to the base per NFE."""
-    head = "| problem | " + " | ".join(f"NFE {m}: local_gaussian / {BASE}" for m in nfes) + " |"
+    """Per-problem errors of the SHOWN pairs, and median / geometric-mean / worst of each of
+    the RATIOS per NFE."""
+    pairs = "; ".join(f"{a} / {b}" for a, b in SHOWN)
+    head = "| problem | " + " | ".join(f"NFE {m}: {pairs}" for m in nfes) + " |"
     lines = [head, "|---|" + "---|" * len(nfes)]
     for name, res in zip(names, results, strict=True):
-        cells = [f"{res['local_gaussian'][m]:.2e} / {res[BASE][m]:.2e}" for m in nfes]
+        cells = ["; ".join(f"{res[a][m]:.2e} / {res[b][m]:.2e}" for a, b in SHOWN)
+                 for m in nfes]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"| sampler / {BASE} (median, geometric mean, worst) | "
+    lines += ["", "| ratio (median, geometric mean, worst) | "
               + " | ".join(f"NFE {m}" for m in nfes) + " |", "|---|" + "---|" * len(nfes)]
-    for s in SAMPLERS:
-        if s == BASE:
-            continue
+    for a, b in RATIOS:
         cells = []
         for m in nfes:
-            r = np.array([res[s][m] / res[BASE][m] for res in results])
+            r = np.array([res[a][m] / res[b][m] for res in results])
             cells.append(f"{np.median(r):.2f}, {np.exp(np.log(r).mean()):.2f}, {r.max():.2f}")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed-bases", type=int, nargs="+", default=[25000, 26000],
+    parser.add_argument("--seed-bases", type=int, nargs="+",
+                        default=[25000, 26000, 27000, 28000],
                         help="sampler_family seed ranges whose held-out problems to run")
     parser.add_argument("--problems", type=int, default=24, help="problems per range")
     parser.add_argument("--draws", type=int, default=256, help="noise draws per problem")
@@ -98,9 +107,10 @@ def main() -> None:
             + tables([p.name for p in problems], results, args.nfe))
     print(text)
     if args.readme:
-        intro = (f"`OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py --readme` (the "
-                 f"script's docstring has the setup). RMS error to each problem's own PF-ODE "
-                 f"solution; ratios to {BASE}, which is `local_gaussian` with u = 0.\n\n")
+        intro = ("`OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py --readme` (the "
+                 "script's docstring has the setup). RMS error to each problem's own PF-ODE "
+                 "solution; each local-Gaussian sampler against itself with u = 0 "
+                 "(`local_gaussian` is `dpmpp_2m` there, `local_unipc` `unipc_bh2`).\n\n")
         path = write_section(Path(__file__).with_name("README.md"), HEADING, intro + text,
                              INDEX_ROW, "local_gaussian.py")
         print(f"wrote {path}")

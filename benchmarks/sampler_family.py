@@ -19,7 +19,8 @@ fresh, with it; 16000 served a smoke run; 17000 and 18000 ran once, fresh, with 
 last step added, and the singlestep candidate in diffusers' form was added after the 17000
 failures; 19000 and 20000 ran once, fresh, with it, and 21000 to 24000 once after them;
 25000 and 26000 ran once, fresh, with the ``local_gaussian`` candidates, and 19000 to 24000
-were rerun with them).
+were rerun with them; 27000 and 28000 ran once, fresh, with ``local_unipc`` added, and 19000
+to 26000 got its configurations by ``evaluate(only=...)``).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
@@ -92,6 +93,7 @@ from difflab.samplers import (  # noqa: E402
     ems_statistics,
     heun,
     local_gaussian,
+    local_unipc,
     plms,
     unipc_bh1,
     unipc_bh2,
@@ -141,7 +143,9 @@ CANDIDATES = [*DIFFLAB,
               # per example to the last two evaluations (exact for isotropic Gaussian data)
               ("local_gaussian", local_gaussian, {}, "trailing", 1),
               ("local_gaussian, corrected_end=false", local_gaussian, {"corrected_end": False},
-               "trailing", 1)]
+               "trailing", 1),
+              # the same with UniPC's corrector in that time (unipc_bh2 where u = 0)
+              ("local_unipc", local_unipc, {}, "trailing", 1)]
 EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1,
              "plms, warm_start=heun, noisy_end": 1}
 

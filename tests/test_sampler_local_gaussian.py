@@ -1,6 +1,6 @@
 """The local-Gaussian multistep sampler against exact mathematics: exact on isotropic Gaussian
-data at any grid and NFE (both ways), DDIM and DPM-Solver++(2M) with the fit off, its orders
-on a mixture, and per-example fits."""
+data at any grid and NFE (both ways), DDIM, DPM-Solver++(2M) and UniPC bh2 with the fit off,
+its orders on a mixture (one more with the corrector), and per-example fits."""
 
 import numpy as np
 import pytest
@@ -13,8 +13,10 @@ from difflab.samplers import (
     ddim,
     dpmpp_2m,
     local_gaussian,
+    local_unipc,
     reference_solution,
     time_grid,
+    unipc_bh2,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +37,8 @@ def start(data, n=16, seed=1):
 
 @pytest.mark.parametrize("schedule", ["vpsde", "linear", "cosine"])
 @pytest.mark.parametrize("spacing", ["trailing", "logsnr", "karras"])
-@pytest.mark.parametrize("options", [{}, {"order": 1}, {"corrected_end": False}])
+@pytest.mark.parametrize("options", [{}, {"order": 1}, {"corrected_end": False},
+                                     {"corrector": True}, {"corrector": True, "order": 1}])
 def test_exact_on_isotropic_gaussian_data_at_any_nfe(schedule, spacing, options):
     """The first step is redone with the fitted variance and the rest is the fitted Gaussian's
     own flow: the closed-form PF-ODE end to rounding at 2, 3 and 5 steps (the cosine trailing
@@ -51,14 +54,15 @@ def test_exact_on_isotropic_gaussian_data_at_any_nfe(schedule, spacing, options)
         torch.testing.assert_close(out, exact, rtol=0, atol=1e-9)
 
 
-def test_inversion_is_exact_on_isotropic_gaussian_data():
+@pytest.mark.parametrize("corrector", [False, True])
+def test_inversion_is_exact_on_isotropic_gaussian_data(corrector):
     """On a rising grid the same steps run upwards and land on the exact noisy state."""
     data = isotropic(make_process("vpsde"))
     p = data.process
     x0 = data.sample(8, torch.Generator().manual_seed(2))
     ts = time_grid(p, 6, "logsnr")[:-1].flip(0)
     start_x = data.ode_solution(x0, p.t_min, ts[0])
-    out = local_gaussian(data, start_x, ts)
+    out = local_gaussian(data, start_x, ts, corrector=corrector)
     torch.testing.assert_close(out, data.ode_solution(start_x, ts[0], ts[-1]), rtol=0,
                                atol=1e-10)
 
@@ -79,10 +83,34 @@ def test_without_the_fit_it_is_ddim_and_dpmpp_2m(spacing):
     assert float((local_gaussian(data, x_T, ts) - dpmpp_2m(data, x_T, ts)).abs().max()) > 1e-4
 
 
-@pytest.mark.parametrize("order,steps", [(1, (16, 32, 64)), (2, (16, 32, 64))])
-def test_converges_at_its_order_on_a_mixture(order, steps):
+@pytest.mark.parametrize("spacing", ["logsnr", "trailing"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_with_the_corrector_and_without_the_fit_it_is_unipc_bh2(spacing, order):
+    """UniC in the shifted time with u = 0 is UniPC bh2's corrector (B(h) = e^h - 1 with two
+    nodes, the exact polynomial integral with three), so the run is unipc_bh2 of that order;
+    local_unipc is local_gaussian with the corrector."""
+    p = make_process("linear")
+    data = GaussianMixture(p, torch.randn(3, 4, generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.float64), torch.tensor([0.1, 0.2, 0.3]))
+    x_T = start(data)
+    ts = time_grid(p, 7, spacing)
+    torch.testing.assert_close(local_unipc(data, x_T, ts, fit="none", order=order),
+                               unipc_bh2(data, x_T, ts, order=order), rtol=0, atol=1e-11)
+    torch.testing.assert_close(local_unipc(data, x_T, ts, order=order),
+                               local_gaussian(data, x_T, ts, order=order, corrector=True),
+                               rtol=0, atol=0)
+    corrected = local_unipc(data, x_T, ts, order=order)
+    assert float((corrected - local_gaussian(data, x_T, ts, order=order)).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("order,corrector,steps", [(1, False, (16, 32, 64)),
+                                                   (2, False, (16, 32, 64)),
+                                                   (1, True, (32, 64, 128)),
+                                                   (2, True, (16, 32, 64))])
+def test_converges_at_its_order_on_a_mixture(order, corrector, steps):
     """Anisotropic, overlapping components (no Gaussian fit is exact): error against the
-    float64 DOP853 flow falls at the method's order on log-SNR grids down to sigma~ = 1e-3."""
+    float64 DOP853 flow falls at the method's order (one more with the corrector) on log-SNR
+    grids down to sigma~ = 1e-3."""
     p = make_process("vpsde")
     g = torch.Generator().manual_seed(5)
     data = GaussianMixture(p, 0.8 * torch.randn(3, 3, generator=g, dtype=torch.float64),
@@ -90,9 +118,10 @@ def test_converges_at_its_order_on_a_mixture(order, steps):
     x_T = start(data, n=8)
     ref = reference_solution(data, x_T, tol=1e-12, sigma_end=1e-5)
     errs = [float((local_gaussian(data, x_T, time_grid(p, n, "logsnr", sigma_min=1e-3),
-                                  order=order) - ref).pow(2).mean().sqrt()) for n in steps]
+                                  order=order, corrector=corrector) - ref).pow(2).mean().sqrt())
+            for n in steps]
     slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
-    assert abs(slope + order) < 0.3, (errs, slope)
+    assert abs(slope + order + corrector) < 0.3, (errs, slope)
 
 
 def test_each_example_has_its_own_fit():
@@ -104,6 +133,9 @@ def test_each_example_has_its_own_fit():
     batch = local_gaussian(data, x_T, ts)
     alone = torch.cat([local_gaussian(data, x_T[i:i + 1], ts) for i in range(4)])
     torch.testing.assert_close(batch, alone, rtol=0, atol=1e-12)
+    batch_c = local_unipc(data, x_T, ts)
+    alone_c = torch.cat([local_unipc(data, x_T[i:i + 1], ts) for i in range(4)])
+    torch.testing.assert_close(batch_c, alone_c, rtol=0, atol=1e-12)
     p = data.process
     torch.testing.assert_close(batch, data.ode_solution(x_T, p.t_max, p.t_min), rtol=0,
                                atol=1e-9)

@@ -35,7 +35,7 @@ from .grids import (
 )
 from .heun import euler, heun
 from .langevin import annealed_langevin, pc
-from .local_gaussian import local_gaussian
+from .local_gaussian import local_gaussian, local_unipc
 from .multistep import lms, plms
 from .optimize import (
     fit_grid,
@@ -79,12 +79,13 @@ SAMPLERS["adaptive_sde"] = adaptive_sde
 SAMPLERS["dpm_solver_v3"] = dpm_solver_v3
 SAMPLERS["gddim"] = gddim
 SAMPLERS["local_gaussian"] = local_gaussian
+SAMPLERS["local_unipc"] = local_unipc
 
 # The deterministic (probability-flow ODE) samplers: they also run upwards on a rising grid,
 # which is inversion (``base.check_ode_grid``, ``difflab.editing.ode_invert``).
 ODE_SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_ode", "heun", "rk45", "plms", "lms",
                                  "dpm_solver", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_bh2",
-                                 "local_gaussian")
+                                 "local_gaussian", "local_unipc")
 
 
 def get_sampler(name: str) -> Callable:
@@ -117,7 +118,8 @@ def schedule_order(name: str, options: Mapping[str, Any] | None = None,
     opts = check_sampler_options(name, options or {})
     if name in _FIXED_ORDERS:
         order = _FIXED_ORDERS[name]
-    elif name in ("lms", "dpm_solver", "unipc_bh1", "unipc_bh2", "local_gaussian"):
+    elif name in ("lms", "dpm_solver", "unipc_bh1", "unipc_bh2", "local_gaussian",
+                  "local_unipc"):
         declared = sampler_options(name)["order"].default
         order = opts.get("order", declared)
     else:
@@ -160,7 +162,7 @@ __all__ += ["ODE_SAMPLERS", "check_ode_grid", "fit_grid", "fit_three_piece_grid"
             "three_piece_grid", "ddgan", "renoise"]
 __all__ += ["ODE_SOLVERS", "consistency", "ode_step"]
 __all__ += ["restart"]
-__all__ += ["adaptive_sde", "gddim", "local_gaussian"]
+__all__ += ["adaptive_sde", "gddim", "local_gaussian", "local_unipc"]
 __all__ += ["EMSStatistics", "dpm_solver_v3", "ems_lambdas", "ems_statistics"]
 __all__ += ["fit_grid_family", "grid_family", "optimize_schedule", "optimize_schedules"]
 __all__ += ["GaussianDenoiser", "GaussianHead", "GaussianMoments", "data_moments", "skip_level",

@@ -31,11 +31,21 @@ The last step to clean data (sigma~ = 0, q = sqrt(u)) has the mu correction too
 (``corrected_end=False``: the fitted Gaussian's exact end, ``two_point_gaussian_step``);
 where u = 0 there it returns mu = x0_hat. On a rising grid (inversion) the same steps run
 upwards and x at ts[-1] is returned.
+
+``corrector=True`` (``local_unipc``) adds UniPC's corrector UniC (Zhao et al. 2023, Alg. 2) in
+the same variables. With lambda = -log q the ODE reads dy / dlambda = mu - y, so a step of
+length h from y_a is y = e^{-h} y_a + int_0^h e^{-(h - tau)} mu(lambda_a + tau) dtau. After
+each evaluation the step that led to it is taken again with the new mu as one more node of
+the polynomial in that integral (order + 1 nodes: the exact integral of the polynomial through
+three, UniPC's B(h) = e^h - 1 rule through two), all under this evaluation's u; the next step
+starts from the corrected state, so the corrector costs no evaluation. With ``fit="none"``
+this is ``unipc_bh2`` of the same order. A Gaussian's mu is constant, so the corrector is
+zero there and the run still exact.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,25 +99,82 @@ def _corrected(mu: Tensor, mu_prev: Tensor, q_prev: Tensor, q: Tensor,
     return torch.where(torch.isfinite(d), d, mu)
 
 
+def _psi(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """psi_k(h) = int_0^h e^{-(h - tau)} tau^k / k! dtau for k = 0, 1, 2 (psi_k = h^k / k! -
+    psi_{k-1}, psi_0 = 1 - e^{-h})."""
+    p0 = -torch.expm1(-h)
+    p1 = h - p0
+    return p0, p1, 0.5 * h * h - p1
+
+
+def _unic(mu: Tensor, mu_prev: Tensor, mu_prev2: Tensor | None, r_prev: Tensor, h: Tensor,
+          h_prev: Tensor | None) -> Tensor:
+    """UniC (module docstring): the step of length h (in lambda = -log q) from the previous
+    level again, now with mu (this evaluation, at tau = h) as a node beside mu_prev (tau = 0)
+    and mu_prev2 (tau = -h_prev, where given). ``r_prev`` is the previous state minus
+    mu_prev. Returns the corrected state at this level:
+    mu_prev + e^{-h} r_prev + the integral of the polynomial's part beyond mu_prev."""
+    p0, p1, p2 = _psi(h)
+    if mu_prev2 is None:  # two nodes: UniPC's B(h) = e^h - 1 rule, a_1 = 1/2
+        beyond = 0.5 * p0 * (mu - mu_prev)
+    else:  # three nodes, Newton form: mu_prev + f1 tau + f2 tau (tau - h)
+        f1 = (mu - mu_prev) / h
+        f2 = (f1 - (mu_prev - mu_prev2) / h_prev) / (h + h_prev)
+        beyond = p1 * f1 + f2 * (2 * p2 - h * p1)
+    return mu_prev + torch.exp(-h) * r_prev + beyond
+
+
+_ORDER = SamplerOption("order", int, 2, "1: each step the exact step of the Gaussian fitted "
+                       "to the last two evaluations; 2: DPM-Solver++(2M) in the variance-"
+                       "shifted time (second order, still exact for isotropic Gaussian data)",
+                       choices=(1, 2))
+_CORRECTED_END = SamplerOption("corrected_end", bool, True, "with order=2, the last step to "
+                               "clean data with the second-order correction too (false: the "
+                               "fitted Gaussian's exact end, base.two_point_gaussian_step)")
+_FIT = SamplerOption("fit", str, "two_point", "how u (the Gaussian's variance) is chosen: "
+                     "'two_point' fitted per example to the last two evaluations; 'none' u = "
+                     "0, which is DDIM (order 1) or DPM-Solver++(2M), midpoint form (order 2); "
+                     "with the corrector, unipc_bh2", choices=FITS)
+
+
+class _Evaluation(NamedTuple):
+    """One evaluation: the model's x0_hat and eps_hat at the state y_eval of level sigma~,
+    and the state the next step started from (y_eval, or the corrector's state)."""
+
+    x0: Tensor
+    eps: Tensor
+    st: float
+    y_eval: Tensor
+    y_state: Tensor
+
+
+def _corrected_state(mu: Tensor, back: list[tuple[Tensor, Tensor]], hist: list[_Evaluation],
+                     q: Tensor, order: int) -> Tensor:
+    """The state at this level by UniC (``_unic``) from the previous one, with ``back`` the
+    (mu, q) of the earlier evaluations ``hist`` under this step's u."""
+    (mu_prev, q_prev), prev = back[0], hist[0]
+    r_prev = (q_prev * q_prev / prev.st) * prev.eps + (prev.y_state - prev.y_eval)
+    h = torch.log(q_prev / q)
+    if order == 2 and len(back) > 1:
+        mu_prev2, q_prev2 = back[1]
+        return _unic(mu, mu_prev, mu_prev2, r_prev, h, torch.log(q_prev2 / q_prev))
+    return _unic(mu, mu_prev, None, r_prev, h, None)
+
+
 @declare_options(
-    SamplerOption("order", int, 2, "1: each step the exact step of the Gaussian fitted to the "
-                  "last two evaluations; 2: DPM-Solver++(2M) in the variance-shifted time "
-                  "(second order, still exact for isotropic Gaussian data)", choices=(1, 2)),
-    SamplerOption("corrected_end", bool, True, "with order=2, the last step to clean data "
-                  "with the second-order correction too (false: the fitted Gaussian's exact "
-                  "end, base.two_point_gaussian_step)"),
-    SamplerOption("fit", str, "two_point", "how u (the Gaussian's variance) is chosen: "
-                  "'two_point' fitted per example to the last two evaluations; 'none' u = 0, "
-                  "which is DDIM (order 1) or DPM-Solver++(2M), midpoint form (order 2)",
-                  choices=FITS))
+    _ORDER, _CORRECTED_END, _FIT,
+    SamplerOption("corrector", bool, False, "UniPC's corrector UniC in the shifted time "
+                  "(order + 1, no extra evaluation; with fit='none' this is unipc_bh2)"))
 @zero_snr_start
 @torch.no_grad()
 def local_gaussian(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
                    callback: Callback | None = None, *, cond: Any = None, order: int = 2,
-                   corrected_end: bool = True, fit: str = "two_point") -> Tensor:
+                   corrected_end: bool = True, fit: str = "two_point",
+                   corrector: bool = False) -> Tensor:
     """The local-Gaussian multistep sampler (module docstring): one evaluation per step,
     exact for isotropic Gaussian data on any grid, first (``order=1``) or second order in
-    general. Returns clean data after the last step (x at ts[-1] on a rising grid)."""
+    general, one order more with the ``corrector``. Returns clean data after the last step
+    (x at ts[-1] on a rising grid)."""
     if order not in (1, 2) or fit not in FITS:
         raise ValueError(f"local_gaussian: order must be 1 or 2 and fit one of "
                          f"{', '.join(FITS)}; got {order}, {fit!r}")
@@ -120,30 +187,32 @@ def local_gaussian(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
         st[-1] = 0.0  # the last step goes to clean data
     y = x / a[0]
     zero = torch.zeros_like(y.flatten(1)[:, :1]).view(-1, *([1] * (y.ndim - 1)))
-    prev = None  # (x0_hat, eps_hat) of the previous evaluation
+    hist: list[_Evaluation] = []  # the earlier evaluations, newest first
     for i in range(n):
         pred = denoiser(a[i] * y, ts[i], cond)
         x0, eps = pred.x0, pred.eps
         s, s_next = st[i], st[i + 1]
         u = zero
-        if prev is not None and fit == "two_point":
-            u = fit_variance(x0, eps, s, prev[0], prev[1], st[i - 1])
+        if hist and fit == "two_point":
+            u = fit_variance(x0, eps, s, hist[0].x0, hist[0].eps, hist[0].st)
         q, q_next = (u + s * s).sqrt(), (u + s_next * s_next).sqrt()
-        if prev is not None:  # the previous evaluation under this step's u
-            q_prev = (u + st[i - 1] ** 2).sqrt()
-            mu_prev = _mu(prev[0], prev[1], st[i - 1], u)
+        # the earlier evaluations' mu and q under this step's u
+        back = [(_mu(e.x0, e.eps, e.st, u), (u + e.st**2).sqrt()) for e in hist]
         if i == 1 and fit == "two_point":
             # the first step again, with the fitted Gaussian; this evaluation moved along
-            y_new = _step(mu_prev, mu_prev, prev[1], st[0], q_prev, q)
+            (mu_prev, q_prev), prev = back[0], hist[0]
+            y_new = _step(mu_prev, mu_prev, prev.eps, prev.st, q_prev, q)
             eps = eps + (s / (q * q)) * (y_new - y)
             y, x0 = y_new, y_new - s * eps
         mu = _mu(x0, eps, s, u)
+        y_state = _corrected_state(mu, back, hist, q, order) if corrector and hist else y
         last = i == n - 1 and not rising
         d = mu
-        if prev is not None and order == 2 and (corrected_end or not last):
-            d = _corrected(mu, mu_prev, q_prev, q, q_next)
-        prev = (x0, eps)
-        y = _step(d, mu, eps, s, q, q_next)
+        if hist and order == 2 and (corrected_end or not last):
+            d = _corrected(mu, back[0][0], back[0][1], q, q_next)
+        hist = [_Evaluation(x0, eps, s, y, y_state), *hist][:2]
+        # from y_state: y_state - d = (q^2 / sigma~) eps_hat + (mu - d) + (y_state - y)
+        y = _step(d, mu + (y_state - y), eps, s, q, q_next)
         if last:
             report(callback, i, ts[i], y, Prediction(x0=y, eps=eps))
             return y
@@ -151,4 +220,14 @@ def local_gaussian(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
     return a[-1] * y
 
 
-__all__ = ["FITS", "fit_variance", "local_gaussian"]
+@declare_options(_ORDER, _CORRECTED_END, _FIT)
+def local_unipc(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Generators = None,
+                callback: Callback | None = None, *, cond: Any = None, order: int = 2,
+                corrected_end: bool = True, fit: str = "two_point") -> Tensor:
+    """UniPC in the variance-shifted time: ``local_gaussian`` with its ``corrector`` (module
+    docstring); exact for isotropic Gaussian data, ``unipc_bh2`` with ``fit="none"``."""
+    return local_gaussian(denoiser, x, ts, generator, callback, cond=cond, order=order,
+                          corrected_end=corrected_end, fit=fit, corrector=True)
+
+
+__all__ = ["FITS", "fit_variance", "local_gaussian", "local_unipc"]
