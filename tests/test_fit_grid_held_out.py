@@ -14,7 +14,13 @@ import difflab.cli.fit_grid as cli
 from difflab.analytic import GaussianMixture
 from difflab.cli.main import main
 from difflab.process import make_process
-from difflab.samplers import time_grid
+from difflab.samplers import ddim, time_grid
+from difflab.samplers.optimize import (
+    fit_grid,
+    fit_three_piece_grid,
+    optimize_grid,
+    reference_solution,
+)
 
 
 class ExactPipeline:
@@ -60,7 +66,7 @@ def test_check_held_out_refuses_only_a_worse_grid():
     assert "\n" not in msg and "2.0000e-01" in msg and "1.0000e-01" in msg and " 8 " in msg
 
 
-def crammed(den, sampler, n, x, ref, w, max_evals=0):
+def crammed(den, sampler, n, x, ref, w, max_evals=0, starts="both"):
     """A stand-in fit that puts every step at the noisy end: the last step then jumps from
     near t_max to clean data, much worse than the default grid on any draws."""
     t_max, t_min = float(den.process.t_max), float(den.process.t_min)
@@ -159,3 +165,36 @@ def test_error_curves_keep_ays_and_fitted_grids_apart(tmp_path):
     assert set(ays) == {"default grid", "AYS grid"} and sorted(ays["AYS grid"][0]) == [4, 8]
     fit = cli.error_curves(tmp_path / "c.json")
     assert set(fit) == {"default grid", "fitted grid"} and fit["fitted grid"] == ([6.0], [0.2])
+
+
+def test_fit_grid_starts_refine_the_default_the_three_piece_grid_or_both():
+    """starts="default" is Nelder-Mead from the default grid alone, "three-piece" from the
+    best three-piece grid alone (bit for bit), and "both" keeps the better of the two."""
+    data = ExactPipeline().exact
+    p = data.process
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64) * float(p.sigma(p.t_max))
+    ref = reference_solution(data, x, 1e-6)
+    fits = {s: fit_grid(data, ddim, 5, x, ref, max_evals=15, starts=s)
+            for s in ("default", "three-piece", "both")}
+    torch.testing.assert_close(fits["default"][0],
+                               optimize_grid(data, ddim, time_grid(p, 5), x, ref, 15),
+                               rtol=0, atol=0)
+    three = fit_three_piece_grid(data, ddim, 5, x, ref)
+    torch.testing.assert_close(fits["three-piece"][0], optimize_grid(data, ddim, three, x, ref,
+                                                                     15), rtol=0, atol=0)
+    better = min(("default", "three-piece"), key=lambda s: fits[s][1])
+    assert fits["both"][1] == fits[better][1]
+    torch.testing.assert_close(fits["both"][0], fits[better][0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="starts"):
+        fit_grid(data, ddim, 5, x, ref, starts="none")
+
+
+def test_fit_grid_cli_records_a_start_other_than_both(exact_pipeline, tmp_path, capsys):
+    out = tmp_path / "grid.json"
+    assert main(["fit-grid", *ARGS, "--evals", "10", "--starts", "default", "--out",
+                 str(out)]) == 0
+    assert json.loads(out.read_text())["starts"] == "default"
+    with pytest.raises(SystemExit) as bad:
+        main(["fit-grid", *ARGS, "--starts", "none", "--out", str(tmp_path / "g2.json")])
+    assert bad.value.code == 2 and "--starts" in capsys.readouterr().err

@@ -33,7 +33,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 #: tiny sizes, per command: each value replaces the README's or is appended when absent. Only
 #: options that set a size (steps, counts, widths) are here, never one a command needs to work
 #: (fit-grid's --steps names the grid file the next command reads, so it is kept; its
-#: --validation is 4 draws: on 1 the held-out check refused the fitted grid). A value
+#: --validation is 4 draws: on 1 the held-out check refused the fitted grid; its --starts
+#: default skips the three-piece search, 225 sampler runs at 8 steps). A value
 #: ``(value,)`` only replaces a README value (sample's --n: 20 samples of --class all for eval).
 TINY: dict[str, dict[str, str | tuple[str]]] = {
     "train": {"--steps": "2", "--batch-size": "4", "--model-size": "tiny",
@@ -44,7 +45,7 @@ TINY: dict[str, dict[str, str | tuple[str]]] = {
     "eval": {"--feature-steps": "2", "--kid-subset-size": "10"},
     "nll": {"--n": "4", "--steps": "4"},
     "fit-grid": {"--pool": "2", "--hard": "1", "--easy": "1", "--validation": "4",
-                 "--evals": "1", "--tol": "1e-2"},
+                 "--evals": "1", "--tol": "1e-2", "--starts": "default"},
     "plot": {},
     "distill": {"--steps": "2", "--batch-size": "4"},
     # the 64 px scenes at 16 px: encoding the data set is the cost of a latent run

@@ -40,7 +40,13 @@ from ..samplers import (
     schedule_order,
     time_grid,
 )
-from ..samplers.optimize import fit_grid, reference_solution, stratified_draws, weighted_rms
+from ..samplers.optimize import (
+    FIT_STARTS,
+    fit_grid,
+    reference_solution,
+    stratified_draws,
+    weighted_rms,
+)
 from ..training import pick_device
 from .outputs import add_overwrite_option, check_outputs, output_beside_run
 from .plot import plot_error_vs_nfe
@@ -82,6 +88,10 @@ def add_fit_grid_parser(sub: argparse._SubParsersAction) -> None:
                    help="seed of the validation draws (default: --seed + 1)")
     p.add_argument("--tol", type=float, default=1e-5, help="reference ODE solver tolerance")
     p.add_argument("--evals", type=int, default=200, help="Nelder-Mead evaluations")
+    p.add_argument("--starts", default="both", choices=FIT_STARTS,
+                   help="fit: the grids Nelder-Mead refines, keeping the better: the default "
+                        "grid, the best three-piece grid (a search that runs the sampler once "
+                        "per break pair and split of the steps, 225 runs at 8 steps), or both")
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="fit for this class (default: the unconditional branch)")
     p.add_argument("--guidance", type=float, default=None,
@@ -187,8 +197,10 @@ def _make_grid(args: argparse.Namespace, den, sampler, options: dict, noise, g, 
     ref = reference_solution(den, x, args.tol)
     print(f"references: {len(x)} training draws ({time.perf_counter() - t0:.0f} s; "
           f"{args.validation} validation draws before them)")
-    ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals)
-    return ts, [weighted_rms(sampler(den, x, default), ref, w), fitted_train], {}
+    ts, fitted_train = fit_grid(den, sampler, args.steps, x, ref, w, max_evals=args.evals,
+                                starts=args.starts)
+    extra = {} if args.starts == "both" else {"starts": args.starts}
+    return ts, [weighted_rms(sampler(den, x, default), ref, w), fitted_train], extra
 
 
 def _check_args(args: argparse.Namespace) -> None:
