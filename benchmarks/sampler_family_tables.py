@@ -308,9 +308,11 @@ corrector in the same time; developed on the failing problems of 24000 and 26000
 on the held-out problems of 25000 and 26000): 27000..27023 and 28000..28023 are two
 never-looked-at ranges run once with it, and the run here and 19000 to 26000 got its
 configurations added by rerunning only them (`evaluate(only=...)`: same problems, noise and
-grids; a configuration already saved reran to the same 7 digits). The status lines of those,
-and of every earlier range as last run (with the candidates before `local_gaussian`: 34 difflab
-samplers against 37), follow (`benchmarks/sampler_family_B.json`).
+grids; a configuration already saved reran to the same 7 digits). Every earlier range got the
+`local_gaussian` and `local_unipc` configurations the same way (there too `dpmpp_2m [ays]` and
+`unipc_bh2 (2) [default]` reran to the saved 7 digits on every problem), so every run has the
+same 37 difflab samplers. The status lines of those follow
+(`benchmarks/sampler_family_B.json`).
 Every error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the
 tables without running.
 
@@ -388,9 +390,10 @@ than the reference's carries most of the RMS of the configuration chosen on the 
 Where the goal fails, it is one kind of problem: small mixture components (scale 0.015 to
 0.07) in several places (K = 4 to 13), d = 6 to 38, at 5 to 10 NFE. On the fresh ranges run
 with the current candidates or the ones before them: 12000 problem 7 (cosine, d = 7, K = 13,
-full, s = 0.018: 0.84 / 0.91 / 0.83 at 5 / 8 / 10 NFE), 17000 problems 7, 9 and 10 (0.98 and
-0.97 at 8 and 10 NFE; 1.00 at 8; 0.81 at 10) and 20000 problem 7 (scaled linear, d = 38, K = 7,
-full, s = 0.036: 0.85 at 8 NFE). There neither library resolves the components in so few
+full, s = 0.018: 0.84 / 0.91 / 0.83 at 5 / 8 / 10 NFE before `local_unipc`, 0.84 / 0.41 / 0.66
+with it), 17000 problems 7, 9 and 10 (0.98 and 0.97 at 8 and 10 NFE; 1.00 at 8; 0.81 at 10)
+and 20000 problem 7 (scaled linear, d = 38, K = 7, full, s = 0.036:
+0.85 at 8 NFE). There neither library resolves the components in so few
 steps: the default grid's last noisy level at 8 NFE is 11 to 27 times the component scale,
 and the error is the within-component spread plus the few draws that end in another component
 than the reference's (12000 problem 7 at 8 NFE: 3 of 256 draws carry 2.7e-2, in quadrature, of
