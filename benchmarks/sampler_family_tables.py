@@ -408,23 +408,24 @@ diagonal, s = 0.012: 0.88 and 0.82 at 10 and 15 NFE; 0.84 at 15 before `local_un
 On these problems a few draws carry the RMS, so 256 draws measure it loosely:
 `benchmarks/sampler_family_tails.py` reruns each failing cell's two best configurations on 2048
 fresh draws (its section below has the table). Two kinds come out. Some cells are draw noise:
-20000 problem 7 at 8 NFE (0.85 on the run's draws, 90% interval 0.31-1.22 over draws) is 0.72
-on the fresh draws, and there difflab's error is 0.45 of diffusers' on the median draw, while the
+20000 problem 7 at 8 NFE (0.85 on the run's draws, 90% interval 0.31-1.22 over draws) is 0.72 on
+the fresh draws, and there difflab's error is 0.45 of diffusers' on the median draw, while the
 5% of draws where diffusers errs most carry 59% of its squared error and 84% of difflab's; 17000
-problem 10 at 10 NFE goes from 0.81 to 0.60, 24000 problem 0 at 15 NFE from 0.84 to 0.67.
-At the limit: 24000 problem 5 and 12000 problem 7 at 5 NFE (0.85, 0.84) are 0.79 on the fresh
-draws (intervals 0.70-0.87 and 0.76-0.82). The
-others are real ties: 17000 problem 9 at 8 NFE (1.00 on any draws: the same singlestep method),
-17000 problem 7 at 8 and 10 NFE (0.92, 0.90), 12000 problem 7 at 8 and 10 NFE (0.97, 0.99) and
-24000 problem 0 at 10 NFE (0.93). Where they fail, the error sits where the components
-separate: on 20000 problem 7 (8 NFE, UniPC on the "ays3" grid, restarted from the exact state
-at each grid level) it is 4e-2 from sigma~ = 0.8 and 8e-3 from sigma~ = 0.46 down. There 10
-or 12 AYS steps instead of 8 lower the RMS of the hardest 5% of 2048 draws only from 0.116 to
-0.095 and 0.097 (the other draws' from 0.013 to 0.005 and 0.002); a grid fitted to this
-problem on 1024 fresh draws (`optimize_grid` from the AYS grid) is 13% better on 1024 other
-fresh draws and 20% worse on the run's; and a last step fitted in the span of the last
-evaluations (a Ritz estimate of the component covariance, exact for anisotropic Gaussians once
-the component is decided) leaves the best RMS within 2%.
+problem 10 at 10 NFE goes from 0.81 to 0.64 and 24000 problem 0 at 15 NFE from 0.82 to 0.64
+(both `local_unipc` on the "head" grid, 0.01 of diffusers' error on the median draw). At the
+limit: 24000 problem 5 and 12000 problem 7 at 5 NFE (0.85, 0.84) are 0.79 on the fresh draws
+(intervals 0.70-0.87 and 0.76-0.82). The others are real ties: 17000 problem 9 at 8 NFE (1.00 on
+any draws: the same singlestep method), 17000 problem 7 at 8 and 10 NFE (0.92, 0.90) and 24000
+problem 0 at 10 NFE (0.93). 12000 problem 7 at 8 and 10 NFE, ties before (0.97, 0.99 on fresh
+draws), now pass with `local_unipc` on the "ays_min" grid (0.41 and 0.66 on the run's draws).
+Where they fail, the error sits where the components separate: on 20000 problem 7 (8 NFE, UniPC
+on the "ays3" grid, restarted from the exact state at each grid level) it is 4e-2 from sigma~ =
+0.8 and 8e-3 from sigma~ = 0.46 down. There 10 or 12 AYS steps instead of 8 lower the RMS of the
+hardest 5% of 2048 draws only from 0.116 to 0.095 and 0.097 (the other draws' from 0.013 to
+0.005 and 0.002); a grid fitted to this problem on 1024 fresh draws (`optimize_grid` from the
+AYS grid) is 13% better on 1024 other fresh draws and 20% worse on the run's; and a last step
+fitted in the span of the last evaluations (a Ritz estimate of the component covariance, exact
+for anisotropic Gaussians once the component is decided) leaves the best RMS within 2%.
 
 The 21000 failure at 20 NFE (worst 54) is an accidental zero of diffusers' error: on a single
 isotropic Gaussian (vpsde, d = 28, s = 0.86) every draw's error is one common factor times its
