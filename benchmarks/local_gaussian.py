@@ -6,9 +6,9 @@
 Every held-out problem of ``sampler_family.py``'s seed ranges ``--seed-bases`` (problem i =
 ``draw_problem(B + i)``, i odd), on its default (trailing) grid. Errors are RMS to the model's
 own PF-ODE solution (DOP853), for ``local_gaussian`` (its defaults, and ``order=1``) and
-``local_unipc``, each against itself with u = 0: DPM-Solver++(2M) (``dpmpp_2m``), DDIM and
-UniPC bh2. Nothing is fitted to any problem: u is fitted per example at run time from the
-sampler's own evaluations.
+``local_unipc`` (order 2, and 3), each against itself with u = 0: DPM-Solver++(2M)
+(``dpmpp_2m``), DDIM and UniPC bh2. Nothing is fitted to any problem: u is fitted per
+example at run time from the sampler's own evaluations.
 """
 
 from __future__ import annotations
@@ -45,10 +45,13 @@ INDEX_ROW = ("| `OMP_NUM_THREADS=1 python benchmarks/local_gaussian.py` | `local
 SAMPLERS = {"local_gaussian": local_gaussian,
             "local_gaussian, order=1": functools.partial(local_gaussian, order=1),
             "local_unipc": local_unipc,
+            "local_unipc, order=3": functools.partial(local_unipc, order=3),
             "dpmpp_2m": dpmpp_2m, "unipc_bh2": unipc_bh2, "ddim": ddim}
 #: the ratios reported: each local-Gaussian sampler to itself with u = 0, then the bases
 RATIOS = [("local_gaussian", "dpmpp_2m"), ("local_gaussian, order=1", "ddim"),
-          ("local_unipc", "unipc_bh2"), ("local_unipc", "dpmpp_2m"), ("unipc_bh2", "dpmpp_2m"),
+          ("local_unipc", "unipc_bh2"), ("local_unipc", "dpmpp_2m"),
+          ("local_unipc, order=3", "local_unipc"), ("local_unipc, order=3", "unipc_bh2"),
+          ("unipc_bh2", "dpmpp_2m"),
           ("ddim", "dpmpp_2m")]
 #: the pairs of the per-problem table
 SHOWN = [("local_gaussian", "dpmpp_2m"), ("local_unipc", "unipc_bh2")]
