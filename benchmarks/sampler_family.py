@@ -20,7 +20,8 @@ last step added, and the singlestep candidate in diffusers' form was added after
 failures; 19000 and 20000 ran once, fresh, with it, and 21000 to 24000 once after them;
 25000 and 26000 ran once, fresh, with the ``local_gaussian`` candidates, and 19000 to 24000
 were rerun with them; 27000 and 28000 ran once, fresh, with ``local_unipc`` added, and 19000
-to 26000 got its configurations by ``evaluate(only=...)``).
+to 26000 got its configurations by ``evaluate(only=...)``; 29000 and 30000 ran once, fresh,
+with ``local_unipc, order=3`` added, and every other saved range got it the same way).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
@@ -144,8 +145,10 @@ CANDIDATES = [*DIFFLAB,
               ("local_gaussian", local_gaussian, {}, "trailing", 1),
               ("local_gaussian, corrected_end=false", local_gaussian, {"corrected_end": False},
                "trailing", 1),
-              # the same with UniPC's corrector in that time (unipc_bh2 where u = 0)
-              ("local_unipc", local_unipc, {}, "trailing", 1)]
+              # the same with UniPC's corrector in that time (unipc_bh2 where u = 0), and with
+              # UniPC's third-order predictor
+              ("local_unipc", local_unipc, {}, "trailing", 1),
+              ("local_unipc, order=3", local_unipc, {"order": 3}, "trailing", 1)]
 EXTRA_NFE = {"plms, warm_start=heun": 1, "plms, warm_start=heun, final_order=0": 1,
              "plms, warm_start=heun, noisy_end": 1}
 

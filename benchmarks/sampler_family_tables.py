@@ -276,7 +276,8 @@ benchmarks/sampler_family_19000.json benchmarks/sampler_family_21000.json
 benchmarks/sampler_family_22000.json benchmarks/sampler_family_23000.json
 benchmarks/sampler_family_24000.json benchmarks/sampler_family_25000.json
 benchmarks/sampler_family_26000.json benchmarks/sampler_family_27000.json
-benchmarks/sampler_family_28000.json benchmarks/sampler_family_17000.json
+benchmarks/sampler_family_28000.json benchmarks/sampler_family_29000.json
+benchmarks/sampler_family_30000.json benchmarks/sampler_family_17000.json
 benchmarks/sampler_family_18000.json benchmarks/sampler_family_12000.json ...
 benchmarks/sampler_family_15000.json benchmarks/sampler_family_2000.json ...
 benchmarks/sampler_family_11000.json --readme` (the
@@ -310,8 +311,12 @@ never-looked-at ranges run once with it, and the run here and 19000 to 26000 got
 configurations added by rerunning only them (`evaluate(only=...)`: same problems, noise and
 grids; a configuration already saved reran to the same 7 digits). Every earlier range got the
 `local_gaussian` and `local_unipc` configurations the same way (there too `dpmpp_2m [ays]` and
-`unipc_bh2 (2) [default]` reran to the saved 7 digits on every problem), so every run has the
-same 37 difflab samplers. The status lines of those follow
+`unipc_bh2 (2) [default]` reran to the saved 7 digits on every problem). Last,
+`local_unipc, order=3` joined (UniPC's third-order predictor in that time; its second-order
+last step was chosen on the held-out problems of 25000 to 28000): 29000..29023 and
+30000..30023 are two never-looked-at ranges run once with it, and every other range got its
+configurations the same way (`local_unipc [ays]` reran to the saved 7 digits), so every run
+has the same 38 difflab samplers. The status lines of those follow
 (`benchmarks/sampler_family_B.json`).
 Every error of each run is in those JSON files (`--save`); `--load ... --readme` reprints the
 tables without running.
@@ -346,7 +351,8 @@ example to the last two evaluations, exact for isotropic Gaussian data at any NF
 (`docs/samplers.md`, "The local-Gaussian samplers"); it runs with its default end and with
 `corrected_end=false`, on every grid but "family" and "ays3". `local_unipc` adds UniPC's
 corrector in that time (third order, still exact for isotropic Gaussians, `unipc_bh2` where
-u = 0) and runs on every grid but "family".
+u = 0) and runs on every grid but "family"; `local_unipc, order=3` is the same with UniPC's
+third-order predictor (the last step second order).
 
 Namesake tables: difflab's solver (its best configuration; the second table: its default
 options only) against the diffusers scheduler of the same name on the default (trailing) grid
@@ -402,30 +408,33 @@ twin on the same grid (UniPC bh2 on 12000 at 8 NFE, the same singlestep DPM-Solv
 problem 9, ratio 1.00), and at 15 NFE, with levels down to the component scale, difflab's
 grids win by 10-20x
 (17000 problem 7: 1.4e-3 against 2.4e-2). 24000 adds problems 0 (cosine, d = 7, K = 13,
-diagonal, s = 0.012: 0.88 and 0.82 at 10 and 15 NFE; 0.84 at 15 before `local_unipc`) and 5
-(cosine, d = 15, K = 9, s = 0.037: 0.85 at 5 NFE).
+diagonal, s = 0.012: 0.88 at 10 NFE; at 15 NFE 0.84, 0.82 with `local_unipc` and 0.37 with
+its order 3) and 5 (cosine, d = 15, K = 9, s = 0.037: 0.85 at 5 NFE).
 
 On these problems a few draws carry the RMS, so 256 draws measure it loosely:
-`benchmarks/sampler_family_tails.py` reruns each failing cell's two best configurations on 2048
-fresh draws (its section below has the table). Two kinds come out. Some cells are draw noise:
-20000 problem 7 at 8 NFE (0.85 on the run's draws, 90% interval 0.31-1.22 over draws) is 0.72 on
-the fresh draws, and there difflab's error is 0.45 of diffusers' on the median draw, while the
-5% of draws where diffusers errs most carry 59% of its squared error and 84% of difflab's; 17000
-problem 10 at 10 NFE goes from 0.81 to 0.64 and 24000 problem 0 at 15 NFE from 0.82 to 0.64
-(both `local_unipc` on the "head" grid, 0.01 of diffusers' error on the median draw). At the
-limit: 24000 problem 5 and 12000 problem 7 at 5 NFE (0.85, 0.84) are 0.79 on the fresh draws
-(intervals 0.70-0.87 and 0.76-0.82). The others are real ties: 17000 problem 9 at 8 NFE (1.00 on
-any draws: the same singlestep method), 17000 problem 7 at 8 and 10 NFE (0.92, 0.90) and 24000
-problem 0 at 10 NFE (0.93). 12000 problem 7 at 8 and 10 NFE, ties before (0.97, 0.99 on fresh
-draws), now pass with `local_unipc` on the "ays_min" grid (0.41 and 0.66 on the run's draws).
-Where they fail, the error sits where the components separate: on 20000 problem 7 (8 NFE, UniPC
-on the "ays3" grid, restarted from the exact state at each grid level) it is 4e-2 from sigma~ =
-0.8 and 8e-3 from sigma~ = 0.46 down. There 10 or 12 AYS steps instead of 8 lower the RMS of the
-hardest 5% of 2048 draws only from 0.116 to 0.095 and 0.097 (the other draws' from 0.013 to
-0.005 and 0.002); a grid fitted to this problem on 1024 fresh draws (`optimize_grid` from the
-AYS grid) is 13% better on 1024 other fresh draws and 20% worse on the run's; and a last step
-fitted in the span of the last evaluations (a Ritz estimate of the component covariance, exact
-for anisotropic Gaussians once the component is decided) leaves the best RMS within 2%.
+`benchmarks/sampler_family_tails.py` reruns each failing cell's best configuration on 2048 fresh
+draws (its section below has the table). Two kinds come out. Some cells are draw noise: 20000
+problem 7 at 8 NFE (0.85 on the run's draws, 90% interval 0.31-1.22 over draws) is 0.72 on the
+fresh draws, and there difflab's error is 0.45 of diffusers' on the median draw, while the 5% of
+draws where diffusers errs most carry 59% of its squared error and 84% of difflab's; 17000
+problem 10 at 10 NFE goes from 0.81 to 0.64 (`local_unipc` on the "head" grid, 0.01 of
+diffusers' error on the median draw). At the limit: 24000 problem 5 and 12000 problem 7 at 5 NFE
+(0.85, 0.84) are 0.79 on the fresh draws (intervals 0.70-0.87 and 0.76-0.82). The others are
+ties: 17000 problem 7 at 8 and 10 NFE (before `local_unipc, order=3`: 0.92 and 0.90 on fresh
+draws; now its 8 NFE best is `local_unipc, order=3` on "ays3", 0.98 on the run's draws and 1.43
+on fresh ones, a pick of the noise) and 24000 problem 0 at 10 NFE (0.93). 17000 problem 9 at 8
+NFE, a tie of the same singlestep method (1.00 on any draws), is 0.49 with `local_unipc,
+order=3`; 12000 problem 7 at 8 and 10 NFE, ties before (0.97, 0.99 on fresh draws), pass with
+`local_unipc` on the "ays_min" grid (0.41 and 0.66 on the run's draws); 24000 problem 0 at 15
+NFE (0.84, then 0.64 on fresh draws) is 0.37 with `local_unipc, order=3`. Where they fail, the
+error sits where the components separate: on 20000 problem 7 (8 NFE, UniPC on the "ays3" grid,
+restarted from the exact state at each grid level) it is 4e-2 from sigma~ = 0.8 and 8e-3 from
+sigma~ = 0.46 down. There 10 or 12 AYS steps instead of 8 lower the RMS of the hardest 5% of
+2048 draws only from 0.116 to 0.095 and 0.097 (the other draws' from 0.013 to 0.005 and 0.002);
+a grid fitted to this problem on 1024 fresh draws (`optimize_grid` from the AYS grid) is 13%
+better on 1024 other fresh draws and 20% worse on the run's; and a last step fitted in the span
+of the last evaluations (a Ritz estimate of the component covariance, exact for anisotropic
+Gaussians once the component is decided) leaves the best RMS within 2%.
 
 The 21000 failure at 20 NFE (worst 54) is an accidental zero of diffusers' error: on a single
 isotropic Gaussian (vpsde, d = 28, s = 0.86) every draw's error is one common factor times its
