@@ -40,11 +40,11 @@ upwards and x at ts[-1] is returned.
 the same variables. With lambda = -log q the ODE reads dy / dlambda = mu - y, so a step of
 length h from y_a is y = e^{-h} y_a + int_0^h e^{-(h - tau)} mu(lambda_a + tau) dtau. After
 each evaluation the step that led to it is taken again with the new mu as one more node of
-the polynomial in that integral (order + 1 nodes: the exact integral of the polynomial through
-three, UniPC's B(h) = e^h - 1 rule through two), all under this evaluation's u; the next step
-starts from the corrected state, so the corrector costs no evaluation. With ``fit="none"``
-this is ``unipc_bh2`` of the same order. A Gaussian's mu is constant, so the corrector is
-zero there and the run still exact.
+the polynomial in that integral (order + 1 nodes: the exact integral of the polynomial
+through three or four, UniPC's B(h) = e^h - 1 rule through two), all under this evaluation's
+u; the next step starts from the corrected state, so the corrector costs no evaluation. With
+``fit="none"`` this is ``unipc_bh2`` of the same order. A Gaussian's mu is constant, so the
+corrector is zero there and the run still exact.
 """
 
 from __future__ import annotations
