@@ -163,8 +163,8 @@ _ORDER = SamplerOption("order", int, 2, "1: each step the exact step of the Gaus
                        "shifted time (second order, still exact for isotropic Gaussian data); "
                        "3: the exact integral of the quadratic through the last three mu "
                        "(UniPC's third-order predictor)", choices=(1, 2, 3))
-_CORRECTED_END = SamplerOption("corrected_end", bool, True, "with order=2, the last step to "
-                               "clean data with the second-order correction too (false: the "
+_CORRECTED_END = SamplerOption("corrected_end", bool, True, "with order >= 2, the last step "
+                               "to clean data with the second-order correction too (false: the "
                                "fitted Gaussian's exact end, base.two_point_gaussian_step)")
 _FIT = SamplerOption("fit", str, "two_point", "how u (the Gaussian's variance) is chosen: "
                      "'two_point' fitted per example to the last two evaluations; 'none' u = "
