@@ -105,7 +105,8 @@ def _corrected(mu: Tensor, mu_prev: Tensor, q_prev: Tensor, q: Tensor,
 
 
 def _psi(h: Tensor, m_max: int) -> list[Tensor]:
-    """psi_m(h) = int_0^h e^{-(h - tau)} tau^m / m! dtau for m = 0..m_max: the recursion
+    """psi_m(h) = int_0^h e^{-(h - tau)} tau^m / m! dtau = h^{m+1} phi_{m+1}(-h) for
+    m = 0..m_max, per example (``expint.phi`` is the scalar one): the recursion
     psi_m = h^m / m! - psi_{m-1} (psi_0 = 1 - e^{-h}) where |h| >= 1, the series
     sum_j (-1)^j h^{m+1+j} / (m+1+j)! below (the recursion cancels there)."""
     small = h.abs() < 1
@@ -233,6 +234,8 @@ def local_gaussian(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
     y = x / a[0]
     zero = torch.zeros_like(y.flatten(1)[:, :1]).view(-1, *([1] * (y.ndim - 1)))
     hist: list[_Evaluation] = []  # the earlier evaluations, newest first
+    # as many as are used: the corrector's nodes (order), the third-order predictor's (2)
+    keep = max(order if corrector else 1, 2 if order == 3 else 1)
     for i in range(n):
         pred = denoiser(a[i] * y, ts[i], cond)
         x0, eps = pred.x0, pred.eps
@@ -257,7 +260,7 @@ def local_gaussian(denoiser: DenoiserFn, x: Tensor, ts: Tensor, generator: Gener
             extra = _predictor_beyond(mu, back, q, q_next)
         elif hist and order > 1 and (corrected_end or not last):
             d = _corrected(mu, back[0][0], back[0][1], q, q_next)
-        hist = [_Evaluation(x0, eps, s, y, y_state), *hist][:max(order, 2)]
+        hist = [_Evaluation(x0, eps, s, y, y_state), *hist][:keep]
         # from y_state: y_state - d = (q^2 / sigma~) eps_hat + (mu - d) + (y_state - y)
         y = _step(d, mu + (y_state - y), eps, s, q, q_next) + extra
         if last:
