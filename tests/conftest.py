@@ -1,9 +1,17 @@
 """Shared test fixtures."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of
+# the cores, so torch's intra-op threads do not oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(scope="module")
