@@ -11,10 +11,13 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-VPIP=".venv/bin/python -m pip"
+# --no-compile: Python compiles a module the first time it is imported, so byte-compiling every
+# installed file up front (torch's and the test dependencies' thousands) only slows the install
+# (96 s -> 51 s for torch and .[dev,text] here)
+VPIP_INSTALL=".venv/bin/python -m pip install --quiet --no-compile"
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
-  $VPIP install --quiet ${DIFFLAB_TORCH:-torch==2.13.0}
+  $VPIP_INSTALL ${DIFFLAB_TORCH:-torch==2.13.0}
 fi
 # dev: the web app's browser tests (tests/test_serve_browser.py) drive Debian's Chromium through
 # its chromedriver. Installed when missing and this machine allows it (root with apt-get); never
@@ -37,9 +40,9 @@ install_browser() {
   return 0
 }
 if [ "${1:-}" = "dev" ]; then
-  $VPIP install --quiet -e ".[dev,text]"  # text: the tests run the real text encoder
+  $VPIP_INSTALL -e ".[dev,text]"  # text: the tests run the real text encoder
   install_browser
 else
-  $VPIP install --quiet -e .
+  $VPIP_INSTALL -e .
 fi
 .venv/bin/python -c "import torch, difflab; print(f'difflab {difflab.__version__} ready: torch {torch.__version__}, cuda available: {torch.cuda.is_available()}')"
