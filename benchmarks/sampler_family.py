@@ -21,7 +21,8 @@ failures; 19000 and 20000 ran once, fresh, with it, and 21000 to 24000 once afte
 25000 and 26000 ran once, fresh, with the ``local_gaussian`` candidates, and 19000 to 24000
 were rerun with them; 27000 and 28000 ran once, fresh, with ``local_unipc`` added, and 19000
 to 26000 got its configurations by ``evaluate(only=...)``; 29000 and 30000 ran once, fresh,
-with ``local_unipc, order=3`` added, and every other saved range got it the same way).
+with ``local_unipc, order=3`` added, and every other saved range got it the same way; 31000
+ran once, fresh, with the same candidates).
 ``--load RUN.json`` reprints a run saved with ``--save``; ``--compare OTHER.json`` adds the
 goal status of another saved run.
 
