@@ -69,7 +69,12 @@ def main() -> None:
     args = parser.parse_args()
     if not args.load.is_file():
         parser.error(f"--load: no such file {args.load}")
-    saved, results = load_results(args.load)
+    if args.top < 1:
+        parser.error("--top must be >= 1")
+    try:
+        saved, results = load_results(args.load)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        parser.error(f"--load: {args.load} is not a sampler_family.py --save file ({err})")
     i, m = args.cell
     if not 0 <= i < len(results) or m not in NFES:
         parser.error(f"--cell: problem index 0..{len(results) - 1} and NFE in {NFES}")
@@ -89,13 +94,13 @@ def main() -> None:
     lines = [row(f"diffusers' best in the run: {theirs}", outputs[theirs][m], ref, e_theirs)[1],
              row(f"difflab's best in the run: {ours}", outputs[ours][m], ref, e_theirs)[1]]
     swept = []
-    for (name, (fn, opts)), rho, warp, end in itertools.product(SAMPLERS.items(), RHOS, WARPS,
-                                                                ENDS):
+    for rho, warp, end in itertools.product(RHOS, WARPS, ENDS):
         ts = grid_family(proc, m, rho, warp, sigma_min=sigma_min(problem) if end is None else end)
-        x = fn(problem.data, x_T, ts, torch.Generator().manual_seed(0), **opts)
-        if torch.isfinite(x).all():
-            swept.append(row(f"{name}, rho={rho:g}, warp={warp:g}, end={end or 'table'}",
-                             x, ref, e_theirs))
+        for name, (fn, opts) in SAMPLERS.items():
+            x = fn(problem.data, x_T, ts, torch.Generator().manual_seed(0), **opts)
+            if torch.isfinite(x).all():
+                swept.append(row(f"{name}, rho={rho:g}, warp={warp:g}, end={end or 'table'}",
+                                 x, ref, e_theirs))
     swept.sort(key=lambda r: r[0])
     n = len(SAMPLERS) * len(RHOS) * len(WARPS) * len(ENDS)
     print(f"{problem.name} (seed {saved.get('seed_base', 1000) + 2 * i + 1}), {m} NFE, "

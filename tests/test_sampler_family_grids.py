@@ -34,6 +34,9 @@ def test_row_gives_the_rms_and_its_ratio():
     (["--load", "no/such.json", "--cell", "0", "5"], "no such file"),
     (["--load", str(BENCH / "sampler_family_31000.json"), "--cell", "12", "5"], "--cell"),
     (["--load", str(BENCH / "sampler_family_31000.json"), "--cell", "0", "7"], "--cell"),
+    (["--load", str(BENCH / "sampler_family_31000.json"), "--cell", "0", "5", "--top", "0"],
+     "--top"),
+    (["--load", str(BENCH / "README.md"), "--cell", "0", "5"], "not a sampler_family.py"),
 ])
 def test_bad_options_are_refused_in_one_line(args, says):
     out = subprocess.run([sys.executable, str(BENCH / "sampler_family_grids.py"), *args],
