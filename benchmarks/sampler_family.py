@@ -423,13 +423,14 @@ def evaluate(problem: Problem, seed: int, draws: int, tol: float, families, only
     seeds the evaluation noise and every fresh draw the grids and statistics are fitted on;
     ``noise_seed`` replaces it for the noise alone (the same grids on other draws).
     ``only``/``outputs``: only these configurations, and their final x
-    (``difflab_errors``); ``outputs`` also gets the reference as outputs["reference"]."""
+    (``difflab_errors``); ``outputs`` also gets the reference and the starting noise as
+    outputs["reference"] and outputs["x_T"]."""
     proc = problem.process
     z = noise(problem, draws, seed if noise_seed is None else noise_seed)
     x_T = z * float(proc.sigma(proc.t_max))
     ref = reference_solution(problem.data, x_T, tol)
     if outputs is not None:
-        outputs["reference"] = ref
+        outputs["reference"], outputs["x_T"] = ref, x_T
     data = problem.data.sample(256, torch.Generator().manual_seed(seed + 1))
     steps = sorted({steps_for(m, c[4], c[0]) for c in CANDIDATES for m in NFES})
     ays = {(order, cs): optimize_schedules(problem.data, data, steps, sigma_min=AYS_FLOOR,

@@ -27,16 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
-from sampler_family import (  # noqa: E402
-    draw_problem,
-    evaluate,
-    noise,
-    quiet_diffusers,
-    rms,
-    sigma_min,
-)
+from sampler_family import quiet_diffusers, rms, sigma_min  # noqa: E402
 from sampler_family_tables import NFES, best_label, load_results  # noqa: E402
-from sampler_family_tails import RUN_SEED  # noqa: E402
+from sampler_family_tails import rerun  # noqa: E402
 
 from difflab.samplers import local_unipc, unipc_bh1  # noqa: E402
 from difflab.samplers.ays import grid_family  # noqa: E402
@@ -80,17 +73,11 @@ def main() -> None:
         parser.error(f"--cell: problem index 0..{len(results) - 1} and NFE in {NFES}")
     torch.set_num_threads(1)
     quiet_diffusers()
-    problem = draw_problem(saved.get("seed_base", 1000) + 2 * i + 1)
-    families = {(f[0], f[1]): tuple(f[2:]) for f in saved["families"]}
     ours = best_label(results[i]["difflab"], m)[0]
     theirs = best_label(results[i]["diffusers"], m)[0]
-    outputs: dict = {}
-    evaluate(problem, RUN_SEED + i, saved.get("draws", 256), args.tol, families,
-             only={ours, theirs}, outputs=outputs)
-    ref, proc = outputs["reference"], problem.process
+    problem, outputs = rerun(saved, i, {ours, theirs}, saved.get("draws", 256), args.tol)
+    ref, x_T, proc = outputs["reference"], outputs["x_T"], problem.process
     e_theirs = rms(outputs[theirs][m], ref)
-    # the run's x_T: the noise evaluate() drew (seed RUN_SEED + i)
-    x_T = noise(problem, ref.shape[0], RUN_SEED + i) * float(proc.sigma(proc.t_max))
     lines = [row(f"diffusers' best in the run: {theirs}", outputs[theirs][m], ref, e_theirs)[1],
              row(f"difflab's best in the run: {ours}", outputs[ours][m], ref, e_theirs)[1]]
     swept = []

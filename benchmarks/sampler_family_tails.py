@@ -78,13 +78,24 @@ def tail_stats(ours: np.ndarray, theirs: np.ndarray, share: float = 0.05) -> dic
             "rest": math.sqrt(ours[rest].mean() / theirs[rest].mean())}
 
 
+def rerun(saved: dict, i: int, only: set[str], draws: int, tol: float,
+          noise_seed: int | None = None):
+    """(problem, outputs): held-out problem ``i`` of a saved run with only the configurations
+    ``only`` rerun on its grids and statistics (``evaluate(..., outputs=...)``: final x per
+    label and NFE, the reference, x_T); the run's evaluation noise unless ``noise_seed``."""
+    problem = draw_problem(saved.get("seed_base", 1000) + 2 * i + 1)
+    families = {(f[0], f[1]): tuple(f[2:]) for f in saved["families"]}
+    outputs: dict = {}
+    evaluate(problem, RUN_SEED + i, draws, tol, families, only=only, outputs=outputs,
+             noise_seed=noise_seed)
+    return problem, outputs
+
+
 def cell_row(saved: dict, results: list[dict], i: int, m: int, draws: int, tol: float,
              ours: str | None = None, theirs: str | None = None) -> str:
     """One table row: held-out problem ``i`` at ``m`` NFE, difflab's ``ours`` against
     diffusers' ``theirs`` (default: each library's best there in the saved run)."""
     base = saved.get("seed_base", 1000)
-    problem = draw_problem(base + 2 * i + 1)
-    families = {(f[0], f[1]): tuple(f[2:]) for f in saved["families"]}
     ours = ours or best_label(results[i]["difflab"], m)[0]
     theirs = theirs or best_label(results[i]["diffusers"], m)[0]
     for label, lib in ((ours, "difflab"), (theirs, "diffusers")):
@@ -93,9 +104,7 @@ def cell_row(saved: dict, results: list[dict], i: int, m: int, draws: int, tol: 
     rows = []
     # the run saves its --draws since this script exists; 256, its default, before
     for n, noise_seed in ((saved.get("draws", 256), None), (draws, FRESH_SEED + i)):
-        outputs: dict = {}
-        evaluate(problem, RUN_SEED + i, n, tol, families, only={ours, theirs}, outputs=outputs,
-                 noise_seed=noise_seed)
+        problem, outputs = rerun(saved, i, {ours, theirs}, n, tol, noise_seed)
         rows.append((squared_errors(outputs, ours, m), squared_errors(outputs, theirs, m)))
     (r0, lo0, hi0), (r1, lo1, hi1) = (ratio_interval(*pair) for pair in rows)
     t = tail_stats(*rows[1])
